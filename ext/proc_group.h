@@ -1,0 +1,17 @@
+/* Internal declarations shared by the C files of retest._proc_group. Not a public API. */
+#ifndef RETEST_PROC_GROUP_H
+#define RETEST_PROC_GROUP_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+/* run.c: spawn the shepherd, stream and capture output, collect the report. */
+PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+extern const char pg_run_doc[];
+
+/* classify.c: classify(stdout, stderr, returncode, timed_out, spawn_error, escalated,
+ * killed_at_deadline) -> (kind, rule, reason, infra). Never raises except TypeError. */
+PyObject *pg_classify(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+extern const char pg_classify_doc[];
+
+#endif

@@ -1,0 +1,50 @@
+/* The report protocol between the caller (run.c) and the shepherd (shepherd.c).
+ *
+ * The shepherd writes fixed-size records on fd 3 (a socketpair end); the caller writes
+ * single command bytes back on the same socket. Both ends are on the same machine and
+ * built from the same sources, so records are plain structs.
+ */
+#ifndef RETEST_PROTOCOL_H
+#define RETEST_PROTOCOL_H
+
+#include <stdint.h>
+
+#define PG_CONTROL_FD 3
+
+/* Record kinds, shepherd -> caller. */
+enum pg_record_kind {
+    PG_REC_STARTED = 1,     /* the command was exec'd: pid */
+    PG_REC_SPAWN_FAILED = 2,/* it was not: stage + err */
+    PG_REC_FINAL = 3,       /* everything is dead and reaped: the full report */
+};
+
+/* Stages at which starting the command can fail (PG_REC_SPAWN_FAILED.stage). */
+enum pg_spawn_stage {
+    PG_STAGE_SHEPHERD = 1,  /* the shepherd itself: fork, pipe, bad arguments */
+    PG_STAGE_CHDIR = 2,
+    PG_STAGE_EXEC = 3,
+    PG_STAGE_SETSID = 4,
+};
+
+/* Command bytes, caller -> shepherd. */
+#define PG_CMD_TERMINATE 'T'  /* stop now: SIGTERM + SIGCONT, grace, SIGKILL (KeyboardInterrupt) */
+
+struct pg_record {
+    int32_t kind;
+    int32_t pid;              /* STARTED: leader pid (also its pgid and sid) */
+    int32_t stage;            /* SPAWN_FAILED */
+    int32_t err;              /* SPAWN_FAILED: errno */
+    int32_t wait_status;      /* FINAL: leader's raw wait status (-1: never started) */
+    int32_t timed_out;        /* FINAL: the deadline fired */
+    int32_t terminated;       /* FINAL: stopped on request or because the caller went away */
+    int32_t escalated;        /* FINAL: SIGKILL was needed */
+    int32_t killed_at_deadline;
+    int32_t swept_after_exit;
+    int32_t unkillable;       /* FINAL: processes that survived SIGKILL until the give-up bound */
+    int32_t reserved;
+    int64_t utime_us;         /* FINAL: RUSAGE_CHILDREN of the shepherd = the whole tree */
+    int64_t stime_us;
+    int64_t maxrss_kb;
+};
+
+#endif

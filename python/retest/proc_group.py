@@ -1,0 +1,494 @@
+"""Run a command as a contained process tree and classify how it ended.
+
+``run()`` is the one entry point. It picks a backend in one place (``_select_backend``):
+
+* ``native``: the C extension ``retest._proc_group`` and its shepherd process. The command
+  runs in a new session under a shepherd that is a child subreaper, so every process the
+  command starts (daemons and ``setsid`` escapees included) stays findable and is killed
+  at the deadline (SIGTERM + SIGCONT, ``grace``, SIGKILL) and after the command exits.
+* ``subprocess``: the prior ``subprocess.run(timeout=...)`` path. Selected by
+  ``SUBPROCESS_TREE_KILL_ENABLED=false``, on a platform other than Linux, or when the
+  extension cannot be loaded (logged once, at ERROR). It kills only the direct child.
+
+Both backends return the same ``RunResult`` and never raise for a runtime fault (missing
+executable, bad cwd, EMFILE, ...): the fault is in ``spawn_error``. Programming errors
+(wrong types, a NUL byte in an argument, a NaN timeout) raise ``TypeError``/``ValueError``.
+A ``KeyboardInterrupt`` in the caller kills the tree first, then propagates.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, Any, Callable, Mapping, Optional, Sequence, Union
+
+from . import config
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "RunResult",
+    "Verdict",
+    "run",
+    "classify",
+    "backend_status",
+    "OutputCallback",
+    "LOCK_BUSY_MESSAGE",
+]
+
+#: ``on_output(stream, chunk)``: ``stream`` is ``"stdout"`` or ``"stderr"``.
+OutputCallback = Callable[[str, bytes], None]
+
+#: What the merge gate prints when its own per-repository lock is held (a lock-busy verdict).
+LOCK_BUSY_MESSAGE = "retest: repository lock busy"
+
+#: Inserted between the head and the tail of a stream that outgrew ``capture_limit``.
+OMITTED_MARKER = b"\n[retest: %d bytes omitted]\n"
+
+StrPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What happened to one command and its whole process tree."""
+
+    args: tuple[str, ...]
+    #: Exit status of the command; ``-N`` when killed by signal N; ``None`` if it never started.
+    returncode: Optional[int]
+    stdout: bytes
+    stderr: bytes
+    #: The runner's own deadline fired (not a per-test timeout inside the command).
+    timed_out: bool
+    duration_s: float
+    #: Why the command could not be started (``None`` if it started).
+    spawn_error: Optional[str]
+    #: ``"native"`` or ``"subprocess"``.
+    backend: str
+    spawn_errno: Optional[int] = None
+    pid: Optional[int] = None
+    #: SIGKILL was needed because something outlived SIGTERM + grace.
+    escalated: bool = False
+    #: Processes of the tree signalled when the deadline fired.
+    killed_at_deadline: int = 0
+    #: Processes still alive after the command exited, killed by the sweep.
+    swept_after_exit: int = 0
+    #: Bytes left out of the middle of each stream (bounded capture).
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
+    #: CPU time and peak RSS of the whole tree (native backend; the direct child otherwise).
+    user_cpu_s: float = 0.0
+    sys_cpu_s: float = 0.0
+    max_rss_kb: int = 0
+
+    @property
+    def signal(self) -> Optional[int]:
+        """The signal that ended the command, if one did."""
+        if self.returncode is not None and self.returncode < 0:
+            return -self.returncode
+        return None
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
+    def to_dict(self, *, with_output: bool = False) -> dict[str, Any]:
+        """A JSON-ready summary; output is left out unless asked for (it can be large)."""
+        out: dict[str, Any] = {
+            "args": list(self.args),
+            "returncode": self.returncode,
+            "signal": self.signal,
+            "timed_out": self.timed_out,
+            "duration_s": round(self.duration_s, 6),
+            "spawn_error": self.spawn_error,
+            "backend": self.backend,
+            "pid": self.pid,
+            "escalated": self.escalated,
+            "killed_at_deadline": self.killed_at_deadline,
+            "swept_after_exit": self.swept_after_exit,
+            "stdout_bytes": len(self.stdout),
+            "stderr_bytes": len(self.stderr),
+            "stdout_dropped": self.stdout_dropped,
+            "stderr_dropped": self.stderr_dropped,
+            "user_cpu_s": round(self.user_cpu_s, 6),
+            "sys_cpu_s": round(self.sys_cpu_s, 6),
+            "max_rss_kb": self.max_rss_kb,
+        }
+        if with_output:
+            out["stdout"] = self.stdout.decode("utf-8", "replace")
+            out["stderr"] = self.stderr.decode("utf-8", "replace")
+        return out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a run ended, with the rule that decided it and the evidence."""
+
+    #: ``"passed" | "red" | "timeout" | "lock-busy" | "other"``.
+    kind: str
+    #: Stable id of the rule that fired, e.g. ``"red.pytest-failed"``.
+    rule: str
+    #: Human-readable evidence: exit code, signal, pytest summary line, lock message.
+    reason: str
+    #: True when the cause is infrastructure (timeout, lock-busy), not the code under test.
+    infra: bool
+
+
+# --------------------------------------------------------------------------- backend choice
+
+_native: Any = None
+_native_error: Optional[str] = None
+_shepherd_path: Optional[str] = None
+_logged_fallback: set[str] = set()
+_log_lock = threading.Lock()
+
+
+def _load_native() -> None:
+    """Import the extension and find its shepherd; remember why not, once."""
+    global _native, _native_error, _shepherd_path
+    if not sys.platform.startswith("linux"):
+        _native_error = f"platform {sys.platform!r} is not supported by the native runner"
+        return
+    try:
+        from . import _proc_group  # type: ignore[attr-defined]
+    except ImportError as err:  # missing or broken build
+        _native_error = f"cannot import retest._proc_group: {err}"
+        return
+    shepherd = os.path.join(os.path.dirname(os.path.abspath(_proc_group.__file__)), "_retest_shepherd")
+    if not os.access(shepherd, os.X_OK):
+        _native_error = f"shepherd executable missing or not executable: {shepherd}"
+        return
+    _native = _proc_group
+    _shepherd_path = shepherd
+
+
+_load_native()
+
+
+def _log_fallback_once(reason: str, level: int) -> None:
+    with _log_lock:
+        if reason in _logged_fallback:
+            return
+        _logged_fallback.add(reason)
+    log.log(level, "retest: using the subprocess backend (no tree kill): %s", reason)
+
+
+def backend_status(environ: Optional[Mapping[str, str]] = None) -> tuple[str, str]:
+    """Return ``(backend, why)``: the backend ``run()`` would use now, and the reason."""
+    if not config.env_bool("SUBPROCESS_TREE_KILL_ENABLED", True, environ):
+        return "subprocess", "SUBPROCESS_TREE_KILL_ENABLED=false"
+    if _native is None:
+        return "subprocess", _native_error or "native backend unavailable"
+    return "native", "retest._proc_group loaded"
+
+
+def _select_backend(requested: Optional[str]) -> str:
+    """The one place where the backend is chosen."""
+    if requested is not None:
+        if requested not in ("native", "subprocess"):
+            raise ValueError(f"backend must be 'native' or 'subprocess', not {requested!r}")
+        if requested == "native" and _native is None:
+            raise ValueError(f"native backend unavailable: {_native_error}")
+        return requested
+    name, why = backend_status()
+    if name == "subprocess":
+        # A failed import is an installation fault worth an ERROR; the kill-switch is a choice.
+        level = logging.INFO if why.startswith("SUBPROCESS_TREE_KILL_ENABLED") else logging.ERROR
+        _log_fallback_once(why, level)
+    return name
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_args(args: Sequence[StrPath]) -> tuple[list[bytes], tuple[str, ...]]:
+    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        raise TypeError("args must be a sequence of str, bytes or path-like (no shell string)")
+    if len(args) == 0:
+        raise ValueError("args must not be empty")
+    argv: list[bytes] = []
+    for arg in args:
+        if not isinstance(arg, (str, bytes, os.PathLike)):
+            raise TypeError(f"argument must be str, bytes or path-like, not {type(arg).__name__}")
+        raw = os.fsencode(arg)
+        if b"\0" in raw:
+            raise ValueError("argument contains a NUL byte")
+        argv.append(raw)
+    return argv, tuple(os.fsdecode(a) for a in argv)
+
+
+def _check_env(env: Optional[Mapping[str, str]]) -> Optional[list[bytes]]:
+    if env is None:
+        return None
+    if not isinstance(env, Mapping):
+        raise TypeError("env must be a mapping of str to str")
+    envp: list[bytes] = []
+    for key, value in env.items():
+        if not isinstance(key, (str, bytes)) or not isinstance(value, (str, bytes)):
+            raise TypeError("env keys and values must be str or bytes")
+        bkey, bvalue = os.fsencode(key), os.fsencode(value)
+        if b"\0" in bkey or b"\0" in bvalue:
+            raise ValueError("env contains a NUL byte")
+        if not bkey or b"=" in bkey:
+            raise ValueError(f"illegal environment variable name {key!r}")
+        envp.append(bkey + b"=" + bvalue)
+    return envp
+
+
+def _check_timeout(timeout: Optional[float]) -> Optional[float]:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError("timeout must be a number or None")
+    if math.isnan(timeout):
+        raise ValueError("timeout must not be NaN")
+    if math.isinf(timeout):
+        return None if timeout > 0 else 0.0
+    return max(float(timeout), 0.0)
+
+
+def _check_grace(grace: Optional[float]) -> float:
+    if grace is None:
+        return config.RunnerSettings.from_env().grace_s
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)):
+        raise TypeError("grace must be a number")
+    if not math.isfinite(grace) or grace < 0:
+        raise ValueError("grace must be a finite number >= 0")
+    return float(grace)
+
+
+def _tee_fd(tee: Union[IO[bytes], int, None]) -> int:
+    if tee is None:
+        return -1
+    if isinstance(tee, bool):
+        raise TypeError("tee must be a binary file or a file descriptor")
+    if isinstance(tee, int):
+        if tee < 0:
+            raise ValueError("tee file descriptor must be >= 0")
+        return tee
+    try:
+        tee.flush()
+        return tee.fileno()
+    except (AttributeError, OSError) as err:
+        raise TypeError("tee must be a binary file with fileno() or a file descriptor") from err
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(
+    args: Sequence[StrPath],
+    *,
+    timeout: Optional[float] = None,
+    grace: Optional[float] = None,
+    cwd: Optional[StrPath] = None,
+    env: Optional[Mapping[str, str]] = None,
+    input: Optional[bytes] = None,
+    capture_limit: Optional[int] = None,
+    on_output: Optional[OutputCallback] = None,
+    tee: Union[IO[bytes], int, None] = None,
+    backend: Optional[str] = None,
+) -> RunResult:
+    """Run ``args`` as a contained process tree and return what happened.
+
+    ``timeout``: seconds until the deadline (``None``/``inf``: none; ``<= 0``: already due).
+    ``grace``: seconds between SIGTERM and SIGKILL (default ``RETEST_KILL_GRACE_S``, 5).
+    ``input``: bytes fed to stdin (stdin is ``/dev/null`` otherwise).
+    ``capture_limit``: bytes kept per stream, half head and half tail (default
+    ``RETEST_CAPTURE_LIMIT_BYTES``); the middle is replaced by a marker and counted.
+    ``on_output``: called as ``on_output("stdout" | "stderr", chunk)`` as output arrives.
+    ``tee``: a binary file or fd that receives both streams as they arrive.
+    ``backend``: force ``"native"`` or ``"subprocess"`` (tests, benchmarks); default: automatic.
+    """
+    argv, args_text = _check_args(args)
+    envp = _check_env(env)
+    deadline = _check_timeout(timeout)
+    grace_s = _check_grace(grace)
+    if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
+        raise TypeError("input must be bytes or None")
+    if capture_limit is None:
+        capture_limit = config.RunnerSettings.from_env().capture_limit_bytes
+    if isinstance(capture_limit, bool) or not isinstance(capture_limit, int):
+        raise TypeError("capture_limit must be an int")
+    if capture_limit < 0:
+        raise ValueError("capture_limit must be >= 0")
+    if on_output is not None and not callable(on_output):
+        raise TypeError("on_output must be callable")
+    bcwd: Optional[bytes] = None
+    if cwd is not None:
+        if not isinstance(cwd, (str, bytes, os.PathLike)):
+            raise TypeError("cwd must be str, bytes or path-like")
+        bcwd = os.fsencode(cwd)
+        if b"\0" in bcwd:
+            raise ValueError("cwd contains a NUL byte")
+    tee_fd = _tee_fd(tee)
+    stdin_bytes = bytes(input) if input is not None else None
+
+    chosen = _select_backend(backend)
+    if chosen == "native":
+        return _run_native(argv, args_text, envp, bcwd, stdin_bytes, deadline, grace_s,
+                           capture_limit, on_output, tee_fd)
+    return _run_subprocess(argv, args_text, env, bcwd, stdin_bytes, deadline, capture_limit,
+                           on_output, tee_fd)
+
+
+def _run_native(
+    argv: list[bytes],
+    args_text: tuple[str, ...],
+    envp: Optional[list[bytes]],
+    cwd: Optional[bytes],
+    stdin_bytes: Optional[bytes],
+    timeout: Optional[float],
+    grace_s: float,
+    capture_limit: int,
+    on_output: Optional[OutputCallback],
+    tee_fd: int,
+) -> RunResult:
+    assert _native is not None and _shepherd_path is not None
+    raw = _native.run(
+        os.fsencode(_shepherd_path),
+        argv,
+        envp,
+        cwd,
+        stdin_bytes,
+        -1.0 if timeout is None else timeout,
+        grace_s,
+        capture_limit,
+        on_output,
+        tee_fd,
+    )
+    return RunResult(args=args_text, backend="native", **raw)
+
+
+def _bound(data: bytes, limit: int) -> tuple[bytes, int]:
+    """Keep a head and a tail of ``data`` within ``limit`` bytes, as the native capture does."""
+    if len(data) <= limit:
+        return data, 0
+    head = limit // 2
+    tail = limit - head
+    dropped = len(data) - limit
+    return data[:head] + OMITTED_MARKER % dropped + (data[len(data) - tail:] if tail else b""), dropped
+
+
+def _spawn_error_text(err: OSError, argv0: str, cwd: Optional[bytes]) -> str:
+    if cwd is not None and err.filename is not None and os.fsencode(err.filename) == cwd:
+        return f"chdir {os.fsdecode(cwd)!r}: {os.strerror(err.errno or 0)}"
+    return f"exec {argv0!r}: {os.strerror(err.errno or 0)}" if err.errno else f"exec {argv0!r}: {err}"
+
+
+def _run_subprocess(
+    argv: list[bytes],
+    args_text: tuple[str, ...],
+    env: Optional[Mapping[str, str]],
+    cwd: Optional[bytes],
+    stdin_bytes: Optional[bytes],
+    timeout: Optional[float],
+    capture_limit: int,
+    on_output: Optional[OutputCallback],
+    tee_fd: int,
+) -> RunResult:
+    """The prior path: ``subprocess.run(timeout=...)``; kills only the direct child."""
+    start = time.monotonic()
+    timed_out = False
+    before = _children_rusage()
+    try:
+        completed = subprocess.run(
+            argv,
+            input=stdin_bytes,
+            stdin=subprocess.DEVNULL if stdin_bytes is None else None,
+            capture_output=True,
+            cwd=cwd,
+            env=env,
+            timeout=timeout,
+        )
+        returncode: Optional[int] = completed.returncode
+        out, err = completed.stdout or b"", completed.stderr or b""
+    except subprocess.TimeoutExpired as exc:
+        # subprocess.run killed the direct child (SIGKILL) and reaped it; grandchildren live on.
+        timed_out = True
+        returncode = -9
+        out = exc.stdout or b""
+        err = exc.stderr or b""
+    except (OSError, subprocess.SubprocessError) as exc:
+        duration = time.monotonic() - start
+        spawn_errno = exc.errno if isinstance(exc, OSError) else None
+        text = _spawn_error_text(exc, args_text[0], cwd) if isinstance(exc, OSError) else str(exc)
+        return RunResult(args=args_text, returncode=None, stdout=b"", stderr=b"", timed_out=False,
+                         duration_s=duration, spawn_error=text, backend="subprocess",
+                         spawn_errno=spawn_errno)
+    duration = time.monotonic() - start
+    after = _children_rusage()
+    for name, chunk in (("stdout", out), ("stderr", err)):
+        if chunk:
+            if tee_fd >= 0:
+                _write_all(tee_fd, chunk)
+            if on_output is not None:
+                on_output(name, chunk)
+    out_kept, out_dropped = _bound(out, capture_limit)
+    err_kept, err_dropped = _bound(err, capture_limit)
+    return RunResult(
+        args=args_text,
+        returncode=returncode,
+        stdout=out_kept,
+        stderr=err_kept,
+        timed_out=timed_out,
+        duration_s=duration,
+        spawn_error=None,
+        backend="subprocess",
+        stdout_dropped=out_dropped,
+        stderr_dropped=err_dropped,
+        user_cpu_s=max(after[0] - before[0], 0.0),
+        sys_cpu_s=max(after[1] - before[1], 0.0),
+        max_rss_kb=after[2],
+    )
+
+
+def _children_rusage() -> tuple[float, float, int]:
+    try:
+        import resource
+
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return ru.ru_utime, ru.ru_stime, ru.ru_maxrss
+    except (ImportError, OSError):
+        return 0.0, 0.0, 0
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except OSError as err:
+            if err.errno in (_errno.EAGAIN, _errno.EPIPE, _errno.EBADF):
+                log.warning("tee write failed: %s", err)
+                return
+            raise
+        view = view[written:]
+
+
+# --------------------------------------------------------------------------- classify
+
+
+def classify(result: RunResult) -> Verdict:
+    """Classify a finished run as passed / red / timeout / lock-busy / other (see DESIGN.md)."""
+    if _native is not None:
+        kind, rule, reason, infra = _native.classify(
+            result.stdout, result.stderr, result.returncode, result.timed_out,
+            result.spawn_error, result.escalated, result.killed_at_deadline,
+        )
+    else:
+        from . import _classify_py
+
+        kind, rule, reason, infra = _classify_py.classify(
+            result.stdout, result.stderr, result.returncode, result.timed_out,
+            result.spawn_error, result.escalated, result.killed_at_deadline,
+        )
+    return Verdict(kind=kind, rule=rule, reason=reason, infra=infra)

@@ -1,0 +1,175 @@
+"""Shared fixtures: both backends, and a guard that no test leaves a process behind.
+
+The pytest process makes itself a child subreaper at start-up, so anything a test starts
+that escapes its parent (double fork, setsid) is re-parented to pytest rather than to
+init. After each test the guard walks pytest's own descendants: each one was started by
+this test run, so the guard may kill it (by pid, SIGKILL) and reap it, and then it fails
+the test that leaked it. Nothing is ever killed by name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from retest import proc_group
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+SUBREAPER = _set_subreaper()
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid`` from /proc (all its threads)."""
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tasks:
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        except OSError:
+            continue
+        kids.extend(int(x) for x in text.split())
+    return kids
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """Every live descendant of ``pid`` (default: this process), zombies included."""
+    root = os.getpid() if pid is None else pid
+    seen: list[int] = []
+    stack = children_of(root)
+    while stack:
+        child = stack.pop()
+        if child in seen:
+            continue
+        seen.append(child)
+        stack.extend(children_of(child))
+    return seen
+
+
+def is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not is_zombie(pid)
+
+
+def reap_own_zombies() -> None:
+    for child in children_of(os.getpid()):
+        if is_zombie(child):
+            try:
+                os.waitpid(child, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def kill_descendants() -> list[int]:
+    """SIGKILL every live descendant of this process (ours by construction); return them."""
+    killed: list[int] = []
+    for _ in range(50):
+        reap_own_zombies()
+        alive = [p for p in descendants() if pid_alive(p)]
+        if not alive:
+            break
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+    reap_own_zombies()
+    return sorted(set(killed))
+
+
+def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return bool(predicate())
+        time.sleep(interval)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a process behind; kill what it left, even when it failed."""
+    before = set(descendants())
+    yield
+    # A run returns only when its tree is gone; give processes killed by a test's own
+    # clean-up a moment to be reaped before judging.
+    wait_until(lambda: not [p for p in set(descendants()) - before if pid_alive(p)], timeout=1.0)
+    reap_own_zombies()
+    leftovers = [p for p in set(descendants()) - before if pid_alive(p)]
+    if leftovers:
+        described = []
+        for pid in leftovers:
+            try:
+                described.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()!r}")
+            except OSError:
+                described.append(str(pid))
+        kill_descendants()
+        if request.node.get_closest_marker("leaves_processes") is None:
+            pytest.fail("test left processes behind: " + "; ".join(described), pytrace=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "leaves_processes: the test knowingly leaves orphans (the guard kills them quietly)"
+    )
+
+
+NATIVE_REQUIRED = os.environ.get("RETEST_REQUIRE_NATIVE") == "1"
+
+
+@pytest.fixture(params=["native", "subprocess"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Run a test once per backend. Native is required when RETEST_REQUIRE_NATIVE=1 (CI)."""
+    if request.param == "native" and proc_group.backend_status()[0] != "native":
+        _, why = proc_group.backend_status()
+        if NATIVE_REQUIRED:
+            pytest.fail(f"native backend required but unavailable: {why}")
+        pytest.skip(f"native backend unavailable: {why}")
+    return request.param
+
+
+@pytest.fixture
+def native() -> str:
+    """For tests of what only the native backend promises (tree containment)."""
+    if proc_group.backend_status()[0] != "native":
+        _, why = proc_group.backend_status()
+        if NATIVE_REQUIRED:
+            pytest.fail(f"native backend required but unavailable: {why}")
+        pytest.skip(f"native backend unavailable: {why}")
+    return "native"
