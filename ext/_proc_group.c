@@ -1,0 +1,75 @@
+/* retest._proc_group: module definition only. The work lives by area in run.c (spawn,
+ * wait, capture: the caller's side), shepherd.c (containment: a separate executable) and
+ * classify.c (verdicts). Multi-phase init; the state holds the interned stream names
+ * passed to the output callback. */
+#include "proc_group.h"
+
+typedef struct {
+    PyObject *stream_names[2];  /* "stdout", "stderr"; run.c reads them as PyObject *[2] */
+} module_state;
+
+static PyMethodDef pg_methods[] = {
+    {"run", (PyCFunction)(void (*)(void))pg_run, METH_FASTCALL, pg_run_doc},
+    {"classify", (PyCFunction)(void (*)(void))pg_classify, METH_FASTCALL, pg_classify_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+/* Fill the module state. Return 0, or -1 with an exception set. */
+static int pg_exec(PyObject *module)
+{
+    module_state *st = PyModule_GetState(module);
+    st->stream_names[0] = PyUnicode_InternFromString("stdout");
+    st->stream_names[1] = PyUnicode_InternFromString("stderr");
+    if (!st->stream_names[0] || !st->stream_names[1])
+        return -1;
+    return PyModule_AddStringConstant(module, "PROTOCOL", "retest-shepherd/1");
+}
+
+static int pg_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    module_state *st = PyModule_GetState(module);
+    Py_VISIT(st->stream_names[0]);
+    Py_VISIT(st->stream_names[1]);
+    return 0;
+}
+
+static int pg_clear(PyObject *module)
+{
+    module_state *st = PyModule_GetState(module);
+    Py_CLEAR(st->stream_names[0]);
+    Py_CLEAR(st->stream_names[1]);
+    return 0;
+}
+
+static void pg_free(void *module)
+{
+    pg_clear((PyObject *)module);
+}
+
+static PyModuleDef_Slot pg_slots[] = {
+    {Py_mod_exec, pg_exec},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_PER_INTERPRETER_GIL_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef pg_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "retest._proc_group",
+    .m_doc = "Native process-group runner of retest (private; use retest.proc_group).",
+    .m_size = sizeof(module_state),
+    .m_methods = pg_methods,
+    .m_slots = pg_slots,
+    .m_traverse = pg_traverse,
+    .m_clear = pg_clear,
+    .m_free = pg_free,
+};
+
+PyMODINIT_FUNC PyInit__proc_group(void)
+{
+    return PyModuleDef_Init(&pg_module);
+}

@@ -1,0 +1,699 @@
+/* _retest_shepherd: the per-run containment process of retest's native runner.
+ *
+ * The caller (run.c) starts this small static program with posix_spawn (a vfork-class
+ * spawn, so its cost does not grow with the caller's memory) in a new session, with:
+ *   fd 0, 1, 2  the command's stdin, stdout and stderr
+ *   fd 3        a socket to the caller: records go out (protocol.h), command bytes come in
+ *   argv        TIMEOUT_NS GRACE_NS CWD-ARG CMD [ARG...]
+ *               TIMEOUT_NS < 0: no deadline; CWD-ARG is "-" or "C<path>"
+ *   environ     the command's environment
+ *
+ * The shepherd makes itself a child subreaper, starts the command in a session of its
+ * own, and stays its parent. Every process of the tree therefore ends up as one of our
+ * descendants however it daemonizes: an orphan is re-parented to the nearest subreaper,
+ * us. That gives two cheap facts the caller cannot get:
+ *   - after the leader is reaped, "we have no children left" means "the tree is gone";
+ *   - the live tree is exactly our descendants, found by walking /proc/<pid>/task/<tid>/children.
+ * On the deadline, on a terminate request, when the caller goes away (even SIGKILLed:
+ * the socket hangs up), or after the leader exits with something left behind, the whole
+ * tree gets SIGTERM + SIGCONT, then SIGKILL after the grace period, until nothing is left.
+ *
+ * The shepherd itself is single-threaded, so fork()/vfork() here is cheap and safe.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "protocol.h"
+
+extern char **environ;
+
+#define NS_PER_S 1000000000LL
+#define NS_PER_MS 1000000LL
+/* After SIGKILL a process normally dies within microseconds; one stuck in an uninterruptible
+ * sleep (D state, e.g. on a dead NFS server) may not. We give up waiting after this long so
+ * the caller is never hung forever, and report how many were left. */
+#define GIVE_UP_AFTER_KILL_NS (10 * NS_PER_S)
+
+enum phase { RUNNING, TERMINATING, KILLING, DONE };
+
+struct state {
+    pid_t self;
+    pid_t leader;
+    int leader_alive;
+    int leader_status;
+    int64_t deadline_ns;        /* -1: none */
+    int64_t grace_ns;
+    int64_t phase_deadline_ns;  /* end of grace, or give-up bound while killing */
+    enum phase phase;
+    int caller_gone;
+    struct pg_record final;
+};
+
+/* Return CLOCK_MONOTONIC in nanoseconds. */
+static int64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * NS_PER_S + ts.tv_nsec;
+}
+
+/* Send one record to the caller; a caller that went away is not an error. */
+static void send_record(struct state *st, const struct pg_record *rec)
+{
+    const char *p = (const char *)rec;
+    size_t left = sizeof(*rec);
+    if (st->caller_gone)
+        return;
+    while (left > 0) {
+        ssize_t n = send(PG_CONTROL_FD, p, left, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            st->caller_gone = 1;  /* EPIPE/ECONNRESET: nobody to tell */
+            return;
+        }
+        p += n;
+        left -= (size_t)n;
+    }
+}
+
+/* Report a failure to start the command and exit; used before the command exists. */
+static void fail_start(struct state *st, int stage, int err)
+{
+    struct pg_record rec;
+    memset(&rec, 0, sizeof(rec));
+    rec.kind = PG_REC_SPAWN_FAILED;
+    rec.stage = stage;
+    rec.err = err;
+    send_record(st, &rec);
+    memset(&rec, 0, sizeof(rec));
+    rec.kind = PG_REC_FINAL;
+    rec.wait_status = -1;
+    send_record(st, &rec);
+    _exit(0);
+}
+
+/* Parse a decimal int64; return 0 on success. */
+static int parse_i64(const char *s, int64_t *out)
+{
+    char *end;
+    long long v;
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (errno || end == s || *end)
+        return -1;
+    *out = v;
+    return 0;
+}
+
+/* ---------------------------------------------------------------- finding the tree */
+
+struct pidset {
+    pid_t *pids;
+    size_t len, cap;
+};
+
+/* Add pid unless present; return 0, or -1 when out of memory. */
+static int pidset_add(struct pidset *s, pid_t pid)
+{
+    for (size_t i = 0; i < s->len; i++)
+        if (s->pids[i] == pid)
+            return 0;
+    if (s->len == s->cap) {
+        size_t cap = s->cap ? s->cap * 2 : 64;
+        pid_t *p = realloc(s->pids, cap * sizeof(*p));
+        if (!p)
+            return -1;
+        s->pids = p;
+        s->cap = cap;
+    }
+    s->pids[s->len++] = pid;
+    return 0;
+}
+
+/* Read a small /proc file into buf (NUL-terminated); return its length or -1. */
+static ssize_t read_small(const char *path, char *buf, size_t size)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    size_t got = 0;
+    if (fd < 0)
+        return -1;
+    while (got + 1 < size) {
+        ssize_t n = read(fd, buf + got, size - 1 - got);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            close(fd);
+            return -1;
+        }
+        if (n == 0)
+            break;
+        got += (size_t)n;
+    }
+    close(fd);
+    buf[got] = '\0';
+    return (ssize_t)got;
+}
+
+/* Add the children of every thread of pid (from /proc/PID/task/TID/children) to set.
+ * Return 0, or -1 if the kernel lacks the children file (CONFIG_PROC_CHILDREN). */
+static int add_children(pid_t pid, struct pidset *set)
+{
+    char path[320], buf[8192];
+    DIR *dir;
+    struct dirent *de;
+    int found_file = 0;
+
+    snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+    dir = opendir(path);
+    if (!dir)
+        return 0;  /* already gone */
+    while ((de = readdir(dir)) != NULL) {
+        char *p, *end;
+        if (de->d_name[0] < '0' || de->d_name[0] > '9')
+            continue;
+        snprintf(path, sizeof(path), "/proc/%d/task/%s/children", (int)pid, de->d_name);
+        if (read_small(path, buf, sizeof(buf)) < 0) {
+            if (errno != ENOENT && errno != ESRCH)
+                found_file = 1;
+            continue;
+        }
+        found_file = 1;
+        for (p = buf;; p = end) {
+            long v = strtol(p, &end, 10);
+            if (end == p)
+                break;
+            if (v > 0)
+                pidset_add(set, (pid_t)v);
+        }
+    }
+    closedir(dir);
+    return found_file ? 0 : -1;
+}
+
+/* Fallback without the children file: scan every /proc/PID/stat and keep the pids whose
+ * parent chain leads to root. O(all processes), so used only where the fast path is absent. */
+static void add_descendants_by_scan(pid_t root, struct pidset *set)
+{
+    DIR *dir = opendir("/proc");
+    struct dirent *de;
+    pid_t *pid = NULL, *ppid = NULL;
+    size_t n = 0, cap = 0;
+    int grew = 1;
+
+    if (!dir)
+        return;
+    while ((de = readdir(dir)) != NULL) {
+        char path[320], buf[512], *close_paren;
+        int p, pp;
+        if (de->d_name[0] < '1' || de->d_name[0] > '9')
+            continue;
+        snprintf(path, sizeof(path), "/proc/%s/stat", de->d_name);
+        if (read_small(path, buf, sizeof(buf)) < 0)
+            continue;
+        close_paren = strrchr(buf, ')');  /* comm may contain spaces and parens */
+        if (!close_paren || sscanf(buf, "%d", &p) != 1 || sscanf(close_paren + 2, "%*c %d", &pp) != 1)
+            continue;
+        if (n == cap) {
+            size_t ncap = cap ? cap * 2 : 256;
+            pid_t *a = realloc(pid, ncap * sizeof(*a)), *b;
+            if (!a)
+                break;
+            pid = a;
+            b = realloc(ppid, ncap * sizeof(*b));
+            if (!b)
+                break;
+            ppid = b;
+            cap = ncap;
+        }
+        pid[n] = p;
+        ppid[n] = pp;
+        n++;
+    }
+    closedir(dir);
+    pidset_add(set, root);
+    while (grew) {  /* transitive closure; trees are shallow, so few passes */
+        grew = 0;
+        for (size_t i = 0; i < n; i++) {
+            size_t before = set->len;
+            for (size_t j = 0; j < set->len; j++)
+                if (set->pids[j] == ppid[i]) {
+                    pidset_add(set, pid[i]);
+                    break;
+                }
+            if (set->len != before)
+                grew = 1;
+        }
+    }
+    /* drop root itself: it sits first */
+    memmove(set->pids, set->pids + 1, (set->len - 1) * sizeof(pid_t));
+    set->len--;
+    free(pid);
+    free(ppid);
+}
+
+/* Return 1 if pid is a zombie (dead, waiting to be reaped), 0 otherwise. */
+static int is_zombie(pid_t pid)
+{
+    char path[64], buf[512], *p;
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    if (read_small(path, buf, sizeof(buf)) < 0)
+        return 1;  /* gone: as good as dead */
+    p = strrchr(buf, ')');
+    return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+}
+
+/* Collect every live descendant of the shepherd. */
+static void collect_tree(struct state *st, struct pidset *set)
+{
+    set->len = 0;
+    if (add_children(st->self, set) < 0) {
+        add_descendants_by_scan(st->self, set);
+        return;
+    }
+    /* breadth-first: set grows while we walk it */
+    for (size_t i = 0; i < set->len; i++)
+        add_children(set->pids[i], set);
+}
+
+/* Send sig (and SIGCONT after SIGTERM: a stopped process does not act on SIGTERM) to every
+ * live descendant and to the leader's group. Return how many live processes there were. */
+static int signal_tree(struct state *st, int sig)
+{
+    struct pidset set = {0};
+    int hit = 0;
+
+    /* Walk first, then signal: counting after the group kill would miss the fast dyers. */
+    collect_tree(st, &set);
+    for (size_t i = 0; i < set.len; i++)
+        if (!is_zombie(set.pids[i]))
+            set.pids[hit++] = set.pids[i];
+    /* The group: catches members forked after the walk. */
+    kill(-st->leader, sig);
+    if (sig == SIGTERM)
+        kill(-st->leader, SIGCONT);
+    for (int i = 0; i < hit; i++) {
+        kill(set.pids[i], sig);
+        if (sig == SIGTERM)
+            kill(set.pids[i], SIGCONT);
+    }
+    free(set.pids);
+    return hit;
+}
+
+/* Reap every child that has exited; record the leader's status. Return 1 if children remain. */
+static int reap(struct state *st)
+{
+    for (;;) {
+        int status;
+        pid_t pid = waitpid(-1, &status, WNOHANG | __WALL);
+        if (pid > 0) {
+            if (pid == st->leader) {
+                st->leader_alive = 0;
+                st->leader_status = status;
+            }
+            continue;
+        }
+        if (pid == 0)
+            return 1;
+        if (errno == EINTR)
+            continue;
+        return 0;  /* ECHILD: nothing left of the tree */
+    }
+}
+
+/* ---------------------------------------------------------------- starting the command */
+
+/* Build the list of paths to try for cmd, as execvp would, from the command's own PATH.
+ * Done before vfork: the child must not allocate. */
+static __attribute__((noinline)) char **exec_candidates(const char *cmd)
+{
+    const char *path, *p;
+    size_t count = 1, cmdlen = strlen(cmd);
+    char **list;
+    size_t i = 0;
+
+    if (strchr(cmd, '/')) {
+        list = calloc(2, sizeof(char *));
+        if (!list)
+            return NULL;
+        list[0] = strdup(cmd);
+        return list[0] ? list : NULL;
+    }
+    path = getenv("PATH");
+    if (!path)
+        path = "/usr/local/bin:/bin:/usr/bin";
+    for (p = path; *p; p++)
+        count += (*p == ':');
+    list = calloc(count + 1, sizeof(char *));
+    if (!list)
+        return NULL;
+    for (p = path;;) {
+        const char *colon = strchr(p, ':');
+        size_t dirlen = colon ? (size_t)(colon - p) : strlen(p);
+        char *full = malloc(dirlen + cmdlen + 3);
+        if (!full)
+            return NULL;
+        if (dirlen == 0) {  /* empty PATH entry: current directory */
+            memcpy(full, "./", 2);
+            dirlen = 2;
+        } else {
+            memcpy(full, p, dirlen);
+            full[dirlen++] = '/';
+        }
+        memcpy(full + dirlen, cmd, cmdlen + 1);
+        list[i++] = full;
+        if (!colon)
+            break;
+        p = colon + 1;
+    }
+    return list;
+}
+
+struct child_failure {
+    int32_t stage;
+    int32_t err;
+};
+
+/* The child between vfork and exec. Only async-signal-safe calls: no allocation, no stdio,
+ * no locks; the parent is suspended until we exec or _exit, and we share its memory, so
+ * nothing here may modify memory the parent relies on besides the failure report. */
+static void child_exec(int err_fd, const char *cwd, char **candidates, char **argv)
+{
+    struct child_failure f = {0, 0};
+    sigset_t none;
+    int saw_eacces = 0;
+
+    if (setsid() < 0) {
+        f.stage = PG_STAGE_SETSID;
+        f.err = errno;
+        goto fail;
+    }
+    /* If the shepherd itself dies (SIGKILL), the leader goes with it. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (cwd && chdir(cwd) < 0) {
+        f.stage = PG_STAGE_CHDIR;
+        f.err = errno;
+        goto fail;
+    }
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    f.stage = PG_STAGE_EXEC;
+    f.err = ENOENT;
+    for (char **c = candidates; *c; c++) {
+        execve(*c, argv, environ);
+        /* like execvp: keep looking after ENOENT/ENOTDIR; remember EACCES */
+        if (errno == EACCES)
+            saw_eacces = 1;
+        else if (errno != ENOENT && errno != ENOTDIR) {
+            f.err = errno;
+            goto fail;
+        }
+    }
+    f.err = saw_eacces ? EACCES : ENOENT;
+fail:
+    while (write(err_fd, &f, sizeof(f)) < 0 && errno == EINTR)
+        ;
+    _exit(127);
+}
+
+/* vfork and exec in the child; return the child's pid or -1. Kept apart so that no local
+ * of the caller lives across vfork (the child shares our stack frame until it execs). */
+static __attribute__((noinline)) pid_t vfork_exec(int err_fd, const char *cwd, char **candidates,
+                                                  char **argv)
+{
+    pid_t pid = vfork();
+    if (pid == 0)
+        child_exec(err_fd, cwd, candidates, argv);
+    return pid;
+}
+
+/* Start the command; on failure report it and exit. */
+static void start_command(struct state *st, const char *cwd, char **argv)
+{
+    int err_pipe[2];
+    char **candidates = exec_candidates(argv[0]);
+    struct child_failure f;
+    ssize_t n;
+    pid_t pid;
+    int devnull;
+
+    if (!candidates)
+        fail_start(st, PG_STAGE_SHEPHERD, ENOMEM);
+    if (pipe2(err_pipe, O_CLOEXEC) < 0)
+        fail_start(st, PG_STAGE_SHEPHERD, errno);
+    pid = vfork_exec(err_pipe[1], cwd, candidates, argv);
+    if (pid < 0)
+        fail_start(st, PG_STAGE_SHEPHERD, errno);
+    close(err_pipe[1]);
+    st->leader = pid;
+    st->leader_alive = 1;
+    do {
+        n = read(err_pipe[0], &f, sizeof(f));
+    } while (n < 0 && errno == EINTR);
+    close(err_pipe[0]);
+    for (char **c = candidates; *c; c++)
+        free(*c);
+    free(candidates);
+    if (n == (ssize_t)sizeof(f)) {
+        int status;
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+            ;
+        fail_start(st, f.stage, f.err);
+    }
+    /* The command has exec'd. Let go of its stdio so that its pipes reach EOF when the
+     * tree is gone, whatever we do afterwards. */
+    devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+    if (devnull >= 0) {
+        dup2(devnull, 0);
+        dup2(devnull, 1);
+        dup2(devnull, 2);
+        if (devnull > 2)
+            close(devnull);
+    } else {
+        close(0);
+        close(1);
+        close(2);
+    }
+    {
+        struct pg_record rec;
+        memset(&rec, 0, sizeof(rec));
+        rec.kind = PG_REC_STARTED;
+        rec.pid = pid;
+        send_record(st, &rec);
+    }
+}
+
+/* ---------------------------------------------------------------- the main loop */
+
+/* Move to TERMINATING: SIGTERM + SIGCONT to the tree; return how many were signalled. */
+static int begin_terminate(struct state *st)
+{
+    int hit = signal_tree(st, SIGTERM);
+    st->phase = TERMINATING;
+    st->phase_deadline_ns = now_ns() + st->grace_ns;
+    return hit;
+}
+
+/* Move to KILLING: SIGKILL whatever outlived the grace period. */
+static void begin_kill(struct state *st)
+{
+    if (signal_tree(st, SIGKILL) > 0)
+        st->final.escalated = 1;
+    st->phase = KILLING;
+    st->phase_deadline_ns = now_ns() + GIVE_UP_AFTER_KILL_NS;
+}
+
+/* React to the caller: a terminate byte, or the socket closing because the caller died. */
+static void on_control(struct state *st, short revents)
+{
+    char cmd;
+    ssize_t n;
+    if (revents & POLLIN) {
+        n = recv(PG_CONTROL_FD, &cmd, 1, MSG_DONTWAIT);
+        if (n == 1 && cmd != PG_CMD_TERMINATE)
+            return;
+        if (n < 0 && (errno == EINTR || errno == EAGAIN))
+            return;
+        if (n <= 0)
+            st->caller_gone = 1;
+    } else {
+        st->caller_gone = 1;
+    }
+    if (st->phase == RUNNING) {
+        st->final.terminated = 1;
+        begin_terminate(st);
+    }
+}
+
+int main(int argc, char **argv)
+{
+    struct state st;
+    int64_t timeout_ns, grace_ns;
+    const char *cwd = NULL;
+    sigset_t mask;
+    int sfd;
+
+    memset(&st, 0, sizeof(st));
+    st.self = getpid();
+    st.final.kind = PG_REC_FINAL;
+    st.final.wait_status = -1;
+
+    if (fcntl(PG_CONTROL_FD, F_SETFD, FD_CLOEXEC) < 0)
+        return 125;  /* no control socket: started by something other than run.c */
+    if (argc < 5 || parse_i64(argv[1], &timeout_ns) || parse_i64(argv[2], &grace_ns) || grace_ns < 0)
+        fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
+    if (argv[3][0] == 'C')
+        cwd = argv[3] + 1;
+    else if (strcmp(argv[3], "-") != 0)
+        fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
+    st.grace_ns = grace_ns;
+
+    /* Without the subreaper bit escapees would go to init; containment then degrades to the
+     * process group, which is still what subprocess.run offers at best. */
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
+
+    /* A caller that ignores SIGCHLD would make the kernel auto-reap our children and we
+     * would lose the leader's status: insist on the default disposition. */
+    signal(SIGCHLD, SIG_DFL);
+    signal(SIGPIPE, SIG_DFL);
+
+    /* Signals arrive through a signalfd, never asynchronously: no handlers, no races. */
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    sigaddset(&mask, SIGHUP);
+    if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
+        fail_start(&st, PG_STAGE_SHEPHERD, errno);
+    sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (sfd < 0)
+        fail_start(&st, PG_STAGE_SHEPHERD, errno);
+
+    start_command(&st, cwd, argv + 4);
+    st.deadline_ns = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
+    st.phase = RUNNING;
+
+    while (st.phase != DONE) {
+        struct pollfd fds[2];
+        int64_t wake = -1, now;
+        int timeout_ms, ready, children_left;
+
+        children_left = reap(&st);
+        now = now_ns();
+        switch (st.phase) {
+        case RUNNING:
+            if (!st.leader_alive) {
+                if (!children_left) {
+                    st.phase = DONE;
+                    continue;
+                }
+                /* The leader is gone but something of its tree is not: sweep it. */
+                st.final.swept_after_exit = begin_terminate(&st);
+                continue;
+            }
+            if (st.deadline_ns >= 0 && now >= st.deadline_ns) {
+                st.final.timed_out = 1;
+                st.final.killed_at_deadline = begin_terminate(&st);
+                continue;
+            }
+            wake = st.deadline_ns;
+            break;
+        case TERMINATING:
+            if (!children_left) {
+                st.phase = DONE;
+                continue;
+            }
+            if (now >= st.phase_deadline_ns) {
+                begin_kill(&st);
+                continue;
+            }
+            wake = st.phase_deadline_ns;
+            break;
+        case KILLING:
+            if (!children_left) {
+                st.phase = DONE;
+                continue;
+            }
+            if (now >= st.phase_deadline_ns) {
+                struct pidset set = {0};
+                collect_tree(&st, &set);
+                st.final.unkillable = (int32_t)set.len;
+                free(set.pids);
+                st.phase = DONE;
+                continue;
+            }
+            /* Something forked between the walk and the kill, or is slow to die: repeat. */
+            signal_tree(&st, SIGKILL);
+            wake = now + 5 * NS_PER_MS;
+            break;
+        case DONE:
+            continue;
+        }
+
+        fds[0].fd = sfd;
+        fds[0].events = POLLIN;
+        fds[1].fd = st.caller_gone ? -1 : PG_CONTROL_FD;
+        fds[1].events = POLLIN;
+        if (wake < 0) {
+            timeout_ms = -1;
+        } else {
+            int64_t left = wake - now;
+            timeout_ms = left <= 0 ? 0 : (int)((left + NS_PER_MS - 1) / NS_PER_MS);
+        }
+        ready = poll(fds, 2, timeout_ms);
+        if (ready < 0) {
+            if (errno == EINTR)
+                continue;
+            /* poll itself failing (ENOMEM) must not leave the tree: terminate it */
+            if (st.phase == RUNNING) {
+                st.final.terminated = 1;
+                begin_terminate(&st);
+            }
+            continue;
+        }
+        if (fds[0].revents & POLLIN) {
+            struct signalfd_siginfo si;
+            while (read(sfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+                if (si.ssi_signo != SIGCHLD && st.phase == RUNNING) {
+                    /* someone asked the shepherd to stop: take the tree down with us */
+                    st.final.terminated = 1;
+                    begin_terminate(&st);
+                }
+            }
+        }
+        if (fds[1].fd >= 0 && fds[1].revents)
+            on_control(&st, fds[1].revents);
+    }
+
+    {
+        struct rusage ru;
+        if (getrusage(RUSAGE_CHILDREN, &ru) == 0) {
+            st.final.utime_us = (int64_t)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
+            st.final.stime_us = (int64_t)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
+            st.final.maxrss_kb = ru.ru_maxrss;
+        }
+    }
+    st.final.pid = st.leader;
+    st.final.wait_status = st.leader_alive ? -1 : st.leader_status;
+    send_record(&st, &st.final);
+    return 0;
+}
