@@ -24,6 +24,7 @@ enum pg_spawn_stage {
     PG_STAGE_CHDIR = 2,
     PG_STAGE_EXEC = 3,
     PG_STAGE_SETSID = 4,
+    PG_STAGE_SPAWN = 5,     /* the caller could not start the shepherd (EMFILE, EAGAIN...) */
 };
 
 /* Command bytes, caller -> shepherd. */

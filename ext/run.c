@@ -489,7 +489,7 @@ static int pump(struct run *r)
 {
     PyThreadState *ts;
     PyObject *exc_type = NULL, *exc_value = NULL, *exc_tb = NULL;
-    int64_t backstop_ns = -1, drain_deadline_ns = -1;
+    int64_t backstop_ns = -1, drain_deadline_ns = -1, last_signal_check_ns = now_ns();
 
     if (r->timeout_ns >= 0)
         backstop_ns = r->start_ns + r->timeout_ns + r->grace_ns + BACKSTOP_SLACK_NS;
@@ -546,17 +546,19 @@ static int pump(struct run *r)
             r->shepherd_lost = 1;
             break;
         }
-        if (ready <= 0) {
-            if (!exc_type && !r->terminate_sent) {
-                PyEval_RestoreThread(ts);
-                if (PyErr_CheckSignals() < 0) {
-                    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-                    send_terminate(r);
-                }
-                ts = PyEval_SaveThread();
+        if ((ready <= 0 || now_ns() - last_signal_check_ns >= SIGNAL_CHECK_MS * 1000000LL) &&
+            !exc_type && !r->terminate_sent) {
+            /* Also on a busy stream: output that never lets poll time out must not hide Ctrl-C. */
+            PyEval_RestoreThread(ts);
+            if (PyErr_CheckSignals() < 0) {
+                PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
+                send_terminate(r);
             }
-            continue;
+            ts = PyEval_SaveThread();
+            last_signal_check_ns = now_ns();
         }
+        if (ready <= 0)
+            continue;
         if (idx_ctl >= 0 && fds[idx_ctl].revents)
             read_reports(r);
         if (idx_in >= 0 && fds[idx_in].revents)
@@ -603,6 +605,8 @@ static const char *stage_name(int stage)
         return "exec";
     case PG_STAGE_SETSID:
         return "setsid";
+    case PG_STAGE_SPAWN:
+        return "spawn";
     default:
         return "shepherd";
     }
@@ -875,12 +879,12 @@ spawn_errno:
         close_fd(&r.in_w);
         close_fd(&r.ctl);
         r.have_spawn_failure = 1;
-        r.spawn_failure.stage = PG_STAGE_SHEPHERD;
+        r.spawn_failure.stage = PG_STAGE_SPAWN;
         r.spawn_failure.err = err;
         r.have_final = 1;
         r.final.wait_status = -1;
         r.end_ns = now_ns();
-        result = build_result(&r, shepherd_path, "");
+        result = build_result(&r, r.shepherd_argv[4], "");
     }
 cleanup:
     capture_free(&r.cap[0]);

@@ -61,11 +61,10 @@ def run_exit_status(result: proc_group.RunResult) -> int:
     if result.timed_out:
         return EXIT_TIMEOUT
     if result.returncode is None:
-        if result.spawn_errno == errno.ENOENT and (result.spawn_error or "").startswith("exec"):
-            return EXIT_NOT_FOUND
-        if result.spawn_errno in (errno.EACCES, errno.ENOEXEC, errno.EPERM, errno.ENOENT,
-                                  errno.ENOTDIR, errno.EISDIR):
-            return EXIT_CANNOT_EXECUTE
+        # spawn_error starts with the stage that failed: "exec", "chdir", "spawn", ...
+        if (result.spawn_error or "").startswith("exec "):
+            return EXIT_NOT_FOUND if result.spawn_errno in (errno.ENOENT, errno.ENOTDIR) \
+                else EXIT_CANNOT_EXECUTE
         return EXIT_INTERNAL
     if result.returncode < 0:
         return 128 - result.returncode

@@ -1,0 +1,29 @@
+"""Type stubs of the private native module retest._proc_group (use retest.proc_group)."""
+
+from typing import Any, Callable, Optional
+
+PROTOCOL: str
+
+def run(
+    shepherd: bytes,
+    argv: list[bytes],
+    envp: Optional[list[bytes]],
+    cwd: Optional[bytes],
+    input: Optional[bytes],
+    timeout_s: float,
+    grace_s: float,
+    capture_limit: int,
+    on_output: Optional[Callable[[str, bytes], object]],
+    tee_fd: int,
+    /,
+) -> dict[str, Any]: ...
+def classify(
+    stdout: bytes,
+    stderr: bytes,
+    returncode: Optional[int],
+    timed_out: bool,
+    spawn_error: Optional[str],
+    escalated: bool,
+    killed_at_deadline: int,
+    /,
+) -> tuple[str, str, str, bool]: ...
