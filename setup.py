@@ -35,19 +35,20 @@ class BuildWithShepherd(build_ext):
         ext_path = self.get_ext_fullpath("retest._proc_group")
         out_dir = os.path.dirname(os.path.abspath(ext_path))
         os.makedirs(out_dir, exist_ok=True)
-        objects = self.compiler.compile(
-            SHEPHERD_SOURCES,
-            output_dir=self.build_temp,
-            extra_postargs=[f for f in CFLAGS if not f.startswith("-fsanitize")],
-        )
+        objects = self.compiler.compile(SHEPHERD_SOURCES, output_dir=self.build_temp,
+                                        extra_postargs=CFLAGS)
         target = os.path.join(out_dir, "_retest_shepherd")
-        # Static when possible: the shepherd runs once per command, and a static binary
-        # skips the dynamic loader (measured: about 80 us of each run's spawn cost).
-        try:
-            self.compiler.link_executable(objects, target, extra_postargs=["-static"])
-        except Exception as err:  # no static libc: fall back to a dynamic link
-            self.announce(f"static link of the shepherd failed ({err}); linking dynamically", 2)
-            self.compiler.link_executable(objects, target)
+        if SANITIZE:
+            # Sanitizer runtimes need the dynamic loader: the checked build links dynamically.
+            self.compiler.link_executable(objects, target, extra_postargs=[f"-fsanitize={SANITIZE}"])
+        else:
+            # Static when possible: the shepherd runs once per command, and a static binary
+            # skips the dynamic loader (measured: about 80 us of each run's spawn cost).
+            try:
+                self.compiler.link_executable(objects, target, extra_postargs=["-static"])
+            except Exception as err:  # no static libc: fall back to a dynamic link
+                self.announce(f"static link of the shepherd failed ({err}); linking dynamically", 2)
+                self.compiler.link_executable(objects, target)
         os.chmod(target, 0o755)
 
 
