@@ -1,0 +1,129 @@
+"""Helpers for tests that drive real process trees.
+
+Tree processes record themselves by creating an empty file named after their pid in a
+directory the test owns (creating a file is atomic, so a reader never sees half a pid).
+A test kills what it recorded with ``kill_recorded`` in a ``finally``: only pids that are
+still live descendants of this pytest process are killed (pytest is a child subreaper, see
+conftest.py), so a recycled pid that now belongs to someone else is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+import textwrap
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import retest
+from conftest import children_of, descendants, is_zombie, pid_alive, reap_own_zombies, wait_until
+
+__all__ = [
+    "PY",
+    "py",
+    "child_env",
+    "record_sh",
+    "record_py",
+    "recorded_pids",
+    "kill_recorded",
+    "alive",
+    "open_fds",
+    "zombie_children",
+    "descendants",
+    "pid_alive",
+    "wait_until",
+]
+
+PY = sys.executable
+
+#: Directory that holds the ``retest`` package being tested (``python/`` or site-packages).
+PACKAGE_ROOT = str(Path(retest.__file__).resolve().parent.parent)
+
+
+def py(code: str, *args: str) -> list[str]:
+    """argv of a tiny Python child running ``code`` (dedented)."""
+    return [PY, "-c", textwrap.dedent(code), *args]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python that must import the retest under test."""
+    env = dict(os.environ)
+    paths = [PACKAGE_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update(extra)
+    return env
+
+
+def record_sh(directory: Path) -> str:
+    """A shell command that records the current shell's pid (``$$``) in ``directory``."""
+    return f"touch {shlex.quote(str(directory))}/$$"
+
+
+def record_py(directory: Path) -> str:
+    """A Python statement that records ``os.getpid()`` in ``directory`` (needs ``import os``)."""
+    return f"open(os.path.join({str(directory)!r}, str(os.getpid())), 'w').close()"
+
+
+def recorded_pids(directory: Path) -> list[int]:
+    """The pids recorded in ``directory`` (files named ``PID`` or ``PREFIX-PID``)."""
+    pids = []
+    for name in os.listdir(directory):
+        tail = name.rsplit("-", 1)[-1]
+        if tail.isdigit():
+            pids.append(int(tail))
+    return sorted(set(pids))
+
+
+def alive(pids: Iterable[int]) -> list[int]:
+    """The pids of ``pids`` that are still running (zombies count as dead)."""
+    return [p for p in pids if pid_alive(p)]
+
+
+def kill_recorded(pids: Iterable[int]) -> list[int]:
+    """SIGKILL the given pids that are live descendants of this process; reap; return them.
+
+    Only our own descendants: a pid recorded by a test's tree may have been recycled by an
+    unrelated process after the tree died, and that one must not be touched.
+    """
+    wanted = set(pids)
+    killed: list[int] = []
+    for _ in range(100):
+        ours = set(descendants())
+        targets = [p for p in wanted & ours if pid_alive(p)]
+        if not targets:
+            break
+        for pid in targets:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            except ProcessLookupError:
+                pass
+        wait_until(lambda: not alive(targets), timeout=0.5)
+    reap_own_zombies()
+    return sorted(set(killed))
+
+
+def open_fds() -> set[int]:
+    """The file descriptors open in this process now."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        fds.add(int(name))
+    return fds
+
+
+def fd_targets(fds: Sequence[int]) -> dict[int, str]:
+    """What each fd points to (for a readable failure message)."""
+    out = {}
+    for fd in fds:
+        try:
+            out[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            out[fd] = "?"
+    return out
+
+
+def zombie_children() -> list[int]:
+    """Zombie children of this process (exited, never reaped)."""
+    return [p for p in children_of(os.getpid()) if is_zombie(p)]
