@@ -10,6 +10,7 @@ conftest.py), so a recycled pid that now belongs to someone else is never touche
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import signal
 import sys
@@ -23,6 +24,9 @@ from conftest import children_of, descendants, is_zombie, pid_alive, reap_own_zo
 __all__ = [
     "PY",
     "py",
+    "payload",
+    "WRITE_PAYLOAD",
+    "write_payload",
     "child_env",
     "record_sh",
     "record_py",
@@ -127,3 +131,25 @@ def fd_targets(fds: Sequence[int]) -> dict[int, str]:
 def zombie_children() -> list[int]:
     """Zombie children of this process (exited, never reaped)."""
     return [p for p in children_of(os.getpid()) if is_zombie(p)]
+
+
+def payload(seed: int, size: int) -> bytes:
+    """Deterministic binary bytes (every byte value, NULs included) a child can regenerate."""
+    return random.Random(seed).randbytes(size)
+
+
+#: A child that writes payload(seed, size) to a stream in irregular chunks, then exits.
+WRITE_PAYLOAD = """
+import os, random, sys
+seed, size, fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+data = random.Random(seed).randbytes(size)
+sizes = random.Random(seed + 1)
+view = memoryview(data)
+while view:
+    n = os.write(fd, view[: sizes.choice((1, 7, 4096, 65536, 65537, 300000))])
+    view = view[n:]
+"""
+
+
+def write_payload(seed: int, size: int, fd: int = 1) -> list[str]:
+    return py(WRITE_PAYLOAD, str(seed), str(size), str(fd))

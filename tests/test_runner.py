@@ -9,14 +9,13 @@ from __future__ import annotations
 import errno
 import math
 import os
-import random
 import signal
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers_proc import PY, descendants, py
+from helpers_proc import PY, WRITE_PAYLOAD, descendants, payload, py, write_payload
 from retest import proc_group
 from retest.proc_group import RunResult, run
 
@@ -34,28 +33,6 @@ def expected_capture(data: bytes, limit: int) -> tuple[bytes, int]:
     tail = limit - head
     dropped = len(data) - limit
     return data[:head] + MARKER % dropped + data[len(data) - tail:], dropped
-
-
-def payload(seed: int, size: int) -> bytes:
-    """Deterministic binary bytes (every byte value, NULs included) a child can regenerate."""
-    return random.Random(seed).randbytes(size)
-
-
-#: A child that writes payload(seed, size) to a stream in irregular chunks, then exits.
-WRITE_PAYLOAD = """
-import os, random, sys
-seed, size, fd = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-data = random.Random(seed).randbytes(size)
-sizes = random.Random(seed + 1)
-view = memoryview(data)
-while view:
-    n = os.write(fd, view[: sizes.choice((1, 7, 4096, 65536, 65537, 300000))])
-    view = view[n:]
-"""
-
-
-def write_payload(seed: int, size: int, fd: int = 1) -> list[str]:
-    return py(WRITE_PAYLOAD, str(seed), str(size), str(fd))
 
 
 # ----------------------------------------------------------------------------- exit status
@@ -519,3 +496,61 @@ def test_sys_executable_is_runnable(backend: str) -> None:
     result = run([sys.executable, "-c", "import sys; print(sys.version_info[0])"],
                  backend=backend, timeout=10)
     assert result.stdout == b"3\n"
+
+
+EMFILE_CALLER = """
+import errno, json, os, resource, sys
+from retest.proc_group import run
+backend = sys.argv[1]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+fds_before = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+# No room for a new fd (the limit is the lowest free number): the first pipe fails.
+lowest_free = next(fd for fd in range(len(fds_before) + 1) if fd not in fds_before)
+resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+try:
+    starved = run(["sh", "-c", "echo should-not-run"], backend=backend, timeout=10)
+finally:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+fds_after = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+again = run(["sh", "-c", "echo fine"], backend=backend, timeout=10)
+print(json.dumps({
+    "returncode": starved.returncode, "spawn_errno": starved.spawn_errno,
+    "spawn_error": starved.spawn_error, "stdout": starved.stdout.decode(),
+    "fds_leaked": len(fds_after) - len(fds_before), "again": again.stdout.decode(),
+}))
+"""
+
+
+def test_fd_exhaustion_is_a_spawn_error_not_an_exception(backend: str) -> None:
+    from helpers_proc import child_env
+
+    caller = run(py(EMFILE_CALLER, backend), env=child_env(), backend=backend, timeout=30)
+
+    assert caller.returncode == 0, caller.stderr.decode()
+    import json
+
+    report = json.loads(caller.stdout)
+    assert report["returncode"] is None
+    assert report["spawn_errno"] == errno.EMFILE
+    assert "Too many open files" in report["spawn_error"]
+    assert report["stdout"] == ""
+    assert report["fds_leaked"] == 0  # the failed start closed what it had opened
+    assert report["again"] == "fine\n"
+
+
+def test_the_callers_inheritable_fds_do_not_leak_into_the_command(backend: str, request) -> None:
+    if backend == "native":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "BUG: the native runner passes every inheritable fd of the caller (above 3) to "
+            "the shepherd and on to the command; subprocess.run closes them (close_fds=True)")))
+    read_end, write_end = os.pipe()
+    try:
+        os.set_inheritable(write_end, True)  # e.g. a pipe or lock file a library made inheritable
+        code = f"import os, sys\ntry:\n    os.fstat({write_end})\n    print('leaked')\nexcept OSError:\n    print('closed')"
+
+        result = run(py(code), backend=backend, timeout=10)
+
+        assert result.stdout == b"closed\n"
+    finally:
+        os.close(read_end)
+        os.close(write_end)
