@@ -36,6 +36,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -342,6 +343,31 @@ static int reap(struct state *st)
 
 /* ---------------------------------------------------------------- starting the command */
 
+/* Close every fd above the control socket: the caller's inheritable fds (a lock file, a
+ * pipe some library made inheritable) must not reach the command, as with subprocess's
+ * close_fds=True. close_range (Linux 5.9) in one call; a /proc/self/fd walk otherwise. */
+static void close_inherited_fds(void)
+{
+    DIR *dir;
+    struct dirent *de;
+#ifdef SYS_close_range
+    if (syscall(SYS_close_range, PG_CONTROL_FD + 1, ~0U, 0) == 0)
+        return;
+#endif
+    dir = opendir("/proc/self/fd");
+    if (!dir) {
+        for (int fd = PG_CONTROL_FD + 1; fd < 1024; fd++)
+            close(fd);
+        return;
+    }
+    while ((de = readdir(dir)) != NULL) {
+        int fd = atoi(de->d_name);
+        if (fd > PG_CONTROL_FD && fd != dirfd(dir))
+            close(fd);
+    }
+    closedir(dir);
+}
+
 /* Build the list of paths to try for cmd, as execvp would, from the command's own PATH.
  * Done before vfork: the child must not allocate. */
 static __attribute__((noinline)) char **exec_candidates(const char *cmd)
@@ -559,6 +585,7 @@ int main(int argc, char **argv)
 
     if (fcntl(PG_CONTROL_FD, F_SETFD, FD_CLOEXEC) < 0)
         return 125;  /* no control socket: started by something other than run.c */
+    close_inherited_fds();
     if (argc < 5 || parse_i64(argv[1], &timeout_ns) || parse_i64(argv[2], &grace_ns) || grace_ns < 0)
         fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
     if (argv[3][0] == 'C')

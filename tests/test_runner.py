@@ -538,11 +538,7 @@ def test_fd_exhaustion_is_a_spawn_error_not_an_exception(backend: str) -> None:
     assert report["again"] == "fine\n"
 
 
-def test_the_callers_inheritable_fds_do_not_leak_into_the_command(backend: str, request) -> None:
-    if backend == "native":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG: the native runner passes every inheritable fd of the caller (above 3) to "
-            "the shepherd and on to the command; subprocess.run closes them (close_fds=True)")))
+def test_the_callers_inheritable_fds_do_not_leak_into_the_command(backend: str) -> None:
     read_end, write_end = os.pipe()
     try:
         os.set_inheritable(write_end, True)  # e.g. a pipe or lock file a library made inheritable
