@@ -92,6 +92,7 @@ def test_starts_a_server_then_sleeps():
 
 
 def make_xdist_suite(tmp_path: Path) -> tuple[Path, Path]:
+    pytest.importorskip("xdist", reason="pytest-xdist is part of the test extra")
     suite = tmp_path / "suite"
     (suite / "pids").mkdir(parents=True)
     (suite / "conftest.py").write_text(XDIST_CONFTEST)
@@ -430,8 +431,11 @@ def test_exception_in_on_output_kills_the_tree_promptly(native: str, pid_dir: Pa
 
 
 CALLER = """
-import os, sys
+import os, signal, sys
 from retest.proc_group import run
+# A background job of a non-interactive shell starts with SIGINT ignored, and Python then
+# installs no KeyboardInterrupt handler: ask for the one an interactive caller has.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 pid_dir = sys.argv[1]
 tree = (
     'touch "$D/$$"; '
