@@ -550,3 +550,18 @@ def test_the_callers_inheritable_fds_do_not_leak_into_the_command(backend: str) 
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_non_utf8_argument_bytes_reach_the_command_unchanged(backend: str) -> None:
+    result = run([b"sh", b"-c", b'printf %s "$1"', b"sh", b"\xff\xfe raw"], backend=backend, timeout=10)
+
+    assert result.returncode == 0
+    assert result.stdout == b"\xff\xfe raw"
+    assert os.fsencode(result.args[4]) == b"\xff\xfe raw"  # args text round-trips (surrogateescape)
+
+
+def test_empty_env_is_an_empty_environment(backend: str) -> None:
+    result = run(["env"], env={}, backend=backend, timeout=10)  # found on the default PATH
+
+    assert result.returncode == 0, result.spawn_error
+    assert result.stdout == b""
