@@ -378,10 +378,23 @@ static void read_reports(struct run *r)
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return;
             close_fd(&r->ctl);  /* ECONNRESET: treat as EOF */
+            if (!r->have_final) {
+                r->shepherd_lost = 1;
+                if (r->have_started)
+                    kill(-r->started.pid, SIGKILL);
+            }
             return;
         }
         if (n == 0) {
             close_fd(&r->ctl);
+            if (!r->have_final) {
+                /* The shepherd died before the tree did (someone SIGKILLed it). PDEATHSIG took
+                 * the leader; the rest of its group is ours to kill. Escapees that left the
+                 * group are out of our reach: documented in docs/internals.md. */
+                r->shepherd_lost = 1;
+                if (r->have_started)
+                    kill(-r->started.pid, SIGKILL);
+            }
             return;
         }
         r->rec_got += (size_t)n;
@@ -500,7 +513,7 @@ static int pump(struct run *r)
         int nfds = 0, idx_out = -1, idx_err = -1, idx_ctl = -1, idx_in = -1, ready, timeout_ms;
         int64_t now = now_ns();
 
-        if (r->have_final && r->ctl < 0) {
+        if ((r->have_final || r->shepherd_lost) && r->ctl < 0) {
             if (drain_deadline_ns < 0)
                 drain_deadline_ns = now + DRAIN_AFTER_FINAL_NS;
             else if (now >= drain_deadline_ns)

@@ -526,11 +526,6 @@ def _shepherds() -> list[int]:
     return found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: when the shepherd dies without a final report (SIGKILL, OOM killer), run.c keeps "
-    "waiting for EOF on the output pipes: with no timeout it waits as long as any process of "
-    "the tree holds them, and nothing kills the leader's group (docs/internals.md says the "
-    "caller does)"))
 def test_shepherd_killed_mid_run_does_not_hang_the_caller(native: str, pid_dir: Path) -> None:
     cmd = f'{record_sh(pid_dir)}; sh -c \'{record_sh(pid_dir)}; exec sleep 60\' & wait'
     outcome: dict[str, object] = {}
