@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 log = logging.getLogger(__name__)
@@ -126,4 +126,123 @@ class RunnerSettings:
             capture_limit_bytes=env_int(
                 "RETEST_CAPTURE_LIMIT_BYTES", DEFAULT_CAPTURE_LIMIT_BYTES, environ, minimum=1024
             ),
+        )
+
+
+# --------------------------------------------------------------------------- merge gate
+
+DEFAULT_RETEST_COMMAND = "python -m pytest -q"
+DEFAULT_COVERAGE_COMMAND = "python -m coverage run -m pytest -q"
+DEFAULT_INFRA_RETRY_BACKOFF_S = 60.0
+DEFAULT_INFRA_RETRY_BACKOFF_MAX_S = 3600.0
+DEFAULT_GATE_LOCK_WAIT_S = 5.0
+DEFAULT_GIT_TIMEOUT_S = 120.0
+DEFAULT_ALERT_TIMEOUT_S = 30.0
+DEFAULT_LEDGER_BUSY_TIMEOUT_S = 5.0
+DEFAULT_RECENT_DECISIONS = 50
+OTHER_ACTIONS = ("hold", "rollback")
+
+
+def default_ledger_path(environ: Mapping[str, str] | None = None) -> str:
+    """``$XDG_STATE_HOME/retest/ledger.sqlite3`` (``~/.local/state`` when unset or relative)."""
+    env = os.environ if environ is None else environ
+    state = env.get("XDG_STATE_HOME", "")
+    if not state or not os.path.isabs(state):  # the XDG spec says: ignore a relative path
+        home = env.get("HOME") or os.path.expanduser("~")
+        state = os.path.join(home, ".local", "state")
+    return os.path.join(state, "retest", "ledger.sqlite3")
+
+
+def _env_choice(name: str, default: str, choices: tuple[str, ...], environ: Mapping[str, str] | None) -> str:
+    raw = (os.environ if environ is None else environ).get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    value = raw.strip().lower()
+    if value in choices:
+        return value
+    _warn_once(name, raw, f"not one of {', '.join(choices)}")
+    return default
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """Settings of the merge gate and the coverage gate (``retest.merge_gate``, ``retest.coverage_gate``).
+
+    ``retest_timeout_raw`` is kept as given: ``merge_gate._resolve_retest_timeout`` turns it into
+    seconds, because the safe range depends on the grace and on ``REAPER_MAX_RUNNING_S``.
+    """
+
+    classify_enabled: bool = True
+    infra_retry_enabled: bool = True
+    skip_when_current_enabled: bool = True
+    metrics_enabled: bool = True
+    tree_kill_enabled: bool = True
+    retest_command: str = DEFAULT_RETEST_COMMAND
+    #: ``True`` when MERGE_RETEST_COMMAND was not set (the default runs this interpreter).
+    retest_command_is_default: bool = True
+    retest_timeout_raw: str | None = None
+    reaper_max_running_s: float = DEFAULT_REAPER_MAX_RUNNING_S
+    grace_s: float = DEFAULT_KILL_GRACE_S
+    infra_retry_max: int = DEFAULT_INFRA_RETRY_MAX
+    infra_retry_backoff_s: float = DEFAULT_INFRA_RETRY_BACKOFF_S
+    infra_retry_backoff_max_s: float = DEFAULT_INFRA_RETRY_BACKOFF_MAX_S
+    other_action: str = "hold"
+    #: Kept out of repr(): a command line may carry a webhook token.
+    alert_command: str | None = field(default=None, repr=False)
+    alert_timeout_s: float = DEFAULT_ALERT_TIMEOUT_S
+    ledger_path: str = ""
+    ledger_busy_timeout_s: float = DEFAULT_LEDGER_BUSY_TIMEOUT_S
+    gate_lock_wait_s: float = DEFAULT_GATE_LOCK_WAIT_S
+    git_timeout_s: float = DEFAULT_GIT_TIMEOUT_S
+    recent_decisions: int = DEFAULT_RECENT_DECISIONS
+    coverage_command: str = DEFAULT_COVERAGE_COMMAND
+    coverage_command_is_default: bool = True
+    coverage_min_percent: float = 0.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "GateSettings":
+        env = os.environ if environ is None else environ
+        runner = RunnerSettings.from_env(env)
+        retest_command = env_str("MERGE_RETEST_COMMAND", "", env)
+        coverage_command = env_str("COVERAGE_GATE_COMMAND", "", env)
+        alert_command = env_str("MERGE_GATE_ALERT_COMMAND", "", env)
+        raw_timeout = env.get("MERGE_RETEST_TIMEOUT_S")
+        min_percent = env_float("COVERAGE_GATE_MIN_PERCENT", 0.0, env, positive=False)
+        if not 0.0 <= min_percent <= 100.0:
+            _warn_once("COVERAGE_GATE_MIN_PERCENT", str(min_percent), "not within 0..100")
+            min_percent = 0.0
+        return cls(
+            classify_enabled=env_bool("MERGE_GATE_CLASSIFY_ENABLED", True, env),
+            infra_retry_enabled=env_bool("MERGE_GATE_INFRA_RETRY_ENABLED", True, env),
+            skip_when_current_enabled=env_bool("MERGE_RETEST_SKIP_WHEN_CURRENT_ENABLED", True, env),
+            metrics_enabled=env_bool("MERGE_GATE_METRICS_ENABLED", True, env),
+            tree_kill_enabled=runner.tree_kill_enabled,
+            retest_command=retest_command or DEFAULT_RETEST_COMMAND,
+            retest_command_is_default=not retest_command,
+            retest_timeout_raw=None if raw_timeout is None or raw_timeout.strip() == "" else raw_timeout,
+            reaper_max_running_s=env_float("REAPER_MAX_RUNNING_S", DEFAULT_REAPER_MAX_RUNNING_S, env),
+            grace_s=runner.grace_s,
+            infra_retry_max=env_int("MERGE_GATE_INFRA_RETRY_MAX", DEFAULT_INFRA_RETRY_MAX, env),
+            infra_retry_backoff_s=env_float(
+                "MERGE_GATE_INFRA_RETRY_BACKOFF_S", DEFAULT_INFRA_RETRY_BACKOFF_S, env, positive=False
+            ),
+            infra_retry_backoff_max_s=env_float(
+                "MERGE_GATE_INFRA_RETRY_BACKOFF_MAX_S", DEFAULT_INFRA_RETRY_BACKOFF_MAX_S, env,
+                positive=False,
+            ),
+            other_action=_env_choice("MERGE_GATE_OTHER_ACTION", "hold", OTHER_ACTIONS, env),
+            alert_command=alert_command or None,
+            alert_timeout_s=env_float("MERGE_GATE_ALERT_TIMEOUT_S", DEFAULT_ALERT_TIMEOUT_S, env),
+            ledger_path=env_str("RETEST_LEDGER_PATH", "", env) or default_ledger_path(env),
+            ledger_busy_timeout_s=env_float(
+                "RETEST_LEDGER_BUSY_TIMEOUT_S", DEFAULT_LEDGER_BUSY_TIMEOUT_S, env
+            ),
+            gate_lock_wait_s=env_float("MERGE_GATE_LOCK_WAIT_S", DEFAULT_GATE_LOCK_WAIT_S, env,
+                                       positive=False),
+            git_timeout_s=env_float("MERGE_GATE_GIT_TIMEOUT_S", DEFAULT_GIT_TIMEOUT_S, env),
+            recent_decisions=env_int("MERGE_GATE_RECENT_DECISIONS", DEFAULT_RECENT_DECISIONS, env,
+                                     minimum=1),
+            coverage_command=coverage_command or DEFAULT_COVERAGE_COMMAND,
+            coverage_command_is_default=not coverage_command,
+            coverage_min_percent=min_percent,
         )
