@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "GitError",
+    "git_failure",
+    "REDIRECTING_ENV",
     "InvalidRef",
     "SAFE_CONFIG",
     "git_env",
@@ -66,7 +68,7 @@ SAFE_CONFIG: tuple[str, ...] = (
 )
 
 #: Variables that point git at another repository, index or object store.
-_REDIRECTING_ENV = frozenset({
+REDIRECTING_ENV = frozenset({
     "GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_COMMON_DIR",
     "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_NAMESPACE", "GIT_PREFIX", "GIT_QUARANTINE_PATH",
     "GIT_REFLOG_ACTION", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT",
@@ -123,7 +125,7 @@ def validate_sha(sha: object) -> Optional[str]:
 
 def git_env(base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """The environment for the gate's git processes (see the module docstring)."""
-    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in _REDIRECTING_ENV}
+    env = {k: v for k, v in (os.environ if base is None else base).items() if k not in REDIRECTING_ENV}
     env.update(
         GIT_TERMINAL_PROMPT="0",
         GIT_OPTIONAL_LOCKS="0",
@@ -164,7 +166,7 @@ def _text(result: proc_group.RunResult) -> str:
     return result.stdout.decode("utf-8", "replace").strip()
 
 
-def _failure(what: str, result: proc_group.RunResult) -> GitError:
+def git_failure(what: str, result: proc_group.RunResult) -> GitError:
     detail = result.spawn_error or result.stderr.decode("utf-8", "replace").strip()[-400:]
     status = "timed out" if result.timed_out else f"exit {result.returncode}"
     return GitError(f"{what} failed ({status}): {detail}", result)
@@ -175,7 +177,7 @@ def common_dir(repo: str, env: Mapping[str, str], timeout: float) -> str:
     result = git(["rev-parse", "--path-format=absolute", "--git-common-dir"],
                  cwd=repo, env=env, timeout=timeout)
     if not result.ok:
-        raise _failure(f"git rev-parse --git-common-dir in {repo}", result)
+        raise git_failure(f"git rev-parse --git-common-dir in {repo}", result)
     path = _text(result)
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(repo, path))
 
@@ -186,7 +188,7 @@ def rev_parse(repo: str, rev: str, env: Mapping[str, str], timeout: float) -> st
                  cwd=repo, env=env, timeout=timeout)
     sha = validate_sha(_text(result)) if result.ok else None
     if sha is None:
-        raise _failure(f"git rev-parse {rev!r}", result)
+        raise git_failure(f"git rev-parse {rev!r}", result)
     return sha
 
 
@@ -197,7 +199,7 @@ def merge_base(repo: str, a: str, b: str, env: Mapping[str, str], timeout: float
         return None
     sha = validate_sha(_text(result)) if result.ok else None
     if sha is None:
-        raise _failure("git merge-base", result)
+        raise git_failure("git merge-base", result)
     return sha
 
 

@@ -1,0 +1,810 @@
+"""The merge gate: re-test a branch rebased onto its target, classify the run, route the task.
+
+``retest_branch()`` is the one entry point. In order:
+
+1. validate the names (no ``-`` prefix, no ref syntax), resolve the branch and target commits;
+2. take the per-repository gate lock (a second gate waits briefly, then reports lock-busy);
+3. rebase the branch onto the target in a temporary *detached* worktree (the user's checkout,
+   index and refs are never written, nothing is pushed); a conflict rolls back;
+4. skip the re-test only with proof (``MERGE_RETEST_SKIP_WHEN_CURRENT_ENABLED``): the rebase was
+   a no-op and HEAD is the sha the caller says CI/tester/staging validated;
+5. run the suite (``MERGE_RETEST_COMMAND``) through ``proc_group.run`` with the resolved deadline;
+6. classify (``classify_retest_failure``) and route per DESIGN.md:
+
+   =========  ======================================================================
+   verdict    action
+   =========  ======================================================================
+   passed     merge (stage ``main``)
+   timeout    requeue on ``deploy-staging`` with backoff, bounded by
+   lock-busy  ``MERGE_GATE_INFRA_RETRY_MAX``; when spent: hold + exactly one alert
+   red        rollback to ``development``
+   conflict   rollback to ``development``
+   other      hold + one alert (``MERGE_GATE_OTHER_ACTION=rollback``: the prior rollback)
+   =========  ======================================================================
+
+The worktree is removed and the lock released on every path, exceptions included. The gate
+never raises for a runtime fault: an internal error becomes a ``hold`` with one alert and the
+traceback in the log. Retry budgets, alerts and (with metrics on) decisions live in the
+SQLite ledger (``retest.ledger``), so the bound and the one-alert rule hold across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from . import config, gitops, proc_group
+from .ledger import Ledger, LedgerBusy, LedgerError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "GateDecision",
+    "GateMetrics",
+    "METRICS",
+    "MAIN_REGRESSION_MARKERS",
+    "ACTIONS",
+    "STAGES",
+    "retest_branch",
+    "classify_retest_failure",
+    "queue_block",
+    "check_regression_markers",
+]
+
+#: What the gate tells the orchestrator to do.
+ACTIONS = ("merge", "rollback", "requeue", "hold", "skip-merge")
+#: The task's life, in order; the gate moves a task only to ``development`` or ``main``.
+STAGES = ("development", "CI", "tester", "deploy-staging", "main")
+STAGE_DEVELOPMENT = "development"
+STAGE_DEPLOY_STAGING = "deploy-staging"
+STAGE_MAIN = "main"
+
+#: Every verdict a decision can carry: the runner's five, plus the gate's own ``conflict``.
+VERDICTS = ("passed", "red", "timeout", "lock-busy", "other", "conflict")
+INFRA_VERDICTS = frozenset({"timeout", "lock-busy"})
+
+#: (incident, symbol, file): symbols whose disappearance reintroduces an incident.
+MAIN_REGRESSION_MARKERS: tuple[tuple[str, str, str], ...] = (
+    ("ORCH-110", "classify_retest_failure", "python/retest/merge_gate.py"),
+    ("ORCH-110", "_handle_merge_gate_infra_retry", "python/retest/merge_gate.py"),
+    ("ORCH-110", "_resolve_retest_timeout", "python/retest/merge_gate.py"),
+    ("ORCH-110", "retest_branch", "python/retest/merge_gate.py"),
+)
+
+AlertHook = Callable[[dict[str, Any]], None]
+
+#: Bytes of the suite's output kept as evidence in a decision (its tail: the summary).
+EVIDENCE_TAIL_CHARS = 2000
+
+
+# --------------------------------------------------------------------------- the decision
+
+
+@dataclass
+class GateDecision:
+    """What the gate decided for one (task, sha), and the evidence."""
+
+    #: ``merge | rollback | requeue | hold | skip-merge``.
+    action: str
+    #: Where the task goes: ``main`` (merge), ``development`` (rollback), ``deploy-staging``.
+    stage: str
+    #: ``passed | red | timeout | lock-busy | other | conflict``.
+    verdict: str
+    #: Stable id of the rule that decided the verdict, e.g. ``red.tests-failed``.
+    rule: str
+    #: Human-readable evidence: pytest summary, lock message, conflicting paths, ...
+    reason: str
+    #: 1-based number of this gate run for (task, sha), counted in the ledger (0: ledger down).
+    attempt: int = 0
+    #: This decision sent the alert (exactly one decision per (task, sha, verdict) does).
+    alert: bool = False
+    #: The re-test was skipped (only with ``proof``).
+    skipped: bool = False
+    #: Why skipping was safe: ``branch_head``, ``onto_tip``, ``merge_base``, ``validated_sha``.
+    proof: Optional[dict[str, str]] = None
+    #: Wall-clock time (epoch seconds) before which a requeued task should not run again.
+    next_attempt_at: Optional[float] = None
+    #: The branch's own head commit (the key of retry budgets and alerts).
+    sha: Optional[str] = None
+    task_id: Optional[str] = None
+    duration_s: float = 0.0
+    #: Processes of the suite's tree killed at the deadline or swept after it exited.
+    processes_killed: int = 0
+    infra: bool = False
+    #: 1-based number of this infra failure for (task, sha, verdict) (infra verdicts only).
+    infra_attempt: Optional[int] = None
+    branch: Optional[str] = None
+    onto: Optional[str] = None
+    onto_sha: Optional[str] = None
+    #: HEAD of the rebased worktree: the commit the suite ran on.
+    tested_sha: Optional[str] = None
+    decided_at: float = field(default_factory=time.time)
+    #: The run's figures (backend, exit status, timings) and the tail of its output.
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def merges(self) -> bool:
+        return self.action in ("merge", "skip-merge")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["duration_s"] = round(self.duration_s, 3)
+        return out
+
+
+# --------------------------------------------------------------------------- counters
+
+
+_COUNTER_NAMES = (
+    "decisions", "retests_run", "retests_skipped", "requeues", "holds", "rollbacks", "merges",
+    "alerts", "processes_killed",
+) + tuple(f"verdict_{v.replace('-', '_')}" for v in VERDICTS)
+
+
+def counter_increments(decision: GateDecision) -> dict[str, int]:
+    """How one decision moves the counters (the same rule in-process and in the ledger)."""
+    inc = dict.fromkeys(_COUNTER_NAMES, 0)
+    inc["decisions"] = 1
+    if decision.skipped:
+        inc["retests_skipped"] = 1
+    else:
+        inc[f"verdict_{decision.verdict.replace('-', '_')}"] = 1
+        if decision.evidence.get("suite_ran"):
+            inc["retests_run"] = 1
+    per_action = {"requeue": "requeues", "hold": "holds", "rollback": "rollbacks",
+                  "merge": "merges", "skip-merge": "merges"}
+    inc[per_action[decision.action]] = 1
+    inc["alerts"] = int(decision.alert)
+    inc["processes_killed"] = decision.processes_killed
+    return inc
+
+
+def _summary(decision: GateDecision) -> dict[str, Any]:
+    """A decision as the ``recent`` list shows it (the evidence without the output tail)."""
+    doc = decision.to_dict()
+    doc["evidence"] = {k: v for k, v in decision.evidence.items() if k != "output_tail"}
+    doc["reason"] = decision.reason[:1000]
+    return doc
+
+
+class GateMetrics:
+    """Thread-safe in-process counters and a ring of the last decisions."""
+
+    def __init__(self, recent: int = config.DEFAULT_RECENT_DECISIONS) -> None:
+        self._lock = threading.Lock()
+        self._counters = dict.fromkeys(_COUNTER_NAMES, 0)
+        self._recent: deque[dict[str, Any]] = deque(maxlen=recent)
+
+    def record(self, decision: GateDecision) -> None:
+        inc = counter_increments(decision)
+        doc = _summary(decision)
+        with self._lock:
+            for name, delta in inc.items():
+                self._counters[name] += delta
+            self._recent.appendleft(doc)
+
+    def snapshot(self) -> tuple[dict[str, int], list[dict[str, Any]]]:
+        with self._lock:
+            return dict(self._counters), list(self._recent)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._counters = dict.fromkeys(_COUNTER_NAMES, 0)
+            self._recent.clear()
+
+
+#: The counters of this process (``queue_block()`` without a ledger shows these).
+METRICS = GateMetrics()
+
+
+def queue_block(
+    *,
+    ledger: Optional[Ledger] = None,
+    settings: Optional[config.GateSettings] = None,
+    metrics: Optional[GateMetrics] = None,
+    recent: Optional[int] = None,
+) -> dict[str, Any]:
+    """The read-only ``merge_gate`` block of ``GET /queue``.
+
+    With ``ledger``: totals and recent decisions of every gate process that wrote to it
+    (what ``retest serve`` shows); without: this process's counters. Holds no environment
+    values: switches, numbers and decisions only.
+    """
+    settings = settings or config.GateSettings.from_env()
+    if not settings.metrics_enabled:
+        return {"enabled": False}
+    limit = settings.recent_decisions if recent is None else recent
+    counters = dict.fromkeys(_COUNTER_NAMES, 0)
+    block: dict[str, Any] = {"enabled": True}
+    if ledger is not None:
+        block["source"] = "ledger"
+        try:
+            counters.update({k: v for k, v in ledger.totals().items() if k in counters})
+            recent_docs = ledger.recent_decisions(limit)
+        except LedgerError as err:
+            block["error"] = "ledger busy" if isinstance(err, LedgerBusy) else "ledger unavailable"
+            recent_docs = []
+    else:
+        block["source"] = "process"
+        own, recent_docs = (metrics or METRICS).snapshot()
+        counters.update(own)
+        recent_docs = recent_docs[:limit]
+    block["counters"] = counters
+    block["recent"] = recent_docs
+    block["settings"] = {
+        "classify_enabled": settings.classify_enabled,
+        "infra_retry_enabled": settings.infra_retry_enabled,
+        "skip_when_current_enabled": settings.skip_when_current_enabled,
+        "metrics_enabled": settings.metrics_enabled,
+        "tree_kill_enabled": settings.tree_kill_enabled,
+        "infra_retry_max": settings.infra_retry_max,
+        "other_action": settings.other_action,
+        "retest_timeout_s": _resolve_retest_timeout(
+            settings.retest_timeout_raw, settings.grace_s, settings.reaper_max_running_s, warn=False
+        ),
+    }
+    block["generated_at"] = time.time()
+    return block
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+def _verdict(result: proc_group.RunResult, classify_enabled: bool) -> proc_group.Verdict:
+    """The runner's verdict; with classification off, every failure is red (the prior rule)."""
+    verdict = proc_group.classify(result)
+    if classify_enabled or verdict.kind == "passed":
+        return verdict
+    return proc_group.Verdict(
+        "red", "red.classify-disabled",
+        f"MERGE_GATE_CLASSIFY_ENABLED=false: every failure is red "
+        f"(runner: {verdict.kind}, {verdict.rule}: {verdict.reason})",
+        False,
+    )
+
+
+def classify_retest_failure(
+    result: proc_group.RunResult, *, environ: Optional[Mapping[str, str]] = None
+) -> Optional[str]:
+    """``None`` for a pass, else ``"timeout" | "red" | "lock-busy" | "other"`` (DESIGN.md).
+
+    ORCH-110: a timeout or a held lock is infrastructure, not red code. With
+    ``MERGE_GATE_CLASSIFY_ENABLED=false`` every failure is ``"red"``, as before.
+    """
+    enabled = config.env_bool("MERGE_GATE_CLASSIFY_ENABLED", True, environ)
+    kind = _verdict(result, enabled).kind
+    return None if kind == "passed" else kind
+
+
+def _resolve_retest_timeout(
+    value: object,
+    grace: float = config.DEFAULT_KILL_GRACE_S,
+    reaper_max: float = config.DEFAULT_REAPER_MAX_RUNNING_S,
+    *,
+    warn: bool = True,
+) -> float:
+    """The re-test deadline in seconds (D5).
+
+    ``None``/empty: the default (900). A non-number, a non-positive or a non-finite value:
+    the default, with one warning. Any positive value is kept while ``timeout + grace`` stays
+    below ``reaper_max`` (the reaper must never kill a run the gate still waits for);
+    otherwise it is clamped to ``reaper_max - grace - 1``, with one warning.
+    """
+    default = config.DEFAULT_RETEST_TIMEOUT_S
+    problems: list[str] = []
+    timeout = default
+    if value is None or (isinstance(value, str) and not value.strip()):
+        pass
+    elif isinstance(value, bool):
+        problems.append(f"MERGE_RETEST_TIMEOUT_S={value!r} is not a number; using {default:g}")
+    else:
+        try:
+            number = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            problems.append(f"MERGE_RETEST_TIMEOUT_S={value!r} is not a number; using {default:g}")
+        else:
+            if not math.isfinite(number):
+                problems.append(f"MERGE_RETEST_TIMEOUT_S={value!r} is not finite; using {default:g}")
+            elif number <= 0:
+                problems.append(f"MERGE_RETEST_TIMEOUT_S={value!r} is not positive; using {default:g}")
+            else:
+                timeout = number
+    if timeout + grace >= reaper_max:
+        clamped = max(reaper_max - grace - 1.0, 1.0)
+        problems.append(
+            f"timeout {timeout:g}s + grace {grace:g}s would reach REAPER_MAX_RUNNING_S={reaper_max:g}; "
+            f"clamped to {clamped:g}s"
+        )
+        timeout = clamped
+    if problems and warn:
+        log.warning("retest timeout: %s", "; ".join(problems))
+    return timeout
+
+
+def _backoff_s(settings: config.GateSettings, infra_attempt: int) -> float:
+    """Exponential backoff: base, 2 x base, 4 x base, ... capped at the maximum."""
+    exponent = min(max(infra_attempt - 1, 0), 30)
+    return min(settings.infra_retry_backoff_s * (2 ** exponent), settings.infra_retry_backoff_max_s)
+
+
+# --------------------------------------------------------------------------- one gate run
+
+
+@dataclass
+class _GateRun:
+    """Everything one ``retest_branch`` call knows; filled in as it goes."""
+
+    repo: str
+    branch: str
+    onto: str
+    task: str
+    settings: config.GateSettings
+    ledger: Ledger
+    alert_hook: Optional[AlertHook]
+    base_env: dict[str, str]
+    metrics: GateMetrics
+    started: float = field(default_factory=time.monotonic)
+    sha: Optional[str] = None
+    onto_sha: Optional[str] = None
+    merge_base: Optional[str] = None
+    tested_sha: Optional[str] = None
+    attempt: int = 0
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key_sha(self) -> str:
+        return self.sha or "unknown"
+
+
+def retest_branch(
+    repo_path: Union[str, "os.PathLike[str]"],
+    branch: str,
+    *,
+    onto: str = "main",
+    task_id: Optional[str] = None,
+    validated_sha: Optional[str] = None,
+    command: Union[str, Sequence[str], None] = None,
+    timeout: Optional[float] = None,
+    settings: Optional[config.GateSettings] = None,
+    ledger: Optional[Ledger] = None,
+    alert_hook: Optional[AlertHook] = None,
+    env: Optional[Mapping[str, str]] = None,
+    metrics: Optional[GateMetrics] = None,
+) -> GateDecision:
+    """Re-test ``branch`` rebased onto ``onto`` in ``repo_path`` and decide; never raises.
+
+    ``task_id`` keys retry budgets and alerts (default: the branch name). ``validated_sha``:
+    the commit CI/tester/staging validated (enables skip-when-current). ``command``: the suite
+    (a string is split with ``shlex``, never given to a shell; default ``MERGE_RETEST_COMMAND``).
+    ``timeout``: seconds (default ``MERGE_RETEST_TIMEOUT_S``; both go through
+    ``_resolve_retest_timeout``). ``env``: the environment of git and of the suite, and where
+    settings are read from (default ``os.environ``). ``alert_hook(payload)`` is called once per
+    alert. A ``KeyboardInterrupt`` cleans up (worktree, lock) and propagates.
+    """
+    base_env = dict(os.environ if env is None else env)
+    run: Optional[_GateRun] = None
+    try:
+        settings = settings or config.GateSettings.from_env(base_env)
+        ledger = ledger or Ledger(settings.ledger_path, busy_timeout_s=settings.ledger_busy_timeout_s)
+        run = _GateRun(
+            repo=os.path.abspath(os.fspath(repo_path)),
+            branch=branch,
+            onto=onto,
+            task=str(task_id) if task_id is not None else str(branch),
+            settings=settings,
+            ledger=ledger,
+            alert_hook=alert_hook,
+            base_env=base_env,
+            metrics=metrics or METRICS,
+        )
+        decision = _retest(run, validated_sha, command, timeout)
+    except Exception as err:  # never-raise: an internal error holds the task, never rolls it back
+        log.exception("merge gate: internal error on %r (task %r)", branch, task_id)
+        decision = _internal_error(run, branch, task_id, err)
+    _record(run, decision)
+    return decision
+
+
+def _retest(
+    run: _GateRun,
+    validated_sha: Optional[str],
+    command: Union[str, Sequence[str], None],
+    timeout: Optional[float],
+) -> GateDecision:
+    settings = run.settings
+    try:
+        gitops.validate_ref(run.branch, "branch")
+        gitops.validate_ref(run.onto, "onto")
+    except gitops.InvalidRef as err:
+        verdict = proc_group.Verdict("other", "other.invalid-ref", str(err), False)
+        return _route(run, verdict)
+    timeout_s = _resolve_retest_timeout(
+        timeout if timeout is not None else settings.retest_timeout_raw,
+        settings.grace_s, settings.reaper_max_running_s,
+    )
+    git_env = gitops.git_env(run.base_env)
+    git_timeout = settings.git_timeout_s
+    try:
+        common = gitops.common_dir(run.repo, git_env, git_timeout)
+        run.sha = gitops.rev_parse(run.repo, run.branch, git_env, git_timeout)
+        run.onto_sha = gitops.rev_parse(run.repo, run.onto, git_env, git_timeout)
+        run.merge_base = gitops.merge_base(run.repo, run.onto_sha, run.sha, git_env, git_timeout)
+    except gitops.GitError as err:
+        return _route(run, _git_verdict(err, settings))
+
+    lock = gitops.GateLock(common)
+    if not lock.acquire(settings.gate_lock_wait_s):
+        verdict = proc_group.Verdict(
+            "lock-busy", "lock-busy.gate-lock",
+            f"{proc_group.LOCK_BUSY_MESSAGE}: another gate holds {lock.path} "
+            f"(waited {settings.gate_lock_wait_s:g}s)",
+            True,
+        )
+        return _route(run, _maybe_red(verdict, settings))
+    worktree: Optional[gitops.Worktree] = None
+    try:
+        gitops.remove_stale_worktrees(run.repo, git_env, git_timeout)
+        worktree = gitops.Worktree(run.repo, git_env, git_timeout)
+        added = worktree.add(run.sha)
+        if not added.ok:
+            return _route(run, _git_verdict(gitops.git_failure("git worktree add", added), settings))
+        rebased = worktree.rebase(run.onto_sha)
+        if rebased.status == "conflict":
+            verdict = proc_group.Verdict(
+                "conflict", "conflict.rebase",
+                f"rebase of {run.branch} onto {run.onto} conflicts: {rebased.detail}", False,
+            )
+            return _route(run, verdict)
+        if rebased.status != "ok" or rebased.head is None:
+            failure = gitops.GitError(f"git rebase failed: {rebased.detail}", rebased.result)
+            return _route(run, _git_verdict(failure, settings))
+        run.tested_sha = rebased.head
+
+        proof, doubt = _skip_proof(run, validated_sha)
+        if proof is not None:
+            verdict = proc_group.Verdict(
+                "passed", "passed.skip-when-current",
+                f"re-test skipped: the rebase onto {run.onto} was a no-op and HEAD {run.sha} "
+                f"is the validated sha",
+                False,
+            )
+            return _route(run, verdict, proof=proof)
+        run.evidence["skip"] = doubt
+
+        argv = _suite_argv(command, settings)
+        result = proc_group.run(argv, timeout=timeout_s, cwd=worktree.path,
+                                env=_suite_env(run.base_env))
+        run.evidence.update(_run_evidence(result, timeout_s))
+        return _route(run, _verdict(result, settings.classify_enabled), result=result)
+    finally:
+        try:
+            if worktree is not None:
+                worktree.remove()
+        finally:
+            lock.release()
+
+
+def _maybe_red(verdict: proc_group.Verdict, settings: config.GateSettings) -> proc_group.Verdict:
+    """Apply ``MERGE_GATE_CLASSIFY_ENABLED=false`` to a verdict the gate made itself."""
+    if settings.classify_enabled or verdict.kind in ("passed", "conflict"):
+        return verdict
+    return proc_group.Verdict(
+        "red", "red.classify-disabled",
+        f"MERGE_GATE_CLASSIFY_ENABLED=false: every failure is red "
+        f"(runner: {verdict.kind}, {verdict.rule}: {verdict.reason})",
+        False,
+    )
+
+
+def _git_verdict(err: gitops.GitError, settings: config.GateSettings) -> proc_group.Verdict:
+    """A failed git step: a deadline or a held lock is infra; anything else is ``other``."""
+    if err.result is not None:
+        verdict = proc_group.classify(err.result)
+        if verdict.kind in INFRA_VERDICTS:
+            verdict = proc_group.Verdict(verdict.kind, verdict.rule,
+                                         f"{err} [{verdict.reason}]", True)
+            return _maybe_red(verdict, settings)
+    return _maybe_red(proc_group.Verdict("other", "other.git-error", str(err), False), settings)
+
+
+def _skip_proof(run: _GateRun, validated_sha: Optional[str]) -> tuple[Optional[dict[str, str]], str]:
+    """``(proof, "")`` when skipping is proven safe, else ``(None, why not)``. Doubt runs the suite."""
+    if not run.settings.skip_when_current_enabled:
+        return None, "MERGE_RETEST_SKIP_WHEN_CURRENT_ENABLED=false"
+    if validated_sha is None:
+        return None, "no validated sha given"
+    validated = gitops.validate_sha(validated_sha)
+    if validated is None:
+        return None, f"validated sha {validated_sha!r} is not a full commit id"
+    if run.merge_base is None or run.merge_base != run.onto_sha:
+        return None, f"the branch does not contain {run.onto}'s tip: the rebase was not a no-op"
+    if run.tested_sha != run.sha:
+        return None, "the rebase changed HEAD"
+    if run.sha != validated:
+        return None, f"HEAD {run.sha} is not the validated sha {validated}"
+    assert run.sha is not None and run.onto_sha is not None
+    return {
+        "branch_head": run.sha,
+        "onto_tip": run.onto_sha,
+        "merge_base": run.merge_base,
+        "validated_sha": validated,
+        "rebased_head": run.tested_sha or "",
+    }, ""
+
+
+def _suite_argv(command: Union[str, Sequence[str], None], settings: config.GateSettings) -> list[str]:
+    """The suite's argv: never a shell. The default runs pytest in this very interpreter."""
+    if command is None:
+        argv = shlex.split(settings.retest_command)
+        if settings.retest_command_is_default and argv and argv[0] == "python":
+            argv[0] = sys.executable
+        return argv
+    if isinstance(command, str):
+        return shlex.split(command)
+    return [os.fspath(part) for part in command]
+
+
+def _suite_env(base: Mapping[str, str]) -> dict[str, str]:
+    """The suite's environment: the caller's, minus variables that redirect git elsewhere."""
+    return {k: v for k, v in base.items() if k not in gitops.REDIRECTING_ENV}
+
+
+def _tail(data: bytes, limit: int) -> str:
+    text = data.decode("utf-8", "replace")
+    return text[-limit:]
+
+
+def _run_evidence(result: proc_group.RunResult, timeout_s: float) -> dict[str, Any]:
+    return {
+        "suite_ran": result.spawn_error is None,
+        "backend": result.backend,
+        "returncode": result.returncode,
+        "timed_out": result.timed_out,
+        "timeout_s": timeout_s,
+        "run_duration_s": round(result.duration_s, 3),
+        "killed_at_deadline": result.killed_at_deadline,
+        "swept_after_exit": result.swept_after_exit,
+        "escalated": result.escalated,
+        "spawn_error": result.spawn_error,
+        "output_tail": _tail(result.stdout, EVIDENCE_TAIL_CHARS)
+        + ("\n[stderr]\n" + _tail(result.stderr, EVIDENCE_TAIL_CHARS // 2) if result.stderr else ""),
+    }
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def _decision(run: _GateRun, verdict: proc_group.Verdict, action: str, stage: str,
+              **extra: Any) -> GateDecision:
+    return GateDecision(
+        action=action, stage=stage, verdict=verdict.kind, rule=verdict.rule, reason=verdict.reason,
+        attempt=run.attempt, sha=run.sha, task_id=run.task, branch=run.branch, onto=run.onto,
+        onto_sha=run.onto_sha, tested_sha=run.tested_sha, infra=verdict.infra,
+        duration_s=time.monotonic() - run.started, evidence=dict(run.evidence), **extra,
+    )
+
+
+def _count_run(run: _GateRun) -> None:
+    try:
+        run.attempt = run.ledger.next_run(run.task, run.key_sha)
+    except LedgerError as err:
+        log.warning("merge gate: cannot count the attempt in the ledger: %s", err)
+        run.attempt = 0
+
+
+def _route(
+    run: _GateRun,
+    verdict: proc_group.Verdict,
+    *,
+    result: Optional[proc_group.RunResult] = None,
+    proof: Optional[dict[str, str]] = None,
+) -> GateDecision:
+    """Turn a verdict into a decision per the routing table (module docstring)."""
+    _count_run(run)
+    killed = (result.killed_at_deadline + result.swept_after_exit) if result is not None else 0
+    settings = run.settings
+    kind = verdict.kind
+    if kind == "passed":
+        if proof is not None:
+            return _decision(run, verdict, "skip-merge", STAGE_MAIN, skipped=True, proof=proof)
+        return _decision(run, verdict, "merge", STAGE_MAIN, processes_killed=killed)
+    if kind in INFRA_VERDICTS:
+        if settings.infra_retry_enabled:
+            return _handle_merge_gate_infra_retry(run, verdict, processes_killed=killed)
+        verdict = proc_group.Verdict(
+            kind, verdict.rule, f"{verdict.reason} (MERGE_GATE_INFRA_RETRY_ENABLED=false: rolled back)",
+            verdict.infra,
+        )
+        return _decision(run, verdict, "rollback", STAGE_DEVELOPMENT, processes_killed=killed)
+    if kind in ("red", "conflict"):
+        return _decision(run, verdict, "rollback", STAGE_DEVELOPMENT, processes_killed=killed)
+    # other: neither the code nor the infrastructure is proven at fault; never auto-retried.
+    if settings.other_action == "rollback":
+        return _decision(run, verdict, "rollback", STAGE_DEVELOPMENT, processes_killed=killed)
+    decision = _decision(run, verdict, "hold", STAGE_DEPLOY_STAGING, processes_killed=killed)
+    decision.alert = _alert_once(run, decision, "other")
+    return decision
+
+
+def _handle_merge_gate_infra_retry(
+    run: _GateRun, verdict: proc_group.Verdict, *, processes_killed: int = 0
+) -> GateDecision:
+    """ORCH-110: an infra failure requeues on deploy-staging, bounded; when spent, hold + one alert.
+
+    The budget (``MERGE_GATE_INFRA_RETRY_MAX`` requeues per (task, sha, verdict)) and the alert
+    row live in the ledger, so the bound holds across processes and restarts. If the ledger
+    itself is unusable the task is held (a requeue without a durable count could loop forever).
+    """
+    settings = run.settings
+    try:
+        recorded = run.ledger.record_infra_failure(
+            run.task, run.key_sha, verdict.kind, settings.infra_retry_max, verdict.reason
+        )
+    except LedgerError as err:
+        log.error("merge gate: retry budget unavailable for task %r: %s", run.task, err)
+        busy = isinstance(err, LedgerBusy)
+        held = proc_group.Verdict(
+            "lock-busy" if busy else "other",
+            "lock-busy.sqlite" if busy else "other.ledger-error",
+            f"{verdict.reason}; the retry budget could not be recorded: {err}",
+            busy,
+        )
+        decision = _decision(run, held, "hold", STAGE_DEPLOY_STAGING, processes_killed=processes_killed)
+        decision.alert = True
+        _send_alert(run, decision, deduplicated=False)
+        return decision
+    budget = f"infra retry {recorded.attempt} of {settings.infra_retry_max}"
+    if not recorded.exhausted:
+        delay = _backoff_s(settings, recorded.attempt)
+        requeued = proc_group.Verdict(verdict.kind, verdict.rule,
+                                      f"{verdict.reason} ({budget}; next in {delay:g}s)", verdict.infra)
+        return _decision(run, requeued, "requeue", STAGE_DEPLOY_STAGING, infra_attempt=recorded.attempt,
+                         next_attempt_at=time.time() + delay, processes_killed=processes_killed)
+    held = proc_group.Verdict(
+        verdict.kind, verdict.rule,
+        f"{verdict.reason} (infra retries spent: {min(recorded.attempt - 1, settings.infra_retry_max)} of {settings.infra_retry_max}; held)",
+        verdict.infra,
+    )
+    decision = _decision(run, held, "hold", STAGE_DEPLOY_STAGING, infra_attempt=recorded.attempt,
+                         processes_killed=processes_killed)
+    if recorded.alert_claimed:
+        decision.alert = True
+        _send_alert(run, decision, deduplicated=True)
+    return decision
+
+
+# --------------------------------------------------------------------------- alerts
+
+
+def _alert_once(run: _GateRun, decision: GateDecision, key: str) -> bool:
+    """Send the alert for (task, sha, key) unless some gate already did; return whether we did."""
+    try:
+        claimed = run.ledger.claim_alert(run.task, run.key_sha, key, decision.reason)
+    except LedgerError as err:
+        # Better two alerts than none: the task is held and a human must look.
+        log.error("merge gate: ledger unavailable, alerting without de-duplication: %s", err)
+        _send_alert(run, decision, deduplicated=False)
+        return True
+    if claimed:
+        _send_alert(run, decision, deduplicated=True)
+    return claimed
+
+
+def _alert_payload(decision: GateDecision, deduplicated: bool) -> dict[str, Any]:
+    return {
+        "event": "retest.merge_gate.alert",
+        "task_id": decision.task_id,
+        "sha": decision.sha,
+        "branch": decision.branch,
+        "onto": decision.onto,
+        "action": decision.action,
+        "stage": decision.stage,
+        "verdict": decision.verdict,
+        "rule": decision.rule,
+        "reason": decision.reason,
+        "attempt": decision.attempt,
+        "infra_attempt": decision.infra_attempt,
+        "deduplicated": deduplicated,
+        "at": decision.decided_at,
+    }
+
+
+def _send_alert(run: Optional[_GateRun], decision: GateDecision, *, deduplicated: bool) -> None:
+    """Log the alert at ERROR, call the hook, run ``MERGE_GATE_ALERT_COMMAND``; never raises."""
+    payload = _alert_payload(decision, deduplicated)
+    log.error("merge gate ALERT: %s", json.dumps(payload, sort_keys=True))
+    if run is None:
+        return
+    if run.alert_hook is not None:
+        try:
+            run.alert_hook(payload)
+        except Exception:
+            log.exception("merge gate: the alert hook raised")
+    if run.settings.alert_command:
+        try:
+            argv = shlex.split(run.settings.alert_command)
+            result = proc_group.run(argv, input=json.dumps(payload).encode(), env=run.base_env,
+                                    timeout=run.settings.alert_timeout_s, grace=1.0)
+        except (ValueError, TypeError) as err:
+            # The command itself is not logged: it may carry a webhook token.
+            log.error("merge gate: MERGE_GATE_ALERT_COMMAND is not a valid command (%s)",
+                      type(err).__name__)
+            return
+        if not result.ok:
+            log.error("merge gate: the alert command failed (%s)",
+                      result.spawn_error or ("timed out" if result.timed_out else
+                                             f"exit {result.returncode}"))
+
+
+def _internal_error(run: Optional[_GateRun], branch: object, task_id: object, err: Exception) -> GateDecision:
+    verdict = proc_group.Verdict(
+        "other", "other.gate-internal-error",
+        f"internal error in the merge gate: {type(err).__name__}: {err}", False,
+    )
+    if run is None:
+        decision = GateDecision(action="hold", stage=STAGE_DEPLOY_STAGING, verdict=verdict.kind,
+                                rule=verdict.rule, reason=verdict.reason, alert=True,
+                                task_id=None if task_id is None else str(task_id),
+                                branch=str(branch))
+        _send_alert(None, decision, deduplicated=False)
+        return decision
+    try:
+        decision = _decision(run, verdict, "hold", STAGE_DEPLOY_STAGING)
+        decision.alert = _alert_once(run, decision, "internal-error")
+    except Exception:
+        log.exception("merge gate: could not even build the internal-error decision")
+        decision = GateDecision(action="hold", stage=STAGE_DEPLOY_STAGING, verdict=verdict.kind,
+                                rule=verdict.rule, reason=verdict.reason, alert=True,
+                                task_id=run.task, branch=run.branch, sha=run.sha)
+        _send_alert(None, decision, deduplicated=False)
+    return decision
+
+
+def _record(run: Optional[_GateRun], decision: GateDecision) -> None:
+    """Counters (process and ledger) and one INFO log line; never raises."""
+    try:
+        log.info("merge gate: %s %s -> %s (%s: %s) [attempt %d, %.2fs]", decision.task_id,
+                 decision.sha, decision.action, decision.verdict, decision.rule, decision.attempt,
+                 decision.duration_s)
+        if run is None or not run.settings.metrics_enabled:
+            return
+        run.metrics.record(decision)
+        try:
+            run.ledger.record_decision(_summary(decision), counter_increments(decision))
+        except LedgerError as err:
+            log.warning("merge gate: decision not recorded in the ledger: %s", err)
+    except Exception:
+        log.exception("merge gate: recording the decision failed")
+
+
+# --------------------------------------------------------------------------- regression markers
+
+
+def check_regression_markers(
+    root: Union[str, "os.PathLike[str]"],
+    markers: Sequence[tuple[str, str, str]] = MAIN_REGRESSION_MARKERS,
+) -> list[str]:
+    """Problems with ``markers``: each symbol must still be defined in its file under ``root``."""
+    problems: list[str] = []
+    for incident, symbol, relpath in markers:
+        path = Path(root) / relpath
+        try:
+            source = path.read_text(encoding="utf-8")
+        except OSError as err:
+            problems.append(f"{incident}: {relpath} cannot be read ({err.strerror})")
+            continue
+        pattern = rf"^\s*(?:async\s+def|def|class)\s+{re.escape(symbol)}\b|^{re.escape(symbol)}\s*(?::[^=\n]*)?="
+        if not re.search(pattern, source, re.MULTILINE):
+            problems.append(f"{incident}: {symbol} is no longer defined in {relpath}")
+    return problems
