@@ -1,0 +1,145 @@
+"""Build real git repositories with real pytest suites, for the gate's tests.
+
+Every git process goes through ``retest.proc_group.run`` with an explicit, deterministic
+environment (fixed identities and dates, HOME in the test's tmp folder, no system or global
+git config), so the repositories are the same on every machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+from retest import proc_group
+
+PYTHON_DIR = str(Path(__file__).resolve().parents[1] / "python")
+
+CALC = "def add(a, b):\n    return a + b\n"
+TEST_CALC = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
+
+
+def gate_env(home: Path, **extra: str) -> dict[str, str]:
+    """A deterministic environment for git, the suite and the gate (settings included)."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(home),
+        "XDG_STATE_HOME": str(home / "state"),
+        "RETEST_LEDGER_PATH": str(home / "ledger.sqlite3"),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_GLOBAL": "/dev/null",
+        "GIT_AUTHOR_NAME": "Test Author",
+        "GIT_AUTHOR_EMAIL": "author@example.com",
+        "GIT_COMMITTER_NAME": "Test Committer",
+        "GIT_COMMITTER_EMAIL": "committer@example.com",
+        "GIT_AUTHOR_DATE": "2024-01-01T00:00:00Z",
+        "GIT_COMMITTER_DATE": "2024-01-01T00:00:00Z",
+        "PYTHONPATH": PYTHON_DIR,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        # pytest in the gated repos loads no plugins: 0.4 s per run instead of 1.5 s.
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+        "LC_ALL": "C",
+        "RETEST_KILL_GRACE_S": "0.5",
+        "MERGE_GATE_LOCK_WAIT_S": "0.5",
+        "MERGE_GATE_INFRA_RETRY_BACKOFF_S": "1",
+    }
+    if "TMPDIR" in os.environ:
+        env["TMPDIR"] = os.environ["TMPDIR"]
+    env.update(extra)
+    return env
+
+
+class GitFailed(AssertionError):
+    pass
+
+
+@dataclass
+class Repo:
+    """A real repository on disk and the environment its git commands use."""
+
+    path: Path
+    env: dict[str, str]
+
+    def git(self, *args: str, check: bool = True, input: Optional[bytes] = None) -> str:
+        result = proc_group.run(["git", "-c", "core.hooksPath=/dev/null", *args], cwd=self.path,
+                                env=self.env, timeout=60, input=input)
+        if check and not result.ok:
+            raise GitFailed(f"git {' '.join(args)}: exit {result.returncode} {result.spawn_error}\n"
+                            f"{result.stdout.decode()}{result.stderr.decode()}")
+        return result.stdout.decode().strip()
+
+    def write(self, files: Mapping[str, str]) -> None:
+        for name, text in files.items():
+            target = self.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+
+    def commit(self, files: Mapping[str, str], message: str) -> str:
+        self.write(files)
+        self.git("add", "--", *files)
+        self.git("commit", "-q", "-m", message)
+        return self.head()
+
+    def head(self, rev: str = "HEAD") -> str:
+        return self.git("rev-parse", "--verify", f"{rev}^{{commit}}")
+
+    def branch(self, name: str, files: Mapping[str, str], message: str = "", base: str = "main") -> str:
+        """Create ``name`` from ``base`` with one commit of ``files``; back on main after; its sha."""
+        self.git("switch", "-q", "-c", name, base)
+        sha = self.commit(files, message or f"work on {name}")
+        self.git("switch", "-q", "main")
+        return sha
+
+    def snapshot(self) -> dict[str, object]:
+        """What a gate must never change in the user's checkout: HEAD, refs, index, files."""
+        index = self.path / ".git" / "index"
+        files = {}
+        for p in sorted(self.path.rglob("*")):
+            if ".git" in p.relative_to(self.path).parts or not p.is_file():
+                continue
+            files[str(p.relative_to(self.path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        return {
+            "head": self.git("rev-parse", "HEAD"),
+            "symbolic": self.git("symbolic-ref", "-q", "HEAD", check=False),
+            "refs": self.git("for-each-ref", "--format=%(refname) %(objectname)", "refs/"),
+            "index": hashlib.sha256(index.read_bytes()).hexdigest() if index.exists() else None,
+            "status": self.git("status", "--porcelain", "--untracked-files=all"),
+            "files": files,
+            "worktrees": self.git("worktree", "list", "--porcelain"),
+        }
+
+
+def make_repo(root: Path, *, env: Optional[dict[str, str]] = None, files: Optional[Mapping[str, str]] = None) -> Repo:
+    """A repository on ``main`` with a tiny package ``calc`` and its passing test."""
+    path = root / "repo"
+    path.mkdir(parents=True)
+    repo = Repo(path, env or gate_env(root / "home"))
+    repo.git("init", "-q", "-b", "main")
+    repo.commit(files or {"calc.py": CALC, "tests/test_calc.py": TEST_CALC}, "initial: calc and its test")
+    return repo
+
+
+def sleeping_test(seconds: float) -> str:
+    return textwrap.dedent(f"""\
+        import time
+
+
+        def test_slow():
+            time.sleep({seconds})
+        """)
+
+
+FAILING_TEST = textwrap.dedent("""\
+    from calc import add
+
+
+    def test_add_is_wrong():
+        assert add(2, 2) == 5
+    """)
+
+PY = sys.executable
