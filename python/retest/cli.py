@@ -93,6 +93,112 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
+#: Exit statuses of ``retest gate``, one per action (merge and skip-merge are success).
+GATE_EXIT_STATUS = {
+    "merge": 0,
+    "skip-merge": 0,
+    "rollback": 1,
+    "hold": 3,
+    "requeue": 75,  # EX_TEMPFAIL: try again later
+}
+GATE_EXIT_USAGE = 2
+
+
+def _add_gate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser(
+        "gate",
+        help="re-test a branch rebased onto its target and decide: merge, rollback, requeue, hold",
+        description="Rebase BRANCH onto ONTO in a temporary detached worktree (your checkout is "
+        "never touched, nothing is pushed), run MERGE_RETEST_COMMAND there under the runner, "
+        "classify the run and route it. Exit status: 0 merge or skip-merge, 1 rollback, "
+        "3 hold, 75 requeue, 2 usage error.",
+    )
+    p.add_argument("--repo", required=True, metavar="PATH", help="the git repository")
+    p.add_argument("--branch", required=True, metavar="B", help="the branch to re-test")
+    p.add_argument("--onto", default="main", metavar="REF", help="the target branch (default: main)")
+    p.add_argument("--validated-sha", default=None, metavar="SHA",
+                   help="the commit CI/tester/staging validated (enables skip-when-current)")
+    p.add_argument("--task", default=None, metavar="ID",
+                   help="task id keying retry budgets and alerts (default: the branch name)")
+    p.add_argument("--timeout", default=None, metavar="S",
+                   help="re-test deadline in seconds (default: MERGE_RETEST_TIMEOUT_S or 900)")
+    p.add_argument("--command", default=None, metavar="CMD",
+                   help="the suite, split like a shell would but never run by one "
+                   "(default: MERGE_RETEST_COMMAND or 'python -m pytest -q')")
+    p.add_argument("--ledger", default=None, metavar="PATH",
+                   help="the SQLite ledger (default: RETEST_LEDGER_PATH or "
+                   "$XDG_STATE_HOME/retest/ledger.sqlite3)")
+    p.add_argument("--json", action="store_true", help="print the decision as one JSON object")
+    p.set_defaults(func=_cmd_gate)
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from . import config, merge_gate
+    from .ledger import Ledger
+
+    settings = config.GateSettings.from_env()
+    ledger = Ledger(args.ledger, busy_timeout_s=settings.ledger_busy_timeout_s) if args.ledger else None
+    decision = merge_gate.retest_branch(
+        args.repo, args.branch, onto=args.onto, task_id=args.task, validated_sha=args.validated_sha,
+        command=args.command, timeout=args.timeout, settings=settings, ledger=ledger,
+    )
+    if args.json:
+        print(json.dumps(decision.to_dict(), sort_keys=True))
+    else:
+        print(f"retest gate: {decision.action} -> {decision.stage} ({decision.verdict}, "
+              f"{decision.rule}): {decision.reason} [attempt {decision.attempt}, "
+              f"{decision.duration_s:.2f}s{', alert sent' if decision.alert else ''}]")
+    return GATE_EXIT_STATUS.get(decision.action, EXIT_INTERNAL)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535: {text!r}")
+    return value
+
+
+def _add_serve_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the read-only merge-gate status: GET /queue (JSON), GET /metrics (Prometheus)",
+        description="Serve GET /queue and GET /metrics from the shared ledger until SIGTERM/SIGINT.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=_port, default=8765, help="port (default: 8765; 0: any free port)")
+    p.add_argument("--ledger", default=None, metavar="PATH",
+                   help="the SQLite ledger to read (default: RETEST_LEDGER_PATH or the XDG default)")
+    p.add_argument("--port-file", default=None, metavar="PATH",
+                   help="once listening, write {host, port, pid} as JSON to PATH (atomically)")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from . import config, status
+    from .ledger import Ledger
+
+    settings = config.GateSettings.from_env()
+    ledger = Ledger(args.ledger or settings.ledger_path, busy_timeout_s=settings.ledger_busy_timeout_s)
+    try:
+        server = status.make_server(args.host, args.port, ledger=ledger)
+    except OSError as err:
+        print(f"retest serve: cannot listen on {args.host}:{args.port}: {err.strerror}", file=sys.stderr)
+        return EXIT_INTERNAL
+    host, port = server.server_address[:2]
+    print(f"retest serve: listening on http://{host}:{port} (GET /queue, GET /metrics)",
+          file=sys.stderr, flush=True)
+    if args.port_file:
+        tmp = f"{args.port_file}.tmp.{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump({"host": host, "port": port, "pid": os.getpid()}, handle)
+        os.replace(tmp, args.port_file)
+    status.serve_forever(server)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retest",
@@ -102,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logging level (default: RETEST_LOG_LEVEL or WARNING)")
     sub = parser.add_subparsers(dest="subcommand", metavar="{run,gate,serve}")
     _add_run_parser(sub)
+    _add_gate_parser(sub)
+    _add_serve_parser(sub)
     return parser
 
 

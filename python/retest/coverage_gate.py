@@ -103,7 +103,8 @@ def measure_coverage(
     try:
         child_env = {k: v for k, v in base_env.items() if k not in gitops.REDIRECTING_ENV}
         child_env["COVERAGE_FILE"] = os.path.join(workdir, ".coverage")
-        result = proc_group.run(_argv(command, settings), timeout=timeout_s, cwd=cwd, env=child_env)
+        result = proc_group.run(_argv(command, settings), timeout=timeout_s, cwd=cwd, env=child_env,
+                                backend=gitops.backend_for(base_env))
         verdict = proc_group.classify(result)
         percent, covered, statements, error = _report(workdir, cwd, child_env, settings)
     finally:
@@ -128,7 +129,7 @@ def _report(
     out = os.path.join(workdir, "coverage.json")
     report = proc_group.run(
         [sys.executable, "-m", "coverage", "json", "-q", "-o", out, "--ignore-errors"],
-        cwd=cwd, env=env, timeout=settings.git_timeout_s,
+        cwd=cwd, env=env, timeout=settings.git_timeout_s, backend=gitops.backend_for(env),
     )
     if not report.ok:
         detail = report.spawn_error or report.stderr.decode("utf-8", "replace").strip()[-300:] \

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
-from . import proc_group
+from . import config, proc_group
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ __all__ = [
     "InvalidRef",
     "SAFE_CONFIG",
     "git_env",
+    "backend_for",
     "git",
     "validate_ref",
     "validate_sha",
@@ -123,6 +124,15 @@ def validate_sha(sha: object) -> Optional[str]:
     return None
 
 
+def backend_for(env: Optional[Mapping[str, str]]) -> Optional[str]:
+    """The runner backend for children started with ``env``: its kill-switch decides.
+
+    ``proc_group.run`` reads ``SUBPROCESS_TREE_KILL_ENABLED`` from this process's environment;
+    the gate takes its settings from the ``env`` it was given, so it passes the choice on.
+    """
+    return None if config.env_bool("SUBPROCESS_TREE_KILL_ENABLED", True, env) else "subprocess"
+
+
 def git_env(base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """The environment for the gate's git processes (see the module docstring)."""
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in REDIRECTING_ENV}
@@ -155,7 +165,8 @@ def git(
     for item in SAFE_CONFIG:
         argv += ["-c", item]
     argv += list(args)
-    result = proc_group.run(argv, cwd=cwd, env=env, timeout=timeout, grace=min(2.0, timeout))
+    result = proc_group.run(argv, cwd=cwd, env=env, timeout=timeout, grace=min(2.0, timeout),
+                            backend=backend_for(env))
     if not result.ok:
         log.debug("git %s in %s: %s", " ".join(args[:2]), cwd,
                   result.spawn_error or result.stderr[-500:].decode("utf-8", "replace"))

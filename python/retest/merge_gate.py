@@ -375,7 +375,7 @@ def retest_branch(
     task_id: Optional[str] = None,
     validated_sha: Optional[str] = None,
     command: Union[str, Sequence[str], None] = None,
-    timeout: Optional[float] = None,
+    timeout: Union[float, str, None] = None,
     settings: Optional[config.GateSettings] = None,
     ledger: Optional[Ledger] = None,
     alert_hook: Optional[AlertHook] = None,
@@ -420,7 +420,7 @@ def _retest(
     run: _GateRun,
     validated_sha: Optional[str],
     command: Union[str, Sequence[str], None],
-    timeout: Optional[float],
+    timeout: Union[float, str, None],
 ) -> GateDecision:
     settings = run.settings
     try:
@@ -456,6 +456,7 @@ def _retest(
     try:
         gitops.remove_stale_worktrees(run.repo, git_env, git_timeout)
         worktree = gitops.Worktree(run.repo, git_env, git_timeout)
+        run.evidence["worktree"] = worktree.path
         added = worktree.add(run.sha)
         if not added.ok:
             return _route(run, _git_verdict(gitops.git_failure("git worktree add", added), settings))
@@ -484,7 +485,8 @@ def _retest(
 
         argv = _suite_argv(command, settings)
         result = proc_group.run(argv, timeout=timeout_s, cwd=worktree.path,
-                                env=_suite_env(run.base_env))
+                                env=_suite_env(run.base_env),
+                                backend=None if settings.tree_kill_enabled else "subprocess")
         run.evidence.update(_run_evidence(result, timeout_s))
         return _route(run, _verdict(result, settings.classify_enabled), result=result)
     finally:
@@ -735,7 +737,8 @@ def _send_alert(run: Optional[_GateRun], decision: GateDecision, *, deduplicated
         try:
             argv = shlex.split(run.settings.alert_command)
             result = proc_group.run(argv, input=json.dumps(payload).encode(), env=run.base_env,
-                                    timeout=run.settings.alert_timeout_s, grace=1.0)
+                                    timeout=run.settings.alert_timeout_s, grace=1.0,
+                                    backend=gitops.backend_for(run.base_env))
         except (ValueError, TypeError) as err:
             # The command itself is not logged: it may carry a webhook token.
             log.error("merge gate: MERGE_GATE_ALERT_COMMAND is not a valid command (%s)",
