@@ -86,6 +86,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            # Refused before parsing: set what send_response() reads.
+            self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
             self.close_connection = True
             self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
             return False
