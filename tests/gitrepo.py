@@ -17,7 +17,11 @@ from typing import Mapping, Optional
 
 from retest import proc_group
 
-PYTHON_DIR = str(Path(__file__).resolve().parents[1] / "python")
+import retest
+
+#: Where the children import ``retest`` from: the folder of the package this test run imports
+#: (the checkout's ``python/`` in development, site-packages when CI tests the installed copy).
+PYTHON_DIR = str(Path(retest.__file__).resolve().parents[1])
 
 CALC = "def add(a, b):\n    return a + b\n"
 TEST_CALC = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"
