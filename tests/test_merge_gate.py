@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from conftest import descendants, pid_alive
-from gitrepo import FAILING_TEST, Repo, gate_env, make_repo, sleeping_test
+from gitrepo import FAILING_TEST, Repo, make_repo, sleeping_test
 from retest import config, gitops, merge_gate, proc_group
 from retest.ledger import Ledger
 from retest.merge_gate import GateDecision, GateMetrics, retest_branch

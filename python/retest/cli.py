@@ -187,7 +187,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except OSError as err:
         print(f"retest serve: cannot listen on {args.host}:{args.port}: {err.strerror}", file=sys.stderr)
         return EXIT_INTERNAL
-    host, port = server.server_address[:2]
+    bound = server.server_address
+    host = bound[0] if isinstance(bound[0], str) else bound[0].decode()
+    port = int(bound[1])
     print(f"retest serve: listening on http://{host}:{port} (GET /queue, GET /metrics)",
           file=sys.stderr, flush=True)
     if args.port_file:

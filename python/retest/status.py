@@ -77,6 +77,7 @@ def render_metrics(block: dict[str, Any]) -> str:
 
 class _Handler(BaseHTTPRequestHandler):
     server: "StatusServer"
+    raw_requestline: bytes
     server_version = "retest"
     sys_version = ""
     protocol_version = "HTTP/1.1"
