@@ -70,65 +70,106 @@ static void capture_free(struct capture *c)
     c->head = c->ring = NULL;
 }
 
-/* Return where the next read should land and how much it may take, growing the head or
- * allocating the ring as needed; scratch is used when nothing is kept. NULL on ENOMEM. */
+/* Reads go straight into the capture when at least this much contiguous room is there;
+ * otherwise into the scratch buffer and are copied. Small direct reads would turn a tiny
+ * capture_limit into millions of tiny reads (and callbacks) for a chatty command. */
+#define DIRECT_READ_MIN (256 * 1024)
+
+/* Return where the next read should land and how much it may take: straight into the head
+ * (grown geometrically) or the ring when there is room for a big read, else the scratch buffer
+ * (1 MiB), whose bytes capture_commit then copies. Never fails: without memory for the
+ * capture, reads land in scratch and what cannot be kept is counted as dropped. */
 static char *capture_slot(struct capture *c, char *scratch, size_t *room)
 {
     if (c->head_len < c->head_cap) {
-        size_t want = c->head_len + READ_CHUNK;
-        if (want > c->head_cap)
-            want = c->head_cap;
-        if (want > c->head_alloc) {
+        if (c->head_alloc < c->head_cap && c->head_alloc - c->head_len < DIRECT_READ_MIN) {
             size_t grow = c->head_alloc ? c->head_alloc * 2 : 64 * 1024;
             char *p;
-            if (grow < want)
-                grow = want;
+            if (grow < c->head_len + READ_CHUNK)
+                grow = c->head_len + READ_CHUNK;
             if (grow > c->head_cap)
                 grow = c->head_cap;
             p = PyMem_RawRealloc(c->head, grow);
-            if (!p)
-                return NULL;
-            c->head = p;
-            c->head_alloc = grow;
+            if (p) {
+                c->head = p;
+                c->head_alloc = grow;
+            }
         }
         *room = c->head_alloc - c->head_len;
-        if (*room > READ_CHUNK)
-            *room = READ_CHUNK;
-        return c->head + c->head_len;
-    }
-    if (c->ring_cap == 0) {
-        *room = READ_CHUNK;
-        return scratch;
-    }
-    if (!c->ring) {
-        c->ring = PyMem_RawMalloc(c->ring_cap);
+        if (*room >= DIRECT_READ_MIN) {
+            if (*room > READ_CHUNK)
+                *room = READ_CHUNK;
+            return c->head + c->head_len;
+        }
+    } else if (c->ring_cap > 0) {
         if (!c->ring)
-            return NULL;
+            c->ring = PyMem_RawMalloc(c->ring_cap);
+        if (c->ring && c->ring_cap - c->ring_pos >= DIRECT_READ_MIN) {
+            *room = c->ring_cap - c->ring_pos;
+            if (*room > READ_CHUNK)
+                *room = READ_CHUNK;
+            return c->ring + c->ring_pos;
+        }
     }
-    *room = c->ring_cap - c->ring_pos;
-    if (*room > READ_CHUNK)
-        *room = READ_CHUNK;
-    return c->ring + c->ring_pos;
+    *room = READ_CHUNK;
+    return scratch;
 }
 
-/* Account for n bytes just read into the slot returned by capture_slot. */
-static void capture_commit(struct capture *c, size_t n)
+/* Keep the n bytes at p in the ring (the tail), wrapping; only the last ring_cap bytes matter. */
+static void ring_append(struct capture *c, const char *p, size_t n)
+{
+    if (n >= c->ring_cap) {
+        memcpy(c->ring, p + n - c->ring_cap, c->ring_cap);
+        c->ring_pos = 0;
+        c->ring_fill = c->ring_cap;
+        return;
+    }
+    while (n > 0) {
+        size_t part = c->ring_cap - c->ring_pos;
+        if (part > n)
+            part = n;
+        memcpy(c->ring + c->ring_pos, p, part);
+        c->ring_pos = (c->ring_pos + part) % c->ring_cap;
+        c->ring_fill = c->ring_fill + part > c->ring_cap ? c->ring_cap : c->ring_fill + part;
+        p += part;
+        n -= part;
+    }
+}
+
+/* Account for n bytes just read into slot (from capture_slot): a direct read only moves the
+ * counters; bytes in scratch are copied into the head, then into the ring. */
+static void capture_commit(struct capture *c, const char *slot, const char *scratch, size_t n)
 {
     c->total += n;
+    if (slot != scratch) {
+        if (c->head_len < c->head_cap) {
+            c->head_len += n;
+            return;
+        }
+        c->ring_pos += n;
+        c->ring_fill = c->ring_fill + n > c->ring_cap ? c->ring_cap : c->ring_fill + n;
+        if (c->ring_pos == c->ring_cap)
+            c->ring_pos = 0;
+        return;
+    }
     if (c->head_len < c->head_cap) {
-        c->head_len += n;
-        return;
+        size_t part = c->head_alloc - c->head_len;  /* less than head_cap - head_len on ENOMEM */
+        if (part > n)
+            part = n;
+        if (part)
+            memcpy(c->head + c->head_len, slot, part);
+        c->head_len += part;
+        slot += part;
+        n -= part;
+        if (c->head_len < c->head_cap)
+            return;  /* the head could not grow (ENOMEM): the rest is dropped, and counted */
     }
-    if (c->ring_cap == 0)
-        return;
-    c->ring_pos += n;
-    if (c->ring_fill < c->ring_cap) {
-        c->ring_fill += n;
-        if (c->ring_fill > c->ring_cap)
-            c->ring_fill = c->ring_cap;
+    if (n > 0 && c->ring_cap > 0) {
+        if (!c->ring)
+            c->ring = PyMem_RawMalloc(c->ring_cap);
+        if (c->ring)
+            ring_append(c, slot, n);
     }
-    if (c->ring_pos == c->ring_cap)
-        c->ring_pos = 0;
 }
 
 /* Return the kept bytes as a new bytes object: head, a marker with the count of bytes
@@ -245,6 +286,7 @@ struct run {
     int tee_errno;
     int terminate_sent;
     int shepherd_lost;
+    int64_t backstop_ns;   /* kill the shepherd if no final report by then; -1: none */
     int shepherd_status;
     int64_t start_ns, end_ns;
 };
@@ -347,8 +389,7 @@ static int spawn_shepherd(struct run *r, int in_r, int out_w, int err_w, int ctl
         (rc = posix_spawnattr_setsigmask(&attr, &none)) ||
         (rc = posix_spawnattr_setflags(&attr, flags)))
         goto cleanup;
-    rc = posix_spawn(&r->shepherd, r->shepherd_argv[0], &fa, &attr, r->shepherd_argv,
-                     r->envp ? r->envp : environ);
+    rc = posix_spawn(&r->shepherd, r->shepherd_argv[0], &fa, &attr, r->shepherd_argv, r->envp);
 cleanup:
     posix_spawnattr_destroy(&attr);
     posix_spawn_file_actions_destroy(&fa);
@@ -359,9 +400,15 @@ cleanup:
 static void send_terminate(struct run *r)
 {
     char cmd = PG_CMD_TERMINATE;
+    int64_t backstop;
     if (r->terminate_sent || r->ctl < 0)
         return;
     r->terminate_sent = 1;
+    /* From here on we wait for the shepherd without checking signals: bound that wait even
+     * without a timeout, in case the shepherd is stopped or stuck. */
+    backstop = now_ns() + r->grace_ns + BACKSTOP_SLACK_NS;
+    if (r->backstop_ns < 0 || backstop < r->backstop_ns)
+        r->backstop_ns = backstop;
     while (send(r->ctl, &cmd, 1, MSG_NOSIGNAL | MSG_DONTWAIT) < 0 && errno == EINTR)
         ;
 }
@@ -427,11 +474,6 @@ static ssize_t read_stream(struct run *r, int i, int *fd, const char **chunk)
     size_t room;
     char *slot = capture_slot(&r->cap[i], r->scratch, &room);
     ssize_t n;
-    if (!slot) {
-        /* No memory for the capture: keep draining (the child must not block), keep nothing. */
-        slot = r->scratch;
-        room = READ_CHUNK;
-    }
     do {
         n = read(*fd, slot, room);
     } while (n < 0 && errno == EINTR);
@@ -441,10 +483,7 @@ static ssize_t read_stream(struct run *r, int i, int *fd, const char **chunk)
         close_fd(fd);
         return 0;
     }
-    if (slot == r->scratch)
-        r->cap[i].total += (size_t)n;
-    else
-        capture_commit(&r->cap[i], (size_t)n);
+    capture_commit(&r->cap[i], slot, r->scratch, (size_t)n);
     if (r->tee_fd >= 0 && !r->tee_errno)
         r->tee_errno = tee_write(r->tee_fd, slot, (size_t)n);
     *chunk = slot;
@@ -496,36 +535,79 @@ static int call_on_output(struct run *r, int i, const char *chunk, ssize_t n)
     return 0;
 }
 
+/* What pump() carries across the GIL: the released thread state and a pending exception. */
+struct pump_state {
+    PyThreadState *ts;
+    PyObject *exc_type, *exc_value, *exc_tb;
+};
+
+/* Read once from stream s and hand the chunk to the callback (taking the GIL for it); a
+ * callback that raises stops further callbacks and takes the tree down. Return read_stream's
+ * result. */
+static ssize_t pump_stream(struct run *r, struct pump_state *ps, int s)
+{
+    int *fd = s == 0 ? &r->out_r : &r->err_r;
+    const char *chunk;
+    ssize_t n = read_stream(r, s, fd, &chunk);
+    if (n > 0 && r->on_output && !ps->exc_type) {
+        PyEval_RestoreThread(ps->ts);
+        if (call_on_output(r, s, chunk, n) < 0) {
+            PyErr_Fetch(&ps->exc_type, &ps->exc_value, &ps->exc_tb);
+            send_terminate(r);
+        }
+        ps->ts = PyEval_SaveThread();
+    }
+    return n;
+}
+
+/* The tree is gone but a pipe is still open: take what is already buffered (bounded by the
+ * pipe size once no writer is left in the tree), so a slow callback never costs the last
+ * lines, the pytest summary among them. A writer outside the tree is cut off after that. */
+static void final_drain(struct run *r, struct pump_state *ps)
+{
+    for (int s = 0; s < 2; s++) {
+        size_t taken = 0;
+        while ((s == 0 ? r->out_r : r->err_r) >= 0 && taken < 4 * (size_t)PIPE_SIZE) {
+            ssize_t n = pump_stream(r, ps, s);
+            if (n <= 0)
+                break;
+            taken += (size_t)n;
+        }
+    }
+}
+
 /* The poll loop. Entered and left with the GIL held; releases it while waiting and
  * reading. Return 0, or -1 with a pending exception (already handled: the tree is down). */
 static int pump(struct run *r)
 {
-    PyThreadState *ts;
-    PyObject *exc_type = NULL, *exc_value = NULL, *exc_tb = NULL;
-    int64_t backstop_ns = -1, drain_deadline_ns = -1, last_signal_check_ns = now_ns();
+    struct pump_state ps = {NULL, NULL, NULL, NULL};
+    int64_t drain_deadline_ns = -1, last_signal_check_ns = now_ns();
 
+    r->backstop_ns = -1;
     if (r->timeout_ns >= 0)
-        backstop_ns = r->start_ns + r->timeout_ns + r->grace_ns + BACKSTOP_SLACK_NS;
+        r->backstop_ns = r->start_ns + r->timeout_ns + r->grace_ns + BACKSTOP_SLACK_NS;
 
-    ts = PyEval_SaveThread();
+    ps.ts = PyEval_SaveThread();
     while (r->out_r >= 0 || r->err_r >= 0 || r->ctl >= 0) {
         struct pollfd fds[4];
-        int nfds = 0, idx_out = -1, idx_err = -1, idx_ctl = -1, idx_in = -1, ready, timeout_ms;
-        int64_t now = now_ns();
+        int nfds = 0, idx_out = -1, idx_err = -1, idx_ctl = -1, idx_in = -1, ready;
+        int64_t now = now_ns(), wait_ms = SIGNAL_CHECK_MS;
 
         if ((r->have_final || r->shepherd_lost) && r->ctl < 0) {
-            if (drain_deadline_ns < 0)
+            if (drain_deadline_ns < 0) {
                 drain_deadline_ns = now + DRAIN_AFTER_FINAL_NS;
-            else if (now >= drain_deadline_ns)
+            } else if (now >= drain_deadline_ns) {
+                final_drain(r, &ps);
                 break;  /* a holder outside the tree keeps the pipe open: stop waiting */
+            }
         }
-        if (backstop_ns >= 0 && now >= backstop_ns && !r->have_final && r->shepherd > 0) {
+        if (r->backstop_ns >= 0 && now >= r->backstop_ns && !r->have_final && r->shepherd > 0) {
             /* The shepherd is stuck or stopped: kill it; PDEATHSIG takes the leader down. */
             kill(r->shepherd, SIGKILL);
             if (r->have_started)
                 kill(-r->started.pid, SIGKILL);
             r->shepherd_lost = 1;
-            backstop_ns = -1;
+            r->backstop_ns = -1;
         }
         if (r->out_r >= 0) {
             idx_out = nfds;
@@ -547,12 +629,13 @@ static int pump(struct run *r)
             fds[nfds].fd = r->in_w;
             fds[nfds++].events = POLLOUT;
         }
-        timeout_ms = SIGNAL_CHECK_MS;
-        if (drain_deadline_ns >= 0)
-            timeout_ms = (int)((drain_deadline_ns - now) / 1000000) + 1;
-        else if (backstop_ns >= 0 && (backstop_ns - now) / 1000000 < timeout_ms)
-            timeout_ms = (int)((backstop_ns - now) / 1000000) + 1;
-        ready = poll(fds, (nfds_t)nfds, timeout_ms);
+        if (drain_deadline_ns >= 0 && (drain_deadline_ns - now) / 1000000 + 1 < wait_ms)
+            wait_ms = (drain_deadline_ns - now) / 1000000 + 1;
+        if (r->backstop_ns >= 0 && (r->backstop_ns - now) / 1000000 + 1 < wait_ms)
+            wait_ms = (r->backstop_ns - now) / 1000000 + 1;
+        if (wait_ms < 0)
+            wait_ms = 0;
+        ready = poll(fds, (nfds_t)nfds, (int)wait_ms);
         if (ready < 0 && errno != EINTR) {
             /* EINVAL/ENOMEM: nothing sensible to wait on; take the tree down and finish. */
             send_terminate(r);
@@ -560,15 +643,23 @@ static int pump(struct run *r)
             break;
         }
         if ((ready <= 0 || now_ns() - last_signal_check_ns >= SIGNAL_CHECK_MS * 1000000LL) &&
-            !exc_type && !r->terminate_sent) {
+            !r->shepherd_lost && !r->have_final) {
             /* Also on a busy stream: output that never lets poll time out must not hide Ctrl-C. */
-            PyEval_RestoreThread(ts);
+            PyEval_RestoreThread(ps.ts);
             if (PyErr_CheckSignals() < 0) {
-                PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-                send_terminate(r);
+                if (!ps.exc_type) {
+                    /* first Ctrl-C: the shepherd takes the tree down with SIGTERM, grace, SIGKILL */
+                    PyErr_Fetch(&ps.exc_type, &ps.exc_value, &ps.exc_tb);
+                    send_terminate(r);
+                } else {
+                    /* a second one while waiting for that: do not wait out the grace period */
+                    PyErr_Clear();
+                    r->backstop_ns = now_ns();
+                }
             }
-            ts = PyEval_SaveThread();
+            ps.ts = PyEval_SaveThread();
             last_signal_check_ns = now_ns();
+            continue;  /* re-evaluate the backstop before polling again */
         }
         if (ready <= 0)
             continue;
@@ -576,23 +667,10 @@ static int pump(struct run *r)
             read_reports(r);
         if (idx_in >= 0 && fds[idx_in].revents)
             write_input(r);
-        for (int s = 0; s < 2; s++) {
-            int idx = s == 0 ? idx_out : idx_err;
-            int *fd = s == 0 ? &r->out_r : &r->err_r;
-            const char *chunk;
-            ssize_t n;
-            if (idx < 0 || !fds[idx].revents || *fd < 0)
-                continue;
-            n = read_stream(r, s, fd, &chunk);
-            if (n > 0 && r->on_output && !exc_type) {
-                PyEval_RestoreThread(ts);
-                if (call_on_output(r, s, chunk, n) < 0) {
-                    PyErr_Fetch(&exc_type, &exc_value, &exc_tb);
-                    send_terminate(r);
-                }
-                ts = PyEval_SaveThread();
-            }
-        }
+        if (idx_out >= 0 && fds[idx_out].revents && r->out_r >= 0)
+            pump_stream(r, &ps, 0);
+        if (idx_err >= 0 && fds[idx_err].revents && r->err_r >= 0)
+            pump_stream(r, &ps, 1);
     }
     close_fd(&r->in_w);
     close_fd(&r->ctl);
@@ -601,9 +679,9 @@ static int pump(struct run *r)
     if (r->shepherd > 0)
         reap_shepherd(r);
     r->end_ns = now_ns();
-    PyEval_RestoreThread(ts);
-    if (exc_type) {
-        PyErr_Restore(exc_type, exc_value, exc_tb);
+    PyEval_RestoreThread(ps.ts);
+    if (ps.exc_type) {
+        PyErr_Restore(ps.exc_type, ps.exc_value, ps.exc_tb);
         return -1;
     }
     return 0;
@@ -662,11 +740,11 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
             failed = 1;
     } else if (!r->have_final || r->shepherd_lost) {
         Py_DECREF(spawn_error);
-        if (WIFSIGNALED(r->shepherd_status))
+        if (r->shepherd_status != -1 && WIFSIGNALED(r->shepherd_status))
             spawn_error = PyUnicode_FromFormat("retest shepherd lost: killed by signal %d",
                                                WTERMSIG(r->shepherd_status));
         else
-            spawn_error = PyUnicode_FromFormat("retest shepherd lost (status %d)", r->shepherd_status);
+            spawn_error = PyUnicode_FromString("retest shepherd lost: no final report");
         if (!spawn_error)
             failed = 1;
     } else if (r->final.wait_status >= 0) {
@@ -683,8 +761,10 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
         Py_DECREF(d);
         return NULL;
     }
-    if (set_item(d, "returncode", rc) < 0 || set_item(d, "spawn_error", spawn_error) < 0 ||
-        set_item(d, "spawn_errno", spawn_errno) < 0 ||
+    /* set_item steals each reference even when it fails, so a failure part-way leaks nothing */
+    if ((set_item(d, "returncode", rc) < 0) | (set_item(d, "spawn_error", spawn_error) < 0) |
+        (set_item(d, "spawn_errno", spawn_errno) < 0) ||
+        set_item(d, "unkillable", PyLong_FromLong(r->final.unkillable)) < 0 ||
         set_item(d, "stdout", capture_bytes(&r->cap[0], &dropped[0])) < 0 ||
         set_item(d, "stderr", capture_bytes(&r->cap[1], &dropped[1])) < 0 ||
         set_item(d, "stdout_dropped", PyLong_FromUnsignedLongLong(dropped[0])) < 0 ||
@@ -709,9 +789,42 @@ static int64_t seconds_to_ns(double s)
 {
     if (s < 0)
         return -1;
-    if (s >= 9.2e9)
-        return INT64_MAX / 4;
+    if (s >= 1e9)  /* ~31 years: saturate so deadline + grace + slack cannot overflow */
+        return (int64_t)1000000000 * NS_PER_S;
     return (int64_t)(s * 1e9);
+}
+
+/* Errors while starting: keep errno before any clean-up call can clobber it. */
+#define SPAWN_FAIL()                                                                          \
+    do {                                                                                      \
+        spawn_err = errno;                                                                    \
+        goto spawn_failed;                                                                    \
+    } while (0)
+
+/* Copy the process environment while we hold the GIL: Python's os.environ writes (putenv)
+ * happen under it, and posix_spawn runs without it. NULL with an exception on ENOMEM. */
+static char **copy_environ(void)
+{
+    size_t n = 0;
+    char **v;
+    while (environ && environ[n])
+        n++;
+    v = PyMem_RawCalloc(n + 1, sizeof(char *));
+    if (!v) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        size_t len = strlen(environ[i]);
+        v[i] = PyMem_RawMalloc(len + 1);
+        if (!v[i]) {
+            free_strv(v);
+            PyErr_NoMemory();
+            return NULL;
+        }
+        memcpy(v[i], environ[i], len + 1);
+    }
+    return v;
 }
 
 const char pg_run_doc[] =
@@ -729,7 +842,8 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t capture_limit;
     long tee_fd_l;
     int tee_fd, rc;
-    int in_r = -1, out_w = -1, err_w = -1, pipes[2], sv[2];
+    int in_r = -1, out_w = -1, err_w = -1, ctl_child = -1, pipes[2], sv[2];
+    int spawn_err = 0, shepherd_broken = 0;
     char nbuf[2][32], *cwd_arg = NULL, *shepherd_path = NULL;
     const char *prefix[4];
     PyObject **names = (PyObject **)PyModule_GetState(module);
@@ -804,7 +918,7 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     prefix[3] = cwd_arg ? cwd_arg : "-";
     if (!(r.shepherd_argv = build_strv(prefix, 4, argv_l)))
         goto cleanup;
-    if (envp_o != Py_None && !(r.envp = build_strv(NULL, 0, envp_o)))
+    if (envp_o != Py_None ? !(r.envp = build_strv(NULL, 0, envp_o)) : !(r.envp = copy_environ()))
         goto cleanup;
     if (input_o != Py_None) {
         r.input_len = (size_t)PyBytes_GET_SIZE(input_o);
@@ -828,49 +942,51 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
      * inherit them, or our EOF would wait for an unrelated process. */
     rc = 0;
     if (pipe2(pipes, O_CLOEXEC) < 0)
-        goto spawn_errno;
+        SPAWN_FAIL();
     r.out_r = pipes[0];
     out_w = pipes[1];
     if (pipe2(pipes, O_CLOEXEC) < 0)
-        goto spawn_errno;
+        SPAWN_FAIL();
     r.err_r = pipes[0];
     err_w = pipes[1];
     if (r.input) {
         if (pipe2(pipes, O_CLOEXEC) < 0)
-            goto spawn_errno;
+            SPAWN_FAIL();
         in_r = pipes[0];
         r.in_w = pipes[1];
     } else if ((in_r = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) {
-        goto spawn_errno;
+        SPAWN_FAIL();
     }
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-        goto spawn_errno;
+        SPAWN_FAIL();
     r.ctl = sv[0];
-    if (raise_fd(&in_r) || raise_fd(&out_w) || raise_fd(&err_w) || raise_fd(&sv[1]) ||
+    ctl_child = sv[1];
+    if (raise_fd(&in_r) || raise_fd(&out_w) || raise_fd(&err_w) || raise_fd(&ctl_child) ||
         raise_fd(&r.out_r) || raise_fd(&r.err_r) || raise_fd(&r.ctl) ||
         (r.in_w >= 0 && raise_fd(&r.in_w))) {
-        close(sv[1]);
-        goto spawn_errno;
+        SPAWN_FAIL();
     }
     /* Bigger pipes: fewer wake-ups and copies for chatty suites (best effort). */
     fcntl(r.out_r, F_SETPIPE_SZ, PIPE_SIZE);
     fcntl(r.err_r, F_SETPIPE_SZ, PIPE_SIZE);
     if (fcntl(r.out_r, F_SETFL, O_NONBLOCK) < 0 || fcntl(r.err_r, F_SETFL, O_NONBLOCK) < 0 ||
         (r.in_w >= 0 && fcntl(r.in_w, F_SETFL, O_NONBLOCK) < 0)) {
-        close(sv[1]);
-        goto spawn_errno;
+        SPAWN_FAIL();
     }
     Py_BEGIN_ALLOW_THREADS
-    rc = spawn_shepherd(&r, in_r, out_w, err_w, sv[1]);
+    rc = spawn_shepherd(&r, in_r, out_w, err_w, ctl_child);
     Py_END_ALLOW_THREADS
-    close(sv[1]);
+    close_fd(&ctl_child);
     close_fd(&in_r);
     close_fd(&out_w);
     close_fd(&err_w);
     if (rc) {
+        /* posix_spawn itself failed: EAGAIN/ENOMEM are the machine's state; ENOENT/EACCES/
+         * ENOEXEC mean our own shepherd executable is missing or broken. */
         r.shepherd = -1;
-        errno = rc;
-        goto spawn_errno;
+        spawn_err = rc;
+        shepherd_broken = rc == ENOENT || rc == EACCES || rc == ENOEXEC;
+        goto spawn_failed;
     }
     if (r.in_w >= 0 && r.input_len == 0)
         close_fd(&r.in_w);
@@ -879,11 +995,11 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     result = build_result(&r, r.shepherd_argv[4], cwd_arg ? cwd_arg + 1 : "");
     goto cleanup;
 
-spawn_errno:
+spawn_failed:
     /* The shepherd could not be started (EMFILE, EAGAIN under RLIMIT_NPROC, ENOMEM...):
      * a runtime fault, reported in the result, never raised. */
     {
-        int err = errno;
+        close_fd(&ctl_child);
         close_fd(&in_r);
         close_fd(&out_w);
         close_fd(&err_w);
@@ -892,12 +1008,12 @@ spawn_errno:
         close_fd(&r.in_w);
         close_fd(&r.ctl);
         r.have_spawn_failure = 1;
-        r.spawn_failure.stage = PG_STAGE_SPAWN;
-        r.spawn_failure.err = err;
+        r.spawn_failure.stage = shepherd_broken ? PG_STAGE_SHEPHERD : PG_STAGE_SPAWN;
+        r.spawn_failure.err = spawn_err;
         r.have_final = 1;
         r.final.wait_status = -1;
         r.end_ns = now_ns();
-        result = build_result(&r, r.shepherd_argv[4], "");
+        result = build_result(&r, shepherd_broken ? shepherd_path : r.shepherd_argv[4], "");
     }
 cleanup:
     capture_free(&r.cap[0]);

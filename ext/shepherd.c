@@ -150,10 +150,11 @@ static int pidset_add(struct pidset *s, pid_t pid)
     return 0;
 }
 
-/* Read a small /proc file into buf (NUL-terminated); return its length or -1. */
+/* Read a small /proc file into buf (NUL-terminated); return its length, or -1 with errno
+ * from the failing call (close() must not clobber it: callers test for ENOENT). */
 static ssize_t read_small(const char *path, char *buf, size_t size)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC), saved;
     size_t got = 0;
     if (fd < 0)
         return -1;
@@ -162,7 +163,9 @@ static ssize_t read_small(const char *path, char *buf, size_t size)
         if (n < 0) {
             if (errno == EINTR)
                 continue;
+            saved = errno;
             close(fd);
+            errno = saved;
             return -1;
         }
         if (n == 0)
@@ -174,11 +177,54 @@ static ssize_t read_small(const char *path, char *buf, size_t size)
     return (ssize_t)got;
 }
 
+/* Parse a /proc children file into set, whatever its size: a process may have thousands of
+ * children, and a number cut at a buffer boundary must never be taken for a pid (a cut
+ * "1xxxx" would be pid 1, whose subtree is the whole machine). Return 0, or -1 with errno. */
+static int add_children_file(const char *path, struct pidset *set)
+{
+    char buf[4096];
+    long pid = 0;
+    int in_number = 0, fd = open(path, O_RDONLY | O_CLOEXEC), saved;
+    if (fd < 0)
+        return -1;
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof(buf));
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            saved = errno;
+            close(fd);
+            errno = saved;
+            return -1;
+        }
+        /* a token ends at a separator or at EOF, never at a buffer boundary */
+        for (ssize_t i = 0; i <= n; i++) {
+            int at_eof = (n == 0 && i == 0);
+            if (i == n && !at_eof)
+                break;
+            if (!at_eof && buf[i] >= '0' && buf[i] <= '9') {
+                if (pid < (long)INT_MAX / 10)
+                    pid = pid * 10 + (buf[i] - '0');
+                in_number = 1;
+                continue;
+            }
+            if (in_number && pid > 1)
+                pidset_add(set, (pid_t)pid);
+            pid = 0;
+            in_number = 0;
+        }
+        if (n == 0)
+            break;
+    }
+    close(fd);
+    return 0;
+}
+
 /* Add the children of every thread of pid (from /proc/PID/task/TID/children) to set.
  * Return 0, or -1 if the kernel lacks the children file (CONFIG_PROC_CHILDREN). */
 static int add_children(pid_t pid, struct pidset *set)
 {
-    char path[320], buf[8192];
+    char path[320];
     DIR *dir;
     struct dirent *de;
     int found_file = 0;
@@ -188,23 +234,15 @@ static int add_children(pid_t pid, struct pidset *set)
     if (!dir)
         return 0;  /* already gone */
     while ((de = readdir(dir)) != NULL) {
-        char *p, *end;
         if (de->d_name[0] < '0' || de->d_name[0] > '9')
             continue;
         snprintf(path, sizeof(path), "/proc/%d/task/%s/children", (int)pid, de->d_name);
-        if (read_small(path, buf, sizeof(buf)) < 0) {
+        if (add_children_file(path, set) < 0) {
             if (errno != ENOENT && errno != ESRCH)
                 found_file = 1;
             continue;
         }
         found_file = 1;
-        for (p = buf;; p = end) {
-            long v = strtol(p, &end, 10);
-            if (end == p)
-                break;
-            if (v > 0)
-                pidset_add(set, (pid_t)v);
-        }
     }
     closedir(dir);
     return found_file ? 0 : -1;
@@ -250,7 +288,11 @@ static void add_descendants_by_scan(pid_t root, struct pidset *set)
         n++;
     }
     closedir(dir);
-    pidset_add(set, root);
+    if (pidset_add(set, root) < 0 || set->len == 0) {
+        free(pid);
+        free(ppid);
+        return;
+    }
     while (grew) {  /* transitive closure; trees are shallow, so few passes */
         grew = 0;
         for (size_t i = 0; i < n; i++) {
@@ -300,17 +342,26 @@ static void collect_tree(struct state *st, struct pidset *set)
 static int signal_tree(struct state *st, int sig)
 {
     struct pidset set = {0};
+    pid_t caller = getppid();
     int hit = 0;
 
     /* Walk first, then signal: counting after the group kill would miss the fast dyers. */
     collect_tree(st, &set);
-    for (size_t i = 0; i < set.len; i++)
-        if (!is_zombie(set.pids[i]))
-            set.pids[hit++] = set.pids[i];
-    /* The group: catches members forked after the walk. */
-    kill(-st->leader, sig);
-    if (sig == SIGTERM)
-        kill(-st->leader, SIGCONT);
+    for (size_t i = 0; i < set.len; i++) {
+        pid_t pid = set.pids[i];
+        /* belt and braces: whatever /proc said, these are never ours to kill */
+        if (pid <= 1 || pid == st->self || pid == caller || is_zombie(pid))
+            continue;
+        set.pids[hit++] = pid;
+    }
+    /* The group catches members forked after the walk, but only while the leader is
+     * unreaped: after that its pid, and so the group id, may be reused by a stranger. The walk
+     * covers any member left. */
+    if (st->leader_alive) {
+        kill(-st->leader, sig);
+        if (sig == SIGTERM)
+            kill(-st->leader, SIGCONT);
+    }
     for (int i = 0; i < hit; i++) {
         kill(set.pids[i], sig);
         if (sig == SIGTERM)
@@ -386,7 +437,7 @@ static __attribute__((noinline)) char **exec_candidates(const char *cmd)
     }
     path = getenv("PATH");
     if (!path)
-        path = "/usr/local/bin:/bin:/usr/bin";
+        path = "/bin:/usr/bin";  /* os.defpath */
     for (p = path; *p; p++)
         count += (*p == ':');
     list = calloc(count + 1, sizeof(char *));
@@ -422,7 +473,7 @@ struct child_failure {
 /* The child between vfork and exec. Only async-signal-safe calls: no allocation, no stdio,
  * no locks; the parent is suspended until we exec or _exit, and we share its memory, so
  * nothing here may modify memory the parent relies on besides the failure report. */
-static void child_exec(int err_fd, const char *cwd, char **candidates, char **argv)
+static void child_exec(pid_t shepherd_pid, int err_fd, const char *cwd, char **candidates, char **argv)
 {
     struct child_failure f = {0, 0};
     sigset_t none;
@@ -433,8 +484,14 @@ static void child_exec(int err_fd, const char *cwd, char **candidates, char **ar
         f.err = errno;
         goto fail;
     }
-    /* If the shepherd itself dies (SIGKILL), the leader goes with it. */
+    /* If the shepherd itself dies (SIGKILL), the leader goes with it; if it died already,
+     * between vfork and here, we were re-parented and must not start at all. */
     prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (getppid() != shepherd_pid) {
+        f.stage = PG_STAGE_SHEPHERD;
+        f.err = ESRCH;
+        goto fail;
+    }
     if (cwd && chdir(cwd) < 0) {
         f.stage = PG_STAGE_CHDIR;
         f.err = errno;
@@ -444,6 +501,8 @@ static void child_exec(int err_fd, const char *cwd, char **candidates, char **ar
     sigprocmask(SIG_SETMASK, &none, NULL);
     f.stage = PG_STAGE_EXEC;
     f.err = ENOENT;
+    if (argv[0][0] == '\0')
+        goto fail;  /* "" names no program (a PATH search would find directories) */
     for (char **c = candidates; *c; c++) {
         execve(*c, argv, environ);
         /* like execvp: keep looking after ENOENT/ENOTDIR; remember EACCES */
@@ -463,12 +522,12 @@ fail:
 
 /* vfork and exec in the child; return the child's pid or -1. Kept apart so that no local
  * of the caller lives across vfork (the child shares our stack frame until it execs). */
-static __attribute__((noinline)) pid_t vfork_exec(int err_fd, const char *cwd, char **candidates,
-                                                  char **argv)
+static __attribute__((noinline)) pid_t vfork_exec(pid_t self, int err_fd, const char *cwd,
+                                                  char **candidates, char **argv)
 {
     pid_t pid = vfork();
     if (pid == 0)
-        child_exec(err_fd, cwd, candidates, argv);
+        child_exec(self, err_fd, cwd, candidates, argv);
     return pid;
 }
 
@@ -486,7 +545,7 @@ static void start_command(struct state *st, const char *cwd, char **argv)
         fail_start(st, PG_STAGE_SHEPHERD, ENOMEM);
     if (pipe2(err_pipe, O_CLOEXEC) < 0)
         fail_start(st, PG_STAGE_SHEPHERD, errno);
-    pid = vfork_exec(err_pipe[1], cwd, candidates, argv);
+    pid = vfork_exec(st->self, err_pipe[1], cwd, candidates, argv);
     if (pid < 0)
         fail_start(st, PG_STAGE_SHEPHERD, errno);
     close(err_pipe[1]);
@@ -628,6 +687,13 @@ int main(int argc, char **argv)
         now = now_ns();
         switch (st.phase) {
         case RUNNING:
+            if (st.caller_gone && st.leader_alive) {
+                /* The caller went away (even before it heard that we started): nobody will
+                 * ever read the output or ask us to stop, so the tree must not live on. */
+                st.final.terminated = 1;
+                begin_terminate(&st);
+                continue;
+            }
             if (!st.leader_alive) {
                 if (!children_left) {
                     st.phase = DONE;
@@ -684,7 +750,8 @@ int main(int argc, char **argv)
             timeout_ms = -1;
         } else {
             int64_t left = wake - now;
-            timeout_ms = left <= 0 ? 0 : (int)((left + NS_PER_MS - 1) / NS_PER_MS);
+            int64_t ms = left <= 0 ? 0 : (left + NS_PER_MS - 1) / NS_PER_MS;
+            timeout_ms = ms > INT_MAX ? INT_MAX : (int)ms;  /* deadlines beyond 24.8 days */
         }
         ready = poll(fds, 2, timeout_ms);
         if (ready < 0) {
@@ -720,7 +787,8 @@ int main(int argc, char **argv)
         }
     }
     st.final.pid = st.leader;
-    st.final.wait_status = st.leader_alive ? -1 : st.leader_status;
+    /* A leader that outlived the give-up bound has SIGKILL pending: that is how it will end. */
+    st.final.wait_status = st.leader_alive ? SIGKILL : st.leader_status;
     send_record(&st, &st.final);
     return 0;
 }

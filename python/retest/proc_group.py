@@ -79,6 +79,9 @@ class RunResult:
     killed_at_deadline: int = 0
     #: Processes still alive after the command exited, killed by the sweep.
     swept_after_exit: int = 0
+    #: Processes still alive when the shepherd gave up waiting after SIGKILL (uninterruptible
+    #: sleep, e.g. a dead NFS mount); 0 in every normal run.
+    unkillable: int = 0
     #: Bytes left out of the middle of each stream (bounded capture).
     stdout_dropped: int = 0
     stderr_dropped: int = 0
@@ -112,6 +115,7 @@ class RunResult:
             "escalated": self.escalated,
             "killed_at_deadline": self.killed_at_deadline,
             "swept_after_exit": self.swept_after_exit,
+            "unkillable": self.unkillable,
             "stdout_bytes": len(self.stdout),
             "stderr_bytes": len(self.stderr),
             "stdout_dropped": self.stdout_dropped,
