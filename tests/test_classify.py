@@ -1,0 +1,509 @@
+"""The verdict rules (docs/verdicts.md), held identical in C and in pure Python.
+
+Every case runs against both implementations through the ``classify`` fixture and asserts
+the exact ``(kind, rule, reason, infra)``, so the two cannot drift apart. Real pytest runs
+supply the output of the cases that matter most; hypothesis feeds random bytes to both.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+from enum import IntEnum
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from retest import _classify_py, proc_group
+
+Classify = Callable[..., tuple[str, str, str, bool]]
+
+NATIVE_REQUIRED = os.environ.get("RETEST_REQUIRE_NATIVE") == "1"
+
+
+def _load_native() -> tuple[Optional[Classify], str]:
+    """``retest._proc_group.classify``, or ``None`` and why it cannot be used."""
+    try:
+        from retest import _proc_group
+    except ImportError as err:
+        return None, f"cannot import retest._proc_group: {err}"
+    try:
+        _proc_group.classify(b"", b"", 0, False, None, False, 0)
+    except NotImplementedError:
+        return None, "retest._proc_group was built without ext/classify.c (stale build)"
+    return _proc_group.classify, ""
+
+
+NATIVE, NATIVE_MISSING = _load_native()
+
+
+def _native_or_skip() -> Classify:
+    if NATIVE is None:
+        if NATIVE_REQUIRED:
+            pytest.fail(f"native classifier required but unavailable: {NATIVE_MISSING}")
+        pytest.skip(f"native classifier unavailable: {NATIVE_MISSING}")
+    return NATIVE
+
+
+@pytest.fixture(params=["python", "native"])
+def classify(request: pytest.FixtureRequest) -> Classify:
+    """Each implementation in turn."""
+    if request.param == "python":
+        return _classify_py.classify
+    return _native_or_skip()
+
+
+@pytest.fixture
+def twins() -> tuple[Classify, Classify]:
+    """Both implementations, for tests that compare them directly."""
+    return _classify_py.classify, _native_or_skip()
+
+
+class Run(NamedTuple):
+    stdout: bytes = b""
+    stderr: bytes = b""
+    returncode: Optional[int] = 1
+    timed_out: bool = False
+    spawn_error: Optional[str] = None
+    escalated: bool = False
+    killed_at_deadline: int = 0
+
+
+GIT_LOCK = b"fatal: Unable to create '/repo/.git/index.lock': File exists.\n"
+LONG_LOCK_LINE = b"x" * 300 + b" database is locked " + b"y" * 300
+
+# (id, run, expected (kind, rule, reason, infra))
+CASES: list[tuple[str, Run, tuple[str, str, str, bool]]] = [
+    # ---- timeout: the runner's own deadline, whatever else the output says
+    ("timeout-escalated", Run(b"..\n12 passed in 899.10s\n", returncode=-9, timed_out=True,
+                              escalated=True, killed_at_deadline=5),
+     ("timeout", "timeout.deadline", "the runner's deadline fired; 5 processes signalled, "
+      "SIGKILL needed; last pytest summary: 12 passed in 899.10s", True)),
+    ("timeout-one-process", Run(returncode=-15, timed_out=True, killed_at_deadline=1),
+     ("timeout", "timeout.deadline",
+      "the runner's deadline fired; 1 process signalled, SIGTERM sufficed", True)),
+    ("timeout-beats-exit-0-and-lock", Run(GIT_LOCK, returncode=0, timed_out=True),
+     ("timeout", "timeout.deadline",
+      "the runner's deadline fired; 0 processes signalled, SIGTERM sufficed", True)),
+    # ---- passed
+    ("passed-decorated", Run(b"..\n" + b"=" * 20 + b" 40 passed in 0.31s " + b"=" * 20 + b"\n",
+                             returncode=0),
+     ("passed", "passed.exit-0", "exit 0: 40 passed in 0.31s", False)),
+    ("passed-no-summary", Run(b"hello\n", returncode=0),
+     ("passed", "passed.exit-0", "exit 0", False)),
+    ("passed-despite-noise", Run(b"database is locked\n1 failed, 2 passed in 0.3x\n", returncode=0),
+     ("passed", "passed.exit-0", "exit 0", False)),
+    # ---- could not start
+    ("spawn-error", Run(returncode=None, spawn_error="exec 'pytestx': No such file or directory"),
+     ("other", "other.spawn-error", "could not start: exec 'pytestx': No such file or directory",
+      False)),
+    ("no-status", Run(returncode=None),
+     ("other", "other.no-status", "no exit status and no spawn error", False)),
+    # ---- lock-busy
+    ("git-index-lock", Run(stderr=GIT_LOCK, returncode=128),
+     ("lock-busy", "lock-busy.git-lock",
+      "exit 128; lock held: fatal: Unable to create '/repo/.git/index.lock': File exists.", True)),
+    ("git-ref-lock", Run(stderr=b"error: cannot lock ref 'refs/heads/main': Unable to create "
+                                b"'/r/.git/refs/heads/main.lock': File exists.\r\n", returncode=1),
+     ("lock-busy", "lock-busy.git-lock", "exit 1; lock held: error: cannot lock ref "
+      "'refs/heads/main': Unable to create '/r/.git/refs/heads/main.lock': File exists.", True)),
+    ("git-another-process", Run(stderr=b"Another git process seems to be running in this "
+                                       b"repository, e.g.\n", returncode=128),
+     ("lock-busy", "lock-busy.git-lock", "exit 128; lock held: Another git process seems to be "
+      "running in this repository, e.g.", True)),
+    ("git-lock-permission-denied-is-not-busy",
+     Run(stderr=b"fatal: Unable to create '/r/.git/index.lock': Permission denied\n",
+         returncode=128),
+     ("other", "other.exit-status", "exit 128", False)),
+    ("sqlite", Run(b"E   sqlite3.OperationalError: database is locked\n", returncode=1),
+     ("lock-busy", "lock-busy.sqlite",
+      "exit 1; lock held: E   sqlite3.OperationalError: database is locked", True)),
+    ("gate-lock", Run(stderr=proc_group.LOCK_BUSY_MESSAGE.encode() + b"\n", returncode=75),
+     ("lock-busy", "lock-busy.gate-lock", "exit 75; lock held: retest: repository lock busy",
+      True)),
+    ("gate-lock-beats-sqlite", Run(b"database is locked\n",
+                                   proc_group.LOCK_BUSY_MESSAGE.encode(), returncode=75),
+     ("lock-busy", "lock-busy.gate-lock", "exit 75; lock held: retest: repository lock busy",
+      True)),
+    ("lock-with-clean-summary", Run(b"database is locked\n3 passed in 0.10s\n", returncode=1),
+     ("lock-busy", "lock-busy.sqlite", "exit 1; lock held: database is locked", True)),
+    ("lock-then-signal", Run(stderr=GIT_LOCK, returncode=-9),
+     ("lock-busy", "lock-busy.git-lock", "killed by signal 9 (SIGKILL); lock held: fatal: "
+      "Unable to create '/repo/.git/index.lock': File exists.", True)),
+    ("lock-but-tests-failed-is-red", Run(b"database is locked\n1 failed, 3 passed in 0.10s\n"),
+     ("red", "red.tests-failed", "pytest: 1 failed, 3 passed in 0.10s (exit 1)", False)),
+    ("lock-long-line-quoted-window", Run(LONG_LOCK_LINE + b"\n"),
+     ("lock-busy", "lock-busy.sqlite", "exit 1; lock held: ..." + "x" * 99
+      + " database is locked " + "y" * 81 + "...", True)),
+    ("lock-invalid-utf8-and-ansi", Run(b"\x1b[31m\xff\xfe database is locked\x1b[0m\n"),
+     ("lock-busy", "lock-busy.sqlite", "exit 1; lock held: \ufffd\ufffd database is locked", True)),
+    # ---- red
+    ("red-q-form-long-run", Run(b"F..\n1 failed, 39 passed in 61.20s (0:01:01)\n"),
+     ("red", "red.tests-failed", "pytest: 1 failed, 39 passed in 61.20s (0:01:01) (exit 1)", False)),
+    ("red-ansi-crlf", Run(b"\x1b[31m\x1b[1m1 failed\x1b[0m, \x1b[32m2 passed\x1b[0m\x1b[31m in "
+                          b"0.57s\x1b[0m\r\n"),
+     ("red", "red.tests-failed", "pytest: 1 failed, 2 passed in 0.57s (exit 1)", False)),
+    ("red-summary-in-stderr", Run(b"no summary here\n", b"== 2 failed, 2 warnings in 1.00s ==\n"),
+     ("red", "red.tests-failed", "pytest: 2 failed, 2 warnings in 1.00s (exit 1)", False)),
+    ("red-old-seconds-form", Run(b"1 failed in 0.10 seconds\n"),
+     ("red", "red.tests-failed", "pytest: 1 failed in 0.10 seconds (exit 1)", False)),
+    ("red-after-signal", Run(b"1 failed in 0.1s\n", returncode=-6),
+     ("red", "red.tests-failed", "pytest: 1 failed in 0.1s (killed by signal 6 (SIGABRT))", False)),
+    ("last-summary-wins", Run(b"1 failed in 0.1s\n3 passed in 0.2s\n"),
+     ("red", "red.exit-1", "pytest: 3 passed in 0.2s (exit 1)", False)),
+    ("stdout-summary-before-stderr", Run(b"3 passed in 0.2s\n", b"1 failed in 0.1s\n"),
+     ("red", "red.exit-1", "pytest: 3 passed in 0.2s (exit 1)", False)),
+    ("zero-count-proves-nothing", Run(b"0 failed, 3 passed in 0.1s\n"),
+     ("red", "red.exit-1", "pytest: 0 failed, 3 passed in 0.1s (exit 1)", False)),
+    ("collection-error", Run(b"_____ ERROR collecting test_b.py _____\nE   ImportError\n"
+                             b"!!!! Interrupted: 1 error during collection !!!!\n1 error in 0.61s\n",
+                             returncode=2),
+     ("red", "red.collection-error", "pytest: 1 error in 0.61s (exit 2); ERROR collecting test_b.py",
+      False)),
+    ("collection-error-no-summary", Run(stderr=b"ERROR collecting tests/test_x.py\n", returncode=2),
+     ("red", "red.collection-error", "exit 2; ERROR collecting tests/test_x.py", False)),
+    ("test-errors", Run(b"E\n3 passed, 1 error in 0.20s\n"),
+     ("red", "red.test-errors", "pytest: 3 passed, 1 error in 0.20s (exit 1)", False)),
+    ("test-timeout-thread-method", Run(b".+++++++ Timeout +++++++\n~~~ Stack of MainThread ~~~\n"),
+     ("red", "red.test-timeout", "exit 1: a per-test pytest-timeout fired; no pytest summary", False)),
+    ("exit-1-no-summary", Run(b"something failed\n"),
+     ("red", "red.exit-1", "exit 1 with no pytest summary (pytest: tests failed)", False)),
+    # ---- other
+    ("signal", Run(returncode=-9),
+     ("other", "other.signal", "killed by signal 9 (SIGKILL)", False)),
+    ("signal-with-summary", Run(b"3 passed in 0.1s\n", returncode=-11),
+     ("other", "other.signal", "killed by signal 11 (SIGSEGV); pytest: 3 passed in 0.1s", False)),
+    ("interrupted", Run(b"!!! KeyboardInterrupt !!!\n2 passed in 0.1s\n", returncode=2),
+     ("other", "other.interrupted", "exit 2 (pytest: interrupted): 2 passed in 0.1s", False)),
+    ("internal-error", Run(b"INTERNALERROR> boom\n", returncode=3),
+     ("other", "other.internal-error", "exit 3 (pytest: internal error)", False)),
+    ("usage-error", Run(stderr=b"ERROR: usage: pytest\n", returncode=4),
+     ("other", "other.usage-error", "exit 4 (pytest: usage error)", False)),
+    ("no-tests", Run(b"\nno tests ran in 0.01s\n", returncode=5),
+     ("other", "other.no-tests", "exit 5 (pytest: no tests collected): no tests ran in 0.01s",
+      False)),
+    ("exit-status", Run(returncode=7),
+     ("other", "other.exit-status", "exit 7", False)),
+    ("returncode-saturated-high", Run(returncode=2**70),
+     ("other", "other.exit-status", "exit 9223372036854775807", False)),
+    ("returncode-saturated-low", Run(returncode=-(2**70)),
+     ("other", "other.signal", "killed by signal 9223372036854775808", False)),
+    ("killed-at-deadline-saturated", Run(timed_out=True, killed_at_deadline=2**64),
+     ("timeout", "timeout.deadline", "the runner's deadline fired; 9223372036854775807 processes "
+      "signalled, SIGTERM sufficed", True)),
+]
+
+# Lines that look like a summary but are not one (the run exits 1, so red.exit-1 without it).
+NOT_SUMMARIES = [
+    b"1 failed, 2 passed in 0.3x",
+    b"collected 3 items in 0.1s",
+    b"1 failed,2 passed in 0.1s",
+    b"1 Failed in 0.1s",
+    b"FAILED test_x.py::test_a - assert 1 in 0.5s",
+    b"1 failed in 0.1s and then some",
+    b"1 failed in .1s",
+    b"1 failed in 0.1s ()",
+    b"= 1 failed =in 0.1s",
+    b"1 failed \x1b[0min 0.1s",  # a colour code inside " in " (pytest never does this)
+    b"=" * 4100 + b" 1 failed in 0.1s",  # would parse, but longer than SUMMARY_LINE_MAX
+]
+
+
+COUNT_WORDS = ["passed", "failed", "error", "errors", "skipped", "xfailed", "xpassed", "warning",
+               "warnings", "deselected", "rerun"]
+
+
+@pytest.mark.parametrize("word", COUNT_WORDS)
+def test_every_count_word(classify: Classify, word: str) -> None:
+    rule = {"failed": "red.tests-failed", "error": "red.test-errors", "errors": "red.test-errors"}
+    verdict = classify(*Run(f"3 {word} in 0.10s\n".encode()))
+    assert verdict == ("red", rule.get(word, "red.exit-1"), f"pytest: 3 {word} in 0.10s (exit 1)", False)
+
+
+def test_summary_line_length_limit(classify: Classify) -> None:
+    core = b" 1 failed in 0.1s"
+    at_limit = b"=" * (_classify_py.SUMMARY_LINE_MAX - len(core)) + core
+    assert classify(*Run(at_limit + b"\n"))[1] == "red.tests-failed"
+    assert classify(*Run(b"=" + at_limit + b"\n"))[1] == "red.exit-1"
+
+
+@pytest.mark.parametrize(
+    "line, is_summary",
+    [
+        (b"\x1b[2 q1 failed in 0.1s", True),  # a CSI with an intermediate byte
+        (b"\x1b[?25l1 failed in 0.1s\x1b[?25h", True),
+        (b"\x1b[38;5;196m1 failed\x1b[0m in 0.1s\x1b[0m", True),
+        (b"\x1b1 failed in 0.1s", False),  # a lone ESC is not a colour code
+        (b"\x1b[12\x1b[m1 failed in 0.1s", False),  # an unfinished CSI stays text
+        (b"1 failed in 0.1s\x1b[", False),
+    ],
+)
+def test_ansi_escapes(classify: Classify, line: bytes, is_summary: bool) -> None:
+    assert (classify(*Run(line + b"\n"))[1] == "red.tests-failed") is is_summary
+
+
+@pytest.mark.parametrize("run, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_rule(classify: Classify, run: Run, expected: tuple[str, str, str, bool]) -> None:
+    assert classify(*run) == expected
+
+
+@pytest.mark.parametrize("line", NOT_SUMMARIES, ids=range(len(NOT_SUMMARIES)))
+def test_not_a_summary(classify: Classify, line: bytes) -> None:
+    assert classify(*Run(line + b"\n")) == (
+        "red", "red.exit-1", "exit 1 with no pytest summary (pytest: tests failed)", False)
+
+
+def test_every_rule_is_covered_and_documented() -> None:
+    covered = {expected[1] for _, _, expected in CASES}
+    assert covered == set(_classify_py.RULES)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "verdicts.md").read_text()
+    for rule in _classify_py.RULES:
+        assert f"`{rule}`" in doc
+
+
+def test_lock_message_matches_the_gate() -> None:
+    assert _classify_py.LOCK_BUSY_MESSAGE == proc_group.LOCK_BUSY_MESSAGE.encode()
+
+
+def test_signal_names_agree(twins: tuple[Classify, Classify]) -> None:
+    python, native = twins
+    for signum in range(1, 70):
+        run = Run(returncode=-signum)
+        assert python(*run) == native(*run), signum
+    assert python(*Run(returncode=-int(signal.SIGTERM)))[2] == "killed by signal 15 (SIGTERM)"
+
+
+class Status(IntEnum):
+    FAILED = 1
+
+    def __str__(self) -> str:  # must not leak into the reason
+        return "nope"
+
+
+def test_int_subclass_is_read_as_its_value(classify: Classify) -> None:
+    assert classify(*Run(returncode=Status.FAILED)) == classify(*Run(returncode=1))
+
+
+@pytest.mark.parametrize(
+    "position, bad",
+    [(0, "text"), (0, bytearray(b"x")), (0, None), (1, memoryview(b"")), (2, "1"), (2, 1.0),
+     (2, True), (3, 1), (3, None), (4, b"err"), (4, 3), (5, 0), (6, None), (6, False), (6, 1.5)],
+)
+def test_wrong_types_raise_type_error(classify: Classify, position: int, bad: object) -> None:
+    args: list[object] = list(Run())
+    args[position] = bad
+    with pytest.raises(TypeError):
+        classify(*args)
+
+
+def test_wrong_argument_count_raises_type_error(classify: Classify) -> None:
+    with pytest.raises(TypeError):
+        classify(*Run()[:6])
+    with pytest.raises(TypeError):
+        classify(*Run(), 0)
+    with pytest.raises(TypeError):
+        classify(*Run()[:6], killed_at_deadline=0)
+
+
+# --------------------------------------------------------------------------- random input
+
+# Pieces that steer random output towards the interesting paths of the scanner.
+PIECES = [b" in ", b" in 1", b"1 failed", b", ", b"2 passed", b" error", b"s", b" (0:00:01)",
+          b"no tests ran", b"=====", b"\n", b"\r", b"\r\n", b"\x1b[31m", b"\x1b[", b"\x1b",
+          b"0.31", b"database is locked", b"ERROR collecting", b"+++ Timeout +++",
+          b".lock': File exists", b"retest: repository lock busy", b"\xff", b"_", b" "]
+noisy_bytes = st.lists(st.one_of(st.sampled_from(PIECES), st.binary(max_size=8)), max_size=40).map(
+    b"".join)
+ANSI_CODES = [b"\x1b[31m", b"\x1b[0m", b"\x1b[1;32m", b"\x1b[2 q", b"\x1b[?25h", b"\x1b[", b"\x1b"]
+DURATIONS = [b"0.31s", b"12s", b"61.20s (0:01:01)", b"0.10 seconds", b"0.5x", b"1.s", b"3s ()"]
+
+
+@st.composite
+def summary_lines(draw: st.DrawFn) -> bytes:
+    """Valid summary lines, then colour codes and small edits: the parser's hard cases."""
+    if draw(st.integers(0, 5)) == 0:
+        body = b"no tests ran"
+    else:
+        counts = draw(st.lists(st.tuples(st.integers(0, 12), st.sampled_from(COUNT_WORDS)),
+                               min_size=1, max_size=4))
+        body = b", ".join(b"%d %s" % (n, w.encode()) for n, w in counts)
+    line = body + b" in " + draw(st.sampled_from(DURATIONS))
+    decoration = b"=" * draw(st.integers(0, 3))
+    line = decoration + (b" " if decoration else b"") + line + (b" " if decoration else b"") + decoration
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(line)))
+        line = line[:at] + draw(st.sampled_from(ANSI_CODES)) + line[at:]
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(line)))
+        line = line[:at] + draw(st.binary(max_size=2)) + line[at + draw(st.integers(0, 2)):]
+    return line
+
+
+log_with_summaries = st.lists(st.one_of(summary_lines(), noisy_bytes), max_size=5).flatmap(
+    lambda lines: st.sampled_from([b"\n", b"\r\n", b"\r"]).map(lambda sep: sep.join(lines)))
+
+any_run = st.builds(
+    Run,
+    stdout=st.one_of(st.binary(max_size=300), noisy_bytes, log_with_summaries),
+    stderr=st.one_of(st.binary(max_size=100), noisy_bytes, log_with_summaries),
+    returncode=st.one_of(st.none(), st.integers(-70, 260), st.integers()),
+    timed_out=st.booleans(),
+    spawn_error=st.one_of(st.none(), st.text(max_size=20)),
+    escalated=st.booleans(),
+    killed_at_deadline=st.integers(),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(run=any_run)
+def test_random_input_python_never_crashes(run: Run) -> None:
+    kind, rule, reason, infra = _classify_py.classify(*run)
+    assert _classify_py.RULES[rule] == (kind, infra)
+    assert isinstance(reason, str) and reason
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(run=any_run)
+def test_random_input_twins_agree(twins: tuple[Classify, Classify], run: Run) -> None:
+    python, native = twins
+    assert native(*run) == python(*run)
+
+
+# --------------------------------------------------------------------------- large input
+
+MB = 1024 * 1024
+
+
+def _pathological_log(size: int, seed: int) -> bytes:
+    """``size`` bytes built to hurt a naive scanner: near-summaries, a huge line, escapes."""
+    rng = random.Random(seed)
+    shapes = [
+        b"1 failed, 2 passed in 0.3x\n",  # parses almost to the end
+        b"x in 1s\n",  # an anchor on every line
+        b'  File "x.py", line 1, in f\n',
+        b"\x1b[31m1 failed\x1b[0m, \x1b[32m2 passed in 0.5x\x1b[0m\r\n",
+        b"=" * 79 + b"\n",
+        b"database is lock\n",
+        b"\x1b[1;2;3;4;5;6;7;8",  # escapes that never end
+    ]
+    parts = []
+    total = 0
+    while total < size:
+        if rng.random() < 0.02:
+            chunk = b"1 failed, 2 passed, " * rng.randrange(10_000, 200_000)  # one huge line
+        else:
+            chunk = rng.choice(shapes) * rng.randrange(1, 20_000)
+        parts.append(chunk)
+        total += len(chunk)
+    return b"".join(parts)[:size]
+
+
+@pytest.mark.parametrize(
+    "prefix, rule",
+    [(b"", "red.exit-1"), (b"1 failed, 1 passed in 0.10s\n", "red.tests-failed")],
+    ids=["no-summary", "summary-at-the-very-start"],
+)
+def test_50_mb_pathological_log(twins: tuple[Classify, Classify], prefix: bytes, rule: str) -> None:
+    # Completion and agreement only: timing belongs to the benchmarks.
+    python, native = twins
+    log = prefix + _pathological_log(50 * MB, seed=110)
+    run = Run(log, log[: 5 * MB], returncode=1)
+    verdict = native(*run)
+    assert verdict[1] == rule
+    assert python(*run) == verdict
+
+
+def test_large_log_with_summary_at_the_end(classify: Classify) -> None:
+    log = b"test_x.py::test_a PASSED    [ 50%]\n" * (50 * MB // 35) + b"\n= 7 passed in 9.00s =\n"
+    assert classify(*Run(log, returncode=0)) == ("passed", "passed.exit-0", "exit 0: 7 passed in 9.00s",
+                                                 False)
+
+
+# --------------------------------------------------------------------------- real pytest runs
+
+
+def _run_pytest(tmp_path: Path, sources: dict[str, str], *options: str) -> Run:
+    """Run a tiny real suite under pytest and return what classify() would be given."""
+    for name, text in sources.items():
+        (tmp_path / name).write_text(textwrap.dedent(text))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    # Only the plugins a suite asks for: keeps each run near 0.3 s instead of 1 s.
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options, str(tmp_path)],
+        capture_output=True, cwd=tmp_path, env=env, timeout=60,
+    )
+    return Run(proc.stdout, proc.stderr, proc.returncode)
+
+
+PASSING = {"test_ok.py": "def test_a(): pass\ndef test_b(): pass\ndef test_c(): pass\n"}
+ONE_FAILING = {"test_mixed.py": "def test_a(): pass\ndef test_b(): pass\ndef test_c(): assert 1 == 2\n"}
+BROKEN_IMPORT = {"test_broken.py": "import no_such_module_for_retest\ndef test_a(): pass\n"}
+PER_TEST_TIMEOUT = {"test_slow.py": """
+    import time
+    import pytest
+
+    def test_quick():
+        pass
+
+    @pytest.mark.timeout(0.5)
+    def test_slow():
+        time.sleep(5)
+    """}
+
+
+def test_real_passing_suite(classify: Classify, tmp_path: Path) -> None:
+    run = _run_pytest(tmp_path, PASSING)
+    kind, rule, reason, infra = classify(*run)
+    assert (kind, rule, infra) == ("passed", "passed.exit-0", False)
+    assert reason.startswith("exit 0: 3 passed in ")
+
+
+def test_real_failing_suite(classify: Classify, tmp_path: Path) -> None:
+    run = _run_pytest(tmp_path, ONE_FAILING)
+    kind, rule, reason, infra = classify(*run)
+    assert (kind, rule, infra) == ("red", "red.tests-failed", False)
+    assert reason.startswith("pytest: 1 failed, 2 passed in ") and reason.endswith("s (exit 1)")
+
+
+def test_real_failing_suite_in_colour(classify: Classify, tmp_path: Path) -> None:
+    run = _run_pytest(tmp_path, ONE_FAILING, "--color=yes")
+    assert b"\x1b[" in run.stdout
+    assert classify(*run)[1] == "red.tests-failed"
+
+
+def test_real_collection_error(classify: Classify, tmp_path: Path) -> None:
+    run = _run_pytest(tmp_path, BROKEN_IMPORT)
+    kind, rule, reason, infra = classify(*run)
+    assert (kind, rule, infra) == ("red", "red.collection-error", False)
+    assert reason.startswith("pytest: 1 error in ")
+    assert reason.endswith("(exit 2); ERROR collecting test_broken.py")
+
+
+def test_real_no_tests(classify: Classify, tmp_path: Path) -> None:
+    run = _run_pytest(tmp_path, {})
+    kind, rule, reason, infra = classify(*run)
+    assert (kind, rule, infra) == ("other", "other.no-tests", False)
+    assert reason.startswith("exit 5 (pytest: no tests collected): no tests ran in ")
+
+
+@pytest.mark.parametrize("method", ["signal", "thread"])
+def test_real_per_test_timeout_is_red(classify: Classify, tmp_path: Path, method: str) -> None:
+    # pytest-timeout inside a suite that finished: the branch is at fault, not the runner.
+    run = _run_pytest(tmp_path, PER_TEST_TIMEOUT, "-p", "pytest_timeout", "-o",
+                      f"timeout_method={method}")
+    kind, rule, reason, infra = classify(*run)
+    assert (kind, infra) == ("red", False)
+    if method == "signal":
+        assert rule == "red.tests-failed"
+        assert reason.startswith("pytest: 1 failed, 1 passed in ")
+    else:  # os._exit(1) after the stack dump: no summary at all
+        assert (rule, reason) == ("red.test-timeout",
+                                  "exit 1: a per-test pytest-timeout fired; no pytest summary")
