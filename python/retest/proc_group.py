@@ -136,7 +136,7 @@ class Verdict:
 
     #: ``"passed" | "red" | "timeout" | "lock-busy" | "other"``.
     kind: str
-    #: Stable id of the rule that fired, e.g. ``"red.pytest-failed"``.
+    #: Stable id of the rule that fired, e.g. ``"red.tests-failed"``.
     rule: str
     #: Human-readable evidence: exit code, signal, pytest summary line, lock message.
     reason: str
@@ -160,7 +160,7 @@ def _load_native() -> None:
         _native_error = f"platform {sys.platform!r} is not supported by the native runner"
         return
     try:
-        from . import _proc_group  # type: ignore[attr-defined]
+        from . import _proc_group
     except ImportError as err:  # missing or broken build
         _native_error = f"cannot import retest._proc_group: {err}"
         return
