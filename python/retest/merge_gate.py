@@ -335,7 +335,7 @@ def _resolve_retest_timeout(
 def _backoff_s(settings: config.GateSettings, infra_attempt: int) -> float:
     """Exponential backoff: base, 2 x base, 4 x base, ... capped at the maximum."""
     exponent = min(max(infra_attempt - 1, 0), 30)
-    return min(settings.infra_retry_backoff_s * (2 ** exponent), settings.infra_retry_backoff_max_s)
+    return float(min(settings.infra_retry_backoff_s * float(2 ** exponent), settings.infra_retry_backoff_max_s))
 
 
 # --------------------------------------------------------------------------- one gate run
