@@ -6,8 +6,10 @@ CI runs a fast mode (RETEST_SOAK_RUNS, default 300). The full soak is 10,000 run
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import tracemalloc
 from pathlib import Path
 
 from retest import proc_group
@@ -68,11 +70,22 @@ def test_soak_mixed_runs(native: str) -> None:
         args, kw = MIX[i % len(MIX)]
         proc_group.run(args, **kw)
     fds0, rss0, zombies0 = _fds(), _rss_kb(), _zombies()
-    for i in range(RUNS):
-        args, kw = MIX[i % len(MIX)]
-        _expect(i, proc_group.run(args, **kw))
+    # tracemalloc sees the extension's PyMem_Raw* buffers too: a leak of even a few bytes a
+    # run shows as steady growth, where RSS alone would hide it in allocator noise.
+    tracemalloc.start()
+    try:
+        gc.collect()
+        traced0 = tracemalloc.get_traced_memory()[0]
+        for i in range(RUNS):
+            args, kw = MIX[i % len(MIX)]
+            _expect(i, proc_group.run(args, **kw))
+        gc.collect()
+        traced1 = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
     fds1, rss1, zombies1 = _fds(), _rss_kb(), _zombies()
     assert fds1 == fds0, f"fd count grew from {fds0} to {fds1}"
     assert zombies1 == zombies0 == 0
+    assert traced1 - traced0 < 8 * 1024, f"traced memory grew by {traced1 - traced0} bytes"
     # A real leak of even 100 bytes a run shows at 10,000 runs; allocator noise stays small.
     assert rss1 - rss0 < 8 * 1024 + RUNS // 10, f"RSS grew by {rss1 - rss0} kB over {RUNS} runs"
