@@ -566,6 +566,7 @@ def item_caller_cpu(plan: Plan, rows: list[Row], context: dict[str, Any]) -> Non
 # and the sleeps inherit the ignored disposition. Every process of the tree holds stdout.
 TREE_SH = 'TRAP touch "$0/sh-$$"; sleep 60 & touch "$0/sleep-$!"; sleep 60 & touch "$0/sleep-$!"; wait'
 TREE_SIZE = 3
+KILL_SETTLE_S = 0.1
 
 
 def item_kill_latency(plan: Plan, rows: list[Row], ledger: Ledger, context: dict[str, Any]) -> None:
@@ -585,6 +586,9 @@ def item_kill_latency(plan: Plan, rows: list[Row], ledger: Ledger, context: dict
                 if len(pids) != TREE_SIZE:
                     raise RuntimeError(f"kill latency: tree recorded {len(pids)} of {TREE_SIZE} pids "
                                        f"before the {timeout_s:g} s deadline")
+                # A SIGKILLed process closes its pipes before it turns zombie: give one that is
+                # merely still exiting a moment, so that only real survivors are counted.
+                time.sleep(KILL_SETTLE_S)
                 survivors = count_alive(pids)
                 ledger.kill(pids)
                 return {"latency": t1 - t0 - timeout_s, "survivors": survivors}
@@ -618,17 +622,17 @@ def item_kill_latency(plan: Plan, rows: list[Row], ledger: Ledger, context: dict
             rows.append(Row("4a. kill latency, deadline → returned with the tree gone; tree obeys SIGTERM "
                             "(sh + 2 sleep)", "retest", lat["retest"], "timeout -k", lat["timeout"], "ms",
                             "< 50 ms", lambda a, b, r: a.median < 0.050,
-                            f"{n}; left alive at return: retest {alive['retest'].high:g}, "
+                            f"{n}; alive {KILL_SETTLE_S * 1000:g} ms after return: retest {alive['retest'].high:g}, "
                             f"timeout -k {alive['timeout'].high:g} (max)"))
         else:
             rows.append(Row(f"4c. kill latency, tree ignores SIGTERM, grace {grace_s:g} s",
                             "retest", lat["retest"], "timeout -k", lat["timeout"], "ms",
                             f"≈ grace ({grace_s * 1000:g}–{grace_s * 1000 + 50:g} ms)",
                             lambda a, b, r, g=grace_s: g <= a.median < g + 0.050,
-                            f"{n}; left alive at return: retest {alive['retest'].high:g}, "
+                            f"{n}; alive {KILL_SETTLE_S * 1000:g} ms after return: retest {alive['retest'].high:g}, "
                             f"timeout -k {alive['timeout'].high:g} (max)"))
         rows.append(Row(f"4{'b' if not ignore_term else 'd'}. processes of the {TREE_SIZE}-process tree "
-                        f"alive when the call returned ({'ignores' if ignore_term else 'obeys'} SIGTERM)",
+                        f"alive {KILL_SETTLE_S * 1000:g} ms after the call returned ({'ignores' if ignore_term else 'obeys'} SIGTERM)",
                         "retest", alive["retest"], "subprocess.run(timeout=)", alive["subprocess"], "n",
                         "0", lambda a, b, r: a.high == 0,
                         f"subprocess.run returned {lat['subprocess'].median * 1000:.1f} ms after the "
@@ -1099,7 +1103,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 continue
             t0 = time.monotonic()
             print(f"[{time.monotonic() - started:6.1f} s] item {number}: {title} ...", flush=True)
+            first_row, load_at_start = len(rows), load_average().split()[0]
             step()
+            for row in rows[first_row:]:  # which items ran on a busy machine
+                row.note += ("; " if row.note else "") + f"1-min load average {load_at_start} → {load_average().split()[0]}"
             print(f"[{time.monotonic() - started:6.1f} s] item {number} done in "
                   f"{time.monotonic() - t0:.1f} s", flush=True)
     finally:
