@@ -9,6 +9,10 @@ for another rather than fail at once.
 
 Who sends an alert is decided by one row: ``alerts`` has a primary key on
 ``(task, sha, verdict)`` and ``INSERT OR IGNORE`` reports whether *this* call inserted it.
+A claim made with ``confirm_delivery=True`` also leaves an ``alert_pending`` row naming the
+claimant's pid until ``alert_delivered()`` removes it: if the claimant dies first (SIGKILL
+between the claim and the send), the next claimant for that key takes the claim over, so a
+killed gate cannot swallow the only alert. A live claimant is never overtaken.
 
 Every failure surfaces as ``LedgerError`` (``LedgerBusy`` when SQLite says the database is
 locked beyond the busy timeout): the gate turns it into a decision, never a crash.
@@ -46,6 +50,10 @@ CREATE TABLE IF NOT EXISTS alerts (
     task TEXT NOT NULL, sha TEXT NOT NULL, verdict TEXT NOT NULL,
     sent_at REAL NOT NULL, pid INTEGER NOT NULL, reason TEXT NOT NULL,
     PRIMARY KEY (task, sha, verdict));
+CREATE TABLE IF NOT EXISTS alert_pending (
+    task TEXT NOT NULL, sha TEXT NOT NULL, verdict TEXT NOT NULL,
+    pid INTEGER NOT NULL, claimed_at REAL NOT NULL,
+    PRIMARY KEY (task, sha, verdict));
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS decisions (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, doc TEXT NOT NULL);
@@ -53,6 +61,23 @@ CREATE TABLE IF NOT EXISTS decisions (
 
 #: Decisions kept for ``recent_decisions()``; the totals live in ``counters`` and never shrink.
 DECISIONS_KEPT = 1000
+
+
+def _process_alive(pid: int) -> bool:
+    """True unless ``pid`` is gone or a zombie (the ledger is shared on one host only)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            return handle.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 class LedgerError(Exception):
@@ -142,10 +167,11 @@ class Ledger:
         return int(runs)
 
     def record_infra_failure(self, task: str, sha: str, verdict: str, retry_max: int,
-                             reason: str = "") -> InfraAttempt:
+                             reason: str = "", *, confirm_delivery: bool = False) -> InfraAttempt:
         """Count an infra failure; past ``retry_max`` the budget is spent and the alert is claimed.
 
         One transaction, so the count, the bound and the alert row agree across processes.
+        ``confirm_delivery``: see ``claim_alert``.
         """
         now = time.time()
         with self._transaction() as conn:
@@ -160,23 +186,61 @@ class Ledger:
                 (task, sha, verdict),
             ).fetchone()
             exhausted = attempts > retry_max
-            claimed = exhausted and self._claim(conn, task, sha, verdict, reason, now)
+            claimed = exhausted and self._claim(conn, task, sha, verdict, reason, now,
+                                                confirm_delivery)
         return InfraAttempt(int(attempts), exhausted, claimed)
 
-    def claim_alert(self, task: str, sha: str, verdict: str, reason: str = "") -> bool:
-        """``True`` for exactly one caller per (task, sha, verdict), across all processes."""
+    def claim_alert(self, task: str, sha: str, verdict: str, reason: str = "", *,
+                    confirm_delivery: bool = False) -> bool:
+        """``True`` for exactly one caller per (task, sha, verdict), across all processes.
+
+        With ``confirm_delivery=True`` the caller promises to call ``alert_delivered()`` once
+        the alert is out; until then, should the claimant process die, the next claimant with
+        ``confirm_delivery=True`` gets ``True`` instead (at-least-once across crashes).
+        """
         with self._transaction() as conn:
-            return self._claim(conn, task, sha, verdict, reason, time.time())
+            return self._claim(conn, task, sha, verdict, reason, time.time(), confirm_delivery)
 
     @staticmethod
     def _claim(conn: sqlite3.Connection, task: str, sha: str, verdict: str, reason: str,
-               now: float) -> bool:
+               now: float, confirm_delivery: bool) -> bool:
+        key = (task, sha, verdict)
+        me = os.getpid()
         cursor = conn.execute(
             "INSERT OR IGNORE INTO alerts (task, sha, verdict, sent_at, pid, reason) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (task, sha, verdict, now, os.getpid(), reason[:2000]),
+            (*key, now, me, reason[:2000]),
         )
-        return cursor.rowcount == 1
+        if cursor.rowcount == 1:
+            if confirm_delivery:
+                conn.execute("INSERT OR REPLACE INTO alert_pending (task, sha, verdict, pid, claimed_at) "
+                             "VALUES (?, ?, ?, ?, ?)", (*key, me, now))
+            return True
+        if not confirm_delivery:
+            return False
+        row = conn.execute("SELECT pid FROM alert_pending WHERE task = ? AND sha = ? AND verdict = ?",
+                           key).fetchone()
+        if row is None or _process_alive(int(row[0])):
+            return False
+        # Issue 6: the claimant died (SIGKILL) between its claim and the send.
+        log.warning("alert for %s was claimed by pid %d, which died before confirming it; "
+                    "sending it again", key, row[0])
+        conn.execute("UPDATE alert_pending SET pid = ?, claimed_at = ? "
+                     "WHERE task = ? AND sha = ? AND verdict = ?", (me, now, *key))
+        conn.execute("UPDATE alerts SET pid = ? WHERE task = ? AND sha = ? AND verdict = ?", (me, *key))
+        return True
+
+    def alert_delivered(self, task: str, sha: str, verdict: str) -> None:
+        """Confirm the alert this process claimed with ``confirm_delivery=True`` is out."""
+        with self._transaction() as conn:
+            conn.execute("DELETE FROM alert_pending WHERE task = ? AND sha = ? AND verdict = ? "
+                         "AND pid = ?", (task, sha, verdict, os.getpid()))
+
+    def pending_alerts(self) -> list[dict[str, Any]]:
+        """Claims not yet confirmed delivered: ``task``, ``sha``, ``verdict``, ``pid``."""
+        with self._transaction(write=False) as conn:
+            rows = conn.execute("SELECT task, sha, verdict, pid FROM alert_pending").fetchall()
+        return [dict(zip(("task", "sha", "verdict", "pid"), row)) for row in rows]
 
     def alerts(self, task: Optional[str] = None) -> list[dict[str, Any]]:
         """The alert rows (all, or one task's), oldest first."""

@@ -651,7 +651,8 @@ def _handle_merge_gate_infra_retry(
     settings = run.settings
     try:
         recorded = run.ledger.record_infra_failure(
-            run.task, run.key_sha, verdict.kind, settings.infra_retry_max, verdict.reason
+            run.task, run.key_sha, verdict.kind, settings.infra_retry_max, verdict.reason,
+            confirm_delivery=True,
         )
     except LedgerError as err:
         log.error("merge gate: retry budget unavailable for task %r: %s", run.task, err)
@@ -683,6 +684,7 @@ def _handle_merge_gate_infra_retry(
     if recorded.alert_claimed:
         decision.alert = True
         _send_alert(run, decision, deduplicated=True)
+        _confirm_alert(run, verdict.kind)
     return decision
 
 
@@ -692,7 +694,8 @@ def _handle_merge_gate_infra_retry(
 def _alert_once(run: _GateRun, decision: GateDecision, key: str) -> bool:
     """Send the alert for (task, sha, key) unless some gate already did; return whether we did."""
     try:
-        claimed = run.ledger.claim_alert(run.task, run.key_sha, key, decision.reason)
+        claimed = run.ledger.claim_alert(run.task, run.key_sha, key, decision.reason,
+                                         confirm_delivery=True)
     except LedgerError as err:
         # Better two alerts than none: the task is held and a human must look.
         log.error("merge gate: ledger unavailable, alerting without de-duplication: %s", err)
@@ -700,7 +703,16 @@ def _alert_once(run: _GateRun, decision: GateDecision, key: str) -> bool:
         return True
     if claimed:
         _send_alert(run, decision, deduplicated=True)
+        _confirm_alert(run, key)
     return claimed
+
+
+def _confirm_alert(run: _GateRun, key: str) -> None:
+    """Tell the ledger the claimed alert is out (else a later gate re-sends it, see ledger)."""
+    try:
+        run.ledger.alert_delivered(run.task, run.key_sha, key)
+    except LedgerError as err:
+        log.warning("merge gate: alert sent but not confirmed in the ledger: %s", err)
 
 
 def _alert_payload(decision: GateDecision, deduplicated: bool) -> dict[str, Any]:
