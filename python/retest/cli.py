@@ -1,4 +1,9 @@
-"""The ``retest`` command line: ``retest run``, ``retest gate``, ``retest serve``."""
+"""The ``retest`` command line: ``retest run``, ``retest gate``, ``retest serve``.
+
+What it prints itself (``--json`` documents, verdict lines, log records) never holds the
+values of secret environment variables (``retest.redact``). ``retest run`` without ``--json``
+or ``--quiet`` streams the command's own output through unchanged.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,9 @@ import json
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TextIO
 
-from . import proc_group
+from . import proc_group, redact
 
 log = logging.getLogger("retest")
 
@@ -50,6 +55,15 @@ def _add_run_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.set_defaults(func=_cmd_run)
 
 
+def _print_redacted(doc: object = None, line: Optional[str] = None, *,
+                    file: Optional[TextIO] = None) -> None:
+    """Print ``doc`` as one JSON line or ``line`` as text, with secret values masked."""
+    secrets = redact.FILTER.secrets()
+    text = json.dumps(redact.redact_obj(doc, secrets), sort_keys=True) if line is None \
+        else redact.redact(line, secrets)
+    print(text, file=file or sys.stdout)
+
+
 def _stream(stream: str, chunk: bytes) -> None:
     target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
     target.write(chunk)
@@ -87,9 +101,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         doc = result.to_dict()
         doc.update(verdict=verdict.kind, rule=verdict.rule, reason=verdict.reason,
                    infra=verdict.infra, exit_status=status)
-        print(json.dumps(doc, sort_keys=True))
-    print(f"retest: {verdict.kind} ({verdict.rule}): {verdict.reason} "
-          f"[{result.duration_s:.2f}s, backend={result.backend}, exit={status}]", file=sys.stderr)
+        _print_redacted(doc)
+    _print_redacted(line=f"retest: {verdict.kind} ({verdict.rule}): {verdict.reason} "
+                    f"[{result.duration_s:.2f}s, backend={result.backend}, exit={status}]",
+                    file=sys.stderr)
     return status
 
 
@@ -143,11 +158,11 @@ def _cmd_gate(args: argparse.Namespace) -> int:
         command=args.command, timeout=args.timeout, settings=settings, ledger=ledger,
     )
     if args.json:
-        print(json.dumps(decision.to_dict(), sort_keys=True))
+        _print_redacted(decision.to_dict())
     else:
-        print(f"retest gate: {decision.action} -> {decision.stage} ({decision.verdict}, "
-              f"{decision.rule}): {decision.reason} [attempt {decision.attempt}, "
-              f"{decision.duration_s:.2f}s{', alert sent' if decision.alert else ''}]")
+        _print_redacted(line=f"retest gate: {decision.action} -> {decision.stage} ({decision.verdict}, "
+                        f"{decision.rule}): {decision.reason} [attempt {decision.attempt}, "
+                        f"{decision.duration_s:.2f}s{', alert sent' if decision.alert else ''}]")
     return GATE_EXIT_STATUS.get(decision.action, EXIT_INTERNAL)
 
 
@@ -219,6 +234,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=str(args.log_level).upper(), format="%(levelname)s %(name)s: %(message)s")
+    # On the handlers: a logger's own filters never see records propagated from its children.
+    for handler in logging.getLogger().handlers:
+        redact.install(handler)
+    redact.install(log)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -12,6 +12,9 @@ Safety rules, all in this one module:
   ``GIT_OPTIONAL_LOCKS=0`` so the gate never waits on a prompt or takes the user's index lock.
 * The rebase happens in a detached worktree of its own (``Worktree``): the user's checkout,
   index and refs are never written; nothing is ever pushed.
+* A failed git command's output only ever becomes evidence (an error message, a conflict
+  detail), so ``git()`` masks the environment's secret values in it (``retest.redact``)
+  before anything quotes or truncates it.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Optional, Sequence
 
-from . import config, proc_group
+from . import config, proc_group, redact
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +171,9 @@ def git(
     result = proc_group.run(argv, cwd=cwd, env=env, timeout=timeout, grace=min(2.0, timeout),
                             backend=backend_for(env))
     if not result.ok:
+        secrets = redact.secret_values(env) | redact.secret_values()
+        result = replace(result, stdout=redact.redact_bytes(result.stdout, secrets),
+                         stderr=redact.redact_bytes(result.stderr, secrets))
         log.debug("git %s in %s: %s", " ".join(args[:2]), cwd,
                   result.spawn_error or result.stderr[-500:].decode("utf-8", "replace"))
     return result

@@ -26,10 +26,16 @@ The worktree is removed and the lock released on every path, exceptions included
 never raises for a runtime fault: an internal error becomes a ``hold`` with one alert and the
 traceback in the log. Retry budgets, alerts and (with metrics on) decisions live in the
 SQLite ledger (``retest.ledger``), so the bound and the one-alert rule hold across processes.
+
+Secret values of the environment (``retest.redact``) are masked where untrusted text becomes
+evidence: the suite's output before it is classified or cut to a tail, and every verdict's
+reason and evidence as it is routed; so decisions, alerts, the ledger and the log never hold
+them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -44,10 +50,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from . import config, gitops, proc_group
+from . import config, gitops, proc_group, redact
 from .ledger import Ledger, LedgerBusy, LedgerError
 
 log = logging.getLogger(__name__)
+# The gate's own records and those of the git it runs: redacted whoever configures logging.
+redact.install(log)
+redact.install(gitops.log)
 
 __all__ = [
     "GateDecision",
@@ -361,6 +370,8 @@ class _GateRun:
     tested_sha: Optional[str] = None
     attempt: int = 0
     evidence: dict[str, Any] = field(default_factory=dict)
+    #: Secret values of the environment (``redact.secret_values``), masked in all evidence.
+    secrets: frozenset[str] = frozenset()
 
     @property
     def key_sha(self) -> str:
@@ -393,6 +404,27 @@ def retest_branch(
     alert. A ``KeyboardInterrupt`` cleans up (worktree, lock) and propagates.
     """
     base_env = dict(os.environ if env is None else env)
+    secrets = redact.secret_values(base_env) | redact.secret_values()
+    with redact.FILTER.covering(secrets):
+        return _retest_branch(repo_path, branch, onto, task_id, validated_sha, command, timeout,
+                              settings, ledger, alert_hook, base_env, secrets, metrics)
+
+
+def _retest_branch(
+    repo_path: Union[str, "os.PathLike[str]"],
+    branch: str,
+    onto: str,
+    task_id: Optional[str],
+    validated_sha: Optional[str],
+    command: Union[str, Sequence[str], None],
+    timeout: Union[float, str, None],
+    settings: Optional[config.GateSettings],
+    ledger: Optional[Ledger],
+    alert_hook: Optional[AlertHook],
+    base_env: dict[str, str],
+    secrets: frozenset[str],
+    metrics: Optional[GateMetrics],
+) -> GateDecision:
     run: Optional[_GateRun] = None
     try:
         settings = settings or config.GateSettings.from_env(base_env)
@@ -407,11 +439,12 @@ def retest_branch(
             alert_hook=alert_hook,
             base_env=base_env,
             metrics=metrics or METRICS,
+            secrets=secrets,
         )
         decision = _retest(run, validated_sha, command, timeout)
     except Exception as err:  # never-raise: an internal error holds the task, never rolls it back
         log.exception("merge gate: internal error on %r (task %r)", branch, task_id)
-        decision = _internal_error(run, branch, task_id, err)
+        decision = _internal_error(run, branch, task_id, err, secrets)
     _record(run, decision)
     return decision
 
@@ -484,9 +517,9 @@ def _retest(
         run.evidence["skip"] = doubt
 
         argv = _suite_argv(command, settings)
-        result = proc_group.run(argv, timeout=timeout_s, cwd=worktree.path,
-                                env=_suite_env(run.base_env),
-                                backend=None if settings.tree_kill_enabled else "subprocess")
+        result = _redacted_result(proc_group.run(
+            argv, timeout=timeout_s, cwd=worktree.path, env=_suite_env(run.base_env),
+            backend=None if settings.tree_kill_enabled else "subprocess"), run.secrets)
         run.evidence.update(_run_evidence(result, timeout_s))
         return _route(run, _verdict(result, settings.classify_enabled), result=result)
     finally:
@@ -562,6 +595,15 @@ def _suite_env(base: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in base.items() if k not in gitops.REDIRECTING_ENV}
 
 
+def _redacted_result(result: proc_group.RunResult, secrets: frozenset[str]) -> proc_group.RunResult:
+    """The suite's output with secrets masked: before the classifier quotes a line of it or
+    the evidence keeps its tail, so that no cut can leave half a secret behind."""
+    if not secrets:
+        return result
+    return dataclasses.replace(result, stdout=redact.redact_bytes(result.stdout, secrets),
+                               stderr=redact.redact_bytes(result.stderr, secrets))
+
+
 def _tail(data: bytes, limit: int) -> str:
     text = data.decode("utf-8", "replace")
     return text[-limit:]
@@ -597,6 +639,18 @@ def _decision(run: _GateRun, verdict: proc_group.Verdict, action: str, stage: st
     )
 
 
+def _scrub(run: _GateRun, verdict: proc_group.Verdict) -> proc_group.Verdict:
+    """Mask secrets in the reason and the evidence, before either is recorded or sent.
+
+    The one redaction of everything routed: git errors, conflict details, error messages
+    and the run's figures (the suite's output was masked as it came back).
+    """
+    if not run.secrets:
+        return verdict
+    run.evidence = redact.redact_obj(run.evidence, run.secrets)
+    return dataclasses.replace(verdict, reason=redact.redact(verdict.reason, run.secrets))
+
+
 def _count_run(run: _GateRun) -> None:
     try:
         run.attempt = run.ledger.next_run(run.task, run.key_sha)
@@ -613,6 +667,7 @@ def _route(
     proof: Optional[dict[str, str]] = None,
 ) -> GateDecision:
     """Turn a verdict into a decision per the routing table (module docstring)."""
+    verdict = _scrub(run, verdict)
     _count_run(run)
     killed = (result.killed_at_deadline + result.swept_after_exit) if result is not None else 0
     settings = run.settings
@@ -762,10 +817,12 @@ def _send_alert(run: Optional[_GateRun], decision: GateDecision, *, deduplicated
                                              f"exit {result.returncode}"))
 
 
-def _internal_error(run: Optional[_GateRun], branch: object, task_id: object, err: Exception) -> GateDecision:
+def _internal_error(run: Optional[_GateRun], branch: object, task_id: object, err: Exception,
+                    secrets: frozenset[str] = frozenset()) -> GateDecision:
     verdict = proc_group.Verdict(
         "other", "other.gate-internal-error",
-        f"internal error in the merge gate: {type(err).__name__}: {err}", False,
+        redact.redact(f"internal error in the merge gate: {type(err).__name__}: {err}", secrets),
+        False,
     )
     if run is None:
         decision = GateDecision(action="hold", stage=STAGE_DEPLOY_STAGING, verdict=verdict.kind,
@@ -775,7 +832,7 @@ def _internal_error(run: Optional[_GateRun], branch: object, task_id: object, er
         _send_alert(None, decision, deduplicated=False)
         return decision
     try:
-        decision = _decision(run, verdict, "hold", STAGE_DEPLOY_STAGING)
+        decision = _decision(run, _scrub(run, verdict), "hold", STAGE_DEPLOY_STAGING)
         decision.alert = _alert_once(run, decision, "internal-error")
     except Exception:
         log.exception("merge gate: could not even build the internal-error decision")

@@ -11,8 +11,9 @@ request: totals and the last decisions of every gate process that had metrics on
 server answers contains environment values: switches, numbers and decisions only.
 
 Hardening: binds 127.0.0.1 unless told otherwise; request line and headers are bounded
-(``MAX_REQUEST_LINE``, ``MAX_HEADERS``); a request with a body is refused (413); an idle
-connection is dropped after ``REQUEST_TIMEOUT_S``; the Server header names no versions.
+(``MAX_REQUEST_LINE``, ``MAX_HEADERS``, ``MAX_HEADER_BYTES``); a request with a body is
+refused (413); an idle connection is dropped after ``REQUEST_TIMEOUT_S``; the Server header
+names no versions; secret values of the environment are masked (``retest.redact``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
-from . import config, merge_gate
+from . import config, merge_gate, redact
 from .ledger import Ledger
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ __all__ = ["StatusServer", "make_server", "render_metrics", "serve_forever"]
 
 MAX_REQUEST_LINE = 8192
 MAX_HEADERS = 64
+#: All header lines together (http.client alone allows 100 lines of 64 KiB each).
+MAX_HEADER_BYTES = 16384
 REQUEST_TIMEOUT_S = 10.0
 ALLOWED = "GET, HEAD"
 
@@ -94,7 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         if not super().parse_request():
             return False
-        if len(self.headers) > MAX_HEADERS:
+        if len(self.headers) > MAX_HEADERS or \
+                sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
             self.close_connection = True
             self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
             return False
@@ -181,8 +185,11 @@ class StatusServer(ThreadingHTTPServer):
 
     def _block(self) -> dict[str, Any]:
         # Settings are re-read per request unless fixed: a switch flipped in the environment
-        # of a restarted server shows at once.
-        return merge_gate.queue_block(ledger=self.ledger, settings=self.settings)
+        # of a restarted server shows at once. Gates mask secrets before they record a
+        # decision; masking this server's own again covers ledgers written by older versions.
+        block = merge_gate.queue_block(ledger=self.ledger, settings=self.settings)
+        result: dict[str, Any] = redact.redact_obj(block, redact.FILTER.secrets())
+        return result
 
     def _queue(self) -> tuple[bytes, str]:
         body = json.dumps({"merge_gate": self._block()}, sort_keys=True, default=str).encode() + b"\n"
