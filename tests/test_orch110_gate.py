@@ -489,10 +489,6 @@ def test_ignores_sigterm():
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: retest_branch runs the suite with proc_group.run(..., grace=None), so the "
-    "runner takes RETEST_KILL_GRACE_S from os.environ (default 5 s) instead of the gate's env/"
-    "settings.grace_s that _resolve_retest_timeout used for the REAPER_MAX_RUNNING_S clamp"))
 def test_tc09_the_reaper_bound_holds_for_the_gates_real_run(repo: Repo, monkeypatch: pytest.MonkeyPatch) -> None:
     """TC-09 through the gate: clamped deadline + the gate's grace really ends the run in time.
 

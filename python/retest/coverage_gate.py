@@ -103,8 +103,8 @@ def measure_coverage(
     try:
         child_env = {k: v for k, v in base_env.items() if k not in gitops.REDIRECTING_ENV}
         child_env["COVERAGE_FILE"] = os.path.join(workdir, ".coverage")
-        result = proc_group.run(_argv(command, settings), timeout=timeout_s, cwd=cwd, env=child_env,
-                                backend=gitops.backend_for(base_env))
+        result = proc_group.run(_argv(command, settings), timeout=timeout_s, grace=settings.grace_s,
+                                cwd=cwd, env=child_env, backend=gitops.backend_for(base_env))
         verdict = proc_group.classify(result)
         percent, covered, statements, error = _report(workdir, cwd, child_env, settings)
     finally:

@@ -331,10 +331,17 @@ def _resolve_retest_timeout(
                 timeout = number
     if timeout + grace >= reaper_max:
         clamped = max(reaper_max - grace - 1.0, 1.0)
-        problems.append(
-            f"timeout {timeout:g}s + grace {grace:g}s would reach REAPER_MAX_RUNNING_S={reaper_max:g}; "
-            f"clamped to {clamped:g}s"
-        )
+        if clamped + grace < reaper_max:
+            problems.append(
+                f"timeout {timeout:g}s + grace {grace:g}s would reach "
+                f"REAPER_MAX_RUNNING_S={reaper_max:g}; clamped to {clamped:g}s"
+            )
+        else:  # a misconfiguration no deadline can fix: say so rather than claim safety
+            problems.append(
+                f"REAPER_MAX_RUNNING_S={reaper_max:g} leaves no room for a deadline plus the "
+                f"{grace:g}s grace (RETEST_KILL_GRACE_S); using {clamped:g}s, and the reaper may "
+                f"kill the run first: raise REAPER_MAX_RUNNING_S or lower the grace"
+            )
         timeout = clamped
     if problems and warn:
         log.warning("retest timeout: %s", "; ".join(problems))
@@ -517,8 +524,11 @@ def _retest(
         run.evidence["skip"] = doubt
 
         argv = _suite_argv(command, settings)
+        # The gate's own grace: the one _resolve_retest_timeout kept the reaper bound with
+        # (the runner's default would read the calling process's environment instead).
         result = _redacted_result(proc_group.run(
-            argv, timeout=timeout_s, cwd=worktree.path, env=_suite_env(run.base_env),
+            argv, timeout=timeout_s, grace=settings.grace_s, cwd=worktree.path,
+            env=_suite_env(run.base_env),
             backend=None if settings.tree_kill_enabled else "subprocess"), run.secrets)
         run.evidence.update(_run_evidence(result, timeout_s))
         return _route(run, _verdict(result, settings.classify_enabled), result=result)
