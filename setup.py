@@ -6,6 +6,8 @@ the native runner explicitly: the package then installs without it and ``run()``
 """
 
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import Extension, setup
@@ -35,9 +37,12 @@ class BuildWithShepherd(build_ext):
         ext_path = self.get_ext_fullpath("retest._proc_group")
         out_dir = os.path.dirname(os.path.abspath(ext_path))
         os.makedirs(out_dir, exist_ok=True)
+        target = os.path.join(out_dir, "_retest_shepherd")
+        if not SANITIZE and self._build_shepherd_with_musl(target):
+            os.chmod(target, 0o755)
+            return
         objects = self.compiler.compile(SHEPHERD_SOURCES, output_dir=self.build_temp,
                                         extra_postargs=CFLAGS)
-        target = os.path.join(out_dir, "_retest_shepherd")
         if SANITIZE:
             # Sanitizer runtimes need the dynamic loader: the checked build links dynamically.
             self.compiler.link_executable(objects, target, extra_postargs=[f"-fsanitize={SANITIZE}"])
@@ -50,6 +55,28 @@ class BuildWithShepherd(build_ext):
                 self.announce(f"static link of the shepherd failed ({err}); linking dynamically", 2)
                 self.compiler.link_executable(objects, target)
         os.chmod(target, 0o755)
+
+    def _build_shepherd_with_musl(self, target):
+        """Link the shepherd statically against musl when musl-gcc is installed.
+
+        A static glibc binary spends ~0.4 ms of every start in CPU-feature detection (CPUID,
+        which traps to the hypervisor on a VM); musl's start-up does not: measured 1.45x
+        instead of 1.9x the posix_spawn floor per run. Optional: without musl-gcc, or if it
+        fails, the glibc build is used. RETEST_SHEPHERD_LIBC=glibc skips it.
+        """
+        musl = shutil.which("musl-gcc")
+        if not musl or os.environ.get("RETEST_SHEPHERD_LIBC") == "glibc":
+            return False
+        cmd = [musl, "-static", *CFLAGS, "-Iext", "-o", target, *SHEPHERD_SOURCES]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as err:
+            detail = getattr(err, "stderr", b"") or b""
+            self.announce(f"musl build of the shepherd failed ({err}: {detail[-500:]!r}); "
+                          "using glibc", 2)
+            return False
+        self.announce("shepherd linked statically with musl", 2)
+        return True
 
 
 def extensions():

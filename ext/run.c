@@ -892,7 +892,11 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     r.names[1] = names[1];
 
     /* Copy every input out of Python objects: the GIL is released while they are in use. */
-    snprintf(nbuf[0], sizeof(nbuf[0]), "%lld", (long long)r.timeout_ns);
+    /* The deadline travels as an absolute CLOCK_MONOTONIC time: starting the shepherd and
+     * the command is part of the run, and must not push the deadline back. */
+    r.start_ns = now_ns();
+    snprintf(nbuf[0], sizeof(nbuf[0]), "%lld",
+             (long long)(r.timeout_ns < 0 ? -1 : r.start_ns + r.timeout_ns));
     snprintf(nbuf[1], sizeof(nbuf[1]), "%lld", (long long)r.grace_ns);
     if (!(shepherd_path = dup_bytes(shepherd_b)))
         goto cleanup;
@@ -937,7 +941,6 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     capture_init(&r.cap[0], r.capture_limit);
     capture_init(&r.cap[1], r.capture_limit);
 
-    r.start_ns = now_ns();
     /* All fds close-on-exec from birth: a concurrent spawn from another thread must not
      * inherit them, or our EOF would wait for an unrelated process. */
     rc = 0;

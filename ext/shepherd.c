@@ -4,8 +4,10 @@
  * spawn, so its cost does not grow with the caller's memory) in a new session, with:
  *   fd 0, 1, 2  the command's stdin, stdout and stderr
  *   fd 3        a socket to the caller: records go out (protocol.h), command bytes come in
- *   argv        TIMEOUT_NS GRACE_NS CWD-ARG CMD [ARG...]
- *               TIMEOUT_NS < 0: no deadline; CWD-ARG is "-" or "C<path>"
+ *   argv        DEADLINE_NS GRACE_NS CWD-ARG CMD [ARG...]
+ *               DEADLINE_NS: absolute, on CLOCK_MONOTONIC (one clock for the whole machine),
+ *               so the time to start us and the command counts against the caller's timeout;
+ *               < 0: no deadline. CWD-ARG is "-" or "C<path>"
  *   environ     the command's environment
  *
  * The shepherd makes itself a child subreaper, starts the command in a session of its
@@ -632,7 +634,7 @@ static void on_control(struct state *st, short revents)
 int main(int argc, char **argv)
 {
     struct state st;
-    int64_t timeout_ns, grace_ns;
+    int64_t deadline_ns, grace_ns;
     const char *cwd = NULL;
     sigset_t mask;
     int sfd;
@@ -645,7 +647,7 @@ int main(int argc, char **argv)
     if (fcntl(PG_CONTROL_FD, F_SETFD, FD_CLOEXEC) < 0)
         return 125;  /* no control socket: started by something other than run.c */
     close_inherited_fds();
-    if (argc < 5 || parse_i64(argv[1], &timeout_ns) || parse_i64(argv[2], &grace_ns) || grace_ns < 0)
+    if (argc < 5 || parse_i64(argv[1], &deadline_ns) || parse_i64(argv[2], &grace_ns) || grace_ns < 0)
         fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
     if (argv[3][0] == 'C')
         cwd = argv[3] + 1;
@@ -675,7 +677,7 @@ int main(int argc, char **argv)
         fail_start(&st, PG_STAGE_SHEPHERD, errno);
 
     start_command(&st, cwd, argv + 4);
-    st.deadline_ns = timeout_ns < 0 ? -1 : now_ns() + timeout_ns;
+    st.deadline_ns = deadline_ns < 0 ? -1 : deadline_ns;
     st.phase = RUNNING;
 
     while (st.phase != DONE) {
