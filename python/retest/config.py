@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
+import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence, Union
 
 log = logging.getLogger(__name__)
 
@@ -246,3 +248,21 @@ class GateSettings:
             coverage_command_is_default=not coverage_command,
             coverage_min_percent=min_percent,
         )
+
+
+def command_argv(command: Union[str, Sequence[str], None], configured: str,
+                 configured_is_default: bool) -> list[str]:
+    """The argv of a suite command: never a shell.
+
+    ``command`` (a string, split with ``shlex``, or an argv) wins over the ``configured``
+    setting. The built-in default's ``python`` is this very interpreter, so the suite runs with
+    the packages the gate runs with; a command someone configured is used as written.
+    """
+    if command is None:
+        argv = shlex.split(configured)
+        if configured_is_default and argv and argv[0] == "python":
+            argv[0] = sys.executable
+        return argv
+    if isinstance(command, str):
+        return shlex.split(command)
+    return [os.fspath(part) for part in command]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -63,17 +62,6 @@ class CoverageResult:
         }
 
 
-def _argv(command: Union[str, Sequence[str], None], settings: config.GateSettings) -> list[str]:
-    if command is None:
-        argv = shlex.split(settings.coverage_command)
-        if settings.coverage_command_is_default and argv and argv[0] == "python":
-            argv[0] = sys.executable
-        return argv
-    if isinstance(command, str):
-        return shlex.split(command)
-    return [os.fspath(part) for part in command]
-
-
 def measure_coverage(
     repo_path_or_cwd: Union[str, "os.PathLike[str]", None] = None,
     *,
@@ -103,7 +91,8 @@ def measure_coverage(
     try:
         child_env = {k: v for k, v in base_env.items() if k not in gitops.REDIRECTING_ENV}
         child_env["COVERAGE_FILE"] = os.path.join(workdir, ".coverage")
-        result = proc_group.run(_argv(command, settings), timeout=timeout_s, grace=settings.grace_s,
+        result = proc_group.run(config.command_argv(command, settings.coverage_command,
+                                                   settings.coverage_command_is_default), timeout=timeout_s, grace=settings.grace_s,
                                 cwd=cwd, env=child_env, backend=gitops.backend_for(base_env))
         verdict = proc_group.classify(result)
         percent, covered, statements, error = _report(workdir, cwd, child_env, settings)

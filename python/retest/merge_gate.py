@@ -42,7 +42,6 @@ import math
 import os
 import re
 import shlex
-import sys
 import threading
 import time
 from collections import deque
@@ -523,7 +522,8 @@ def _retest(
             return _route(run, verdict, proof=proof)
         run.evidence["skip"] = doubt
 
-        argv = _suite_argv(command, settings)
+        argv = config.command_argv(command, settings.retest_command,
+                                   settings.retest_command_is_default)
         # The gate's own grace: the one _resolve_retest_timeout kept the reaper bound with
         # (the runner's default would read the calling process's environment instead).
         result = _redacted_result(proc_group.run(
@@ -586,18 +586,6 @@ def _skip_proof(run: _GateRun, validated_sha: Optional[str]) -> tuple[Optional[d
         "validated_sha": validated,
         "rebased_head": run.tested_sha or "",
     }, ""
-
-
-def _suite_argv(command: Union[str, Sequence[str], None], settings: config.GateSettings) -> list[str]:
-    """The suite's argv: never a shell. The default runs pytest in this very interpreter."""
-    if command is None:
-        argv = shlex.split(settings.retest_command)
-        if settings.retest_command_is_default and argv and argv[0] == "python":
-            argv[0] = sys.executable
-        return argv
-    if isinstance(command, str):
-        return shlex.split(command)
-    return [os.fspath(part) for part in command]
 
 
 def _suite_env(base: Mapping[str, str]) -> dict[str, str]:
