@@ -271,8 +271,12 @@ def queue_block(
 
 def _verdict(result: proc_group.RunResult, classify_enabled: bool) -> proc_group.Verdict:
     """The runner's verdict; with classification off, every failure is red (the prior rule)."""
-    verdict = proc_group.classify(result)
-    if classify_enabled or verdict.kind == "passed":
+    return _maybe_red(proc_group.classify(result), classify_enabled)
+
+
+def _maybe_red(verdict: proc_group.Verdict, classify_enabled: bool) -> proc_group.Verdict:
+    """Apply ``MERGE_GATE_CLASSIFY_ENABLED=false``: every failure but a conflict is red."""
+    if classify_enabled or verdict.kind in ("passed", "conflict"):
         return verdict
     return proc_group.Verdict(
         "red", "red.classify-disabled",
@@ -490,7 +494,7 @@ def _retest(
             f"(waited {settings.gate_lock_wait_s:g}s)",
             True,
         )
-        return _route(run, _maybe_red(verdict, settings))
+        return _route(run, _maybe_red(verdict, settings.classify_enabled))
     worktree: Optional[gitops.Worktree] = None
     try:
         gitops.remove_stale_worktrees(run.repo, git_env, git_timeout)
@@ -540,18 +544,6 @@ def _retest(
             lock.release()
 
 
-def _maybe_red(verdict: proc_group.Verdict, settings: config.GateSettings) -> proc_group.Verdict:
-    """Apply ``MERGE_GATE_CLASSIFY_ENABLED=false`` to a verdict the gate made itself."""
-    if settings.classify_enabled or verdict.kind in ("passed", "conflict"):
-        return verdict
-    return proc_group.Verdict(
-        "red", "red.classify-disabled",
-        f"MERGE_GATE_CLASSIFY_ENABLED=false: every failure is red "
-        f"(runner: {verdict.kind}, {verdict.rule}: {verdict.reason})",
-        False,
-    )
-
-
 def _git_verdict(err: gitops.GitError, settings: config.GateSettings) -> proc_group.Verdict:
     """A failed git step: a deadline or a held lock is infra; anything else is ``other``."""
     if err.result is not None:
@@ -559,8 +551,9 @@ def _git_verdict(err: gitops.GitError, settings: config.GateSettings) -> proc_gr
         if verdict.kind in INFRA_VERDICTS:
             verdict = proc_group.Verdict(verdict.kind, verdict.rule,
                                          f"{err} [{verdict.reason}]", True)
-            return _maybe_red(verdict, settings)
-    return _maybe_red(proc_group.Verdict("other", "other.git-error", str(err), False), settings)
+            return _maybe_red(verdict, settings.classify_enabled)
+    return _maybe_red(proc_group.Verdict("other", "other.git-error", str(err), False),
+                      settings.classify_enabled)
 
 
 def _skip_proof(run: _GateRun, validated_sha: Optional[str]) -> tuple[Optional[dict[str, str]], str]:
