@@ -92,21 +92,23 @@ def reap_own_zombies() -> None:
                 pass
 
 
-def kill_descendants() -> list[int]:
-    """SIGKILL every live descendant of this process (ours by construction); return them."""
+def kill_descendants(only: "set[int] | None" = None) -> list[int]:
+    """SIGKILL live descendants of this process (ours by construction), or only those of them
+    in ``only``; reap; return the pids killed. A pid outside our tree is never touched, even if
+    it is in ``only``: a recorded pid may have been recycled by a stranger since."""
     killed: list[int] = []
-    for _ in range(50):
+    for _ in range(100):
         reap_own_zombies()
-        alive = [p for p in descendants() if pid_alive(p)]
-        if not alive:
+        targets = [p for p in descendants() if (only is None or p in only) and pid_alive(p)]
+        if not targets:
             break
-        for pid in alive:
+        for pid in targets:
             try:
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
             except ProcessLookupError:
                 pass
-        time.sleep(0.02)
+        wait_until(lambda: not any(pid_alive(p) for p in targets), timeout=0.5)
     reap_own_zombies()
     return sorted(set(killed))
 
@@ -148,6 +150,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "leaves_processes: the test knowingly leaves orphans (the guard kills them quietly)"
     )
+
+
+@pytest.fixture
+def pid_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory where a test's tree records its pids (one file per pid); whatever is
+    recorded there is killed afterwards (helpers_proc.kill_recorded: our descendants only)."""
+    from helpers_proc import kill_recorded, recorded_pids
+
+    directory = tmp_path / "pids"
+    directory.mkdir()
+    yield directory
+    kill_recorded(recorded_pids(directory))
 
 
 NATIVE_REQUIRED = os.environ.get("RETEST_REQUIRE_NATIVE") == "1"

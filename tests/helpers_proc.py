@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import random
 import shlex
-import signal
 import sys
 import textwrap
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import retest
-from conftest import children_of, descendants, is_zombie, pid_alive, reap_own_zombies, wait_until
+from conftest import children_of, descendants, is_zombie, kill_descendants, pid_alive, wait_until
 
 __all__ = [
     "PY",
@@ -91,22 +90,7 @@ def kill_recorded(pids: Iterable[int]) -> list[int]:
     Only our own descendants: a pid recorded by a test's tree may have been recycled by an
     unrelated process after the tree died, and that one must not be touched.
     """
-    wanted = set(pids)
-    killed: list[int] = []
-    for _ in range(100):
-        ours = set(descendants())
-        targets = [p for p in wanted & ours if pid_alive(p)]
-        if not targets:
-            break
-        for pid in targets:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-            except ProcessLookupError:
-                pass
-        wait_until(lambda: not alive(targets), timeout=0.5)
-    reap_own_zombies()
-    return sorted(set(killed))
+    return kill_descendants(only=set(pids))
 
 
 def open_fds() -> set[int]:

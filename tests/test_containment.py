@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -36,15 +35,6 @@ from helpers_proc import (
     wait_until,
 )
 from retest.proc_group import run
-
-
-@pytest.fixture
-def pid_dir(tmp_path: Path):
-    """A directory where tree processes record their pids; whatever is recorded is killed after."""
-    directory = tmp_path / "pids"
-    directory.mkdir()
-    yield directory
-    kill_recorded(recorded_pids(directory))
 
 
 def proc_state(pid: int) -> str:

@@ -127,7 +127,7 @@ def test_sigchld_ignored_fallback_still_returns(backend: str) -> None:
 def test_shepherd_killed_mid_run_is_reported_and_tree_killed(native: str, tmp_path: Path) -> None:
     """If someone SIGKILLs the shepherd, the leader dies with it (PDEATHSIG) and the caller
     gets a clear spawn_error instead of hanging."""
-    import threading, time
+    import threading
 
     from tests.conftest import children_of, pid_alive, wait_until
 

@@ -63,15 +63,6 @@ def repo(tmp_path: Path) -> Repo:
     return make_repo(tmp_path)
 
 
-@pytest.fixture
-def pid_dir(tmp_path: Path):
-    """Where a suite's processes record their pids; whatever is recorded is killed afterwards."""
-    directory = tmp_path / "pids"
-    directory.mkdir()
-    yield directory
-    kill_recorded(recorded_pids(directory))
-
-
 def tree_env(repo: Repo, pid_dir: Path, fault: Path | None = None, **extra: str) -> dict[str, str]:
     env = with_env(repo.env, ORCH110_PIDS=str(pid_dir), **extra)
     if fault is not None:

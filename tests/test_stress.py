@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import threading
 import time
 import tracemalloc
 from pathlib import Path
-
-import pytest
 
 from helpers_proc import (
     child_env,
