@@ -36,6 +36,7 @@ DEFAULT_REAPER_MAX_RUNNING_S = 3600.0
 DEFAULT_KILL_GRACE_S = 5.0
 DEFAULT_CAPTURE_LIMIT_BYTES = 8 * 1024 * 1024
 DEFAULT_INFRA_RETRY_MAX = 3
+DEFAULT_PROBE_MAX_BYTES = 8 * 1024 * 1024
 
 _warned: set[tuple[str, str]] = set()
 _warned_lock = threading.Lock()
@@ -119,6 +120,10 @@ class RunnerSettings:
     tree_kill_enabled: bool = True
     grace_s: float = DEFAULT_KILL_GRACE_S
     capture_limit_bytes: int = DEFAULT_CAPTURE_LIMIT_BYTES
+    #: Inject the pytest probe into pytest commands (``RETEST_PROBE_ENABLED``).
+    probe_enabled: bool = True
+    #: Bytes of events one pytest process may write (``RETEST_PROBE_MAX_BYTES``).
+    probe_max_bytes: int = DEFAULT_PROBE_MAX_BYTES
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "RunnerSettings":
@@ -128,6 +133,9 @@ class RunnerSettings:
             capture_limit_bytes=env_int(
                 "RETEST_CAPTURE_LIMIT_BYTES", DEFAULT_CAPTURE_LIMIT_BYTES, environ, minimum=1024
             ),
+            probe_enabled=env_bool("RETEST_PROBE_ENABLED", True, environ),
+            probe_max_bytes=env_int("RETEST_PROBE_MAX_BYTES", DEFAULT_PROBE_MAX_BYTES, environ,
+                                    minimum=65536),
         )
 
 
@@ -179,6 +187,8 @@ class GateSettings:
     skip_when_current_enabled: bool = True
     metrics_enabled: bool = True
     tree_kill_enabled: bool = True
+    #: Inject the pytest probe (``RETEST_PROBE_ENABLED``): verdicts from the suite's own events.
+    probe_enabled: bool = True
     retest_command: str = DEFAULT_RETEST_COMMAND
     #: ``True`` when MERGE_RETEST_COMMAND was not set (the default runs this interpreter).
     retest_command_is_default: bool = True
@@ -219,6 +229,7 @@ class GateSettings:
             skip_when_current_enabled=env_bool("MERGE_RETEST_SKIP_WHEN_CURRENT_ENABLED", True, env),
             metrics_enabled=env_bool("MERGE_GATE_METRICS_ENABLED", True, env),
             tree_kill_enabled=runner.tree_kill_enabled,
+            probe_enabled=runner.probe_enabled,
             retest_command=retest_command or DEFAULT_RETEST_COMMAND,
             retest_command_is_default=not retest_command,
             retest_timeout_raw=None if raw_timeout is None or raw_timeout.strip() == "" else raw_timeout,

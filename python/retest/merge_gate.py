@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
-from . import config, gitops, proc_group, redact
+from . import config, gitops, layout, proc_group, redact
 from .ledger import Ledger, LedgerBusy, LedgerError
 
 log = logging.getLogger(__name__)
@@ -528,20 +528,42 @@ def _retest(
 
         argv = config.command_argv(command, settings.retest_command,
                                    settings.retest_command_is_default)
-        # The gate's own grace: the one _resolve_retest_timeout kept the reaper bound with
-        # (the runner's default would read the calling process's environment instead).
-        result = _redacted_result(proc_group.run(
-            argv, timeout=timeout_s, grace=settings.grace_s, cwd=worktree.path,
-            env=_suite_env(run.base_env),
-            backend=None if settings.tree_kill_enabled else "subprocess"), run.secrets)
-        run.evidence.update(_run_evidence(result, timeout_s))
-        return _route(run, _verdict(result, settings.classify_enabled), result=result)
+        return _run_suite(run, argv, worktree.path, timeout_s)
     finally:
         try:
             if worktree is not None:
                 worktree.remove()
         finally:
             lock.release()
+
+
+def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) -> GateDecision:
+    """Run the suite in the worktree with its import roots first, then prove which tree it tested."""
+    settings = run.settings
+    roots = layout.import_roots(worktree)
+    packages = layout.top_level_packages(roots, worktree)
+    env = _suite_env(run.base_env)
+    env["PYTHONPATH"] = layout.pythonpath(roots, env.get("PYTHONPATH"))
+    # The gate's own grace: the one _resolve_retest_timeout kept the reaper bound with
+    # (the runner's default would read the calling process's environment instead).
+    result = _redacted_result(proc_group.run(
+        argv, timeout=timeout_s, grace=settings.grace_s, cwd=worktree, env=env,
+        backend=None if settings.tree_kill_enabled else "subprocess",
+        probe=settings.probe_enabled, probe_packages=packages), run.secrets)
+    run.evidence.update(_run_evidence(result, timeout_s))
+    report = result.probe
+    proof = layout.prove(worktree, roots, packages, report.imports if report else None,
+                         report.rootdir if report else None)
+    run.evidence["tree"] = proof.to_dict()
+    verdict = _verdict(result, settings.classify_enabled)
+    if proof.status == "wrong-tree":
+        # Not a failure of the branch and not a pass: whatever the suite said was about another
+        # tree. Held whatever MERGE_GATE_CLASSIFY_ENABLED says: it must never merge.
+        verdict = proc_group.Verdict(
+            "other", "other.wrong-tree",
+            f"{proof.reason()} (the suite's own verdict: {verdict.kind}, {verdict.rule})",
+            False, evidence="events")
+    return _route(run, verdict, result=result)
 
 
 def _git_verdict(err: gitops.GitError, settings: config.GateSettings) -> proc_group.Verdict:
@@ -612,6 +634,7 @@ def _run_evidence(result: proc_group.RunResult, timeout_s: float) -> dict[str, A
         "swept_after_exit": result.swept_after_exit,
         "escalated": result.escalated,
         "spawn_error": result.spawn_error,
+        "tests": result.probe.evidence() if result.probe is not None else None,
         "output_tail": _tail(result.stdout, EVIDENCE_TAIL_CHARS)
         + ("\n[stderr]\n" + _tail(result.stderr, EVIDENCE_TAIL_CHARS // 2) if result.stderr else ""),
     }

@@ -18,6 +18,7 @@ A ``KeyboardInterrupt`` in the caller kills the tree first, then propagates.
 
 from __future__ import annotations
 
+import dataclasses
 import errno as _errno
 import logging
 import math
@@ -27,9 +28,10 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
-from . import config
+from . import config, facts, probe as _probe
+from .probe import EventCallback, ProbeReport
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,17 @@ __all__ = [
     "classify",
     "backend_status",
     "OutputCallback",
+    "EventCallback",
+    "ProbeReport",
+    "VerdictKind",
+    "Evidence",
     "LOCK_BUSY_MESSAGE",
 ]
+
+#: The five verdicts of DESIGN.md.
+VerdictKind = Literal["passed", "red", "timeout", "lock-busy", "other"]
+#: What a verdict rests on: the runner's own facts, the suite's events, or its output text.
+Evidence = Literal["runner", "events", "output"]
 
 #: ``on_output(stream, chunk)``: ``stream`` is ``"stdout"`` or ``"stderr"``.
 OutputCallback = Callable[[str, bytes], None]
@@ -89,6 +100,8 @@ class RunResult:
     user_cpu_s: float = 0.0
     sys_cpu_s: float = 0.0
     max_rss_kb: int = 0
+    #: What the suite reported through the pytest probe (``None``: no probe in this run).
+    probe: Optional[ProbeReport] = None
 
     @property
     def signal(self) -> Optional[int]:
@@ -123,6 +136,7 @@ class RunResult:
             "user_cpu_s": round(self.user_cpu_s, 6),
             "sys_cpu_s": round(self.sys_cpu_s, 6),
             "max_rss_kb": self.max_rss_kb,
+            "tests": self.probe.to_dict() if self.probe is not None else None,
         }
         if with_output:
             out["stdout"] = self.stdout.decode("utf-8", "replace")
@@ -142,6 +156,9 @@ class Verdict:
     reason: str
     #: True when the cause is infrastructure (timeout, lock-busy), not the code under test.
     infra: bool
+    #: What the verdict rests on: ``"runner"`` (deadline, spawn failure), ``"events"`` (the
+    #: suite's own report through the probe) or ``"output"`` (the output text).
+    evidence: str = "output"
 
 
 # --------------------------------------------------------------------------- backend choice
@@ -298,6 +315,9 @@ def run(
     on_output: Optional[OutputCallback] = None,
     tee: Union[IO[bytes], int, None] = None,
     backend: Optional[str] = None,
+    probe: Optional[bool] = None,
+    probe_packages: Sequence[str] = (),
+    on_event: Optional[EventCallback] = None,
 ) -> RunResult:
     """Run ``args`` as a contained process tree and return what happened.
 
@@ -309,6 +329,10 @@ def run(
     ``on_output``: called as ``on_output("stdout" | "stderr", chunk)`` as output arrives.
     ``tee``: a binary file or fd that receives both streams as they arrive.
     ``backend``: force ``"native"`` or ``"subprocess"`` (tests, benchmarks); default: automatic.
+    ``probe``: inject the pytest probe when ``args`` runs pytest (default ``RETEST_PROBE_ENABLED``,
+    on); its facts are in ``RunResult.probe``. ``probe_packages``: top-level packages whose
+    import origin the probe records. ``on_event(event)``: called with each probe event as the
+    suite writes it (from a helper thread).
     """
     argv, args_text = _check_args(args)
     envp = _check_env(env)
@@ -333,13 +357,84 @@ def run(
             raise ValueError("cwd contains a NUL byte")
     tee_fd = _tee_fd(tee)
     stdin_bytes = bytes(input) if input is not None else None
+    if on_event is not None and not callable(on_event):
+        raise TypeError("on_event must be callable")
 
     chosen = _select_backend(backend)
+    if probe is None:
+        probe = config.RunnerSettings.from_env().probe_enabled
+    if not probe or not _probe.is_pytest_argv(args_text):
+        return _dispatch(chosen, argv, args_text, env, envp, bcwd, stdin_bytes, deadline, grace_s,
+                         capture_limit, on_output, tee_fd)
+    return _run_probed(chosen, argv, args_text, env, bcwd, stdin_bytes, deadline, grace_s,
+                       capture_limit, on_output, tee_fd, probe_packages, on_event)
+
+
+def _dispatch(
+    chosen: str,
+    argv: list[bytes],
+    args_text: tuple[str, ...],
+    env: Optional[Mapping[str, str]],
+    envp: Optional[list[bytes]],
+    bcwd: Optional[bytes],
+    stdin_bytes: Optional[bytes],
+    deadline: Optional[float],
+    grace_s: float,
+    capture_limit: int,
+    on_output: Optional[OutputCallback],
+    tee_fd: int,
+) -> RunResult:
     if chosen == "native":
         return _run_native(argv, args_text, envp, bcwd, stdin_bytes, deadline, grace_s,
                            capture_limit, on_output, tee_fd)
     return _run_subprocess(argv, args_text, env, bcwd, stdin_bytes, deadline, capture_limit,
                            on_output, tee_fd)
+
+
+def _run_probed(
+    chosen: str,
+    argv: list[bytes],
+    args_text: tuple[str, ...],
+    env: Optional[Mapping[str, str]],
+    bcwd: Optional[bytes],
+    stdin_bytes: Optional[bytes],
+    deadline: Optional[float],
+    grace_s: float,
+    capture_limit: int,
+    on_output: Optional[OutputCallback],
+    tee_fd: int,
+    packages: Sequence[str],
+    on_event: Optional[EventCallback],
+) -> RunResult:
+    """Run pytest with the probe: a private events file, followed live if asked, summed up."""
+    settings = config.RunnerSettings.from_env()
+    try:
+        channel = _probe.Channel(packages=packages, max_bytes=settings.probe_max_bytes)
+    except OSError as err:  # no temporary directory: run without the probe, say so once
+        _log_fallback_once(f"probe disabled for this run: {err}", logging.WARNING)
+        return _dispatch(chosen, argv, args_text, env, _check_env(env), bcwd, stdin_bytes,
+                         deadline, grace_s, capture_limit, on_output, tee_fd)
+    follower = _probe.Follower(channel, on_event) if on_event is not None else None
+    try:
+        probed_env = channel.environ(os.environ if env is None else env)
+        probed_argv = [os.fsencode(a) for a in _probe.inject([os.fsdecode(a) for a in argv])]
+        started_wall = time.time()
+        if follower is not None:
+            follower.start()
+        try:
+            result = _dispatch(chosen, probed_argv, args_text, probed_env, _check_env(probed_env),
+                               bcwd, stdin_bytes, deadline, grace_s, capture_limit, on_output,
+                               tee_fd)
+        finally:
+            if follower is not None:
+                follower.stop()
+        channel.poll()
+        # Tests "running at the deadline" are timed to the deadline, not to the end of the kill.
+        ended = started_wall + deadline if result.timed_out and deadline is not None else time.time()
+        report = ProbeReport.from_events(channel.events, ended_at=ended)
+    finally:
+        channel.close()
+    return dataclasses.replace(result, probe=report)
 
 
 def _run_native(
@@ -482,7 +577,19 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def classify(result: RunResult) -> Verdict:
-    """Classify a finished run as passed / red / timeout / lock-busy / other (see DESIGN.md)."""
+    """Classify a finished run as passed / red / timeout / lock-busy / other (see DESIGN.md).
+
+    The output classifier answers first; when the run carried the probe, the suite's own
+    events decide (``retest.facts``), and ``Verdict.evidence`` says which was used.
+    """
+    output = _classify_output(result)
+    if result.probe is not None:
+        return facts.decide(result, output, result.probe)
+    return output
+
+
+def _classify_output(result: RunResult) -> Verdict:
+    """The output classifier's verdict (native, or the Python twin without the extension)."""
     if _native is not None:
         kind, rule, reason, infra = _native.classify(
             result.stdout, result.stderr, result.returncode, result.timed_out,
@@ -495,4 +602,5 @@ def classify(result: RunResult) -> Verdict:
             result.stdout, result.stderr, result.returncode, result.timed_out,
             result.spawn_error, result.escalated, result.killed_at_deadline,
         )
-    return Verdict(kind=kind, rule=rule, reason=reason, infra=infra)
+    evidence = "runner" if (result.timed_out or result.spawn_error is not None) else "output"
+    return Verdict(kind=kind, rule=rule, reason=reason, infra=infra, evidence=evidence)

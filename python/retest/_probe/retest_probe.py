@@ -1,0 +1,343 @@
+"""retest's pytest probe: the suite reports its own facts to the runner as JSON lines.
+
+Loaded by the runner as ``-p retest_probe`` with this file's directory (which holds nothing
+else) on ``PYTHONPATH``. It never imports ``retest``, needs nothing but pytest >= 7 (xdist
+optional), and never changes the suite's outcome: every hook swallows its own errors and the
+probe writes nothing on stdout or stderr.
+
+The channel is a file the runner owns, named by ``RETEST_PROBE_EVENTS`` (removed from the
+environment as soon as the probe has read it, so a nested pytest does not write into it);
+xdist workers receive it through ``workerinput``. Each event is one JSON object on one line,
+written with a single ``write()`` on an ``O_APPEND`` descriptor, so lines of the controller
+and of the workers never interleave and a reader can follow the file live. Keys:
+
+* ``ev``: ``session_start`` | ``collected`` | ``collect_error`` | ``test_start`` |
+  ``report`` | ``imports`` | ``internal_error`` | ``session_end``; ``t``: wall-clock seconds;
+  ``pid``; ``worker`` (the xdist worker id, or ``null``).
+* ``report`` carries ``nodeid``, ``when`` (setup/call/teardown), ``outcome`` (passed, failed,
+  skipped, xfailed, xpassed, error, rerun), ``duration``, ``subtest`` and, on failure, a
+  bounded ``message`` (the crash line) and ``longrepr`` head.
+
+Bounded: one line is at most ``LINE_MAX`` bytes and the probe stops writing test events past
+``RETEST_PROBE_MAX_BYTES`` (default 8 MiB) per process, counting what it left out; the
+session's last events (``session_end``) are always written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Optional
+
+import pytest
+
+ENV_EVENTS = "RETEST_PROBE_EVENTS"
+ENV_PACKAGES = "RETEST_PROBE_PACKAGES"
+ENV_MAX_BYTES = "RETEST_PROBE_MAX_BYTES"
+WORKERINPUT_KEY = "retest_probe"
+PROTOCOL = 1
+
+LINE_MAX = 16 * 1024
+MESSAGE_MAX = 500
+LONGREPR_MAX = 2000
+NODEID_MAX = 1000
+#: Bytes kept for the events that end the session, whatever the suite wrote before.
+RESERVE = 64 * 1024
+DEFAULT_MAX_BYTES = 8 * 1024 * 1024
+
+
+class _Channel:
+    """One process's writer: a single O_APPEND descriptor, bounded, never raising."""
+
+    def __init__(self, path: str, max_bytes: int, worker: Optional[str]) -> None:
+        self.worker = worker
+        self.max_bytes = max_bytes
+        self.written = 0
+        self.dropped = 0
+        self.fd = -1
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            self.fd = -1
+
+    def emit(self, ev: str, *, final: bool = False, **fields: Any) -> None:
+        """Write one event; test events past the budget are counted, not written."""
+        if self.fd < 0:
+            return
+        doc = {"ev": ev, "t": round(time.time(), 6), "pid": os.getpid(), "worker": self.worker}
+        doc.update(fields)
+        try:
+            line = json.dumps(doc, separators=(",", ":"), default=str).encode("utf-8", "replace")
+        except (TypeError, ValueError):
+            return
+        if len(line) >= LINE_MAX:
+            return
+        budget = self.max_bytes + (RESERVE if final else 0)
+        if self.written + len(line) + 1 > budget:
+            self.dropped += 1
+            return
+        data = line + b"\n"
+        try:
+            while data:
+                n = os.write(self.fd, data)
+                data = data[n:]
+        except InterruptedError:
+            pass
+        except OSError:
+            self.fd = -1
+            return
+        self.written += len(line) + 1
+
+
+def _cut(text: Optional[str], limit: int) -> Optional[str]:
+    if text is None:
+        return None
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_settings(config: pytest.Config) -> Optional[dict[str, Any]]:
+    """The channel's settings: from workerinput on an xdist worker, else from the environment."""
+    workerinput = getattr(config, "workerinput", None)
+    if isinstance(workerinput, dict):
+        settings = workerinput.get(WORKERINPUT_KEY)
+        if isinstance(settings, dict):
+            return dict(settings, worker=workerinput.get("workerid"))
+        return None
+    path = os.environ.pop(ENV_EVENTS, None)
+    if not path:
+        return None
+    try:
+        max_bytes = int(os.environ.get(ENV_MAX_BYTES, "") or DEFAULT_MAX_BYTES)
+    except ValueError:
+        max_bytes = DEFAULT_MAX_BYTES
+    packages = [p for p in os.environ.get(ENV_PACKAGES, "").split(",") if p]
+    return {"path": path, "max_bytes": max(max_bytes, 4096), "packages": packages, "worker": None}
+
+
+def _outcome(report: Any) -> str:
+    """The outcome as pytest's summary counts it (xfail, xpass and setup errors told apart)."""
+    outcome = str(getattr(report, "outcome", ""))
+    if hasattr(report, "wasxfail"):
+        return "xfailed" if outcome == "skipped" else "xpassed"
+    if outcome == "failed" and getattr(report, "when", "call") != "call":
+        return "error"
+    return outcome
+
+
+def _failure_fields(report: Any) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+    message = getattr(crash, "message", None)
+    if isinstance(message, str):
+        fields["message"] = _cut(message.splitlines()[0] if message else message, MESSAGE_MAX)
+    try:
+        text = report.longreprtext
+    except Exception:
+        text = None
+    if text:
+        fields["longrepr"] = _cut(text, LONGREPR_MAX)
+        if "message" not in fields:
+            lines = [line for line in text.splitlines() if line.strip()]
+            fields["message"] = _cut(lines[-1] if lines else None, MESSAGE_MAX)
+    return fields
+
+
+def _module_origin(name: str) -> Optional[dict[str, Any]]:
+    module = sys.modules.get(name)
+    if module is None:
+        return None
+    path = getattr(module, "__path__", None)
+    return {
+        "file": getattr(module, "__file__", None),
+        "path": [str(p) for p in list(path)[:8]] if path is not None else None,
+    }
+
+
+class RetestProbe:
+    """The plugin object: one per pytest process (controller, plain run or xdist worker)."""
+
+    def __init__(self, config: pytest.Config, settings: dict[str, Any]) -> None:
+        self.config = config
+        self.settings = settings
+        self.worker: Optional[str] = settings.get("worker")
+        self.channel = _Channel(str(settings["path"]), int(settings["max_bytes"]), self.worker)
+        self.packages: list[str] = [str(p) for p in settings.get("packages") or []]
+        self.reported_imports: dict[str, Any] = {}
+        self.exitstatus: Optional[int] = None
+        self.counts: Optional[dict[str, int]] = None
+        self.started = False
+
+    # -- which process writes what: workers report their own starts and imports; the
+    #    controller (or a plain run) owns the session, collection and every report.
+
+    @property
+    def is_worker(self) -> bool:
+        return self.worker is not None
+
+    def _distributing(self) -> bool:
+        return not self.is_worker and self.config.pluginmanager.has_plugin("dsession")
+
+    def _guard(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            pass  # the probe never changes the suite's outcome
+
+    # -- hooks
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self._guard(self._session_start, session)
+
+    def _session_start(self, session: pytest.Session) -> None:
+        self.started = True
+        if self.is_worker:
+            self.channel.emit("worker_start")
+            return
+        import platform
+
+        self.channel.emit(
+            "session_start",
+            protocol=PROTOCOL,
+            pytest=getattr(pytest, "__version__", None),
+            python=sys.executable,
+            python_version=platform.python_version(),
+            rootdir=str(self.config.rootpath),
+            invocation_dir=str(self.config.invocation_params.dir),
+            args=[_cut(str(a), 200) for a in list(self.config.invocation_params.args)[:50]],
+            xdist=self._distributing(),
+            packages=self.packages,
+        )
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_configure_node(self, node: Any) -> None:
+        """xdist: hand the channel to each worker (the environment no longer has it)."""
+        try:
+            node.workerinput[WORKERINPUT_KEY] = {
+                "path": self.settings["path"],
+                "max_bytes": self.settings["max_bytes"],
+                "packages": self.packages,
+            }
+        except Exception:
+            pass
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collectreport(self, report: Any) -> None:
+        if self.is_worker or not getattr(report, "failed", False):
+            return
+        self._guard(self._collect_error, report)
+
+    def _collect_error(self, report: Any) -> None:
+        self.channel.emit("collect_error", nodeid=_cut(report.nodeid, NODEID_MAX),
+                          **_failure_fields(report))
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self._guard(self._collection_finish, session)
+
+    def _collection_finish(self, session: pytest.Session) -> None:
+        if not self.is_worker and not self._distributing():
+            self.channel.emit("collected", count=len(session.items),
+                              deselected=self._deselected())
+        self._report_imports()
+
+    def _deselected(self) -> int:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        stats = getattr(reporter, "stats", None) or {}
+        return len(stats.get("deselected", []))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: Any) -> None:
+        if not getattr(self, "_dist_collected", False):
+            self._dist_collected = True
+            self._guard(lambda: self.channel.emit(
+                "collected", count=len(ids), deselected=self._deselected(),
+                worker=node.gateway.id))
+
+    def pytest_runtest_logstart(self, nodeid: str, location: Any) -> None:
+        if self._distributing():
+            return  # the worker said it first, with its id and its own clock
+        self._guard(lambda: self.channel.emit("test_start", nodeid=_cut(nodeid, NODEID_MAX)))
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        if self.is_worker:
+            return
+        self._guard(self._report, report)
+
+    def _report(self, report: Any) -> None:
+        outcome = _outcome(report)
+        when = str(getattr(report, "when", "call"))
+        if when != "call" and outcome in ("passed", "skipped") and not (
+            when == "setup" and outcome == "skipped"
+        ):
+            return  # a passing set-up or tear-down adds nothing a reader needs
+        node = getattr(report, "node", None)
+        fields: dict[str, Any] = {
+            "nodeid": _cut(report.nodeid, NODEID_MAX),
+            "when": when,
+            "outcome": outcome,
+            "duration": round(float(getattr(report, "duration", 0.0) or 0.0), 6),
+        }
+        if type(report).__name__.lower().startswith("subtest"):
+            fields["subtest"] = True
+        if node is not None:
+            fields["worker"] = getattr(getattr(node, "gateway", None), "id", None)
+        if outcome in ("failed", "error"):
+            fields.update(_failure_fields(report))
+        self.channel.emit("report", **fields)
+
+    def pytest_internalerror(self, excrepr: Any, excinfo: Any) -> None:
+        self._guard(lambda: self.channel.emit(
+            "internal_error", final=True, message=_cut(str(excrepr), LONGREPR_MAX)))
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        self._guard(self._summary_counts, terminalreporter)
+
+    def _summary_counts(self, reporter: Any) -> None:
+        counts: dict[str, int] = {}
+        for key, reports in reporter.stats.items():
+            if not key:
+                continue
+            shown = [r for r in reports if getattr(r, "count_towards_summary", True)]
+            if shown:
+                counts[str(key)] = len(shown)
+        self.counts = counts
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: Any) -> None:
+        try:
+            self.exitstatus = int(exitstatus)
+        except (TypeError, ValueError):
+            self.exitstatus = None
+        self._guard(self._report_imports)
+
+    def pytest_unconfigure(self, config: pytest.Config) -> None:
+        self._guard(self._session_end)
+
+    def _session_end(self) -> None:
+        if self.is_worker or not self.started:
+            return
+        self.channel.emit("session_end", final=True, exitstatus=self.exitstatus,
+                          counts=self.counts, dropped_events=self.channel.dropped)
+
+    def _report_imports(self) -> None:
+        origins = {}
+        for name in self.packages:
+            origin = _module_origin(name)
+            if origin is not None and self.reported_imports.get(name) != origin:
+                origins[name] = origin
+                self.reported_imports[name] = origin
+        if origins:
+            self.channel.emit("imports", final=True, modules=origins)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        settings = _read_settings(config)
+        if settings is not None:
+            config.pluginmanager.register(RetestProbe(config, settings), "retest_probe_plugin")
+    except Exception:
+        pass

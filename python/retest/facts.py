@@ -1,0 +1,188 @@
+"""Verdict rules on facts: the suite's own events (the probe) decide where they exist.
+
+``proc_group.classify`` first asks the output classifier (``ext/classify.c`` or its Python
+twin), then, when the run carried the probe, lets ``decide`` replace that inference with what
+the suite reported: a test of the repository failed (red), pytest never started (other), no
+test was collected (other), the session did not finish (other). The runner's own facts
+(deadline, spawn failure) and a held lock keep the output classifier's answer. Every verdict
+says which evidence it rests on: ``runner``, ``events`` or ``output``. Rules and examples:
+docs/verdicts.md.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+from .probe import ProbeReport, TestFailure
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .proc_group import RunResult, Verdict
+
+__all__ = ["decide", "failures_text", "running_text"]
+
+#: Test ids named in a reason (all of them, bounded, are in the evidence).
+REASON_IDS_MAX = 3
+#: What pytest-timeout's signal method puts in the failure of the test it stopped.
+_PYTEST_TIMEOUT_MESSAGE = "Timeout >"
+_TIMEOUT_THREAD_MARK = b"+++ Timeout +++"
+_NO_TESTPATHS = b"No files were found in testpaths"
+_TAIL_SCAN = 4096
+
+
+def _names(items: list[str], total: int) -> str:
+    shown = ", ".join(items[:REASON_IDS_MAX])
+    more = total - min(len(items), REASON_IDS_MAX)
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def failures_text(failures: tuple[TestFailure, ...], total: int) -> str:
+    """``tests/a.py::t1, tests/b.py::t2 and 4 more``."""
+    return _names([f.nodeid for f in failures], total)
+
+
+def running_text(report: ProbeReport) -> str:
+    """``tests/x.py::t (612.3s, gw1), ...``: the tests running when the run ended."""
+    items = [f"{r.nodeid} ({r.running_s:.1f}s{', ' + r.worker if r.worker else ''})"
+             for r in report.running]
+    return _names(items, len(report.running))
+
+
+def _progress(report: ProbeReport) -> str:
+    total = report.collected
+    return f"{report.done} of {total} tests done" if total is not None else f"{report.done} tests done"
+
+
+def _last_line(result: "RunResult") -> str:
+    """The last non-empty line of stderr, else stdout (what a crashing interpreter said)."""
+    for buf in (result.stderr, result.stdout):
+        tail = buf[-_TAIL_SCAN:].replace(b"\r", b"\n")
+        for line in reversed(tail.split(b"\n")):
+            text = line.strip().decode("utf-8", "replace")
+            if text:
+                return text[:200]
+    return "no output"
+
+
+def _status(result: "RunResult") -> str:
+    rc = result.returncode
+    assert rc is not None
+    if rc >= 0:
+        return f"exit {rc}"
+    import signal
+
+    try:
+        return f"killed by signal {-rc} ({signal.Signals(-rc).name})"
+    except ValueError:
+        return f"killed by signal {-rc}"
+
+
+def _verdict(kind: str, rule: str, reason: str, infra: bool = False) -> "Verdict":
+    from .proc_group import Verdict
+
+    return Verdict(kind, rule, reason, infra, evidence="events")
+
+
+def _with_evidence(verdict: "Verdict", evidence: str, extra: str = "") -> "Verdict":
+    from dataclasses import replace
+
+    return replace(verdict, evidence=evidence, reason=verdict.reason + extra)
+
+
+def decide(result: "RunResult", output: "Verdict", report: ProbeReport) -> "Verdict":
+    """The verdict on the probe's facts; ``output`` is the output classifier's answer."""
+    if result.timed_out:
+        return _with_evidence(output, "runner", _timeout_detail(report))
+    if result.spawn_error is not None or result.returncode is None:
+        return _with_evidence(output, "runner")
+    if not report.session_started:
+        return _before_session(result, output)
+    red = _red(result, report)
+    if red is not None:
+        return red
+    if output.kind == "lock-busy":
+        return _with_evidence(output, "output", f" (no test failed: {report.counts_text()})")
+    return _no_failure(result, report)
+
+
+def _timeout_detail(report: ProbeReport) -> str:
+    if not report.session_started:
+        return "; the pytest session had not started"
+    detail = f"; {_progress(report)}"
+    if report.running:
+        detail += f"; running at the deadline: {running_text(report)}"
+    return detail
+
+
+def _before_session(result: "RunResult", output: "Verdict") -> "Verdict":
+    """pytest never started its session: the environment, not the branch, is at fault."""
+    if output.kind == "lock-busy":
+        return _with_evidence(output, "output")
+    if _NO_TESTPATHS in result.stdout or _NO_TESTPATHS in result.stderr:
+        return _verdict("other", "other.no-tests",
+                        f"{_status(result)} before the pytest session started: no files were "
+                        f"found in testpaths (no tests to run)")
+    if result.returncode == 0:
+        return _verdict("other", "other.no-session",
+                        "exit 0 but the pytest session never started: nothing was tested")
+    return _verdict("other", "other.environment",
+                    f"{_status(result)} before the pytest session started (pytest not importable, "
+                    f"a missing interpreter or a plugin that failed to load): {_last_line(result)}")
+
+
+def _red(result: "RunResult", report: ProbeReport) -> Optional["Verdict"]:
+    """Red only with proof: a collection error, a failed or an errored test."""
+    status = _status(result)
+    if report.collection_errors:
+        n = len(report.collection_errors)
+        first = report.collection_errors[0]
+        what = f": {first.message}" if first.message else ""
+        return _verdict("red", "red.collection-error",
+                        f"pytest: {n} collection error{'s' if n > 1 else ''} ({status}): "
+                        f"{_names([e.nodeid for e in report.collection_errors], n)}{what}")
+    calls = [f for f in report.failures if f.outcome == "failed"]
+    if calls:
+        timeouts = [f for f in calls if _PYTEST_TIMEOUT_MESSAGE in (f.message or "")]
+        rule = "red.test-timeout" if len(timeouts) == len(calls) else "red.tests-failed"
+        return _verdict("red", rule, f"pytest: {report.summary_text()} ({status}); failed: "
+                        f"{failures_text(tuple(calls), report.failure_count)}")
+    if report.error_count:
+        errors = tuple(f for f in report.failures if f.outcome == "error")
+        return _verdict("red", "red.test-errors", f"pytest: {report.summary_text()} ({status}); "
+                        f"errors: {failures_text(errors, report.error_count)}")
+    if (not report.session_finished and result.returncode == 1 and report.running
+            and (_TIMEOUT_THREAD_MARK in result.stdout or _TIMEOUT_THREAD_MARK in result.stderr)):
+        return _verdict("red", "red.test-timeout",
+                        f"exit 1: a per-test pytest-timeout fired in {running_text(report)}")
+    return None
+
+
+def _no_failure(result: "RunResult", report: ProbeReport) -> "Verdict":
+    """No test failed: a pass with a finished session, else why nothing is proven."""
+    rc = result.returncode
+    assert rc is not None
+    status = _status(result)
+    no_tests = report.exitstatus == 5 or (report.collected == 0 and report.session_finished)
+    if no_tests:
+        return _verdict("other", "other.no-tests",
+                        f"{status}: pytest collected no tests ({report.counts_text()})")
+    if not report.session_finished:
+        where = f" while running {running_text(report)}" if report.running else ""
+        if rc < 0:
+            return _verdict("other", "other.signal", f"{status}{where}; {_progress(report)}")
+        return _verdict("other", "other.session-incomplete",
+                        f"{status} but the pytest session did not finish{where}; {_progress(report)}")
+    if rc == 0:
+        return _verdict("passed", "passed.exit-0", f"exit 0: {report.summary_text()}")
+    if rc < 0:
+        return _verdict("other", "other.signal", f"{status} after the session ended: "
+                        f"{report.counts_text()}")
+    meaning = {2: ("other.interrupted", "interrupted"), 3: ("other.internal-error", "internal error"),
+               4: ("other.usage-error", "usage error")}.get(report.exitstatus if report.exitstatus
+                                                             is not None else rc)
+    if meaning is not None:
+        detail = f": {report.internal_error[:200]}" if report.internal_error else ""
+        return _verdict("other", meaning[0], f"{status} (pytest: {meaning[1]}; "
+                        f"{report.counts_text()}){detail}")
+    return _verdict("other", "other.exit-status",
+                    f"{status} but the pytest session reported no failed test "
+                    f"({report.counts_text()})")

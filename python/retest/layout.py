@@ -1,0 +1,227 @@
+"""Where a repository's own code is imported from: its import roots, packages, and the proof.
+
+The merge gate runs the suite in a throw-away worktree, but the suite's venv usually has the
+project installed *editable* from the developer's checkout (a ``.pth`` path entry or a
+setuptools ``__editable__`` finder): left alone, ``import pkg`` finds the original checkout's
+``src/pkg`` and the gate tests the wrong tree. ``import_roots`` finds the worktree's roots as
+the project declares them (pyproject ``[tool.setuptools]`` ``package-dir``/``packages.find``,
+hatch, poetry, flit/pdm conventions, ``setup.cfg``; else ``src/`` if it holds packages; else the
+root); the gate puts them first on ``PYTHONPATH``, which precedes every ``.pth`` entry and
+site-packages, and comes before the editable finders (they sit after ``PathFinder`` on
+``sys.meta_path``). ``top_level_packages`` names the repository's packages for the probe, which
+records where each was imported from; ``prove`` checks every origin is inside the worktree.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+__all__ = ["import_roots", "top_level_packages", "TreeProof", "prove", "ProofStatus"]
+
+#: ``proven``: every imported package of the repository came from the worktree;
+#: ``wrong-tree``: one came from elsewhere; ``not-imported``: the suite imported none of them;
+#: ``unavailable``: no probe events (not pytest, or the probe is off).
+ProofStatus = Literal["proven", "wrong-tree", "not-imported", "unavailable"]
+
+#: Directories at a flat root that are never the project's importable package.
+_NOT_PACKAGES = frozenset({"tests", "test", "testing", "docs", "doc", "examples", "example",
+                           "benchmarks", "bench", "scripts", "tools", "build", "dist", "venv",
+                           ".venv", "node_modules", "site-packages"})
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MAX_PACKAGES = 50
+
+
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            return {}
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, ValueError) as err:
+        log.debug("layout: %s not readable as TOML: %s", path, err)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _get(doc: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(key)
+    return doc
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, str)]
+    return []
+
+
+def _declared_pyproject(root: str) -> list[str]:
+    """Root directories the pyproject declares (relative), in its tools' own terms."""
+    doc = _load_toml(os.path.join(root, "pyproject.toml"))
+    tool = _get(doc, "tool") or {}
+    found: list[str] = []
+    package_dir = _get(tool, "setuptools", "package-dir")
+    if isinstance(package_dir, dict) and isinstance(package_dir.get(""), str):
+        found.append(package_dir[""])
+    found += _strings(_get(tool, "setuptools", "packages", "find", "where"))
+    for target in ("wheel", "sdist"):
+        for pkg in _strings(_get(tool, "hatch", "build", "targets", target, "packages")):
+            found.append(os.path.dirname(pkg.rstrip("/")) or ".")
+    for entry in _get(tool, "poetry", "packages") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("from"), str):
+            found.append(entry["from"])
+    package_dir_pdm = _get(tool, "pdm", "build", "package-dir")
+    if isinstance(package_dir_pdm, str):
+        found.append(package_dir_pdm)
+    return found
+
+
+def _declared_setup_cfg(root: str) -> list[str]:
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(os.path.join(root, "setup.cfg"), encoding="utf-8")
+    except (configparser.Error, UnicodeDecodeError) as err:
+        log.debug("layout: setup.cfg not readable: %s", err)
+        return []
+    found: list[str] = []
+    package_dir = parser.get("options", "package_dir", fallback="")
+    for line in package_dir.replace(";", "\n").splitlines():
+        key, _, value = line.partition("=")
+        if value.strip() and not key.strip():
+            found.append(value.strip())
+    where = parser.get("options.packages.find", "where", fallback="").strip()
+    if where:
+        found.append(where)
+    return found
+
+
+def _inside(path: str, root: str) -> bool:
+    try:
+        return os.path.commonpath([os.path.realpath(path), os.path.realpath(root)]) == \
+            os.path.realpath(root)
+    except ValueError:
+        return False
+
+
+def import_roots(root: str) -> list[str]:
+    """The worktree's import roots, absolute, in declaration order; always non-empty."""
+    root = os.path.abspath(root)
+    roots: list[str] = []
+    for rel in _declared_pyproject(root) + _declared_setup_cfg(root):
+        path = os.path.normpath(os.path.join(root, rel))
+        if _inside(path, root) and os.path.isdir(path) and path not in roots:
+            roots.append(path)
+    src = os.path.join(root, "src")
+    if not roots and _packages_in(src, flat=False):
+        roots.append(src)
+    # The root itself only for a flat layout: a src layout exists to keep it off the path.
+    return roots or [root]
+
+
+def _packages_in(directory: str, *, flat: bool) -> list[str]:
+    """Importable top-level names in ``directory``: packages (``__init__.py``) and modules."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.name)
+    except OSError:
+        return []
+    names: list[str] = []
+    for entry in entries:
+        name = entry.name
+        if entry.is_dir(follow_symlinks=False):
+            if (_IDENT.match(name) and not (flat and name in _NOT_PACKAGES)
+                    and os.path.isfile(os.path.join(entry.path, "__init__.py"))):
+                names.append(name)
+        elif not flat and name.endswith(".py") and _IDENT.match(name[:-3]) and name != "setup.py":
+            names.append(name[:-3])
+    return names
+
+
+def top_level_packages(roots: Sequence[str], root: str) -> list[str]:
+    """The repository's own top-level packages under ``roots`` (bounded; tests excluded)."""
+    names: list[str] = []
+    for directory in roots:
+        flat = os.path.abspath(directory) == os.path.abspath(root)
+        for name in _packages_in(directory, flat=flat):
+            if name not in names and not name.startswith(("test_", "conftest")):
+                names.append(name)
+    return names[:_MAX_PACKAGES]
+
+
+def pythonpath(roots: Iterable[str], existing: Optional[str]) -> str:
+    """``PYTHONPATH`` with ``roots`` first (the worktree's code wins over installed copies)."""
+    parts = list(roots) + ([existing] if existing else [])
+    return os.pathsep.join(parts)
+
+
+@dataclass(frozen=True)
+class TreeProof:
+    """Whether the suite imported the repository's packages from the tested worktree."""
+
+    status: ProofStatus
+    worktree: str
+    roots: tuple[str, ...] = ()
+    #: package -> the first place it was imported from
+    imported: dict[str, str] = field(default_factory=dict)
+    #: package -> a place outside the worktree it was imported from
+    outside: dict[str, str] = field(default_factory=dict)
+    rootdir: Optional[str] = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "worktree": self.worktree, "roots": list(self.roots),
+                "imported": dict(self.imported), "outside": dict(self.outside),
+                "rootdir": self.rootdir, "note": self.note}
+
+    def reason(self) -> str:
+        """Why the verdict cannot stand (wrong-tree only)."""
+        name, place = next(iter(self.outside.items()))
+        if name == "<rootdir>":
+            return (f"pytest's rootdir {place} is outside the rebased worktree {self.worktree}: "
+                    f"the suite did not test the rebased tree; the verdict cannot stand")
+        more = len(self.outside) - 1
+        return (f"the suite imported {name} from {place}, outside the rebased worktree "
+                f"{self.worktree}{f' (and {more} more package(s))' if more else ''}: it did not "
+                f"test the rebased tree; the verdict cannot stand")
+
+
+def prove(worktree: str, roots: Sequence[str], packages: Sequence[str],
+          imports: Optional[dict[str, list[str]]], rootdir: Optional[str]) -> TreeProof:
+    """Check the probe's import origins (``imports``) against ``worktree``."""
+    base = dict(worktree=worktree, roots=tuple(roots), rootdir=rootdir)
+    if imports is None:
+        return TreeProof("unavailable", note="no probe events: the command is not pytest or "
+                         "the probe is off", **base)  # type: ignore[arg-type]
+    outside: dict[str, str] = {}
+    imported: dict[str, str] = {}
+    if rootdir and not _inside(rootdir, worktree):
+        outside["<rootdir>"] = rootdir
+    for name in packages:
+        places = imports.get(name) or []
+        if places:
+            imported[name] = places[0]
+        stray = [p for p in places if not _inside(p, worktree)]
+        if stray:
+            outside[name] = stray[0]
+    if outside:
+        return TreeProof("wrong-tree", imported=imported, outside=outside, **base)  # type: ignore[arg-type]
+    if not imported:
+        note = ("the suite imported none of the repository's packages"
+                if packages else "no top-level package found in the worktree")
+        return TreeProof("not-imported", imported=imported, note=note, **base)  # type: ignore[arg-type]
+    return TreeProof("proven", imported=imported, **base)  # type: ignore[arg-type]

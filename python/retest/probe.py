@@ -1,0 +1,477 @@
+"""The runner's side of the pytest probe: inject it, follow its events, sum them up.
+
+When the command runs pytest (``pytest ...``, ``python -m pytest ...``, ``coverage run -m
+pytest ...``) and ``RETEST_PROBE_ENABLED`` is on, ``proc_group.run`` adds ``-p retest_probe``
+after pytest's name, puts the probe's own directory (it holds nothing else) on ``PYTHONPATH``
+and names an events file in a private directory of the run (``RETEST_PROBE_EVENTS``). The
+probe (``retest/_probe/retest_probe.py``) writes JSON lines there; ``ProbeReport.from_events``
+turns them into the facts the verdict rests on (``retest.facts``): did the session start and
+finish, what pytest counted, which tests failed, which were running at the end, and where the
+repository's own packages were imported from.
+
+Readers ignore event kinds and keys they do not know, and a torn last line (the suite was
+killed mid-write) is left unread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PROBE_DIR",
+    "ProbeReport",
+    "TestFailure",
+    "RunningTest",
+    "Channel",
+    "EventCallback",
+    "is_pytest_argv",
+    "pytest_position",
+    "inject",
+]
+
+#: The directory that holds ``retest_probe.py`` and nothing else (put on the suite's PYTHONPATH).
+PROBE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_probe")
+PLUGIN_NAME = "retest_probe"
+ENV_EVENTS = "RETEST_PROBE_EVENTS"
+ENV_PACKAGES = "RETEST_PROBE_PACKAGES"
+ENV_MAX_BYTES = "RETEST_PROBE_MAX_BYTES"
+
+#: Failing tests kept in a report (the count says how many there were).
+FAILURES_MAX = 300
+#: Running tests and collection errors kept.
+LIST_MAX = 100
+
+#: Failures whose traceback head a decision's evidence keeps (all are named).
+EVIDENCE_TRACEBACKS = 5
+#: pytest's summary order (``terminal.KNOWN_TYPES``); other words follow.
+_SUMMARY_ORDER = ("failed", "passed", "skipped", "deselected", "xfailed", "xpassed", "warnings",
+                  "error", "subtests passed", "subtests failed", "subtests skipped")
+
+#: ``on_event(event)``: one decoded event dict, as the probe wrote it.
+EventCallback = Callable[[dict[str, Any]], None]
+
+_PYTHON_NAME = re.compile(r"^(?:python|pypy)[0-9.]*(?:[dmu]|-dbg)?(?:\.exe)?$")
+_PYTEST_NAME = re.compile(r"^(?:pytest|py\.test)(?:-?[0-9.]+)?$")
+#: Interpreter options that take a value as the next argument.
+_PYTHON_OPTS_WITH_ARG = frozenset({"-W", "-X", "-c", "--check-hash-based-pycs"})
+
+
+def _base(arg: str) -> str:
+    return os.path.basename(arg.rstrip("/"))
+
+
+def _after_dash_m(argv: Sequence[str], start: int) -> Optional[int]:
+    """Index just past ``-m pytest`` among the options from ``start``, or None."""
+    i = start
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-m", "--module") and i + 1 < len(argv):
+            return i + 2 if argv[i + 1] == "pytest" else None
+        if arg == "-mpytest":
+            return i + 1
+        if not arg.startswith("-") or arg == "-" or arg == "-c":
+            return None  # a script, stdin or -c: not pytest
+        i += 2 if arg in _PYTHON_OPTS_WITH_ARG else 1
+    return None
+
+
+def pytest_position(argv: Sequence[str]) -> Optional[int]:
+    """Where pytest's own arguments start in ``argv`` (``-p`` goes there), or None."""
+    if not argv:
+        return None
+    name = _base(argv[0])
+    if _PYTEST_NAME.match(name):
+        return 1
+    if _PYTHON_NAME.match(name):
+        pos = _after_dash_m(argv, 1)
+        if pos is not None:
+            return pos
+        # python -m coverage run [opts] -m pytest
+        if len(argv) > 3 and argv[1:3] == ["-m", "coverage"] and argv[3] == "run":
+            return _after_dash_m(argv, 4)
+        return None
+    if name == "coverage" and len(argv) > 1 and argv[1] == "run":
+        return _after_dash_m(argv, 2)
+    return None
+
+
+def is_pytest_argv(argv: Sequence[str]) -> bool:
+    """True if ``argv`` runs pytest (directly, ``python -m pytest`` or ``coverage run -m pytest``)."""
+    return pytest_position(argv) is not None
+
+
+def inject(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``-p retest_probe`` as pytest's first arguments (unchanged if not pytest)."""
+    pos = pytest_position(argv)
+    if pos is None:
+        return list(argv)
+    return [*argv[:pos], "-p", PLUGIN_NAME, *argv[pos:]]
+
+
+# --------------------------------------------------------------------------- the channel
+
+
+class Channel:
+    """The run's private directory and its events file; follows the file as it grows."""
+
+    def __init__(self, *, packages: Sequence[str] = (), max_bytes: int = 8 * 1024 * 1024) -> None:
+        self.dir = tempfile.mkdtemp(prefix="retest-run-")
+        self.path = os.path.join(self.dir, "events.jsonl")
+        # Created now, so that a reader never mistakes "not yet" for "missing".
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        self.packages = [p for p in packages if p and "," not in p]
+        self.max_bytes = max_bytes
+        self._offset = 0
+        self._partial = b""
+        self._lock = threading.Lock()
+        self.events: list[dict[str, Any]] = []
+
+    def environ(self, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` plus what the probe needs: PYTHONPATH, the events file, the packages."""
+        env = dict(base)
+        existing = env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = PROBE_DIR + (os.pathsep + existing if existing else "")
+        env[ENV_EVENTS] = self.path
+        env[ENV_MAX_BYTES] = str(self.max_bytes)
+        if self.packages:
+            env[ENV_PACKAGES] = ",".join(self.packages)
+        else:
+            env.pop(ENV_PACKAGES, None)
+        return env
+
+    def poll(self) -> list[dict[str, Any]]:
+        """The events written since the last poll (complete lines only)."""
+        with self._lock:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(self._offset)
+                    data = f.read()
+            except OSError:
+                return []
+            self._offset += len(data)
+            data = self._partial + data
+            lines = data.split(b"\n")
+            self._partial = lines.pop()
+            new = [e for e in (_decode(line) for line in lines) if e is not None]
+            self.events.extend(new)
+            return new
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _decode(line: bytes) -> Optional[dict[str, Any]]:
+    if not line.strip():
+        return None
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("ev"), str) else None
+
+
+class Follower:
+    """A thread that polls a channel and hands each new event to ``on_event``."""
+
+    def __init__(self, channel: Channel, on_event: EventCallback, interval_s: float = 0.2) -> None:
+        self.channel = channel
+        self.on_event = on_event
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="retest-probe-follower", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _deliver(self) -> None:
+        for event in self.channel.poll():
+            try:
+                self.on_event(event)
+            except Exception:
+                log.exception("retest: the on_event callback raised")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._deliver()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._deliver()
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class TestFailure:
+    """A failed or errored test (or subtest), or a collection error."""
+
+    nodeid: str
+    #: ``setup | call | teardown | collect``.
+    when: str
+    #: ``failed | error``.
+    outcome: str
+    message: Optional[str] = None
+    worker: Optional[str] = None
+    subtest: bool = False
+    longrepr: Optional[str] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
+
+
+@dataclass(frozen=True)
+class RunningTest:
+    """A test that had started and not finished when the run ended."""
+
+    nodeid: str
+    worker: Optional[str]
+    running_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nodeid": self.nodeid, "worker": self.worker, "running_s": round(self.running_s, 3)}
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """What the suite itself reported through the probe."""
+
+    #: The pytest session started (the suite's interpreter imported pytest and the probe).
+    session_started: bool = False
+    #: The session ended normally (``session_end`` was written).
+    session_finished: bool = False
+    pytest_version: Optional[str] = None
+    python: Optional[str] = None
+    rootdir: Optional[str] = None
+    #: pytest's own exit status, as the session reported it.
+    exitstatus: Optional[int] = None
+    #: Items collected (after deselection), when collection finished.
+    collected: Optional[int] = None
+    deselected: int = 0
+    #: Every count pytest's summary shows (``passed``, ``failed``, ``subtests passed``...).
+    counts: dict[str, int] = field(default_factory=dict)
+    #: Tests whose call phase (or set-up skip) was reported.
+    done: int = 0
+    failures: tuple[TestFailure, ...] = ()
+    failure_count: int = 0
+    error_count: int = 0
+    collection_errors: tuple[TestFailure, ...] = ()
+    running: tuple[RunningTest, ...] = ()
+    #: Top-level package -> the files and directories it was imported from (every process).
+    imports: dict[str, list[str]] = field(default_factory=dict)
+    workers: int = 0
+    internal_error: Optional[str] = None
+    dropped_events: int = 0
+    events: int = 0
+    started_at: Optional[float] = None
+    #: Seconds from the session's start to its end (``None`` if it did not end).
+    session_s: Optional[float] = None
+
+    @property
+    def failed_ids(self) -> list[str]:
+        return [f.nodeid for f in self.failures]
+
+    def counts_text(self) -> str:
+        """The counts in pytest's words and order: ``1 failed, 39 passed, 2 subtests passed``."""
+        if not self.counts:
+            return "no tests ran"
+        order = {word: i for i, word in enumerate(_SUMMARY_ORDER)}
+        words = sorted(self.counts, key=lambda w: order.get(w, len(order)))
+        return ", ".join(f"{self.counts[w]} {w}" for w in words)
+
+    def summary_text(self) -> str:
+        """``counts_text`` with the session's duration, as pytest's last line has it."""
+        if self.session_s is None:
+            return self.counts_text()
+        return f"{self.counts_text()} in {self.session_s:.2f}s"
+
+    def evidence(self) -> dict[str, Any]:
+        """``to_dict`` for a decision's evidence: every failure named, few tracebacks kept."""
+        doc = self.to_dict()
+        doc["failures"] = [
+            {k: v for k, v in f.to_dict().items() if k != "longrepr" or i < EVIDENCE_TRACEBACKS}
+            for i, f in enumerate(self.failures)
+        ]
+        doc["collection_errors"] = [
+            {k: v for k, v in f.to_dict().items() if k != "longrepr" or i < EVIDENCE_TRACEBACKS}
+            for i, f in enumerate(self.collection_errors)
+        ]
+        return doc
+
+    @classmethod
+    def from_events(cls, events: Iterable[Mapping[str, Any]], *, ended_at: Optional[float] = None) -> "ProbeReport":
+        return _Tally(ended_at if ended_at is not None else time.time()).feed(events).report()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": "probe",
+            "session_started": self.session_started,
+            "session_finished": self.session_finished,
+            "pytest_version": self.pytest_version,
+            "python": self.python,
+            "rootdir": self.rootdir,
+            "exitstatus": self.exitstatus,
+            "collected": self.collected,
+            "deselected": self.deselected,
+            "done": self.done,
+            "counts": dict(self.counts),
+            "failure_count": self.failure_count,
+            "error_count": self.error_count,
+            "failures": [f.to_dict() for f in self.failures],
+            "collection_errors": [f.to_dict() for f in self.collection_errors],
+            "running": [r.to_dict() for r in self.running],
+            "imports": {k: list(v) for k, v in self.imports.items()},
+            "workers": self.workers,
+            "internal_error": self.internal_error,
+            "dropped_events": self.dropped_events,
+            "session_s": self.session_s,
+        }
+
+
+_FAILED_OUTCOMES = ("failed", "error")
+
+
+class _Tally:
+    """Folds events, in file order, into a ``ProbeReport``."""
+
+    def __init__(self, ended_at: float) -> None:
+        self.ended_at = ended_at
+        self.fields: dict[str, Any] = {}
+        self.failures: list[TestFailure] = []
+        self.failure_count = 0
+        self.error_count = 0
+        self.collection_errors: list[TestFailure] = []
+        self.running: dict[tuple[Optional[str], str], float] = {}
+        self.done = 0
+        self.imports: dict[str, list[str]] = {}
+        self.workers: set[str] = set()
+        self.events = 0
+
+    def feed(self, events: Iterable[Mapping[str, Any]]) -> "_Tally":
+        for event in events:
+            self.events += 1
+            handler = getattr(self, "_on_" + str(event.get("ev")), None)
+            if handler is not None:
+                try:
+                    handler(event)
+                except (TypeError, ValueError, KeyError, AttributeError):
+                    log.debug("retest: probe event not understood: %r", event)
+        return self
+
+    def _on_session_start(self, e: Mapping[str, Any]) -> None:
+        self.fields.update(session_started=True, pytest_version=e.get("pytest"),
+                           python=e.get("python"), rootdir=e.get("rootdir"),
+                           started_at=e.get("t"))
+
+    def _on_worker_start(self, e: Mapping[str, Any]) -> None:
+        if e.get("worker"):
+            self.workers.add(str(e["worker"]))
+
+    def _on_collected(self, e: Mapping[str, Any]) -> None:
+        self.fields["collected"] = int(e["count"])
+        self.fields["deselected"] = int(e.get("deselected") or 0)
+
+    def _on_collect_error(self, e: Mapping[str, Any]) -> None:
+        if len(self.collection_errors) < LIST_MAX:
+            self.collection_errors.append(TestFailure(
+                nodeid=str(e.get("nodeid")), when="collect", outcome="error",
+                message=e.get("message"), longrepr=e.get("longrepr")))
+        else:
+            self.fields["more_collection_errors"] = True
+
+    def _on_test_start(self, e: Mapping[str, Any]) -> None:
+        worker = e.get("worker")
+        self.running[(worker, str(e["nodeid"]))] = float(e.get("t") or self.ended_at)
+
+    def _finish(self, worker: Optional[str], nodeid: str) -> None:
+        if self.running.pop((worker, nodeid), None) is None:
+            # A controller-side report can lack the worker its start named (or vice versa).
+            for key in [k for k in self.running if k[1] == nodeid]:
+                del self.running[key]
+                break
+
+    def _on_report(self, e: Mapping[str, Any]) -> None:
+        nodeid, when, outcome = str(e["nodeid"]), str(e.get("when")), str(e.get("outcome"))
+        worker = e.get("worker")
+        subtest = bool(e.get("subtest"))
+        if (when == "call" and not subtest and outcome != "rerun") or (
+            when == "setup" and outcome in ("skipped", "error")
+        ):
+            self.done += 1
+        if when in ("call", "setup") and outcome != "rerun" and not subtest:
+            if when == "call" or outcome != "passed":
+                self._finish(worker, nodeid)
+        if when == "teardown":
+            self._finish(worker, nodeid)
+        if outcome not in _FAILED_OUTCOMES:
+            return
+        if outcome == "error":
+            self.error_count += 1
+        else:
+            self.failure_count += 1
+        if len(self.failures) < FAILURES_MAX:
+            self.failures.append(TestFailure(
+                nodeid=nodeid, when=when, outcome=outcome, message=e.get("message"),
+                worker=worker, subtest=subtest, longrepr=e.get("longrepr")))
+
+    def _on_imports(self, e: Mapping[str, Any]) -> None:
+        for name, origin in dict(e.get("modules") or {}).items():
+            places = self.imports.setdefault(str(name), [])
+            origin = origin or {}
+            for place in [origin.get("file"), *(origin.get("path") or [])]:
+                if place and place not in places:
+                    places.append(str(place))
+
+    def _on_internal_error(self, e: Mapping[str, Any]) -> None:
+        self.fields["internal_error"] = e.get("message")
+
+    def _on_session_end(self, e: Mapping[str, Any]) -> None:
+        self.fields["session_finished"] = True
+        if e.get("exitstatus") is not None:
+            self.fields["exitstatus"] = int(e["exitstatus"])
+        counts = e.get("counts")
+        if isinstance(counts, dict):
+            self.fields["counts"] = {str(k): int(v) for k, v in counts.items()}
+        self.fields["dropped_events"] = int(e.get("dropped_events") or 0)
+        start, end = self.fields.get("started_at"), e.get("t")
+        if isinstance(start, (int, float)) and isinstance(end, (int, float)):
+            self.fields["session_s"] = round(max(end - start, 0.0), 3)
+
+    def report(self) -> ProbeReport:
+        fields = dict(self.fields)
+        fields.pop("more_collection_errors", None)
+        if "counts" not in fields:
+            fields["counts"] = self._own_counts()
+        running = sorted(
+            (RunningTest(nodeid, worker, max(self.ended_at - started, 0.0))
+             for (worker, nodeid), started in self.running.items()),
+            key=lambda r: -r.running_s,
+        )
+        return ProbeReport(
+            done=self.done, failures=tuple(self.failures), failure_count=self.failure_count,
+            error_count=self.error_count, collection_errors=tuple(self.collection_errors),
+            running=tuple(running[:LIST_MAX]), imports=self.imports, workers=len(self.workers),
+            events=self.events, **fields,
+        )
+
+    def _own_counts(self) -> dict[str, int]:
+        """Counts from the reports, when the session did not live to give pytest's own."""
+        counts: dict[str, int] = {}
+        if self.failure_count:
+            counts["failed"] = self.failure_count
+        if self.error_count:
+            counts["error"] = self.error_count
+        return counts
