@@ -335,7 +335,7 @@ def run(
     suite writes it (from a helper thread).
     """
     argv, args_text = _check_args(args)
-    envp = _check_env(env)
+    _check_env(env)
     deadline = _check_timeout(timeout)
     grace_s = _check_grace(grace)
     if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
@@ -361,76 +361,70 @@ def run(
         raise TypeError("on_event must be callable")
 
     chosen = _select_backend(backend)
+    launch = _Launch(chosen, argv, args_text, env, bcwd, stdin_bytes, deadline, grace_s,
+                     capture_limit, on_output, tee_fd)
     if probe is None:
         probe = config.RunnerSettings.from_env().probe_enabled
     if not probe or not _probe.is_pytest_argv(args_text):
-        return _dispatch(chosen, argv, args_text, env, envp, bcwd, stdin_bytes, deadline, grace_s,
-                         capture_limit, on_output, tee_fd)
-    return _run_probed(chosen, argv, args_text, env, bcwd, stdin_bytes, deadline, grace_s,
-                       capture_limit, on_output, tee_fd, probe_packages, on_event)
+        return _dispatch(launch)
+    return _run_probed(launch, probe_packages, on_event)
 
 
-def _dispatch(
-    chosen: str,
-    argv: list[bytes],
-    args_text: tuple[str, ...],
-    env: Optional[Mapping[str, str]],
-    envp: Optional[list[bytes]],
-    bcwd: Optional[bytes],
-    stdin_bytes: Optional[bytes],
-    deadline: Optional[float],
-    grace_s: float,
-    capture_limit: int,
-    on_output: Optional[OutputCallback],
-    tee_fd: int,
-) -> RunResult:
-    if chosen == "native":
-        return _run_native(argv, args_text, envp, bcwd, stdin_bytes, deadline, grace_s,
-                           capture_limit, on_output, tee_fd)
-    return _run_subprocess(argv, args_text, env, bcwd, stdin_bytes, deadline, capture_limit,
-                           on_output, tee_fd)
+@dataclass(frozen=True)
+class _Launch:
+    """One checked ``run()`` call, ready for a backend."""
+
+    backend: str
+    argv: list[bytes]
+    args_text: tuple[str, ...]
+    env: Optional[Mapping[str, str]]
+    cwd: Optional[bytes]
+    stdin_bytes: Optional[bytes]
+    timeout: Optional[float]
+    grace_s: float
+    capture_limit: int
+    on_output: Optional[OutputCallback]
+    tee_fd: int
 
 
-def _run_probed(
-    chosen: str,
-    argv: list[bytes],
-    args_text: tuple[str, ...],
-    env: Optional[Mapping[str, str]],
-    bcwd: Optional[bytes],
-    stdin_bytes: Optional[bytes],
-    deadline: Optional[float],
-    grace_s: float,
-    capture_limit: int,
-    on_output: Optional[OutputCallback],
-    tee_fd: int,
-    packages: Sequence[str],
-    on_event: Optional[EventCallback],
-) -> RunResult:
+def _dispatch(launch: _Launch) -> RunResult:
+    """Run ``launch`` on its backend."""
+    x = launch
+    if x.backend == "native":
+        return _run_native(x.argv, x.args_text, _check_env(x.env), x.cwd, x.stdin_bytes, x.timeout,
+                           x.grace_s, x.capture_limit, x.on_output, x.tee_fd)
+    return _run_subprocess(x.argv, x.args_text, x.env, x.cwd, x.stdin_bytes, x.timeout,
+                           x.capture_limit, x.on_output, x.tee_fd)
+
+
+def _run_probed(launch: _Launch, packages: Sequence[str],
+                on_event: Optional[EventCallback]) -> RunResult:
     """Run pytest with the probe: a private events file, followed live if asked, summed up."""
     settings = config.RunnerSettings.from_env()
     try:
         channel = _probe.Channel(packages=packages, max_bytes=settings.probe_max_bytes)
     except OSError as err:  # no temporary directory: run without the probe, say so once
         _log_fallback_once(f"probe disabled for this run: {err}", logging.WARNING)
-        return _dispatch(chosen, argv, args_text, env, _check_env(env), bcwd, stdin_bytes,
-                         deadline, grace_s, capture_limit, on_output, tee_fd)
+        return _dispatch(launch)
     follower = _probe.Follower(channel, on_event) if on_event is not None else None
     try:
-        probed_env = channel.environ(os.environ if env is None else env)
-        probed_argv = [os.fsencode(a) for a in _probe.inject([os.fsdecode(a) for a in argv])]
+        probed = dataclasses.replace(
+            launch,
+            argv=[os.fsencode(a) for a in _probe.inject([os.fsdecode(a) for a in launch.argv])],
+            env=channel.environ(os.environ if launch.env is None else launch.env),
+        )
         started_wall = time.time()
         if follower is not None:
             follower.start()
         try:
-            result = _dispatch(chosen, probed_argv, args_text, probed_env, _check_env(probed_env),
-                               bcwd, stdin_bytes, deadline, grace_s, capture_limit, on_output,
-                               tee_fd)
+            result = _dispatch(probed)
         finally:
             if follower is not None:
                 follower.stop()
         channel.poll()
         # Tests "running at the deadline" are timed to the deadline, not to the end of the kill.
-        ended = started_wall + deadline if result.timed_out and deadline is not None else time.time()
+        ended = started_wall + launch.timeout if result.timed_out and launch.timeout is not None \
+            else time.time()
         report = ProbeReport.from_events(channel.events, ended_at=ended)
     finally:
         channel.close()

@@ -1,0 +1,316 @@
+"""The pytest probe: real pytest runs report their own facts, and verdicts rest on them.
+
+Every run here is a real pytest process (plain and with xdist) under both backends; the
+assertions are on the verdict, its evidence source, and the test ids the events name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from retest import probe, proc_group
+from retest.probe import ProbeReport
+
+PY = sys.executable
+
+PASSING = "def test_one():\n    pass\n\n\ndef test_two():\n    assert 1 + 1 == 2\n"
+FAILING = textwrap.dedent("""
+    def test_ok():
+        pass
+
+
+    def test_locked():
+        raise AssertionError("sqlite3.OperationalError: database is locked")
+""")
+
+
+def suite_env(**extra: str) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "LC_ALL": "C",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+    }
+    env.update(extra)
+    return env
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return root
+
+
+def pytest_run(root: Path, backend: str, *args: str, timeout: float = 120,
+               **env: str) -> proc_group.RunResult:
+    return proc_group.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=root,
+                          env=suite_env(**env), timeout=timeout, backend=backend, grace=2)
+
+
+# --------------------------------------------------------------------------- argv detection
+
+
+@pytest.mark.parametrize("argv, position", [
+    (["pytest", "-q"], 1),
+    (["/v/bin/pytest"], 1),
+    (["py.test", "x"], 1),
+    (["python", "-m", "pytest", "-q"], 3),
+    (["/usr/bin/python3.11", "-X", "dev", "-W", "error", "-m", "pytest"], 7),
+    (["python3", "-mpytest", "-x"], 2),
+    (["python", "-m", "coverage", "run", "--branch", "-m", "pytest", "-q"], 7),
+    (["coverage", "run", "-m", "pytest"], 4),
+    (["python", "-m", "pip", "install", "pytest"], None),
+    (["python", "script.py", "-m", "pytest"], None),
+    (["python", "-c", "import pytest; pytest.main()"], None),
+    (["sh", "-c", "pytest"], None),
+    (["tox", "-e", "py"], None),
+    (["pytestish"], None),
+])
+def test_the_probe_goes_where_pytest_arguments_start(argv: list[str], position: object) -> None:
+    assert probe.pytest_position(argv) == position
+    injected = probe.inject(argv)
+    if position is None:
+        assert injected == argv
+    else:
+        assert injected == [*argv[:position], "-p", "retest_probe", *argv[position:]]
+
+
+# --------------------------------------------------------------------------- reading events
+
+
+def test_a_torn_last_line_and_unknown_events_are_ignored(tmp_path: Path) -> None:
+    channel = probe.Channel()
+    try:
+        with open(channel.path, "ab") as f:
+            f.write(b'{"ev":"session_start","t":1,"pytest":"9"}\n{"ev":"future_kind","x":1}\n')
+            f.write(b'not json\n{"ev":"report","nodeid":"t.py::a","when":"call","outcome":"fai')
+        first = channel.poll()
+        assert [e["ev"] for e in first] == ["session_start", "future_kind"]
+        with open(channel.path, "ab") as f:
+            f.write(b'led","message":"boom"}\n')
+        assert [e["ev"] for e in channel.poll()] == ["report"]
+        report = ProbeReport.from_events(channel.events, ended_at=2)
+        assert report.session_started and not report.session_finished
+        assert report.failed_ids == ["t.py::a"] and report.failures[0].message == "boom"
+    finally:
+        channel.close()
+    assert not os.path.exists(channel.dir)
+
+
+def test_tests_still_running_are_timed_to_the_end() -> None:
+    events = [
+        {"ev": "session_start", "t": 100.0},
+        {"ev": "test_start", "t": 101.0, "worker": "gw0", "nodeid": "a.py::slow"},
+        {"ev": "test_start", "t": 102.0, "worker": "gw1", "nodeid": "a.py::quick"},
+        {"ev": "report", "t": 103.0, "worker": "gw1", "nodeid": "a.py::quick", "when": "call",
+         "outcome": "passed"},
+    ]
+    report = ProbeReport.from_events(events, ended_at=111.0)
+    assert [(r.nodeid, r.worker, r.running_s) for r in report.running] == [("a.py::slow", "gw0", 10.0)]
+    assert report.done == 1
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def test_failing_tests_are_red_from_events_with_their_ids(backend: str, tmp_path: Path) -> None:
+    """A failure message that mentions a lock is still a red test, not lock-busy (issue 9)."""
+    result = pytest_run(write(tmp_path, {"test_a.py": FAILING}), backend)
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("red", "red.tests-failed", "events")
+    assert result.probe is not None and result.probe.failed_ids == ["test_a.py::test_locked"]
+    assert "test_a.py::test_locked" in verdict.reason
+    assert result.probe.counts == {"failed": 1, "passed": 1}
+    assert result.probe.failures[0].message is not None
+    assert "database is locked" in result.probe.failures[0].message
+
+
+def test_a_passing_suite_passes_on_events(backend: str, tmp_path: Path) -> None:
+    result = pytest_run(write(tmp_path, {"test_a.py": PASSING}), backend)
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("passed", "passed.exit-0", "events")
+    assert result.probe is not None and result.probe.session_finished
+    assert (result.probe.collected, result.probe.done, result.probe.exitstatus) == (2, 2, 0)
+    assert verdict.reason.startswith("exit 0: 2 passed in ")
+
+
+def test_xdist_reports_every_test_with_its_worker(backend: str, tmp_path: Path) -> None:
+    pytest.importorskip("xdist")
+    files = {f"test_{i}.py": FAILING.replace("test_locked", f"test_bad_{i}") for i in range(3)}
+    result = pytest_run(write(tmp_path, files), backend, "-p", "xdist", "-n", "2")
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("red", "red.tests-failed", "events")
+    assert result.probe is not None
+    assert sorted(result.probe.failed_ids) == [f"test_{i}.py::test_bad_{i}" for i in range(3)]
+    assert {f.worker for f in result.probe.failures} <= {"gw0", "gw1"}
+    assert result.probe.workers == 2 and result.probe.collected == 6 and result.probe.done == 6
+
+
+def test_subtests_and_setup_errors_are_counted(backend: str, tmp_path: Path) -> None:
+    if not hasattr(pytest, "Subtests"):
+        pytest.skip("pytest < 9 has no built-in subtests")
+    suite = textwrap.dedent("""
+        import pytest
+
+        def test_sub(subtests):
+            for i in range(3):
+                with subtests.test(msg=str(i)):
+                    assert i != 2
+
+        @pytest.fixture
+        def broken():
+            raise RuntimeError("set-up failed")
+
+        def test_err(broken):
+            pass
+    """)
+    result = pytest_run(write(tmp_path, {"test_s.py": suite}), backend)
+    verdict = proc_group.classify(result)
+    assert verdict.kind == "red" and verdict.evidence == "events"
+    assert result.probe is not None
+    assert result.probe.counts.get("subtests passed") == 2
+    assert result.probe.error_count == 1
+    assert any(f.subtest for f in result.probe.failures)
+    assert "test_s.py::test_err" in [f.nodeid for f in result.probe.failures if f.outcome == "error"]
+
+
+def test_a_collection_error_is_red_naming_the_file(backend: str, tmp_path: Path) -> None:
+    files = {"test_ok.py": PASSING, "test_broken.py": "import no_such_module_here\n"}
+    result = pytest_run(write(tmp_path, files), backend)
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("red", "red.collection-error", "events")
+    assert "test_broken.py" in verdict.reason
+    assert result.probe is not None and result.probe.collection_errors[0].nodeid == "test_broken.py"
+
+
+def test_no_tests_is_other_no_tests(backend: str, tmp_path: Path) -> None:
+    result = pytest_run(write(tmp_path, {"README": "no tests\n"}), backend)
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule) == ("other", "other.no-tests")
+
+
+def test_no_tests_is_other_even_when_warnings_are_errors(backend: str, tmp_path: Path) -> None:
+    """filterwarnings=error turns pytest's 'no files in testpaths' warning into a crash (exit 1)."""
+    ini = "[pytest]\ntestpaths = tests\nfilterwarnings =\n    error\n"
+    result = pytest_run(write(tmp_path, {"pytest.ini": ini}), backend)
+    assert result.returncode == 1
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule) == ("other", "other.no-tests")
+
+
+def test_pytest_not_importable_is_an_environment_fault(backend: str, tmp_path: Path) -> None:
+    """A suite venv without pytest must not roll green code back (issue 9)."""
+    venv = tmp_path / "bare"
+    subprocess.run([PY, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    result = proc_group.run([str(venv / "bin" / "python"), "-m", "pytest", "-q"], cwd=tmp_path,
+                            env=suite_env(), timeout=60, backend=backend)
+    assert result.returncode == 1
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("other", "other.environment", "events")
+    assert "No module named pytest" in verdict.reason
+
+
+def test_a_deadline_names_the_tests_running_at_it(backend: str, tmp_path: Path) -> None:
+    suite = "import time\n\ndef test_quick():\n    pass\n\ndef test_hangs():\n    time.sleep(600)\n"
+    result = pytest_run(write(tmp_path, {"test_h.py": suite}), backend, timeout=6)
+    assert result.timed_out
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("timeout", "timeout.deadline", "runner")
+    assert result.probe is not None
+    assert [r.nodeid for r in result.probe.running] == ["test_h.py::test_hangs"]
+    assert "test_h.py::test_hangs" in verdict.reason and "1 of 2 tests done" in verdict.reason
+
+
+def test_a_test_that_exits_the_interpreter_is_not_a_pass(backend: str, tmp_path: Path) -> None:
+    suite = "import os\n\ndef test_a():\n    pass\n\ndef test_exit():\n    os._exit(0)\n"
+    result = pytest_run(write(tmp_path, {"test_x.py": suite}), backend)
+    assert result.returncode == 0
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule) == ("other", "other.session-incomplete")
+    assert "test_x.py::test_exit" in verdict.reason
+
+
+def test_the_probe_can_be_turned_off(backend: str, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    write(tmp_path, {"test_a.py": FAILING})
+    monkeypatch.setenv("RETEST_PROBE_ENABLED", "false")  # a setting of the caller, not the suite
+    off = pytest_run(tmp_path, backend)
+    assert off.probe is None
+    monkeypatch.delenv("RETEST_PROBE_ENABLED")
+    env_off = proc_group.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=tmp_path,
+                             env=suite_env(), timeout=60, backend=backend, probe=False)
+    assert env_off.probe is None
+    verdict = proc_group.classify(off)
+    assert (verdict.kind, verdict.evidence) == ("red", "output")
+
+
+def test_the_probe_does_not_change_the_outcome(backend: str, tmp_path: Path) -> None:
+    """Same exit status and same summary with and without the probe, even with -W error."""
+    write(tmp_path, {"test_a.py": FAILING, "test_b.py": PASSING})
+    for extra in ((), ("-W", "error")):
+        on = pytest_run(tmp_path, backend, *extra)
+        off = proc_group.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra],
+                             cwd=tmp_path, env=suite_env(), timeout=60, backend=backend,
+                             probe=False)
+        assert on.returncode == off.returncode == 1
+        last = [ln.split(" in ")[0] for ln in (on.stdout.decode().splitlines()[-1],
+                                               off.stdout.decode().splitlines()[-1])]
+        assert last[0] == last[1] == "1 failed, 3 passed"
+
+
+def test_a_nested_pytest_does_not_write_into_the_channel(backend: str, tmp_path: Path) -> None:
+    """The probe removes the channel from the environment: a suite's own pytest runs stay out."""
+    inner = tmp_path / "inner"
+    write(inner, {"test_inner.py": "def test_inner_fails():\n    assert False\n"})
+    outer = textwrap.dedent(f"""
+        import subprocess, sys
+
+        def test_outer():
+            subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "retest_probe",
+                            "-p", "no:cacheprovider", {str(inner)!r}], timeout=60)
+    """)
+    result = pytest_run(write(tmp_path / "outer", {"test_outer.py": outer}), backend,
+                        str(tmp_path / "outer"))
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.evidence) == ("passed", "events")
+    assert result.probe is not None and result.probe.failed_ids == []
+
+
+def test_on_event_sees_events_live(backend: str, tmp_path: Path) -> None:
+    seen: list[str] = []
+    result = proc_group.run([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                            cwd=write(tmp_path, {"test_a.py": PASSING}), env=suite_env(),
+                            timeout=60, backend=backend, on_event=lambda e: seen.append(e["ev"]))
+    assert result.returncode == 0
+    assert seen[0] == "session_start" and seen[-1] == "session_end"
+    assert seen.count("test_start") == 2
+
+
+def test_the_events_are_bounded(backend: str, tmp_path: Path,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETEST_PROBE_MAX_BYTES", "200000")
+    many = "import pytest\n\n@pytest.mark.parametrize('i', range(3000))\ndef test_many(i):\n" \
+           "    assert i % 2, 'x' * 400\n"
+    result = pytest_run(write(tmp_path, {"test_m.py": many}), backend, "--tb=no")
+    assert result.probe is not None and result.probe.session_finished
+    assert result.probe.dropped_events > 0
+    assert result.probe.counts == {"failed": 1500, "passed": 1500}
+    assert proc_group.classify(result).kind == "red"
+    assert len(result.probe.failures) <= probe.FAILURES_MAX
+
+
+def test_to_dict_carries_the_tests(tmp_path: Path, backend: str) -> None:
+    result = pytest_run(write(tmp_path, {"test_a.py": FAILING}), backend)
+    doc = json.loads(json.dumps(result.to_dict()))
+    assert doc["tests"]["failures"][0]["nodeid"] == "test_a.py::test_locked"
+    assert doc["tests"]["counts"] == {"failed": 1, "passed": 1}
