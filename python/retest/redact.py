@@ -243,13 +243,15 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         secrets = self.secrets()
-        if not secrets:
+        done = getattr(record, _DONE, frozenset())
+        if secrets <= done:  # none, or already masked by this filter on the logger
             return True
         try:
             message = _masked_message(record, secrets)
         except Exception:  # a broken format string: let logging report it as usual
             return True
         record.msg, record.args = message, None
+        setattr(record, _DONE, secrets)
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
@@ -257,6 +259,11 @@ class RedactingFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = redact(record.stack_info, secrets)
         return True
+
+
+#: The record attribute that holds the secrets a record was masked for: a record filtered on
+#: its logger and again on a handler is masked once, so its ``Clean`` arguments stay whole.
+_DONE = "_retest_redacted"
 
 
 class _Placeholder:
