@@ -344,14 +344,14 @@ def ledger_bytes(path: str) -> bytes:
 
 
 def test_redact_module() -> None:
-    env = {"GITHUB_TOKEN": "ghp_abc", "short_key": "abc", "MY_PASSWORD": "pass-word-long",
-           "FEATURE_KEY_ENABLED": "true", "HOME": "/root/secretish", "x_secret_y": "ghp_abc-longer"}
-    assert redact.secret_values(env) == frozenset({"ghp_abc", "pass-word-long", "ghp_abc-longer"})
+    env = {"GITHUB_TOKEN": "ghp_abcdef", "short_key": "abc", "MY_PASSWORD": "pass-word-long",
+           "FEATURE_KEY_ENABLED": "true", "HOME": "/root/secretish", "x_secret_y": "ghp_abcdef-longer"}
+    assert redact.secret_values(env) == frozenset({"ghp_abcdef", "pass-word-long", "ghp_abcdef-longer"})
     secrets = redact.secret_values(env)
     # Longest first: the longer secret is masked whole, not as '***-longer'.
-    assert redact.redact("a ghp_abc-longer b ghp_abc", secrets) == "a *** b ***"
+    assert redact.redact("a ghp_abcdef-longer b ghp_abcdef", secrets) == "a *** b ***"
     assert redact.redact_bytes(b"x pass-word-long y", secrets) == b"x *** y"
-    doc = {"ok": True, "n": 3, "list": ["ghp_abc", ("pass-word-long",)], "ghp_abc": None}
+    doc = {"ok": True, "n": 3, "list": ["ghp_abcdef", ("pass-word-long",)], "ghp_abcdef": None}
     assert redact.redact_obj(doc, secrets) == {"ok": True, "n": 3, "list": ["***", ("***",)], "***": None}
     assert redact.redact_obj(doc, frozenset()) is doc
 

@@ -1,8 +1,10 @@
 """The ``retest`` command line: ``retest run``, ``retest gate``, ``retest serve``.
 
 What it prints itself (``--json`` documents, verdict lines, log records) never holds the
-values of secret environment variables (``retest.redact``). ``retest run`` without ``--json``
-or ``--quiet`` streams the command's own output through unchanged.
+values of secret environment variables (``retest.redact``): masked in the untrusted fields
+only (the command's output before it is classified, its argv, a decision's branch and
+reason...), never in the verdict, rule, action or keys. ``retest run`` without ``--json`` or
+``--quiet`` streams the command's own output through unchanged.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from typing import Optional, Sequence, TextIO
+from typing import Optional, Sequence
 
 from . import proc_group, redact
 
@@ -55,15 +57,6 @@ def _add_run_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.set_defaults(func=_cmd_run)
 
 
-def _print_redacted(doc: object = None, line: Optional[str] = None, *,
-                    file: Optional[TextIO] = None) -> None:
-    """Print ``doc`` as one JSON line or ``line`` as text, with secret values masked."""
-    secrets = redact.FILTER.secrets()
-    text = json.dumps(redact.redact_obj(doc, secrets), sort_keys=True) if line is None \
-        else redact.redact(line, secrets)
-    print(text, file=file or sys.stdout)
-
-
 def _stream(stream: str, chunk: bytes) -> None:
     target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
     target.write(chunk)
@@ -95,16 +88,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_INTERNAL
     stream = None if (args.quiet or args.json) else _stream
     result = proc_group.run(command, timeout=args.timeout, grace=args.grace, on_output=stream)
-    verdict = proc_group.classify(result)
     status = run_exit_status(result)
+    # Masked before it is classified: the reason quotes the output, never the secrets in it.
+    result = redact.redact_result(result, redact.FILTER.secrets())
+    verdict = proc_group.classify(result)
     if args.json:
         doc = result.to_dict()
         doc.update(verdict=verdict.kind, rule=verdict.rule, reason=verdict.reason,
                    infra=verdict.infra, exit_status=status)
-        _print_redacted(doc)
-    _print_redacted(line=f"retest: {verdict.kind} ({verdict.rule}): {verdict.reason} "
-                    f"[{result.duration_s:.2f}s, backend={result.backend}, exit={status}]",
-                    file=sys.stderr)
+        print(json.dumps(doc, sort_keys=True))
+    print(f"retest: {verdict.kind} ({verdict.rule}): {verdict.reason} "
+          f"[{result.duration_s:.2f}s, backend={result.backend}, exit={status}]", file=sys.stderr)
     return status
 
 
@@ -157,12 +151,13 @@ def _cmd_gate(args: argparse.Namespace) -> int:
         args.repo, args.branch, onto=args.onto, task_id=args.task, validated_sha=args.validated_sha,
         command=args.command, timeout=args.timeout, settings=settings, ledger=ledger,
     )
+    doc = redact.redact_decision(decision.to_dict(), redact.FILTER.secrets())
     if args.json:
-        _print_redacted(decision.to_dict())
+        print(json.dumps(doc, sort_keys=True))
     else:
-        _print_redacted(line=f"retest gate: {decision.action} -> {decision.stage} ({decision.verdict}, "
-                        f"{decision.rule}): {decision.reason} [attempt {decision.attempt}, "
-                        f"{decision.duration_s:.2f}s{', alert sent' if decision.alert else ''}]")
+        print(f"retest gate: {doc['action']} -> {doc['stage']} ({doc['verdict']}, {doc['rule']}): "
+              f"{doc['reason']} [attempt {doc['attempt']}, {decision.duration_s:.2f}s"
+              f"{', alert sent' if decision.alert else ''}]")
     return GATE_EXIT_STATUS.get(decision.action, EXIT_INTERNAL)
 
 

@@ -27,7 +27,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 from . import config, proc_group, redact
@@ -171,9 +171,7 @@ def git(
     result = proc_group.run(argv, cwd=cwd, env=env, timeout=timeout, grace=min(2.0, timeout),
                             backend=backend_for(env))
     if not result.ok:
-        secrets = redact.secret_values(env) | redact.secret_values()
-        result = replace(result, stdout=redact.redact_bytes(result.stdout, secrets),
-                         stderr=redact.redact_bytes(result.stderr, secrets))
+        result = redact.redact_result(result, redact.secret_values(env) | redact.secret_values())
         log.debug("git %s in %s: %s", " ".join(args[:2]), cwd,
                   result.spawn_error or result.stderr[-500:].decode("utf-8", "replace"))
     return result

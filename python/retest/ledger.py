@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional
 
-from . import config
+from . import config, redact
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +263,16 @@ class Ledger:
 
     def record_decision(self, doc: Mapping[str, Any], counter_increments: Mapping[str, int],
                         keep: int = DECISIONS_KEPT) -> None:
-        """Append a decision and add to the totals, in one transaction."""
+        """Append a decision and add to the totals, in one transaction.
+
+        The decision is stored with its untrusted fields masked (branch, task id, reason...,
+        ``redact.redact_decision``), whoever records it: ``retest serve`` shows these rows.
+        """
         now = time.time()
+        stored = redact.redact_decision(doc, redact.FILTER.secrets())
         with self._transaction() as conn:
             conn.execute("INSERT INTO decisions (at, doc) VALUES (?, ?)",
-                         (now, json.dumps(doc, sort_keys=True, default=str)))
+                         (now, json.dumps(stored, sort_keys=True, default=str)))
             for name, delta in counter_increments.items():
                 if delta:
                     conn.execute(

@@ -609,12 +609,8 @@ def _suite_env(base: Mapping[str, str]) -> dict[str, str]:
 
 
 def _redacted_result(result: proc_group.RunResult, secrets: frozenset[str]) -> proc_group.RunResult:
-    """The suite's output with secrets masked: before the classifier quotes a line of it or
-    the evidence keeps its tail, so that no cut can leave half a secret behind."""
-    if not secrets:
-        return result
-    return dataclasses.replace(result, stdout=redact.redact_bytes(result.stdout, secrets),
-                               stderr=redact.redact_bytes(result.stderr, secrets))
+    """The suite's run with secrets masked (output, argv, spawn error) as it returns."""
+    return redact.redact_result(result, secrets)
 
 
 def _tail(data: bytes, limit: int) -> str:
@@ -654,14 +650,16 @@ def _decision(run: _GateRun, verdict: proc_group.Verdict, action: str, stage: st
 
 
 def _scrub(run: _GateRun, verdict: proc_group.Verdict) -> proc_group.Verdict:
-    """Mask secrets in the reason and the evidence, before either is recorded or sent.
+    """Mask secrets in the reason and the evidence's untrusted fields, before either is
+    recorded or sent.
 
-    The one redaction of everything routed: git errors, conflict details, error messages
-    and the run's figures (the suite's output was masked as it came back).
+    The reason quotes untrusted text (branch names, git errors, conflict details, error
+    messages; the suite's output was masked as it came back); the verdict's kind and rule
+    and the evidence's keys are vocabulary and stay as they are.
     """
     if not run.secrets:
         return verdict
-    run.evidence = redact.redact_obj(run.evidence, run.secrets)
+    run.evidence = redact.redact_fields(run.evidence, redact.EVIDENCE_UNTRUSTED, run.secrets)
     return dataclasses.replace(verdict, reason=redact.redact(verdict.reason, run.secrets))
 
 
@@ -785,7 +783,8 @@ def _confirm_alert(run: _GateRun, key: str) -> None:
 
 
 def _alert_payload(decision: GateDecision, deduplicated: bool) -> dict[str, Any]:
-    return {
+    """The alert, its untrusted fields (branch, task, reason...) masked, its vocabulary not."""
+    return redact.redact_decision({
         "event": "retest.merge_gate.alert",
         "task_id": decision.task_id,
         "sha": decision.sha,
@@ -800,13 +799,14 @@ def _alert_payload(decision: GateDecision, deduplicated: bool) -> dict[str, Any]
         "infra_attempt": decision.infra_attempt,
         "deduplicated": deduplicated,
         "at": decision.decided_at,
-    }
+    }, redact.FILTER.secrets())
 
 
 def _send_alert(run: Optional[_GateRun], decision: GateDecision, *, deduplicated: bool) -> None:
     """Log the alert at ERROR, call the hook, run ``MERGE_GATE_ALERT_COMMAND``; never raises."""
     payload = _alert_payload(decision, deduplicated)
-    log.error("merge gate ALERT: %s", json.dumps(payload, sort_keys=True))
+    # Clean: the payload's untrusted fields are masked; its rule and action must stay whole.
+    log.error("merge gate ALERT: %s", redact.Clean(json.dumps(payload, sort_keys=True)))
     if run is None:
         return
     if run.alert_hook is not None:
@@ -861,8 +861,8 @@ def _record(run: Optional[_GateRun], decision: GateDecision) -> None:
     """Counters (process and ledger) and one INFO log line; never raises."""
     try:
         log.info("merge gate: %s %s -> %s (%s: %s) [attempt %d, %.2fs]", decision.task_id,
-                 decision.sha, decision.action, decision.verdict, decision.rule, decision.attempt,
-                 decision.duration_s)
+                 decision.sha, redact.Clean(decision.action), redact.Clean(decision.verdict),
+                 redact.Clean(decision.rule), decision.attempt, decision.duration_s)
         if run is None or not run.settings.metrics_enabled:
             return
         run.metrics.record(decision)

@@ -187,9 +187,12 @@ class StatusServer(ThreadingHTTPServer):
         # Settings are re-read per request unless fixed: a switch flipped in the environment
         # of a restarted server shows at once. Gates mask secrets before they record a
         # decision; masking this server's own again covers ledgers written by older versions.
+        # Only the decisions' untrusted fields: counters, settings and vocabulary stay whole.
         block = merge_gate.queue_block(ledger=self.ledger, settings=self.settings)
-        result: dict[str, Any] = redact.redact_obj(block, redact.FILTER.secrets())
-        return result
+        if "recent" in block:
+            secrets = redact.FILTER.secrets()
+            block["recent"] = [redact.redact_decision(doc, secrets) for doc in block["recent"]]
+        return block
 
     def _queue(self) -> tuple[bytes, str]:
         body = json.dumps({"merge_gate": self._block()}, sort_keys=True, default=str).encode() + b"\n"
