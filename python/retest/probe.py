@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,14 @@ class TestFailure:
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
 
+    def redacted(self, mask: Callable[[str], str]) -> "TestFailure":
+        return replace(self, nodeid=mask(self.nodeid), message=_opt(mask, self.message),
+                       longrepr=_opt(mask, self.longrepr))
+
+
+def _opt(mask: Callable[[str], str], text: Optional[str]) -> Optional[str]:
+    return None if text is None else mask(text)
+
 
 @dataclass(frozen=True)
 class RunningTest:
@@ -279,6 +287,19 @@ class ProbeReport:
     started_at: Optional[float] = None
     #: Seconds from the session's start to its end (``None`` if it did not end).
     session_s: Optional[float] = None
+
+    def redacted(self, mask: Callable[[str], str]) -> "ProbeReport":
+        """A copy with every string the suite wrote passed through ``mask`` (never the keys,
+        counts or vocabulary): test ids, messages, tracebacks, paths."""
+        return replace(
+            self,
+            python=_opt(mask, self.python), rootdir=_opt(mask, self.rootdir),
+            internal_error=_opt(mask, self.internal_error),
+            failures=tuple(f.redacted(mask) for f in self.failures),
+            collection_errors=tuple(f.redacted(mask) for f in self.collection_errors),
+            running=tuple(replace(r, nodeid=mask(r.nodeid)) for r in self.running),
+            imports={name: [mask(p) for p in places] for name, places in self.imports.items()},
+        )
 
     @property
     def failed_ids(self) -> list[str]:

@@ -205,6 +205,9 @@ def redact_result(result: _Result, secrets: Iterable[str]) -> _Result:
     if not ordered:
         return result
     changes = {name: redact_obj(getattr(result, name), ordered) for name in RESULT_UNTRUSTED}
+    report = getattr(result, "probe", None)
+    if report is not None:  # the suite's own events: test ids, messages, tracebacks, paths
+        changes["probe"] = report.redacted(lambda text: redact(text, ordered))
     return dataclasses.replace(result, **changes)  # type: ignore[type-var]
 
 
