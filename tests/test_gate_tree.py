@@ -271,5 +271,7 @@ def test_import_roots_follow_the_declarations(tmp_path: Path) -> None:
     (undeclared / "tests" / "__init__.py").write_text("")
     (undeclared / "flatpkg").mkdir()
     (undeclared / "flatpkg" / "__init__.py").write_text("")
+    for module in ("single.py", "setup.py", "conftest.py", "noxfile.py", "test_x.py"):
+        (undeclared / module).write_text("")
     assert layout.import_roots(str(undeclared)) == [str(undeclared / "src")]
-    assert layout.top_level_packages([str(undeclared)], str(undeclared)) == ["flatpkg"]
+    assert layout.top_level_packages([str(undeclared)], str(undeclared)) == ["flatpkg", "single"]

@@ -17,7 +17,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import proc_group, redact
+from . import probe, proc_group, progress, redact
 
 log = logging.getLogger("retest")
 
@@ -53,6 +53,8 @@ def _add_run_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="print one JSON object with the verdict and the run's figures on stdout")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="do not stream the command's output (it is still captured)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no live progress line for a pytest command (drawn only on a terminal)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     p.set_defaults(func=_cmd_run)
 
@@ -61,6 +63,21 @@ def _stream(stream: str, chunk: bytes) -> None:
     target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
     target.write(chunk)
     target.flush()
+
+
+def _around_progress(live: "progress.Progress",
+                     stream: Optional[proc_group.OutputCallback]) -> Optional[proc_group.OutputCallback]:
+    """The output callback with the progress line cleared before each chunk and redrawn after."""
+    if stream is None:
+        return None
+
+    def write(name: str, chunk: bytes) -> None:
+        live.clear()
+        stream(name, chunk)
+        if chunk.endswith(b"\n"):
+            live.redraw()
+
+    return write
 
 
 def run_exit_status(result: proc_group.RunResult) -> int:
@@ -87,7 +104,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_INTERNAL
     stream = None if (args.quiet or args.json) else _stream
-    result = proc_group.run(command, timeout=args.timeout, grace=args.grace, on_output=stream)
+    live = None
+    if not args.no_progress and progress.wanted(sys.stderr) and probe.is_pytest_argv(command):
+        live = progress.Progress(sys.stderr)
+        stream = _around_progress(live, stream)
+    try:
+        result = proc_group.run(command, timeout=args.timeout, grace=args.grace, on_output=stream,
+                                on_event=live.on_event if live is not None else None)
+    finally:
+        if live is not None:
+            live.clear()
     status = run_exit_status(result)
     # Masked before it is classified: the reason quotes the output, never the secrets in it.
     result = redact.redact_result(result, redact.FILTER.secrets())

@@ -34,6 +34,9 @@ ProofStatus = Literal["proven", "wrong-tree", "not-imported", "unavailable"]
 _NOT_PACKAGES = frozenset({"tests", "test", "testing", "docs", "doc", "examples", "example",
                            "benchmarks", "bench", "scripts", "tools", "build", "dist", "venv",
                            ".venv", "node_modules", "site-packages"})
+#: Modules at a flat root that are tooling, not the project's code.
+_NOT_MODULES = frozenset({"conftest", "noxfile", "fabfile", "tasks", "dodo", "manage", "conf",
+                          "setup", "versioneer", "runtests", "run_tests"})
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MAX_PACKAGES = 50
 
@@ -147,7 +150,8 @@ def _packages_in(directory: str, *, flat: bool) -> list[str]:
             if (_IDENT.match(name) and not (flat and name in _NOT_PACKAGES)
                     and os.path.isfile(os.path.join(entry.path, "__init__.py"))):
                 names.append(name)
-        elif not flat and name.endswith(".py") and _IDENT.match(name[:-3]) and name != "setup.py":
+        elif (name.endswith(".py") and _IDENT.match(name[:-3])
+                and not (flat and name[:-3] in _NOT_MODULES) and name != "setup.py"):
             names.append(name[:-3])
     return names
 
@@ -158,7 +162,7 @@ def top_level_packages(roots: Sequence[str], root: str) -> list[str]:
     for directory in roots:
         flat = os.path.abspath(directory) == os.path.abspath(root)
         for name in _packages_in(directory, flat=flat):
-            if name not in names and not name.startswith(("test_", "conftest")):
+            if name not in names and not name.startswith("test_") and not name.endswith("_test"):
                 names.append(name)
     return names[:_MAX_PACKAGES]
 

@@ -799,7 +799,30 @@ def _alert_payload(decision: GateDecision, deduplicated: bool) -> dict[str, Any]
         "infra_attempt": decision.infra_attempt,
         "deduplicated": deduplicated,
         "at": decision.decided_at,
+        "tests": _alert_tests(decision.evidence.get("tests")),
+        "tree": (decision.evidence.get("tree") or {}).get("status"),
     }, redact.FILTER.secrets())
+
+
+def _alert_tests(tests: Any) -> Optional[dict[str, Any]]:
+    """What a person acts on: the counts, every failing id (bounded), the tests at a deadline.
+
+    Built from the probe's evidence, which was masked at its source with the suite's output.
+    """
+    if not isinstance(tests, dict):
+        return None
+    return {
+        "counts": tests.get("counts"),
+        "collected": tests.get("collected"),
+        "done": tests.get("done"),
+        "failure_count": tests.get("failure_count"),
+        "error_count": tests.get("error_count"),
+        "failed": [{"nodeid": f.get("nodeid"), "when": f.get("when"), "message": f.get("message")}
+                   for f in tests.get("failures") or []],
+        "collection_errors": [{"nodeid": e.get("nodeid"), "message": e.get("message")}
+                              for e in tests.get("collection_errors") or []],
+        "running": tests.get("running") or [],
+    }
 
 
 def _send_alert(run: Optional[_GateRun], decision: GateDecision, *, deduplicated: bool) -> None:
