@@ -35,7 +35,7 @@ def _load_native() -> tuple[Optional[Classify], str]:
     except ImportError as err:
         return None, f"cannot import retest._proc_group: {err}"
     try:
-        _proc_group.classify(b"", b"", 0, False, None, False, 0)
+        _proc_group.classify(b"", b"", 0, False, None, False, 0, True)
     except NotImplementedError:
         return None, "retest._proc_group was built without ext/classify.c (stale build)"
     return _proc_group.classify, ""
@@ -74,9 +74,22 @@ class Run(NamedTuple):
     spawn_error: Optional[str] = None
     escalated: bool = False
     killed_at_deadline: int = 0
+    is_pytest: bool = True
 
 
 GIT_LOCK = b"fatal: Unable to create '/repo/.git/index.lock': File exists.\n"
+NO_PYTEST = b"/v/bin/python: No module named pytest\n"
+NO_TEST_FILES = (b"  File \"/v/lib/_pytest/config/__init__.py\", line 1840, in issue_config_time_warning\n"
+                 b"pytest.PytestConfigWarning: No files were found in testpaths; consider removing or "
+                 b"adjusting your testpaths configuration. Searching recursively from the current "
+                 b"directory instead.\n")
+NO_TEST_FILES_QUOTE = ("pytest.PytestConfigWarning: No files were found in testpaths; consider removing or "
+                       "adjusting your testpaths configuration. Searching recursively from the current "
+                       "directory instead.")
+# pytest 9 -q with subtests, and its coloured form (real bytes of --color=yes).
+SUBTESTS = b"2 failed, 1 passed, 2 subtests passed in 0.01s\n"
+SUBTESTS_COLOUR = (b"\x1b[31m\x1b[1m2 failed\x1b[0m, \x1b[32m1 passed\x1b[0m, \x1b[32m2 subtests passed"
+                   b"\x1b[0m\x1b[31m in 0.03s\x1b[0m\n")
 LONG_LOCK_LINE = b"x" * 300 + b" database is locked " + b"y" * 300
 
 # (id, run, expected (kind, rule, reason, infra))
@@ -198,6 +211,59 @@ CASES: list[tuple[str, Run, tuple[str, str, str, bool]]] = [
     ("killed-at-deadline-saturated", Run(timed_out=True, killed_at_deadline=2**64),
      ("timeout", "timeout.deadline", "the runner's deadline fired; 9223372036854775807 processes "
       "signalled, SIGTERM sufficed", True)),
+    # ---- the pytest 9 grammar: items of up to three words, the last one counts
+    ("subtests-q", Run(SUBTESTS),
+     ("red", "red.tests-failed", "pytest: 2 failed, 1 passed, 2 subtests passed in 0.01s (exit 1)", False)),
+    ("subtests-colour", Run(SUBTESTS_COLOUR),
+     ("red", "red.tests-failed", "pytest: 2 failed, 1 passed, 2 subtests passed in 0.03s (exit 1)", False)),
+    ("subtests-failed-counts", Run(b"3 passed, 2 subtests failed in 0.1s\n"),
+     ("red", "red.tests-failed", "pytest: 3 passed, 2 subtests failed in 0.1s (exit 1)", False)),
+    ("three-word-error-item", Run(b"1 passed, 1 setup teardown error in 0.1s\n"),
+     ("red", "red.test-errors", "pytest: 1 passed, 1 setup teardown error in 0.1s (exit 1)", False)),
+    ("failed-not-last-word-is-no-failure", Run(b"2 failed subtests in 0.1s\n"),
+     ("red", "red.exit-1", "pytest: 2 failed subtests in 0.1s (exit 1)", False)),
+    ("plugin-words", Run(b"== 3 passed, 1 rerun, 2 xfailed, 4 deselected, 5 warnings in 1.00s ==\n",
+                         returncode=0),
+     ("passed", "passed.exit-0", "exit 0: 3 passed, 1 rerun, 2 xfailed, 4 deselected, 5 warnings in 1.00s",
+      False)),
+    # ---- not pytest itself (tox, make): no claim about pytest's exit statuses
+    ("wrapper-exit-1-is-not-red", Run(b"tox: commands failed\n", is_pytest=False),
+     ("other", "other.exit-status", "exit 1", False)),
+    ("wrapper-exit-3", Run(b"INTERNALERROR> boom\n", returncode=3, is_pytest=False),
+     ("other", "other.exit-status", "exit 3", False)),
+    ("wrapper-exit-5-with-summary", Run(b"no tests ran in 0.01s\n", returncode=5, is_pytest=False),
+     ("other", "other.exit-status", "exit 5; pytest summary: no tests ran in 0.01s", False)),
+    ("wrapper-summary-is-still-evidence", Run(b"=== 1 failed, 3 passed in 0.2s ===\n", returncode=2,
+                                              is_pytest=False),
+     ("red", "red.tests-failed", "pytest summary: 1 failed, 3 passed in 0.2s (exit 2)", False)),
+    ("wrapper-collection-error", Run(b"ERROR collecting t.py\n1 error in 0.1s\n", returncode=2,
+                                     is_pytest=False),
+     ("red", "red.collection-error", "pytest summary: 1 error in 0.1s (exit 2); ERROR collecting t.py",
+      False)),
+    ("wrapper-exit-2-is-not-collection", Run(b"ERROR collecting t.py\n", returncode=2, is_pytest=False),
+     ("other", "other.exit-status", "exit 2", False)),
+    ("wrapper-signal", Run(b"3 passed in 0.1s\n", returncode=-11, is_pytest=False),
+     ("other", "other.signal", "killed by signal 11 (SIGSEGV); pytest summary: 3 passed in 0.1s", False)),
+    ("wrapper-test-timeout", Run(b"+++ Timeout +++\n3 passed in 0.1s\n", is_pytest=False),
+     ("red", "red.test-timeout", "exit 1: a per-test pytest-timeout fired; pytest summary: 3 passed in 0.1s",
+      False)),
+    # ---- pytest could not start, or found nothing to run
+    ("environment-no-pytest", Run(stderr=NO_PYTEST),
+     ("other", "other.environment", "exit 1 before pytest started: pytest is not importable: "
+      "/v/bin/python: No module named pytest", False)),
+    ("environment-in-a-wrapper", Run(stderr=NO_PYTEST, returncode=2, is_pytest=False),
+     ("other", "other.environment", "exit 2 before pytest started: pytest is not importable: "
+      "/v/bin/python: No module named pytest", False)),
+    ("environment-needs-no-summary", Run(NO_PYTEST + b"1 failed in 0.1s\n"),
+     ("red", "red.tests-failed", "pytest: 1 failed in 0.1s (exit 1)", False)),
+    ("no-test-files-crash", Run(stderr=NO_TEST_FILES),
+     ("other", "other.no-tests", f"exit 1: the configured testpaths hold no test files: {NO_TEST_FILES_QUOTE}",
+      False)),
+    ("no-test-files-any-exit-status", Run(stderr=NO_TEST_FILES, returncode=3, is_pytest=False),
+     ("other", "other.no-tests", f"exit 3: the configured testpaths hold no test files: {NO_TEST_FILES_QUOTE}",
+      False)),
+    ("no-test-files-but-tests-failed", Run(NO_TEST_FILES + b"1 failed in 0.1s\n"),
+     ("red", "red.tests-failed", "pytest: 1 failed in 0.1s (exit 1)", False)),
 ]
 
 # Lines that look like a summary but are not one (the run exits 1, so red.exit-1 without it).
@@ -213,6 +279,12 @@ NOT_SUMMARIES = [
     b"= 1 failed =in 0.1s",
     b"1 failed \x1b[0min 0.1s",  # a colour code inside " in " (pytest never does this)
     b"=" * 4100 + b" 1 failed in 0.1s",  # would parse, but longer than SUMMARY_LINE_MAX
+    b"1 a b c failed in 0.1s",  # four words in one item
+    b"1 failed  in 0.1s",
+    b"1 in 0.1s",  # an item needs a word, and " in <digit>" is never one
+    b"1 failed in 0.1s in 0.2s",
+    b"1 fa1led in 0.1s",
+    b"1 failed, in 0.1s",
 ]
 
 
@@ -227,11 +299,40 @@ def test_every_count_word(classify: Classify, word: str) -> None:
     assert verdict == ("red", rule.get(word, "red.exit-1"), f"pytest: 3 {word} in 0.10s (exit 1)", False)
 
 
-def test_summary_line_length_limit(classify: Classify) -> None:
+@pytest.mark.parametrize("words", ["subtests passed", "subtests failed", "a b c", "in x"])
+def test_multi_word_items(classify: Classify, words: str) -> None:
+    rule = "red.tests-failed" if words.endswith("failed") else "red.exit-1"
+    verdict = classify(*Run(f"1 passed, 2 {words} in 0.10s\n".encode()))
+    assert verdict == ("red", rule, f"pytest: 1 passed, 2 {words} in 0.10s (exit 1)", False)
+
+
+@pytest.mark.parametrize("sep", [b"\n", b"\r"])
+def test_summary_line_length_limit(classify: Classify, sep: bytes) -> None:
     core = b" 1 failed in 0.1s"
     at_limit = b"=" * (_classify_py.SUMMARY_LINE_MAX - len(core)) + core
-    assert classify(*Run(at_limit + b"\n"))[1] == "red.tests-failed"
-    assert classify(*Run(b"=" + at_limit + b"\n"))[1] == "red.exit-1"
+    for tail in (b"", b"=" * 5):  # the window ends exactly at, or beyond, the anchor's line end
+        line = at_limit[len(tail):] + tail
+        assert classify(*Run(b"x" + sep + line + sep))[1] == "red.tests-failed"
+        assert classify(*Run(b"x" + sep + b"=" + line + sep))[1] == "red.exit-1"
+        assert classify(*Run(b"=" + line))[1] == "red.exit-1"
+
+
+@pytest.mark.parametrize(
+    "log, rule",
+    [
+        (b"1 failed in 0.1s\r x in y in 1 in z in 1x\r", "red.tests-failed"),  # lookalikes after it
+        (b"1 failed in 0.1s\n in ", "red.tests-failed"),  # " in " at the very end
+        (b"1 failed in 0.1s\r" + b"\x00 in 1\x00" * 1000 + b"\r", "red.tests-failed"),
+        (b"1 failed in 0.1s" + b" in 1" * 1000, "red.exit-1"),  # anchors all over one line
+        (b"1 failed in 0.1s\x00\n", "red.exit-1"),  # a NUL is not trimmed
+        (b"\x001 failed in 0.1s\n", "red.exit-1"),
+        (b"1 failed in 0.1s\r" + b"=" * 5000 + b" in 1 " + b"=" * 5000, "red.tests-failed"),
+    ],
+    ids=["lookalikes", "anchor-at-end", "nul-lines", "one-line", "nul-after", "nul-before",
+         "too-long-line-after"],
+)
+def test_lookalike_anchors(classify: Classify, log: bytes, rule: str) -> None:
+    assert classify(*Run(log))[1] == rule
 
 
 @pytest.mark.parametrize(
@@ -294,7 +395,8 @@ def test_int_subclass_is_read_as_its_value(classify: Classify) -> None:
 @pytest.mark.parametrize(
     "position, bad",
     [(0, "text"), (0, bytearray(b"x")), (0, None), (1, memoryview(b"")), (2, "1"), (2, 1.0),
-     (2, True), (3, 1), (3, None), (4, b"err"), (4, 3), (5, 0), (6, None), (6, False), (6, 1.5)],
+     (2, True), (3, 1), (3, None), (4, b"err"), (4, 3), (5, 0), (6, None), (6, False), (6, 1.5),
+     (7, 1), (7, None), (7, "yes")],
 )
 def test_wrong_types_raise_type_error(classify: Classify, position: int, bad: object) -> None:
     args: list[object] = list(Run())
@@ -305,11 +407,11 @@ def test_wrong_types_raise_type_error(classify: Classify, position: int, bad: ob
 
 def test_wrong_argument_count_raises_type_error(classify: Classify) -> None:
     with pytest.raises(TypeError):
-        classify(*Run()[:6])
+        classify(*Run()[:7])
     with pytest.raises(TypeError):
-        classify(*Run(), 0)
+        classify(*Run(), True)
     with pytest.raises(TypeError):
-        classify(*Run()[:6], killed_at_deadline=0)
+        classify(*Run()[:7], is_pytest=True)
 
 
 # --------------------------------------------------------------------------- random input
