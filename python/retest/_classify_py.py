@@ -166,6 +166,11 @@ def _line_end(buf: bytes, pos: int, ceiling: int) -> int:
 
 def _parse_summary(raw_line: bytes) -> Optional[_Summary]:
     """The pytest summary in ``raw_line``, or ``None`` if the line is not one."""
+    # Exact, not a heuristic (as C's cannot_be_summary): if the first byte trimming keeps is not
+    # ESC, removing escapes leaves it first, and a body starts with a digit or "no tests ran".
+    first = raw_line.lstrip(_SUMMARY_STRIP)[:1]
+    if not (first == b"\x1b" or first == b"n" or first.isdigit()):
+        return None
     text = _strip_ansi(raw_line).strip(_SUMMARY_STRIP)
     match = _SUMMARY.fullmatch(text)
     if match is None:
