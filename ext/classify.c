@@ -34,6 +34,10 @@
 #define COLLECTION_ERROR_MARK "ERROR collecting"
 /* pytest-timeout's thread method prints this, dumps stacks and calls os._exit(1). */
 #define TEST_TIMEOUT_MARK "+++ Timeout +++"
+/* What "python -m pytest" prints (exit 1) when the interpreter has no pytest. */
+#define NO_PYTEST_MARK "No module named pytest"
+/* pytest's PytestConfigWarning text; with filterwarnings=error it is a crash (exit 1). */
+#define NO_TEST_FILES_MARK "No files were found in testpaths"
 
 enum rule_id {
     RULE_TIMEOUT_DEADLINE,
@@ -54,6 +58,8 @@ enum rule_id {
     RULE_OTHER_USAGE_ERROR,
     RULE_OTHER_NO_TESTS,
     RULE_OTHER_EXIT_STATUS,
+    RULE_OTHER_ENVIRONMENT,
+    RULE_OTHER_NO_TEST_FILES, /* the id of RULE_OTHER_NO_TESTS, another reason */
 };
 
 static const struct {
@@ -79,6 +85,8 @@ static const struct {
     [RULE_OTHER_USAGE_ERROR] = {"other", "other.usage-error", false},
     [RULE_OTHER_NO_TESTS] = {"other", "other.no-tests", false},
     [RULE_OTHER_EXIT_STATUS] = {"other", "other.exit-status", false},
+    [RULE_OTHER_ENVIRONMENT] = {"other", "other.environment", false},
+    [RULE_OTHER_NO_TEST_FILES] = {"other", "other.no-tests", false},
 };
 
 /* Lock patterns in priority order; the first found (stdout, then stderr) decides. Git's bare
@@ -94,20 +102,8 @@ static const struct {
     {RULE_LOCK_SQLITE, "database is locked"},
 };
 
-/* The count words pytest's final summary may hold. */
-enum count_kind { COUNT_OTHER, COUNT_FAILED, COUNT_ERRORS };
-#define WORD(w, kind) {w, sizeof(w) - 1, kind}
-static const struct {
-    const char *word;
-    size_t len;
-    enum count_kind kind;
-} count_words[] = {
-    WORD("passed", COUNT_OTHER),     WORD("failed", COUNT_FAILED),  WORD("errors", COUNT_ERRORS),
-    WORD("error", COUNT_ERRORS),     WORD("skipped", COUNT_OTHER),  WORD("xfailed", COUNT_OTHER),
-    WORD("xpassed", COUNT_OTHER),    WORD("warnings", COUNT_OTHER), WORD("warning", COUNT_OTHER),
-    WORD("deselected", COUNT_OTHER), WORD("rerun", COUNT_OTHER),
-};
-#undef WORD
+/* Words of one summary item, "N word [word [word]]" ("2 subtests passed"). */
+#define ITEM_WORDS_MAX 3
 
 typedef struct {
     const unsigned char *data;
@@ -136,6 +132,7 @@ typedef struct {
     long long returncode;
     bool timed_out;
     bool has_spawn_error;
+    bool is_pytest; /* the command is pytest itself: its exit statuses have their pytest meaning */
     enum rule_id rule;
     summary_line summary;
     quoted_line quote;
@@ -186,41 +183,45 @@ static size_t trim(const char *text, size_t *len, bool underscore)
     return start;
 }
 
-/* Bytes looked at one by one before a line-break search switches to memchr/memrchr: most
- * lines are short and the calls cost more than the loop; a 50 MB line costs ~2 ms with them. */
-#define SHORT_LINE 64
-
 static inline bool is_line_break(unsigned char c)
 {
     return c == '\n' || c == '\r';
 }
 
-/* Start of the line holding pos: just after the previous '\n' or '\r', or 0. */
-static size_t line_start(const buffer *buf, size_t pos)
+/* Offset of the last '\n' or '\r' in [low, high), or -1; reads only the bytes after it. */
+static Py_ssize_t last_break(const buffer *buf, size_t low, size_t high)
 {
-    size_t floor = pos > SHORT_LINE ? pos - SHORT_LINE : 0;
-    for (; pos > floor; pos--) {
-        if (is_line_break(buf->data[pos - 1]))
-            return pos;
+    while (high > low) {
+        high--;
+        if (is_line_break(buf->data[high]))
+            return (Py_ssize_t)high;
     }
-    const unsigned char *newline = memrchr(buf->data, '\n', pos);
-    size_t from = newline ? (size_t)(newline - buf->data) + 1 : 0;
-    const unsigned char *carriage = memrchr(buf->data + from, '\r', pos - from);
-    return carriage ? (size_t)(carriage - buf->data) + 1 : from;
+    return -1;
 }
 
-/* End of the line holding pos: the next '\n' or '\r', or the buffer's end. */
-static size_t line_end(const buffer *buf, size_t pos)
+/* Offset of the first '\n' or '\r' in [low, high), or high; reads only the bytes before it. */
+static size_t first_break(const buffer *buf, size_t low, size_t high)
 {
-    size_t ceiling = buf->len - pos > SHORT_LINE ? pos + SHORT_LINE : buf->len;
-    for (; pos < ceiling; pos++) {
-        if (is_line_break(buf->data[pos]))
-            return pos;
-    }
-    const unsigned char *newline = memchr(buf->data + pos, '\n', buf->len - pos);
-    size_t to = newline ? (size_t)(newline - buf->data) : buf->len;
-    const unsigned char *carriage = memchr(buf->data + pos, '\r', to - pos);
-    return carriage ? (size_t)(carriage - buf->data) : to;
+    while (low < high && !is_line_break(buf->data[low]))
+        low++;
+    return low;
+}
+
+/* Start of the line holding pos if it is >= floor (floor <= pos), else floor - 1. Bounded:
+ * reads at most pos - floor + 1 bytes, so no caller re-reads a long line per anchor. */
+static size_t line_start(const buffer *buf, size_t pos, size_t floor)
+{
+    size_t low = floor > 0 ? floor - 1 : 0;
+    Py_ssize_t found = last_break(buf, low, pos);
+    return found >= 0 ? (size_t)found + 1 : low;
+}
+
+/* End of the line holding pos if it is <= ceiling, else ceiling + 1; never past the buffer's
+ * end. Bounded like line_start: reads at most ceiling - pos + 1 bytes. */
+static size_t line_end(const buffer *buf, size_t pos, size_t ceiling)
+{
+    size_t high = ceiling < buf->len ? ceiling + 1 : buf->len;
+    return first_break(buf, pos, high);
 }
 
 static bool is_digit(char c)
@@ -250,29 +251,50 @@ static inline bool take(const char **p, const char *end, const char *literal)
     return true;
 }
 
-/* Parse one "N word" count and fold it into the summary; false if it is not one. */
+/* True if [word, word + len) is the literal. */
+static bool word_is(const char *word, size_t len, const char *literal)
+{
+    return len == strlen(literal) && memcmp(word, literal, len) == 0;
+}
+
+/* Consume " WORD" (WORD = [a-z]+) at *p into (*word, *len); false if there is none, or if it is
+ * the "in" of " in <digit>": an item word there could be followed by neither ", " nor " in ",
+ * so refusing it is what makes one left-to-right pass parse exactly the documented grammar. */
+static bool take_word(const char **p, const char *end, const char **word, size_t *len)
+{
+    if (*p >= end || **p != ' ')
+        return false;
+    const char *start = *p + 1, *q = start;
+    while (q < end && *q >= 'a' && *q <= 'z')
+        q++;
+    size_t n = (size_t)(q - start);
+    if (n == 0 || (word_is(start, n, "in") && end - q >= 2 && q[0] == ' ' && is_digit(q[1])))
+        return false;
+    *word = start;
+    *len = n;
+    *p = q;
+    return true;
+}
+
+/* Consume one item "[0-9]+ (" " WORD){1,3}" and fold its count into the summary (its LAST
+ * word says what it counts: "2 subtests failed" is failures); false if it is not one. */
 static bool take_count(const char **p, const char *end, summary_line *summary)
 {
     bool nonzero = false;
-    if (!take_digits(p, end, &nonzero) || !take(p, end, " "))
+    const char *word;
+    size_t len;
+    if (!take_digits(p, end, &nonzero) || !take_word(p, end, &word, &len))
         return false;
-    const char *word = *p;
-    while (*p < end && **p >= 'a' && **p <= 'z')
-        (*p)++;
-    size_t word_len = (size_t)(*p - word);
-    for (size_t i = 0; i < sizeof(count_words) / sizeof(count_words[0]); i++) {
-        if (count_words[i].len == word_len && memcmp(word, count_words[i].word, word_len) == 0) {
-            if (nonzero && count_words[i].kind == COUNT_FAILED)
-                summary->failed = true;
-            if (nonzero && count_words[i].kind == COUNT_ERRORS)
-                summary->errors = true;
-            return true;
-        }
-    }
-    return false;
+    for (int words = 1; words < ITEM_WORDS_MAX && take_word(p, end, &word, &len); words++)
+        continue;
+    if (nonzero && word_is(word, len, "failed"))
+        summary->failed = true;
+    if (nonzero && (word_is(word, len, "error") || word_is(word, len, "errors")))
+        summary->errors = true;
+    return true;
 }
 
-/* True if text is a pytest final summary body: ("no tests ran" | count (", " count)*)
+/* True if text is a pytest final summary body: ("no tests ran" | item (", " item)*)
  * " in " seconds ("s" | " seconds") [" (" [0-9:]+ ")"], and nothing else. */
 static bool parse_summary_body(const char *text, size_t len, summary_line *summary)
 {
@@ -373,13 +395,23 @@ static Py_ssize_t last_anchor(const buffer *buf, size_t top)
     return -1;
 }
 
+/* True (and summary filled) if the line starting at start that holds pos is a summary. */
+static bool is_summary_line(const buffer *buf, size_t start, size_t pos, summary_line *summary)
+{
+    size_t stop = line_end(buf, pos, start + SUMMARY_LINE_MAX);
+    return stop - start <= SUMMARY_LINE_MAX && !cannot_be_summary(buf, start, stop) &&
+           parse_summary_line(buf, start, stop, summary);
+}
+
 /* Find the last pytest summary line of buf, scanning from the end. */
 static bool find_summary(const buffer *buf, summary_line *summary)
 {
     /* Every summary holds the anchor " in <digit>" verbatim (pytest never colours inside
      * " in 0.31s"), so only lines with an anchor are parsed, last anchor first, as the Python
      * twin's rfind loop does. A line that fails is skipped whole (the search resumes below
-     * its start), so each byte is looked at a bounded number of times, whatever the input. */
+     * its start, or below the window for a line longer than SUMMARY_LINE_MAX, whose start is
+     * never looked for), so each byte is looked at a bounded number of times, whatever the
+     * input: a buffer of '\r'-separated progress bars included (issue 9). */
     size_t limit = buf->len; /* an anchor's " in " must end before limit */
     while (limit >= 5) {
         size_t top = limit - 5; /* also keeps the digit, pos + 4, inside the buffer */
@@ -387,10 +419,10 @@ static bool find_summary(const buffer *buf, summary_line *summary)
         if (found < 0)
             return false;
         size_t pos = (size_t)found;
-        size_t start = line_start(buf, pos);
-        size_t stop = line_end(buf, pos);
-        if (stop - start <= SUMMARY_LINE_MAX && !cannot_be_summary(buf, start, stop) &&
-            parse_summary_line(buf, start, stop, summary))
+        size_t floor = pos > SUMMARY_LINE_MAX ? pos - SUMMARY_LINE_MAX : 0;
+        size_t start = line_start(buf, pos, floor);
+        /* start < floor: the line is too long, and the search resumes below floor. */
+        if (start >= floor && is_summary_line(buf, start, pos, summary))
             return true;
         limit = start;
     }
@@ -427,8 +459,12 @@ static Py_ssize_t last_occurrence(const buffer *buf, const char *pattern)
 /* Quote up to QUOTE_MAX bytes of the line holding pos, from QUOTE_MAX/2 before pos. */
 static void make_quote(const buffer *buf, size_t pos, quoted_line *quote)
 {
-    size_t start = line_start(buf, pos), stop = line_end(buf, pos);
-    size_t low = pos - start > QUOTE_MAX / 2 ? pos - QUOTE_MAX / 2 : start;
+    /* Both bounds are looked for only as far as the window reaches: a quote costs QUOTE_MAX
+     * bytes however long its line (the bounds' "else" values mean "cut here"). */
+    size_t floor = pos > QUOTE_MAX / 2 ? pos - QUOTE_MAX / 2 : 0;
+    size_t start = line_start(buf, pos, floor);
+    size_t low = start > floor ? start : floor;
+    size_t stop = line_end(buf, pos, low + QUOTE_MAX);
     size_t high = stop - low > QUOTE_MAX ? low + QUOTE_MAX : stop;
     char stripped[QUOTE_MAX];
     size_t len = strip_ansi(buf->data + low, high - low, stripped);
@@ -456,69 +492,86 @@ static bool search(const verdict *v, const char *pattern, quoted_line *quote)
 
 /* ------------------------------------------------------------------------ the rules */
 
+/* The rule an exit status alone implies; pytest's statuses 1..5 mean something only when
+ * the command was pytest itself (a wrapper's exit 2 is not "interrupted"). */
+static enum rule_id status_rule(long long rc, bool is_pytest)
+{
+    if (rc < 0)
+        return RULE_OTHER_SIGNAL;
+    if (!is_pytest)
+        return RULE_OTHER_EXIT_STATUS;
+    switch (rc) {
+    case 1:
+        return RULE_RED_EXIT_1;
+    case 2:
+        return RULE_OTHER_INTERRUPTED;
+    case 3:
+        return RULE_OTHER_INTERNAL_ERROR;
+    case 4:
+        return RULE_OTHER_USAGE_ERROR;
+    case 5:
+        return RULE_OTHER_NO_TESTS;
+    default:
+        return RULE_OTHER_EXIT_STATUS;
+    }
+}
+
+/* Set *rule to the lock rule of the first lock pattern the output holds (quoted into
+ * v->quote); false if it holds none. */
+static bool find_lock(verdict *v, enum rule_id *rule)
+{
+    for (size_t i = 0; i < sizeof(lock_patterns) / sizeof(lock_patterns[0]); i++) {
+        if (search(v, lock_patterns[i].pattern, &v->quote)) {
+            *rule = lock_patterns[i].rule;
+            return true;
+        }
+    }
+    return false;
+}
+
+/* The rule of a run that started and failed: the output's evidence first, then the status. */
+static enum rule_id failure_rule(verdict *v)
+{
+    const summary_line *s = &v->summary;
+    long long rc = v->returncode;
+    bool failures = s->found && (s->failed || s->errors);
+    quoted_line unused;
+    enum rule_id lock;
+    /* A lock only explains the failure if no test had failed yet. */
+    if (!failures && find_lock(v, &lock))
+        return lock;
+    if (!s->found && rc > 0 && search(v, NO_PYTEST_MARK, &v->quote))
+        return RULE_OTHER_ENVIRONMENT;
+    if (s->found && s->failed)
+        return RULE_RED_TESTS_FAILED;
+    if (((s->found && s->errors) || (v->is_pytest && rc == 2)) &&
+        search(v, COLLECTION_ERROR_MARK, &v->quote))
+        return RULE_RED_COLLECTION_ERROR;
+    if (s->found && s->errors)
+        return RULE_RED_TEST_ERRORS;
+    if (rc == 1 && search(v, TEST_TIMEOUT_MARK, &unused))
+        return RULE_RED_TEST_TIMEOUT;
+    if (rc > 0 && search(v, NO_TEST_FILES_MARK, &v->quote))
+        return RULE_OTHER_NO_TEST_FILES;
+    return status_rule(rc, v->is_pytest);
+}
+
 /* Set v->rule (and the summary and quote its reason needs): the first rule that matches, in
  * the order of docs/verdicts.md. Pure C on immutable buffers: runs without the GIL. */
 static void decide(verdict *v)
 {
-    summary_line *s = &v->summary;
-    if (!find_summary(&v->out, s))
-        find_summary(&v->err, s);
-
-    if (v->timed_out) {
+    if (!find_summary(&v->out, &v->summary))
+        find_summary(&v->err, &v->summary);
+    if (v->timed_out)
         v->rule = RULE_TIMEOUT_DEADLINE;
-        return;
-    }
-    if (v->has_returncode && v->returncode == 0) {
+    else if (v->has_returncode && v->returncode == 0)
         v->rule = RULE_PASSED_EXIT_0;
-        return;
-    }
-    if (v->has_spawn_error) {
+    else if (v->has_spawn_error)
         v->rule = RULE_OTHER_SPAWN_ERROR;
-        return;
-    }
-    if (!v->has_returncode) {
+    else if (!v->has_returncode)
         v->rule = RULE_OTHER_NO_STATUS;
-        return;
-    }
-    long long rc = v->returncode;
-    if (!s->found || !(s->failed || s->errors)) {
-        /* A lock only explains the failure if no test had failed yet. */
-        for (size_t i = 0; i < sizeof(lock_patterns) / sizeof(lock_patterns[0]); i++) {
-            if (search(v, lock_patterns[i].pattern, &v->quote)) {
-                v->rule = lock_patterns[i].rule;
-                return;
-            }
-        }
-    }
-    if (s->found && s->failed) {
-        v->rule = RULE_RED_TESTS_FAILED;
-        return;
-    }
-    if (((s->found && s->errors) || rc == 2) && search(v, COLLECTION_ERROR_MARK, &v->quote)) {
-        v->rule = RULE_RED_COLLECTION_ERROR;
-        return;
-    }
-    if (s->found && s->errors) {
-        v->rule = RULE_RED_TEST_ERRORS;
-        return;
-    }
-    if (rc == 1) {
-        quoted_line unused;
-        v->rule = search(v, TEST_TIMEOUT_MARK, &unused) ? RULE_RED_TEST_TIMEOUT : RULE_RED_EXIT_1;
-        return;
-    }
-    if (rc < 0)
-        v->rule = RULE_OTHER_SIGNAL;
-    else if (rc == 2)
-        v->rule = RULE_OTHER_INTERRUPTED;
-    else if (rc == 3)
-        v->rule = RULE_OTHER_INTERNAL_ERROR;
-    else if (rc == 4)
-        v->rule = RULE_OTHER_USAGE_ERROR;
-    else if (rc == 5)
-        v->rule = RULE_OTHER_NO_TESTS;
     else
-        v->rule = RULE_OTHER_EXIT_STATUS;
+        v->rule = failure_rule(v);
 }
 
 /* ------------------------------------------------------------------------ reasons */
@@ -601,6 +654,8 @@ static PyObject *make_reason(const verdict *v, PyObject *spawn_error, bool escal
 {
     PyObject *summary = NULL, *quote = NULL, *pytest_part = NULL, *reason = NULL;
     char status[64] = "";
+    /* Only pytest's own exit status is pytest's: a wrapper's output holds just its summary. */
+    const char *label = v->is_pytest ? "pytest: " : "pytest summary: ";
     /* %V below takes (object or NULL, fallback text): that is how optional parts are left out. */
     if (v->summary.found &&
         !(summary = PyUnicode_DecodeASCII(v->summary.text, (Py_ssize_t)v->summary.len, "strict")))
@@ -609,7 +664,7 @@ static PyObject *make_reason(const verdict *v, PyObject *spawn_error, bool escal
         goto cleanup;
     if (v->has_returncode) {
         format_status(v->returncode, status, sizeof status);
-        pytest_part = summary ? PyUnicode_FromFormat("pytest: %U (%s)", summary, status)
+        pytest_part = summary ? PyUnicode_FromFormat("%s%U (%s)", label, summary, status)
                               : PyUnicode_FromString(status);
         if (!pytest_part)
             goto cleanup;
@@ -636,6 +691,10 @@ static PyObject *make_reason(const verdict *v, PyObject *spawn_error, bool escal
     case RULE_LOCK_SQLITE:
         reason = PyUnicode_FromFormat("%s; lock held: %U", status, quote);
         break;
+    case RULE_OTHER_ENVIRONMENT:
+        reason = PyUnicode_FromFormat("%s before pytest started: pytest is not importable: %U",
+                                      status, quote);
+        break;
     case RULE_RED_COLLECTION_ERROR:
         reason = PyUnicode_FromFormat("%U; %U", pytest_part, quote);
         break;
@@ -645,7 +704,11 @@ static PyObject *make_reason(const verdict *v, PyObject *spawn_error, bool escal
         break;
     case RULE_RED_TEST_TIMEOUT:
         reason = PyUnicode_FromFormat("exit 1: a per-test pytest-timeout fired; %s%V",
-                                      summary ? "pytest: " : "", summary, "no pytest summary");
+                                      summary ? label : "", summary, "no pytest summary");
+        break;
+    case RULE_OTHER_NO_TEST_FILES:
+        reason = PyUnicode_FromFormat("%s: the configured testpaths hold no test files: %U",
+                                      status, quote);
         break;
     case RULE_RED_EXIT_1:
         reason = summary ? Py_NewRef(pytest_part)
@@ -653,7 +716,8 @@ static PyObject *make_reason(const verdict *v, PyObject *spawn_error, bool escal
                                "exit 1 with no pytest summary (pytest: tests failed)");
         break;
     case RULE_OTHER_SIGNAL:
-        reason = PyUnicode_FromFormat("%s%s%V", status, summary ? "; pytest: " : "", summary, "");
+        reason = PyUnicode_FromFormat("%s%s%s%V", status, summary ? "; " : "",
+                                      summary ? label : "", summary, "");
         break;
     case RULE_OTHER_INTERRUPTED:
         pytest_exit = "interrupted";
@@ -668,7 +732,9 @@ static PyObject *make_reason(const verdict *v, PyObject *spawn_error, bool escal
         pytest_exit = "no tests collected";
         break;
     case RULE_OTHER_EXIT_STATUS:
-        reason = PyUnicode_FromFormat("%s%s%V", status, summary ? ": " : "", summary, "");
+        reason = PyUnicode_FromFormat("%s%s%V", status,
+                                      !summary ? "" : v->is_pytest ? ": " : "; pytest summary: ",
+                                      summary, "");
         break;
     }
     if (pytest_exit)
@@ -727,7 +793,7 @@ static int bytes_arg(PyObject *obj, const char *name, buffer *buf)
 
 const char pg_classify_doc[] =
     "classify(stdout, stderr, returncode, timed_out, spawn_error, escalated,\n"
-    "         killed_at_deadline, /) -> (kind, rule, reason, infra)\n"
+    "         killed_at_deadline, is_pytest, /) -> (kind, rule, reason, infra)\n"
     "\n"
     "Classify a finished run by the rules of docs/verdicts.md (first match wins).\n"
     "Raises TypeError for an argument of the wrong type, and nothing else.";
@@ -736,8 +802,8 @@ const char pg_classify_doc[] =
  * (MemoryError aside). */
 PyObject *pg_classify(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 7) {
-        PyErr_Format(PyExc_TypeError, "classify() takes exactly 7 arguments (%zd given)", nargs);
+    if (nargs != 8) {
+        PyErr_Format(PyExc_TypeError, "classify() takes exactly 8 arguments (%zd given)", nargs);
         return NULL;
     }
     verdict v;
@@ -754,7 +820,8 @@ PyObject *pg_classify(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     v.has_spawn_error = args[4] != Py_None;
     if (bool_arg(args[5], "escalated", &escalated) < 0 ||
-        int_arg(args[6], "killed_at_deadline", false, &killed_present, &killed) < 0)
+        int_arg(args[6], "killed_at_deadline", false, &killed_present, &killed) < 0 ||
+        bool_arg(args[7], "is_pytest", &v.is_pytest) < 0)
         return NULL;
 
     if (v.out.len + v.err.len >= RELEASE_GIL_BYTES) {

@@ -35,7 +35,7 @@ def _load_native() -> tuple[Optional[Classify], str]:
     except ImportError as err:
         return None, f"cannot import retest._proc_group: {err}"
     try:
-        _proc_group.classify(b"", b"", 0, False, None, False, 0)
+        _proc_group.classify(b"", b"", 0, False, None, False, 0, True)
     except NotImplementedError:
         return None, "retest._proc_group was built without ext/classify.c (stale build)"
     return _proc_group.classify, ""
@@ -74,9 +74,22 @@ class Run(NamedTuple):
     spawn_error: Optional[str] = None
     escalated: bool = False
     killed_at_deadline: int = 0
+    is_pytest: bool = True
 
 
 GIT_LOCK = b"fatal: Unable to create '/repo/.git/index.lock': File exists.\n"
+NO_PYTEST = b"/v/bin/python: No module named pytest\n"
+NO_TEST_FILES = (b"  File \"/v/lib/_pytest/config/__init__.py\", line 1840, in issue_config_time_warning\n"
+                 b"pytest.PytestConfigWarning: No files were found in testpaths; consider removing or "
+                 b"adjusting your testpaths configuration. Searching recursively from the current "
+                 b"directory instead.\n")
+NO_TEST_FILES_QUOTE = ("pytest.PytestConfigWarning: No files were found in testpaths; consider removing or "
+                       "adjusting your testpaths configuration. Searching recursively from the current "
+                       "directory instead.")
+# pytest 9 -q with subtests, and its coloured form (real bytes of --color=yes).
+SUBTESTS = b"2 failed, 1 passed, 2 subtests passed in 0.01s\n"
+SUBTESTS_COLOUR = (b"\x1b[31m\x1b[1m2 failed\x1b[0m, \x1b[32m1 passed\x1b[0m, \x1b[32m2 subtests passed"
+                   b"\x1b[0m\x1b[31m in 0.03s\x1b[0m\n")
 LONG_LOCK_LINE = b"x" * 300 + b" database is locked " + b"y" * 300
 
 # (id, run, expected (kind, rule, reason, infra))
@@ -198,6 +211,59 @@ CASES: list[tuple[str, Run, tuple[str, str, str, bool]]] = [
     ("killed-at-deadline-saturated", Run(timed_out=True, killed_at_deadline=2**64),
      ("timeout", "timeout.deadline", "the runner's deadline fired; 9223372036854775807 processes "
       "signalled, SIGTERM sufficed", True)),
+    # ---- the pytest 9 grammar: items of up to three words, the last one counts
+    ("subtests-q", Run(SUBTESTS),
+     ("red", "red.tests-failed", "pytest: 2 failed, 1 passed, 2 subtests passed in 0.01s (exit 1)", False)),
+    ("subtests-colour", Run(SUBTESTS_COLOUR),
+     ("red", "red.tests-failed", "pytest: 2 failed, 1 passed, 2 subtests passed in 0.03s (exit 1)", False)),
+    ("subtests-failed-counts", Run(b"3 passed, 2 subtests failed in 0.1s\n"),
+     ("red", "red.tests-failed", "pytest: 3 passed, 2 subtests failed in 0.1s (exit 1)", False)),
+    ("three-word-error-item", Run(b"1 passed, 1 setup teardown error in 0.1s\n"),
+     ("red", "red.test-errors", "pytest: 1 passed, 1 setup teardown error in 0.1s (exit 1)", False)),
+    ("failed-not-last-word-is-no-failure", Run(b"2 failed subtests in 0.1s\n"),
+     ("red", "red.exit-1", "pytest: 2 failed subtests in 0.1s (exit 1)", False)),
+    ("plugin-words", Run(b"== 3 passed, 1 rerun, 2 xfailed, 4 deselected, 5 warnings in 1.00s ==\n",
+                         returncode=0),
+     ("passed", "passed.exit-0", "exit 0: 3 passed, 1 rerun, 2 xfailed, 4 deselected, 5 warnings in 1.00s",
+      False)),
+    # ---- not pytest itself (tox, make): no claim about pytest's exit statuses
+    ("wrapper-exit-1-is-not-red", Run(b"tox: commands failed\n", is_pytest=False),
+     ("other", "other.exit-status", "exit 1", False)),
+    ("wrapper-exit-3", Run(b"INTERNALERROR> boom\n", returncode=3, is_pytest=False),
+     ("other", "other.exit-status", "exit 3", False)),
+    ("wrapper-exit-5-with-summary", Run(b"no tests ran in 0.01s\n", returncode=5, is_pytest=False),
+     ("other", "other.exit-status", "exit 5; pytest summary: no tests ran in 0.01s", False)),
+    ("wrapper-summary-is-still-evidence", Run(b"=== 1 failed, 3 passed in 0.2s ===\n", returncode=2,
+                                              is_pytest=False),
+     ("red", "red.tests-failed", "pytest summary: 1 failed, 3 passed in 0.2s (exit 2)", False)),
+    ("wrapper-collection-error", Run(b"ERROR collecting t.py\n1 error in 0.1s\n", returncode=2,
+                                     is_pytest=False),
+     ("red", "red.collection-error", "pytest summary: 1 error in 0.1s (exit 2); ERROR collecting t.py",
+      False)),
+    ("wrapper-exit-2-is-not-collection", Run(b"ERROR collecting t.py\n", returncode=2, is_pytest=False),
+     ("other", "other.exit-status", "exit 2", False)),
+    ("wrapper-signal", Run(b"3 passed in 0.1s\n", returncode=-11, is_pytest=False),
+     ("other", "other.signal", "killed by signal 11 (SIGSEGV); pytest summary: 3 passed in 0.1s", False)),
+    ("wrapper-test-timeout", Run(b"+++ Timeout +++\n3 passed in 0.1s\n", is_pytest=False),
+     ("red", "red.test-timeout", "exit 1: a per-test pytest-timeout fired; pytest summary: 3 passed in 0.1s",
+      False)),
+    # ---- pytest could not start, or found nothing to run
+    ("environment-no-pytest", Run(stderr=NO_PYTEST),
+     ("other", "other.environment", "exit 1 before pytest started: pytest is not importable: "
+      "/v/bin/python: No module named pytest", False)),
+    ("environment-in-a-wrapper", Run(stderr=NO_PYTEST, returncode=2, is_pytest=False),
+     ("other", "other.environment", "exit 2 before pytest started: pytest is not importable: "
+      "/v/bin/python: No module named pytest", False)),
+    ("environment-needs-no-summary", Run(NO_PYTEST + b"1 failed in 0.1s\n"),
+     ("red", "red.tests-failed", "pytest: 1 failed in 0.1s (exit 1)", False)),
+    ("no-test-files-crash", Run(stderr=NO_TEST_FILES),
+     ("other", "other.no-tests", f"exit 1: the configured testpaths hold no test files: {NO_TEST_FILES_QUOTE}",
+      False)),
+    ("no-test-files-any-exit-status", Run(stderr=NO_TEST_FILES, returncode=3, is_pytest=False),
+     ("other", "other.no-tests", f"exit 3: the configured testpaths hold no test files: {NO_TEST_FILES_QUOTE}",
+      False)),
+    ("no-test-files-but-tests-failed", Run(NO_TEST_FILES + b"1 failed in 0.1s\n"),
+     ("red", "red.tests-failed", "pytest: 1 failed in 0.1s (exit 1)", False)),
 ]
 
 # Lines that look like a summary but are not one (the run exits 1, so red.exit-1 without it).
@@ -213,6 +279,12 @@ NOT_SUMMARIES = [
     b"= 1 failed =in 0.1s",
     b"1 failed \x1b[0min 0.1s",  # a colour code inside " in " (pytest never does this)
     b"=" * 4100 + b" 1 failed in 0.1s",  # would parse, but longer than SUMMARY_LINE_MAX
+    b"1 a b c failed in 0.1s",  # four words in one item
+    b"1 failed  in 0.1s",
+    b"1 in 0.1s",  # an item needs a word, and " in <digit>" is never one
+    b"1 failed in 0.1s in 0.2s",
+    b"1 fa1led in 0.1s",
+    b"1 failed, in 0.1s",
 ]
 
 
@@ -227,11 +299,40 @@ def test_every_count_word(classify: Classify, word: str) -> None:
     assert verdict == ("red", rule.get(word, "red.exit-1"), f"pytest: 3 {word} in 0.10s (exit 1)", False)
 
 
-def test_summary_line_length_limit(classify: Classify) -> None:
+@pytest.mark.parametrize("words", ["subtests passed", "subtests failed", "a b c", "in x"])
+def test_multi_word_items(classify: Classify, words: str) -> None:
+    rule = "red.tests-failed" if words.endswith("failed") else "red.exit-1"
+    verdict = classify(*Run(f"1 passed, 2 {words} in 0.10s\n".encode()))
+    assert verdict == ("red", rule, f"pytest: 1 passed, 2 {words} in 0.10s (exit 1)", False)
+
+
+@pytest.mark.parametrize("sep", [b"\n", b"\r"])
+def test_summary_line_length_limit(classify: Classify, sep: bytes) -> None:
     core = b" 1 failed in 0.1s"
     at_limit = b"=" * (_classify_py.SUMMARY_LINE_MAX - len(core)) + core
-    assert classify(*Run(at_limit + b"\n"))[1] == "red.tests-failed"
-    assert classify(*Run(b"=" + at_limit + b"\n"))[1] == "red.exit-1"
+    for tail in (b"", b"=" * 5):  # the window ends exactly at, or beyond, the anchor's line end
+        line = at_limit[len(tail):] + tail
+        assert classify(*Run(b"x" + sep + line + sep))[1] == "red.tests-failed"
+        assert classify(*Run(b"x" + sep + b"=" + line + sep))[1] == "red.exit-1"
+        assert classify(*Run(b"=" + line))[1] == "red.exit-1"
+
+
+@pytest.mark.parametrize(
+    "log, rule",
+    [
+        (b"1 failed in 0.1s\r x in y in 1 in z in 1x\r", "red.tests-failed"),  # lookalikes after it
+        (b"1 failed in 0.1s\n in ", "red.tests-failed"),  # " in " at the very end
+        (b"1 failed in 0.1s\r" + b"\x00 in 1\x00" * 1000 + b"\r", "red.tests-failed"),
+        (b"1 failed in 0.1s" + b" in 1" * 1000, "red.exit-1"),  # anchors all over one line
+        (b"1 failed in 0.1s\x00\n", "red.exit-1"),  # a NUL is not trimmed
+        (b"\x001 failed in 0.1s\n", "red.exit-1"),
+        (b"1 failed in 0.1s\r" + b"=" * 5000 + b" in 1 " + b"=" * 5000, "red.tests-failed"),
+    ],
+    ids=["lookalikes", "anchor-at-end", "nul-lines", "one-line", "nul-after", "nul-before",
+         "too-long-line-after"],
+)
+def test_lookalike_anchors(classify: Classify, log: bytes, rule: str) -> None:
+    assert classify(*Run(log))[1] == rule
 
 
 @pytest.mark.parametrize(
@@ -294,7 +395,8 @@ def test_int_subclass_is_read_as_its_value(classify: Classify) -> None:
 @pytest.mark.parametrize(
     "position, bad",
     [(0, "text"), (0, bytearray(b"x")), (0, None), (1, memoryview(b"")), (2, "1"), (2, 1.0),
-     (2, True), (3, 1), (3, None), (4, b"err"), (4, 3), (5, 0), (6, None), (6, False), (6, 1.5)],
+     (2, True), (3, 1), (3, None), (4, b"err"), (4, 3), (5, 0), (6, None), (6, False), (6, 1.5),
+     (7, 1), (7, None), (7, "yes")],
 )
 def test_wrong_types_raise_type_error(classify: Classify, position: int, bad: object) -> None:
     args: list[object] = list(Run())
@@ -305,11 +407,11 @@ def test_wrong_types_raise_type_error(classify: Classify, position: int, bad: ob
 
 def test_wrong_argument_count_raises_type_error(classify: Classify) -> None:
     with pytest.raises(TypeError):
-        classify(*Run()[:6])
+        classify(*Run()[:7])
     with pytest.raises(TypeError):
-        classify(*Run(), 0)
+        classify(*Run(), True)
     with pytest.raises(TypeError):
-        classify(*Run()[:6], killed_at_deadline=0)
+        classify(*Run()[:7], is_pytest=True)
 
 
 # --------------------------------------------------------------------------- random input
@@ -318,7 +420,9 @@ def test_wrong_argument_count_raises_type_error(classify: Classify) -> None:
 PIECES = [b" in ", b" in 1", b"1 failed", b", ", b"2 passed", b" error", b"s", b" (0:00:01)",
           b"no tests ran", b"=====", b"\n", b"\r", b"\r\n", b"\x1b[31m", b"\x1b[", b"\x1b",
           b"0.31", b"database is locked", b"ERROR collecting", b"+++ Timeout +++",
-          b".lock': File exists", b"retest: repository lock busy", b"\xff", b"_", b" "]
+          b".lock': File exists", b"retest: repository lock busy", b"\xff", b"_", b" ",
+          b"\x00", b" in x", b" in 1 in 1", b"2 subtests passed", b"No module named pytest",
+          b"No files were found in testpaths"]
 noisy_bytes = st.lists(st.one_of(st.sampled_from(PIECES), st.binary(max_size=8)), max_size=40).map(
     b"".join)
 ANSI_CODES = [b"\x1b[31m", b"\x1b[0m", b"\x1b[1;32m", b"\x1b[2 q", b"\x1b[?25h", b"\x1b[", b"\x1b"]
@@ -358,6 +462,7 @@ any_run = st.builds(
     spawn_error=st.one_of(st.none(), st.text(max_size=20)),
     escalated=st.booleans(),
     killed_at_deadline=st.integers(),
+    is_pytest=st.booleans(),
 )
 
 
@@ -374,6 +479,73 @@ def test_random_input_python_never_crashes(run: Run) -> None:
 def test_random_input_twins_agree(twins: tuple[Classify, Classify], run: Run) -> None:
     python, native = twins
     assert native(*run) == python(*run)
+
+
+# Output with no "\n" at all, NULs, lookalike anchors and lines near the 4096-byte summary limit
+# and the quote window: the inputs of issue 9. Long runs come from repeating a piece.
+CR_PIECES = [b"\r", b"\x00", b" in ", b" in x", b" in 1", b"1 failed in 0.1s", b"2 subtests passed",
+             b"=", b"x", b"\xff\xfe", b"\x1b[31m", b"database is locked", b"ERROR collecting",
+             b"No module named pytest", b"No files were found in testpaths"]
+cr_only_bytes = st.lists(
+    st.tuples(st.sampled_from(CR_PIECES), st.sampled_from([1, 2, 50, 99, 100, 101, 200, 4080, 4096, 4100])),
+    max_size=6,
+).map(lambda parts: b"".join(piece * (count if len(piece) == 1 else 1 + count // 40)
+                             for piece, count in parts))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stdout=st.one_of(cr_only_bytes, st.binary(max_size=5000)), stderr=cr_only_bytes,
+       returncode=st.sampled_from([1, 2, 3, 5, -9, 7]), is_pytest=st.booleans())
+def test_cr_only_nul_and_lookalikes_twins_agree(twins: tuple[Classify, Classify], stdout: bytes,
+                                                 stderr: bytes, returncode: int, is_pytest: bool) -> None:
+    python, native = twins
+    run = Run(stdout, stderr, returncode, is_pytest=is_pytest)
+    assert native(*run) == python(*run)
+
+
+def _naive_bounds(buf: bytes, pos: int) -> tuple[int, int]:
+    """The line holding pos, found the obvious way (the definition the bounded search keeps)."""
+    start = max(buf.rfind(b"\n", 0, pos), buf.rfind(b"\r", 0, pos)) + 1
+    ends = [i for i in (buf.find(b"\n", pos), buf.find(b"\r", pos)) if i >= 0]
+    return start, min(ends, default=len(buf))
+
+
+@settings(max_examples=300, deadline=None)
+@given(buf=st.one_of(cr_only_bytes, st.binary(max_size=300)), data=st.data())
+def test_bounded_line_search_matches_the_definition(buf: bytes, data: st.DataObject) -> None:
+    pos = data.draw(st.integers(0, len(buf)))
+    floor = data.draw(st.integers(0, pos))
+    ceiling = data.draw(st.integers(pos, len(buf) + 5))
+    start, stop = _naive_bounds(buf, pos)
+    assert _classify_py._line_start(buf, pos, floor) == (start if start >= floor else floor - 1)
+    assert _classify_py._line_end(buf, pos, ceiling) == (stop if stop <= ceiling else ceiling + 1)
+
+
+@pytest.mark.parametrize("unit", [b"\r[####      ] 42% eta in 1 min, x in y in ", b"\r in 1",
+                                  b"\r" + b" in 1" * 1000, b" in 1\x00"],
+                         ids=["progress-bar", "anchors", "long-lines", "one-line"])
+def test_line_search_work_is_linear(monkeypatch: pytest.MonkeyPatch, unit: bytes) -> None:
+    # Machine-independent: count the bytes the twin's line-break searches look at.
+    read = [0]
+    last_break, first_break = _classify_py._last_break, _classify_py._first_break
+
+    def counting_last(buf: bytes, low: int, high: int) -> int:
+        found = last_break(buf, low, high)
+        read[0] += high - max(found, low)
+        return found
+
+    def counting_first(buf: bytes, low: int, high: int) -> int:
+        found = first_break(buf, low, high)
+        read[0] += found - low
+        return found
+
+    monkeypatch.setattr(_classify_py, "_last_break", counting_last)
+    monkeypatch.setattr(_classify_py, "_first_break", counting_first)
+    for size in (64 * 1024, 256 * 1024):
+        read[0] = 0
+        buf = unit * (size // len(unit))
+        assert _classify_py.classify(*Run(buf))[1] == "red.exit-1"
+        assert read[0] <= 2 * len(buf), (size, read[0])  # before issue 9: ~len(buf)**2 / 500
 
 
 # --------------------------------------------------------------------------- large input
@@ -429,15 +601,17 @@ def test_large_log_with_summary_at_the_end(classify: Classify) -> None:
 # --------------------------------------------------------------------------- real pytest runs
 
 
-def _run_pytest(tmp_path: Path, sources: dict[str, str], *options: str) -> Run:
-    """Run a tiny real suite under pytest and return what classify() would be given."""
+def _run_pytest(tmp_path: Path, sources: dict[str, str], *options: str, with_path: bool = True) -> Run:
+    """Run a tiny real suite under pytest and return what classify() would be given; without
+    ``with_path`` pytest gets no path argument and reads its ``testpaths``."""
     for name, text in sources.items():
         (tmp_path / name).write_text(textwrap.dedent(text))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     # Only the plugins a suite asks for: keeps each run near 0.3 s instead of 1 s.
     env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options, str(tmp_path)],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options,
+         *([str(tmp_path)] if with_path else [])],
         capture_output=True, cwd=tmp_path, env=env, timeout=60,
     )
     return Run(proc.stdout, proc.stderr, proc.returncode)
@@ -457,6 +631,74 @@ PER_TEST_TIMEOUT = {"test_slow.py": """
     def test_slow():
         time.sleep(5)
     """}
+
+
+SUBTESTS_SUITE = {"test_sub.py": """
+    def test_a(subtests):
+        for i in range(3):
+            with subtests.test(i=i):
+                assert i != 1
+
+    def test_b():
+        pass
+    """}
+
+
+def test_real_subtests_summary(classify: Classify, tmp_path: Path) -> None:
+    if not hasattr(pytest, "Subtests"):
+        pytest.skip("pytest < 9 has no built-in subtests")
+    for colour in ("no", "yes"):
+        run = _run_pytest(tmp_path, SUBTESTS_SUITE, f"--color={colour}")
+        kind, rule, reason, infra = classify(*run)
+        assert (kind, rule, infra) == ("red", "red.tests-failed", False)
+        assert reason.startswith("pytest: 2 failed, 1 passed, 2 subtests passed in "), reason
+
+
+def test_real_testpaths_warning_as_error(classify: Classify, tmp_path: Path) -> None:
+    # No path argument, so pytest reads testpaths; the warning, made an error, is a crash.
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntestpaths = nothere\nfilterwarnings = error\n")
+    run = _run_pytest(tmp_path, PASSING, with_path=False)
+    kind, rule, reason, infra = classify(*run)
+    assert (kind, rule, infra) == ("other", "other.no-tests", False)
+    assert reason.startswith("exit 1: the configured testpaths hold no test files: "
+                             "pytest.PytestConfigWarning: No files were found in testpaths;"), reason
+
+
+def test_real_pytest_not_importable(tmp_path: Path) -> None:
+    # -S: no site-packages, so this interpreter has no pytest, as a venv without it.
+    result = proc_group.run([sys.executable, "-S", "-m", "pytest", "-q"], cwd=tmp_path, timeout=60)
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule) == ("other", "other.environment")
+    assert verdict.reason == (f"exit 1 before pytest started: pytest is not importable: "
+                              f"{sys.executable}: No module named pytest")
+
+
+def test_real_wrapper_is_not_pytest(tmp_path: Path) -> None:
+    for name, text in ONE_FAILING.items():
+        (tmp_path / name).write_text(text)
+    pytest_cmd = f"{sys.executable} -m pytest -q -p no:cacheprovider {tmp_path}"
+    failing = proc_group.classify(proc_group.run(["sh", "-c", f"{pytest_cmd}; exit 2"], timeout=60))
+    assert failing.rule == "red.tests-failed"
+    assert failing.reason.startswith("pytest summary: 1 failed, 2 passed in ")
+    assert failing.reason.endswith("s (exit 2)")
+    quiet = proc_group.classify(proc_group.run(["sh", "-c", "echo boom; exit 3"], timeout=60))
+    assert (quiet.kind, quiet.rule, quiet.reason) == ("other", "other.exit-status", "exit 3")
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [(["pytest"], True), (["/v/bin/pytest", "-q"], True), (["py.test"], True), (["pytest-3"], True),
+     (["pytest3.11"], True), (["python", "-m", "pytest"], True), (["python3.11", "-mpytest"], True),
+     (["/usr/bin/pypy3", "-Bm", "pytest"], True), (["python3", "-X", "dev", "-Werror", "-m", "pytest"], True),
+     (["python3.13t", "-I", "-m", "pytest", "-x"], True),
+     ([], False), (["tox"], False), (["make", "test"], False), (["sh", "-c", "pytest"], False),
+     (["pytestx"], False), (["python", "-m", "tox"], False), (["python", "-m", "pytest_cov"], False),
+     (["python", "run.py", "-m", "pytest"], False), (["python", "-c", "0", "-m", "pytest"], False),
+     (["python", "--version", "-m", "pytest"], False), (["python", "-m"], False),
+     (["python3.x", "-m", "pytest"], False)],
+)
+def test_is_pytest_argv(argv: list[str], expected: bool) -> None:
+    assert proc_group._is_pytest_argv(argv) is expected
 
 
 def test_real_passing_suite(classify: Classify, tmp_path: Path) -> None:

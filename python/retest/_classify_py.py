@@ -6,9 +6,12 @@ it as the "pure Python" baseline. It must give *exactly* the answers of ``ext/cl
 algorithm in two languages: change one, change the other. The rules are documented in
 ``docs/verdicts.md``.
 
-Cost: every search is linear in the size of the output. The pytest summary is looked for from
-the end of each buffer, so a log that ends with its summary (the usual case) costs only its last
-lines; nothing here builds a copy of a whole buffer or splits it into lines.
+Cost: every search is linear in the size of the output, for every byte sequence: a line bound
+is looked for only within the window that can matter (``SUMMARY_LINE_MAX`` for a summary, the
+quote window for a quote), so no line is re-read once per anchor (issue 9: 8 MiB of ``\r``-only
+progress bars). The pytest summary is looked for from the end of each buffer, so a log that ends
+with its summary (the usual case) costs only its last lines; nothing here builds a copy of a
+whole buffer or splits it into lines.
 """
 
 from __future__ import annotations
@@ -40,16 +43,21 @@ LOCK_PATTERNS: tuple[tuple[str, bytes], ...] = (
 COLLECTION_ERROR_MARK = b"ERROR collecting"
 #: pytest-timeout's thread method prints this, dumps stacks and calls ``os._exit(1)``.
 TEST_TIMEOUT_MARK = b"+++ Timeout +++"
+#: What ``python -m pytest`` prints (exit 1) when the interpreter has no pytest.
+NO_PYTEST_MARK = b"No module named pytest"
+#: pytest's PytestConfigWarning text; with ``filterwarnings = error`` it is a crash (exit 1).
+NO_TEST_FILES_MARK = b"No files were found in testpaths"
 
 # Colour/style escapes (CSI sequences). The three classes are disjoint, so a match is unique and
 # the C scanner (one pass, no backtracking) removes exactly the same bytes.
 _ANSI = re.compile(rb"\x1b\[[0-?]*[ -/]*[@-~]")
-_COUNT_WORDS = rb"passed|failed|errors|error|skipped|xfailed|xpassed|warnings|warning|deselected|rerun"
-_COUNT = re.compile(rb"([0-9]+) (" + _COUNT_WORDS + rb")")
-# Linear: every repetition starts with a distinct literal (", "), so there is nothing to backtrack.
+# An item is "N word [word [word]]" ("2 subtests passed"). The lookahead refuses the "in" of
+# " in <digit>" as a word: an item word there could be followed by neither ", " nor " in ", so
+# the match never backtracks into an item, as the C parser's single left-to-right pass.
+_ITEM = rb"[0-9]+(?: (?!in [0-9])[a-z]+){1,3}"
 _SUMMARY = re.compile(
-    rb"(?P<counts>no tests ran|[0-9]+ (?:" + _COUNT_WORDS + rb")(?:, [0-9]+ (?:" + _COUNT_WORDS
-    + rb"))*) in [0-9]+(?:\.[0-9]+)?(?:s| seconds)(?: \([0-9:]+\))?"
+    rb"(?P<counts>no tests ran|" + _ITEM + rb"(?:, " + _ITEM + rb")*)"
+    rb" in [0-9]+(?:\.[0-9]+)?(?:s| seconds)(?: \([0-9:]+\))?"
 )
 _SUMMARY_STRIP = b" \t\x0b\x0c="
 # Also strips pytest's "____ ERROR collecting x.py ____" decoration from quotes.
@@ -89,9 +97,11 @@ RULES: dict[str, _Rule] = {
     "other.usage-error": _Rule("other", False),
     "other.no-tests": _Rule("other", False),
     "other.exit-status": _Rule("other", False),
+    "other.environment": _Rule("other", False),
 }
 
-#: pytest's exit statuses 2..5 (``pytest.ExitCode``) and the rule each one maps to.
+#: pytest's exit statuses 2..5 (``pytest.ExitCode``) and the rule each one maps to; they mean
+#: this only when the command is pytest itself (a wrapper's exit 2 is not "interrupted").
 _PYTEST_EXITS: dict[int, tuple[str, str]] = {
     2: ("other.interrupted", "interrupted"),
     3: ("other.internal-error", "internal error"),
@@ -107,28 +117,71 @@ def _strip_ansi(raw: bytes) -> bytes:
     return _ANSI.sub(b"", raw)
 
 
-def _line_bounds(buf: bytes, pos: int) -> tuple[int, int]:
-    """``(start, end)`` of the line holding ``pos``; lines end at ``\\n`` or ``\\r``."""
-    # Each search is bounded by the line itself, so finding a line costs its length only.
-    newline = buf.rfind(b"\n", 0, pos)
-    start = max(newline, buf.rfind(b"\r", newline + 1, pos)) + 1
-    end = buf.find(b"\n", pos)
-    if end < 0:
-        end = len(buf)
-    carriage = buf.find(b"\r", pos, end)
-    return start, (end if carriage < 0 else carriage)
+#: Bytes a line-break search looks at before it doubles its step: most lines are short.
+_SHORT_LINE = 64
+
+
+def _last_break(buf: bytes, low: int, high: int) -> int:
+    """Offset of the last ``\\n`` or ``\\r`` in ``buf[low:high]``, or -1.
+
+    Cost: about the distance from ``high`` to that break (steps that double from
+    ``_SHORT_LINE``), not ``high - low``: a window without ``\\n`` is not read whole.
+    """
+    step = _SHORT_LINE
+    while high > low:
+        chunk = max(low, high - step)
+        found = max(buf.rfind(b"\n", chunk, high), buf.rfind(b"\r", chunk, high))
+        if found >= 0:
+            return found
+        high, step = chunk, step * 2
+    return -1
+
+
+def _first_break(buf: bytes, low: int, high: int) -> int:
+    """Offset of the first ``\\n`` or ``\\r`` in ``buf[low:high]``, or ``high``; cost as
+    ``_last_break``."""
+    step = _SHORT_LINE
+    while low < high:
+        chunk = min(high, low + step)
+        newline, carriage = buf.find(b"\n", low, chunk), buf.find(b"\r", low, chunk)
+        if newline >= 0 or carriage >= 0:
+            return min(newline if newline >= 0 else chunk, carriage if carriage >= 0 else chunk)
+        low, step = chunk, step * 2
+    return high
+
+
+def _line_start(buf: bytes, pos: int, floor: int) -> int:
+    """Start of the line holding ``pos`` if it is ``>= floor`` (``floor <= pos``), else
+    ``floor - 1``. Reads at most ``pos - floor + 1`` bytes: callers bound the cost."""
+    low = max(floor - 1, 0)
+    found = _last_break(buf, low, pos)
+    return found + 1 if found >= 0 else low
+
+
+def _line_end(buf: bytes, pos: int, ceiling: int) -> int:
+    """End of the line holding ``pos`` if it is ``<= ceiling``, else ``ceiling + 1``; never past
+    the end of ``buf``. Bounded like ``_line_start``."""
+    return _first_break(buf, pos, min(ceiling + 1, len(buf)))
 
 
 def _parse_summary(raw_line: bytes) -> Optional[_Summary]:
     """The pytest summary in ``raw_line``, or ``None`` if the line is not one."""
+    # Exact, not a heuristic (as C's cannot_be_summary): if the first byte trimming keeps is not
+    # ESC, removing escapes leaves it first, and a body starts with a digit or "no tests ran".
+    first = raw_line.lstrip(_SUMMARY_STRIP)[:1]
+    if not (first == b"\x1b" or first == b"n" or first.isdigit()):
+        return None
     text = _strip_ansi(raw_line).strip(_SUMMARY_STRIP)
     match = _SUMMARY.fullmatch(text)
     if match is None:
         return None
     failed = errors = False
-    for digits, word in _COUNT.findall(match.group("counts")):
+    counts = match.group("counts")
+    for item in () if counts == b"no tests ran" else counts.split(b", "):
+        digits, _, words = item.partition(b" ")
         if not digits.strip(b"0"):
             continue  # a zero count proves nothing
+        word = words.rpartition(b" ")[2]  # the last word says what is counted
         if word == b"failed":
             failed = True
         elif word in (b"error", b"errors"):
@@ -139,7 +192,9 @@ def _parse_summary(raw_line: bytes) -> Optional[_Summary]:
 def _find_summary(buf: bytes) -> Optional[_Summary]:
     """The last pytest summary line of ``buf``, searched from the end."""
     # Every summary holds " in <digit>" verbatim (pytest never colours inside " in 0.31s"), so
-    # only lines with that anchor are parsed, and a line is dropped as a whole once parsed.
+    # only lines with that anchor are parsed, and a line is dropped as a whole once parsed (or,
+    # if longer than SUMMARY_LINE_MAX, everything back to the window's floor without looking
+    # for its start), so each byte is looked at a bounded number of times whatever the input.
     end = len(buf)
     while True:
         pos = buf.rfind(b" in ", 0, end)
@@ -148,18 +203,25 @@ def _find_summary(buf: bytes) -> Optional[_Summary]:
         if pos + 4 >= len(buf) or not 0x30 <= buf[pos + 4] <= 0x39:
             end = pos + 3
             continue
-        start, stop = _line_bounds(buf, pos)
-        if stop - start <= SUMMARY_LINE_MAX:
-            summary = _parse_summary(buf[start:stop])
-            if summary is not None:
-                return summary
+        floor = max(pos - SUMMARY_LINE_MAX, 0)
+        start = _line_start(buf, pos, floor)
+        if start >= floor:  # else the line is too long
+            stop = _line_end(buf, pos, start + SUMMARY_LINE_MAX)
+            if stop - start <= SUMMARY_LINE_MAX:
+                summary = _parse_summary(buf[start:stop])
+                if summary is not None:
+                    return summary
         end = start
 
 
 def _quote(buf: bytes, pos: int) -> str:
     """Up to ``QUOTE_MAX`` bytes of the line holding ``pos``, around ``pos``, as text."""
-    start, stop = _line_bounds(buf, pos)
-    low = max(start, pos - QUOTE_MAX // 2)
+    # Bounds are looked for only as far as the window reaches: a quote costs QUOTE_MAX bytes
+    # however long its line (the bounds' "else" values mean "cut here").
+    floor = max(pos - QUOTE_MAX // 2, 0)
+    start = _line_start(buf, pos, floor)
+    low = max(start, floor)
+    stop = _line_end(buf, pos, low + QUOTE_MAX)
     high = min(stop, low + QUOTE_MAX)
     text = _strip_ansi(buf[low:high]).strip(_QUOTE_STRIP).decode("utf-8", "replace")
     return ("..." if low > start else "") + text + ("..." if high < stop else "")
@@ -190,6 +252,12 @@ def _status(returncode: int) -> str:
         return f"exit {returncode}"
     name = _signal_name(-returncode)
     return f"killed by signal {-returncode} ({name})" if name else f"killed by signal {-returncode}"
+
+
+def _summary_label(is_pytest: bool) -> str:
+    """What a summary is quoted as: only pytest's own exit status is pytest's, so a wrapper's
+    (tox, make) reads "pytest summary: 1 failed in 0.1s (exit 2)", not "pytest: ..."."""
+    return "pytest: " if is_pytest else "pytest summary: "
 
 
 def _saturate(value: int) -> int:
@@ -229,9 +297,13 @@ def classify(
     spawn_error: Optional[str],
     escalated: bool,
     killed_at_deadline: int,
+    is_pytest: bool,
     /,
 ) -> tuple[str, str, str, bool]:
     """Return ``(kind, rule, reason, infra)`` for a finished run; see docs/verdicts.md.
+
+    ``is_pytest``: the command is pytest itself, so its exit status has pytest's meaning; for
+    a wrapper (tox, make) only a pytest summary found in the output is evidence.
 
     Raises ``TypeError`` for an argument of the wrong type and nothing else. Ints outside
     the signed 64-bit range are saturated (the C side holds them in a ``long long``).
@@ -244,7 +316,9 @@ def classify(
         raise TypeError("spawn_error must be a str or None")
     sigkill_needed = _check_bool(escalated, "escalated")
     signalled = _check_int(killed_at_deadline, "killed_at_deadline", False)
-    rule, reason = _decide(out, err, rc, deadline_fired, spawn_error, sigkill_needed, signalled)
+    pytest_itself = _check_bool(is_pytest, "is_pytest")
+    rule, reason = _decide(out, err, rc, deadline_fired, spawn_error, sigkill_needed, signalled,
+                           pytest_itself)
     return RULES[rule].kind, rule, reason, RULES[rule].infra
 
 
@@ -256,6 +330,7 @@ def _decide(
     spawn_error: Optional[str],
     escalated: bool,
     signalled: Optional[int],
+    is_pytest: bool,
 ) -> tuple[str, str]:
     """``(rule, reason)``: the first rule that matches, in the order of docs/verdicts.md."""
     summary = _find_summary(out) or _find_summary(err)
@@ -275,9 +350,16 @@ def _decide(
         return "other.spawn-error", "".join(("could not start: ", spawn_error))
     if rc is None:
         return "other.no-status", "no exit status and no spawn error"
+    return _failure_rule(out, err, rc, summary, is_pytest)
 
+
+def _failure_rule(
+    out: bytes, err: bytes, rc: int, summary: Optional[_Summary], is_pytest: bool
+) -> tuple[str, str]:
+    """``(rule, reason)`` of a run that started and failed: the output's evidence first."""
     status = _status(rc)
-    pytest_part = f"pytest: {summary.text} ({status})" if summary is not None else status
+    label = _summary_label(is_pytest)
+    pytest_part = f"{label}{summary.text} ({status})" if summary is not None else status
 
     if summary is None or not (summary.failed or summary.errors):
         # A lock only explains the failure if no test had failed yet.
@@ -285,26 +367,42 @@ def _decide(
             quote = _search(out, err, pattern)
             if quote is not None:
                 return rule, f"{status}; lock held: {quote}"
+    if summary is None and rc > 0:
+        quote = _search(out, err, NO_PYTEST_MARK)
+        if quote is not None:
+            return "other.environment", f"{status} before pytest started: pytest is not importable: {quote}"
 
     if summary is not None and summary.failed:
         return "red.tests-failed", pytest_part
-    if (summary is not None and summary.errors) or rc == 2:
+    if (summary is not None and summary.errors) or (is_pytest and rc == 2):
         quote = _search(out, err, COLLECTION_ERROR_MARK)
         if quote is not None:
             return "red.collection-error", f"{pytest_part}; {quote}"
     if summary is not None and summary.errors:
         return "red.test-errors", pytest_part
-    if rc == 1:
-        if _search(out, err, TEST_TIMEOUT_MARK) is not None:
-            tail = f"; pytest: {summary.text}" if summary is not None else "; no pytest summary"
-            return "red.test-timeout", f"exit 1: a per-test pytest-timeout fired{tail}"
-        if summary is not None:
-            return "red.exit-1", pytest_part
-        return "red.exit-1", "exit 1 with no pytest summary (pytest: tests failed)"
+    if rc == 1 and _search(out, err, TEST_TIMEOUT_MARK) is not None:
+        tail = f"; {label}{summary.text}" if summary is not None else "; no pytest summary"
+        return "red.test-timeout", f"exit 1: a per-test pytest-timeout fired{tail}"
+    if rc > 0:
+        quote = _search(out, err, NO_TEST_FILES_MARK)
+        if quote is not None:
+            return "other.no-tests", f"{status}: the configured testpaths hold no test files: {quote}"
+    return _status_rule(rc, summary, is_pytest)
 
+
+def _status_rule(rc: int, summary: Optional[_Summary], is_pytest: bool) -> tuple[str, str]:
+    """``(rule, reason)`` by the exit status alone; pytest's statuses only for pytest itself."""
+    status = _status(rc)
     if rc < 0:
-        tail = f"; pytest: {summary.text}" if summary is not None else ""
+        tail = f"; {_summary_label(is_pytest)}{summary.text}" if summary is not None else ""
         return "other.signal", status + tail
+    if not is_pytest:
+        tail = f"; pytest summary: {summary.text}" if summary is not None else ""
+        return "other.exit-status", status + tail
+    if rc == 1:
+        if summary is not None:
+            return "red.exit-1", f"pytest: {summary.text} ({status})"
+        return "red.exit-1", "exit 1 with no pytest summary (pytest: tests failed)"
     tail = f": {summary.text}" if summary is not None else ""
     if rc in _PYTEST_EXITS:
         rule, meaning = _PYTEST_EXITS[rc]

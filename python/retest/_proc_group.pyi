@@ -25,5 +25,6 @@ def classify(
     spawn_error: Optional[str],
     escalated: bool,
     killed_at_deadline: int,
+    is_pytest: bool,
     /,
 ) -> tuple[str, str, str, bool]: ...
