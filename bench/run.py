@@ -898,7 +898,7 @@ def item_classify(plan: Plan, rows: list[Row], context: dict[str, Any]) -> None:
     what = f"{len(with_summary) / 1e6:.0f} MB"
     for tag, log, title in (("a", with_summary, "log ends in its summary"),
                             ("b", cut_off, "log without a summary: every search scans it all")):
-        call = (log, b"", 1, False, None, False, 0)
+        call = (log, b"", 1, False, None, False, 0, True)
         verdict_c, verdict_py = native(*call), pure(*call)
         if verdict_c != verdict_py:
             raise RuntimeError(f"classifiers disagree on the {tag} log: {verdict_c!r} != {verdict_py!r}")

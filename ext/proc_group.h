@@ -10,7 +10,7 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 extern const char pg_run_doc[];
 
 /* classify.c: classify(stdout, stderr, returncode, timed_out, spawn_error, escalated,
- * killed_at_deadline) -> (kind, rule, reason, infra). Never raises except TypeError. */
+ * killed_at_deadline, is_pytest) -> (kind, rule, reason, infra). Never raises except TypeError. */
 PyObject *pg_classify(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 extern const char pg_classify_doc[];
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from retest import _classify_py, proc_group
+from retest import _classify_py, probe, proc_group
 
 Classify = Callable[..., tuple[str, str, str, bool]]
 
@@ -666,7 +666,9 @@ def test_real_testpaths_warning_as_error(classify: Classify, tmp_path: Path) -> 
 
 def test_real_pytest_not_importable(tmp_path: Path) -> None:
     # -S: no site-packages, so this interpreter has no pytest, as a venv without it.
-    result = proc_group.run([sys.executable, "-S", "-m", "pytest", "-q"], cwd=tmp_path, timeout=60)
+    # probe=False: the output rule itself (with the probe, the events say the same: test_probe.py).
+    result = proc_group.run([sys.executable, "-S", "-m", "pytest", "-q"], cwd=tmp_path, timeout=60,
+                            probe=False)
     verdict = proc_group.classify(result)
     assert (verdict.kind, verdict.rule) == ("other", "other.environment")
     assert verdict.reason == (f"exit 1 before pytest started: pytest is not importable: "
@@ -698,7 +700,7 @@ def test_real_wrapper_is_not_pytest(tmp_path: Path) -> None:
      (["python3.x", "-m", "pytest"], False)],
 )
 def test_is_pytest_argv(argv: list[str], expected: bool) -> None:
-    assert proc_group._is_pytest_argv(argv) is expected
+    assert probe.is_pytest_argv(argv) is expected
 
 
 def test_real_passing_suite(classify: Classify, tmp_path: Path) -> None:

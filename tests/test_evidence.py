@@ -115,7 +115,8 @@ def test_progress_is_drawn_on_a_terminal_and_not_in_a_pipe(tmp_path: Path) -> No
     text = seen.decode("utf-8", "replace")
     assert "[retest] " in text and "/6 done" in text and "1 failed" in text
     assert "\x1b[K" in text
-    assert text.rstrip().splitlines()[-1].startswith("retest: red (red.tests-failed)")
+    last = text.rstrip().splitlines()[-1].split("\x1b[K")[-1]
+    assert last.startswith("retest: red (red.tests-failed)")
     piped = subprocess.run(argv, cwd=tmp_path, env=cli_env(), capture_output=True, timeout=120)
     assert b"[retest] " not in piped.stderr and b"\x1b[K" not in piped.stderr
 

@@ -318,10 +318,15 @@ def test_switch_classify_off_makes_every_failure_red(repo: Repo) -> None:
     assert "runner: timeout" in decision.reason
 
 
-def test_classify_retest_failure_on_real_runs() -> None:
+def test_classify_retest_failure_on_real_runs(tmp_path: Path) -> None:
+    (tmp_path / "test_fails.py").write_text("def test_fails():\n    assert False\n")
     passed = proc_group.run([sys.executable, "-c", "pass"], timeout=10)
     timed_out = proc_group.run([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.3, grace=0.2)
-    failed = proc_group.run([sys.executable, "-c", "raise SystemExit(1)"], timeout=10)
+    # A failing test of a real pytest run: red (a bare `exit 1` of a non-pytest command proves
+    # nothing about the code and is "other", see test_classify.py).
+    failed = proc_group.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             "-c", os.devnull, "--rootdir", str(tmp_path), str(tmp_path)],
+                            timeout=60)
     locked = proc_group.run([sys.executable, "-c", "import sys; sys.stderr.write(\"fatal: Unable to "
                              "create '/r/.git/index.lock': File exists.\\n\"); sys.exit(128)"], timeout=10)
     missing = proc_group.run(["retest-no-such-command-xyz"], timeout=10)

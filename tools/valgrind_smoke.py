@@ -29,5 +29,5 @@ with tempfile.TemporaryFile() as tee:
         for r in results:
             proc_group.classify(r)
         proc_group._native.classify(log, b"fatal: Unable to create '/r/.git/index.lock': File exists.",
-                                    1, False, None, False, 0)
+                                    1, False, None, False, 0, True)
 print("valgrind workload done", file=sys.stderr)

@@ -121,7 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         doc = result.to_dict()
         doc.update(verdict=verdict.kind, rule=verdict.rule, reason=verdict.reason,
-                   infra=verdict.infra, exit_status=status)
+                   infra=verdict.infra, evidence=verdict.evidence, exit_status=status)
         print(json.dumps(doc, sort_keys=True))
     print(f"retest: {verdict.kind} ({verdict.rule}): {verdict.reason} "
           f"[{result.duration_s:.2f}s, backend={result.backend}, exit={status}]", file=sys.stderr)

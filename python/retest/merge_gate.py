@@ -645,7 +645,8 @@ def _decision(run: _GateRun, verdict: proc_group.Verdict, action: str, stage: st
         action=action, stage=stage, verdict=verdict.kind, rule=verdict.rule, reason=verdict.reason,
         attempt=run.attempt, sha=run.sha, task_id=run.task, branch=run.branch, onto=run.onto,
         onto_sha=run.onto_sha, tested_sha=run.tested_sha, infra=verdict.infra,
-        duration_s=time.monotonic() - run.started, evidence=dict(run.evidence), **extra,
+        duration_s=time.monotonic() - run.started,
+        evidence=dict(run.evidence, verdict_evidence=verdict.evidence), **extra,
     )
 
 

@@ -61,10 +61,12 @@ _SUMMARY_ORDER = ("failed", "passed", "skipped", "deselected", "xfailed", "xpass
 #: ``on_event(event)``: one decoded event dict, as the probe wrote it.
 EventCallback = Callable[[dict[str, Any]], None]
 
-_PYTHON_NAME = re.compile(r"^(?:python|pypy)[0-9.]*(?:[dmu]|-dbg)?(?:\.exe)?$")
+_PYTHON_NAME = re.compile(r"^(?:python|pypy)(?:[0-9]+(?:\.[0-9]+)*)?(?:[dmut]|-dbg)?(?:\.exe)?$")
 _PYTEST_NAME = re.compile(r"^(?:pytest|py\.test)(?:-?[0-9.]+)?$")
-#: Interpreter options that take a value as the next argument.
-_PYTHON_OPTS_WITH_ARG = frozenset({"-W", "-X", "-c", "--check-hash-based-pycs"})
+#: Long interpreter options that take a value, and those that only print and exit.
+_PYTHON_LONG_WITH_ARG = frozenset({"--check-hash-based-pycs"})
+_PYTHON_PRINT_ONLY = frozenset({"--help", "--version", "--help-env", "--help-xoptions",
+                                "--help-all"})
 
 
 def _base(arg: str) -> str:
@@ -72,17 +74,34 @@ def _base(arg: str) -> str:
 
 
 def _after_dash_m(argv: Sequence[str], start: int) -> Optional[int]:
-    """Index just past ``-m pytest`` among the options from ``start``, or None."""
+    """Index just past ``-m pytest`` among an interpreter's options from ``start``, or None.
+
+    Short options may be clustered (``-Bm pytest``, ``-mpytest``); ``-W``/``-X`` take a
+    value; a script, ``-c``, ``-`` or an option that only prints (``-V``, ``--help``) is not pytest.
+    """
     i = start
     while i < len(argv):
         arg = argv[i]
-        if arg in ("-m", "--module") and i + 1 < len(argv):
-            return i + 2 if argv[i + 1] == "pytest" else None
-        if arg == "-mpytest":
-            return i + 1
-        if not arg.startswith("-") or arg == "-" or arg == "-c":
-            return None  # a script, stdin or -c: not pytest
-        i += 2 if arg in _PYTHON_OPTS_WITH_ARG else 1
+        if not arg.startswith("-") or arg in ("-", "--"):
+            return None
+        if arg.startswith("--"):
+            if arg in _PYTHON_PRINT_ONLY:
+                return None
+            i += 2 if arg in _PYTHON_LONG_WITH_ARG else 1
+            continue
+        step = 1
+        for j, flag in enumerate(arg[1:], start=1):
+            rest = arg[j + 1:]
+            if flag == "m":
+                if rest:
+                    return i + 1 if rest == "pytest" else None
+                return i + 2 if i + 1 < len(argv) and argv[i + 1] == "pytest" else None
+            if flag in "chV?":
+                return None
+            if flag in "WX":
+                step = 1 if rest else 2
+                break
+        i += step
     return None
 
 

@@ -570,45 +570,6 @@ def _write_all(fd: int, data: bytes) -> None:
 # --------------------------------------------------------------------------- classify
 
 
-def _is_pytest_argv(argv: Sequence[str]) -> bool:
-    """True if argv runs pytest itself, so that its exit status has pytest's meanings: a program
-    named ``pytest``, ``py.test``, ``pytest-3``, ``pytest3.11`` ..., or a Python interpreter
-    (``python``, ``python3.11``, ``pypy3`` ...) whose options end in ``-m pytest`` (``-mpytest``,
-    ``-Bm pytest``, ``-X dev -m pytest``). A wrapper (tox, make, sh -c) is not pytest."""
-
-    def named(program: str, stems: tuple[str, ...], suffix: str = "") -> bool:
-        for stem in stems:
-            if program.startswith(stem):
-                version = program[len(stem):].removeprefix("-").removesuffix(suffix)
-                return not version or all(p.isascii() and p.isdigit() for p in version.split("."))
-        return False
-
-    if not argv:
-        return False
-    program = os.path.basename(os.fsdecode(argv[0]))
-    if named(program, ("pytest", "py.test")):
-        return True
-    return named(program, ("python", "pypy"), "t") and _python_module(argv[1:]) == "pytest"
-
-
-def _python_module(options: Sequence[str]) -> Optional[str]:
-    """MODULE of ``-m MODULE`` after a Python interpreter's own options, or None: a script,
-    ``-c``, or an option not known here comes first."""
-    args = iter(os.fsdecode(arg) for arg in options)
-    for arg in args:
-        if arg in ("-", "--") or arg.startswith("--") or not arg.startswith("-"):
-            return None
-        for at, letter in enumerate(arg[1:], start=1):
-            if letter in "mWX":  # options with a value, attached ("-Wd") or the next argument
-                value = arg[at + 1:] or next(args, None)
-                if letter == "m":
-                    return value
-                break
-            if letter not in "bBdEiIOPqsSuvx":
-                return None
-    return None
-
-
 def classify(result: RunResult) -> Verdict:
     """Classify a finished run as passed / red / timeout / lock-busy / other (see DESIGN.md).
 
@@ -627,7 +588,7 @@ def _classify_output(result: RunResult) -> Verdict:
         kind, rule, reason, infra = _native.classify(
             result.stdout, result.stderr, result.returncode, result.timed_out,
             result.spawn_error, result.escalated, result.killed_at_deadline,
-            _is_pytest_argv(result.args),
+            _probe.is_pytest_argv(result.args),
         )
     else:
         from . import _classify_py
@@ -635,7 +596,7 @@ def _classify_output(result: RunResult) -> Verdict:
         kind, rule, reason, infra = _classify_py.classify(
             result.stdout, result.stderr, result.returncode, result.timed_out,
             result.spawn_error, result.escalated, result.killed_at_deadline,
-            _is_pytest_argv(result.args),
+            _probe.is_pytest_argv(result.args),
         )
     evidence = "runner" if (result.timed_out or result.spawn_error is not None) else "output"
     return Verdict(kind=kind, rule=rule, reason=reason, infra=infra, evidence=evidence)
