@@ -103,7 +103,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print("retest run: no command given (usage: retest run [options] -- CMD [ARG...])",
               file=sys.stderr)
         return EXIT_INTERNAL
-    stream = None if (args.quiet or args.json) else _stream
+    stream: Optional[proc_group.OutputCallback] = None if (args.quiet or args.json) else _stream
     live = None
     if not args.no_progress and progress.wanted(sys.stderr) and probe.is_pytest_argv(command):
         live = progress.Progress(sys.stderr)

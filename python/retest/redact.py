@@ -246,7 +246,7 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         secrets = self.secrets()
-        done = getattr(record, _DONE, frozenset())
+        done: frozenset[str] = getattr(record, _DONE, frozenset())
         if secrets <= done:  # none, or already masked by this filter on the logger
             return True
         try:
@@ -301,7 +301,7 @@ def _masked_message(record: logging.LogRecord, secrets: Iterable[str]) -> str:
     if isinstance(args, tuple):
         record.args = tuple(hold(a) for a in args)
     elif isinstance(args, Mapping):
-        record.args = {k: hold(v) for k, v in args.items()}  # type: ignore[assignment]
+        record.args = {k: hold(v) for k, v in args.items()}
     try:
         message = redact(record.getMessage(), secrets)
     finally:
