@@ -12,6 +12,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Optional, Sequence, TextIO
 
@@ -64,10 +65,18 @@ def _print_redacted(doc: object = None, line: Optional[str] = None, *,
     print(text, file=file or sys.stdout)
 
 
+class _OutputClosed(Exception):
+    """Our stdout or stderr is a pipe whose reader went away (``retest run ... | head``)."""
+
+
 def _stream(stream: str, chunk: bytes) -> None:
     target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-    target.write(chunk)
-    target.flush()
+    try:
+        target.write(chunk)
+        target.flush()
+    except BrokenPipeError as err:
+        # Raising from on_output makes run() take the tree down before it propagates.
+        raise _OutputClosed(stream) from err
 
 
 def run_exit_status(result: proc_group.RunResult) -> int:
@@ -243,6 +252,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args))
+    except (_OutputClosed, BrokenPipeError):
+        # As GNU tools that die of SIGPIPE: quietly, with 128 + SIGPIPE (the tree is down).
+        # Python would still flush the dead stream at exit and complain: point both at null.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.dup2(null, sys.stderr.fileno())
+        os.close(null)
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         print("retest: interrupted", file=sys.stderr)
         return 130
