@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import shutil
 import signal
 import subprocess
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -262,6 +264,76 @@ def test_a_250_process_tree_is_killed_at_the_deadline(native: str, pid_dir: Path
     assert result.killed_at_deadline == 250
     assert not result.escalated and result.unkillable == 0
     assert alive(pids) == []
+
+
+def _reuse_window_tools() -> str | None:
+    """None if this machine can stage a pid reuse on demand, else why not."""
+    if os.geteuid() != 0:
+        return "needs root (ns_last_pid)"
+    if platform.machine() != "x86_64":
+        return "reads the x86_64 syscall number of kill from /proc/PID/syscall"
+    if shutil.which("strace") is None:
+        return "strace not installed"
+    return None
+
+
+def _stopped_in_kill(pid: int) -> bool:
+    """True while pid sits in a ptrace stop at the entry of kill() (x86_64: 62)."""
+    try:
+        return Path(f"/proc/{pid}/syscall").read_text().split()[0] == "62"
+    except (OSError, IndexError):
+        return False
+
+
+def _spawn_with_pid(target: int) -> "subprocess.Popen[bytes] | None":
+    """Start a bystander ``sleep`` that gets pid ``target`` (ns_last_pid), or None."""
+    for _ in range(200):  # another fork on the machine may take the pid first: try again
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(target - 1))
+        proc = subprocess.Popen(["sleep", "30"])
+        if proc.pid == target:
+            return proc
+        proc.kill()
+        proc.wait()
+    return None
+
+
+def test_a_pid_reused_between_walk_and_kill_is_not_signalled(native: str, pid_dir: Path) -> None:
+    """Issue 10.4: strace holds the shepherd at its first kill(), after the walk; meanwhile a
+    walked process dies and a bystander is given its pid. kill() by number hit the bystander;
+    the pidfd taken at the walk refers to the dead process, so nothing is hit."""
+    why = _reuse_window_tools()
+    if why:
+        pytest.skip(why)
+    cmd = f"sleep 60 & touch {pid_dir}/victim-$!; touch {pid_dir}/leader-$$; wait"
+    outcome: dict[str, object] = {}
+    runner = threading.Thread(target=lambda: outcome.update(
+        result=run(["sh", "-c", cmd], timeout=1.5, grace=1, backend=native)))
+    tracer = bystander = None
+    runner.start()
+    try:
+        assert wait_until(lambda: len(recorded_pids(pid_dir)) == 2, timeout=10)
+        names = {n.split("-")[0]: int(n.split("-")[1]) for n in os.listdir(pid_dir)}
+        victim, leader = names["victim"], names["leader"]
+        shepherd = int(Path(f"/proc/{leader}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        tracer = subprocess.Popen(["strace", "-qq", "-o", os.devnull, "-e", "trace=kill",
+                                   "-e", "inject=kill:delay_enter=3000000:when=1", "-p", str(shepherd)])
+        assert wait_until(lambda: _stopped_in_kill(shepherd), timeout=10), "no kill() seen"
+        os.kill(victim, signal.SIGKILL)  # sh's wait reaps it: its pid is free again
+        assert wait_until(lambda: not os.path.exists(f"/proc/{victim}"), timeout=2)
+        bystander = _spawn_with_pid(victim)
+        if bystander is None:
+            pytest.skip("could not get the freed pid back (a busy machine)")
+        runner.join(timeout=30)
+        assert not runner.is_alive()
+        assert outcome["result"].timed_out  # type: ignore[attr-defined]
+        assert bystander.poll() is None, f"bystander killed: {bystander.returncode}"
+    finally:
+        runner.join(timeout=30)
+        for proc in (bystander, tracer):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+            if proc is not None:
+                proc.wait(timeout=10)
 
 
 # ----------------------------------------------------------------------------- item 5
