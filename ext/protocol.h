@@ -42,7 +42,7 @@ struct pg_record {
     int32_t killed_at_deadline;
     int32_t swept_after_exit;
     int32_t unkillable;       /* FINAL: processes that survived SIGKILL until the give-up bound */
-    int32_t reserved;
+    int32_t proc_foreign;     /* FINAL: /proc showed another pid namespace: only the group was reachable */
     int64_t utime_us;         /* FINAL: RUSAGE_CHILDREN of the shepherd = the whole tree */
     int64_t stime_us;
     int64_t maxrss_kb;

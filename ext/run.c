@@ -241,7 +241,9 @@ static int raise_fd(int *fd)
     return 0;
 }
 
-/* Write to a tee fd, best effort: a full disk must not fail the run. Return 0 or errno. */
+/* Write to a tee fd, best effort: a full disk must not fail the run. Return 0 or errno; the
+ * first errno stops the tee and is reported (tee_errno: logged once, as the subprocess
+ * backend logs it). */
 static int tee_write(int fd, const char *buf, size_t len)
 {
     while (len > 0) {
@@ -765,6 +767,9 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
     if ((set_item(d, "returncode", rc) < 0) | (set_item(d, "spawn_error", spawn_error) < 0) |
         (set_item(d, "spawn_errno", spawn_errno) < 0) ||
         set_item(d, "unkillable", PyLong_FromLong(r->final.unkillable)) < 0 ||
+        set_item(d, "proc_foreign", PyBool_FromLong(r->final.proc_foreign)) < 0 ||
+        set_item(d, "tee_errno", r->tee_errno ? PyLong_FromLong(r->tee_errno)
+                                              : (Py_INCREF(Py_None), Py_None)) < 0 ||
         set_item(d, "stdout", capture_bytes(&r->cap[0], &dropped[0])) < 0 ||
         set_item(d, "stderr", capture_bytes(&r->cap[1], &dropped[1])) < 0 ||
         set_item(d, "stdout_dropped", PyLong_FromUnsignedLongLong(dropped[0])) < 0 ||
@@ -870,7 +875,8 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     timeout_s = PyFloat_AsDouble(args[5]);
     grace_s = PyFloat_AsDouble(args[6]);
-    capture_limit = PyLong_AsSsize_t(args[7]);
+    /* Saturating: a limit beyond any buffer means "keep everything" (2**63 is not an error) */
+    capture_limit = PyNumber_AsSsize_t(args[7], NULL);
     tee_fd_l = PyLong_AsLong(args[9]);
     if (PyErr_Occurred())
         return NULL;

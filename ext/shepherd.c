@@ -55,6 +55,16 @@ extern char **environ;
  * the caller is never hung forever, and report how many were left. */
 #define GIVE_UP_AFTER_KILL_NS (10 * NS_PER_S)
 
+/* pidfds (Linux 5.1/5.3) let a signal reach exactly the process that was checked, never a
+ * stranger that got its pid since. The numbers are the same on every architecture but alpha
+ * (new syscalls share one table since 5.1); old headers may lack the names. */
+#if !defined(SYS_pidfd_open) && !defined(__alpha__)
+#define SYS_pidfd_open 434
+#endif
+#if !defined(SYS_pidfd_send_signal) && !defined(__alpha__)
+#define SYS_pidfd_send_signal 424
+#endif
+
 enum phase { RUNNING, TERMINATING, KILLING, DONE };
 
 struct state {
@@ -67,6 +77,9 @@ struct state {
     int64_t phase_deadline_ns;  /* end of grace, or give-up bound while killing */
     enum phase phase;
     int caller_gone;
+    int proc_checked;           /* proc_foreign below is known */
+    int proc_foreign;           /* /proc shows another pid namespace: walk nothing (issue 10) */
+    int no_pidfd;               /* pidfd_open is missing or refused: kill() by number */
     struct pg_record final;
 };
 
@@ -125,6 +138,83 @@ static int parse_i64(const char *s, int64_t *out)
         return -1;
     *out = v;
     return 0;
+}
+
+/* ---------------------------------------------------------------- signal dispositions */
+
+/* A kernel signal set, for rt_sigprocmask called directly: libc drops its reserved signals
+ * (glibc 32 and 33, musl 32 to 34) from any mask it is given, and refuses to set them. */
+struct ksigset {
+    unsigned long w[(NSIG - 1 + 8 * sizeof(unsigned long) - 1) / (8 * sizeof(unsigned long))];
+};
+
+/* Add sig to set. */
+static void ksig_add(struct ksigset *set, int sig)
+{
+    size_t bits = 8 * sizeof(unsigned long);
+    set->w[(size_t)(sig - 1) / bits] |= 1UL << ((size_t)(sig - 1) % bits);
+}
+
+/* rt_sigprocmask(how, set) without libc's filtering. Async-signal-safe. Return 0 or -1. */
+static int ksig_setmask(int how, const struct ksigset *set)
+{
+    return (int)syscall(SYS_rt_sigprocmask, how, set, NULL, sizeof(*set));
+}
+
+/* Reset sig to SIG_DFL with rt_sigaction called directly (libc refuses its reserved
+ * signals). An all-zero kernel sigaction is SIG_DFL, no flags, empty mask, whatever the
+ * architecture's field order. Async-signal-safe. Return 0 or -1. */
+static int ksig_default(int sig)
+{
+    unsigned long zero[16] = {0};  /* larger than any architecture's kernel sigaction */
+    return (int)syscall(SYS_rt_sigaction, sig, zero, NULL, sizeof(struct ksigset));
+}
+
+/* Make the shepherd deaf to every signal it does not read from its signalfd (read, which
+ * stays blocked and SIG_DFL): an orphan re-parented to us that signals its new parent (X
+ * servers send SIGUSR1 when ready; anything may send SIGTSTP) must not kill or stop us
+ * (issue 10). Ignored where libc allows, blocked where it does not. Return 0 or -1. */
+static int shield_signals(const sigset_t *read)
+{
+    struct ksigset block;
+    struct sigaction ignore;
+
+    memset(&block, 0, sizeof(block));
+    memset(&ignore, 0, sizeof(ignore));
+    ignore.sa_handler = SIG_IGN;
+    for (int sig = 1; sig < NSIG; sig++) {
+        if (sig == SIGKILL || sig == SIGSTOP)
+            continue;
+        /* SIGCHLD must stay SIG_DFL, never SIG_IGN: that would auto-reap the tree and lose
+         * the leader's status (a caller may have ignored it) */
+        if (sigismember(read, sig)) {
+            struct sigaction dfl;
+            memset(&dfl, 0, sizeof(dfl));
+            dfl.sa_handler = SIG_DFL;
+            if (sigaction(sig, &dfl, NULL) < 0)
+                return -1;
+            ksig_add(&block, sig);
+        } else if (sigaction(sig, &ignore, NULL) < 0) {
+            if (errno != EINVAL)
+                return -1;
+            ksig_add(&block, sig);  /* reserved by libc */
+        }
+    }
+    return ksig_setmask(SIG_BLOCK, &block);
+}
+
+/* In the child before exec: every signal SIG_DFL, none blocked, whatever the shepherd (or
+ * posix_spawn's internals, which leave 32 and 33 ignored) set up. Async-signal-safe. Return
+ * 0, or -1 with errno. */
+static int reset_signals_for_exec(void)
+{
+    struct ksigset none;
+    for (int sig = 1; sig < NSIG; sig++) {
+        if (sig != SIGKILL && sig != SIGSTOP && ksig_default(sig) < 0)
+            return -1;
+    }
+    memset(&none, 0, sizeof(none));
+    return ksig_setmask(SIG_SETMASK, &none);
 }
 
 /* ---------------------------------------------------------------- finding the tree */
@@ -315,21 +405,49 @@ static void add_descendants_by_scan(pid_t root, struct pidset *set)
     free(ppid);
 }
 
-/* Return 1 if pid is a zombie (dead, waiting to be reaped), 0 otherwise. */
-static int is_zombie(pid_t pid)
+/* Return 1 if /proc belongs to our pid namespace, 0 if it shows another one (a run under
+ * `unshare --pid --fork` without a new /proc) or none. In a foreign /proc, /proc/<our pid> is
+ * somebody else: its "children" are bystanders, and killing those numbers in our namespace
+ * hits innocent processes (issue 10). NSpid lists one pid per namespace from the one /proc
+ * belongs to down to ours, so exactly one entry, equal to getpid(), proves it is ours;
+ * kernels before 4.1 lack NSpid, where the /proc/self link is compared instead. */
+static int proc_is_ours(pid_t self)
 {
-    char path[64], buf[512], *p;
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    if (read_small(path, buf, sizeof(buf)) < 0)
-        return 1;  /* gone: as good as dead */
-    p = strrchr(buf, ')');
-    return p && p[1] == ' ' && (p[2] == 'Z' || p[2] == 'X');
+    char buf[4096], *line;
+    long first, second;
+    ssize_t n = read_small("/proc/self/status", buf, sizeof(buf));
+    if (n < 0)
+        return 0;  /* no /proc, or we are not in it at all */
+    line = strstr(buf, "\nNSpid:");
+    if (line) {
+        int fields = sscanf(line + 7, "%ld %ld", &first, &second);
+        return fields == 1 && first == self;
+    }
+    n = readlink("/proc/self", buf, sizeof(buf) - 1);
+    if (n < 0)
+        return 0;
+    buf[n] = '\0';
+    return strtol(buf, NULL, 10) == self;
 }
 
-/* Collect every live descendant of the shepherd. */
+/* Return 1 if the tree may be found through /proc; decide (and report) it once per run. */
+static int proc_walkable(struct state *st)
+{
+    if (!st->proc_checked) {
+        st->proc_foreign = !proc_is_ours(st->self);
+        st->proc_checked = 1;
+        st->final.proc_foreign = st->proc_foreign;
+    }
+    return !st->proc_foreign;
+}
+
+/* Collect every descendant of the shepherd, parents before their children; nothing when
+ * /proc is not ours (then only the leader's group is reachable, see signal_tree). */
 static void collect_tree(struct state *st, struct pidset *set)
 {
     set->len = 0;
+    if (!proc_walkable(st))
+        return;
     if (add_children(st->self, set) < 0) {
         add_descendants_by_scan(st->self, set);
         return;
@@ -339,38 +457,196 @@ static void collect_tree(struct state *st, struct pidset *set)
         add_children(set->pids[i], set);
 }
 
+/* What /proc/PID/stat says about a process. */
+struct proc_stat {
+    char state;
+    pid_t ppid;
+    long threads;
+};
+
+/* Read /proc/PID/stat into ps. Return 0, or -1 if the process is gone or unreadable. */
+static int read_proc_stat(pid_t pid, struct proc_stat *ps)
+{
+    char path[64], buf[1024], *p;
+    int ppid;
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    if (read_small(path, buf, sizeof(buf)) < 0)
+        return -1;
+    p = strrchr(buf, ')');  /* comm may contain spaces and parens */
+    if (!p || sscanf(p + 1, " %c %d", &ps->state, &ppid) != 2)
+        return -1;
+    ps->ppid = ppid;
+    /* num_threads is field 20; p is on the ')' that ends field 2, and each space found
+     * starts the next field */
+    for (int field = 2; field < 20 && p; field++)
+        p = strchr(p + 1, ' ');
+    ps->threads = p ? strtol(p + 1, NULL, 10) : 1;
+    return 0;
+}
+
+/* Return 1 if ps describes a dead process that only waits to be reaped. A thread group
+ * whose leader thread called pthread_exit reads Z as well while its other threads run on:
+ * that one is alive, must be signalled, and is not "gone" (issue 10). */
+static int proc_is_dead(const struct proc_stat *ps)
+{
+    return (ps->state == 'Z' || ps->state == 'X') && ps->threads <= 1;
+}
+
+/* Open a pidfd for pid. Return it, or -1: *gone is set when the process no longer exists;
+ * otherwise pidfds are unavailable (ENOSYS, a seccomp EPERM: remembered) or this one could
+ * not be had (EMFILE), and the caller falls back to kill() by number. */
+static int open_pidfd(struct state *st, pid_t pid, int *gone)
+{
+    int fd;
+    *gone = 0;
+#ifdef SYS_pidfd_open
+    if (st->no_pidfd)
+        return -1;
+    fd = (int)syscall(SYS_pidfd_open, pid, 0);  /* always close-on-exec */
+    if (fd >= 0)
+        return fd;
+    if (errno == ESRCH)
+        *gone = 1;
+    else if (errno == ENOSYS || errno == EPERM)
+        st->no_pidfd = 1;
+#else
+    (void)st;
+    (void)pid;
+    (void)fd;
+#endif
+    return -1;
+}
+
+/* Return 1 if the process behind pidfd fd has exited (its pid may belong to a stranger
+ * now); 0 if it lives, or if fd is -1 (nothing is known). */
+static int pidfd_exited(int fd)
+{
+    struct pollfd pfd = {fd, POLLIN, 0};
+    int n;
+    if (fd < 0)
+        return 0;
+    do {
+        n = poll(&pfd, 1, 0);
+    } while (n < 0 && errno == EINTR);
+    return n > 0;  /* a pidfd polls readable once its process has exited */
+}
+
+/* Index of pid among the first n pids, or -1. */
+static long index_of(const pid_t *pids, size_t n, pid_t pid)
+{
+    for (size_t i = 0; i < n; i++)
+        if (pids[i] == pid)
+            return (long)i;
+    return -1;
+}
+
+enum membership { NOT_OURS, GONE, LIVE };
+
+/* Decide whether pid (pidfd fd, or -1) is a live process of our tree: its parent must be
+ * the shepherd or one of the n members already accepted (pids[], their pidfds fds[]). A pid
+ * can be reused between the walk and now; with pidfds the check is exact: a process that is
+ * still alive after /proc was read holds its pid, so the read described it, and a parent
+ * still alive then was really its parent. */
+static enum membership check_member(const struct state *st, const pid_t *pids, const int *fds,
+                                    size_t n, pid_t pid, int fd)
+{
+    struct proc_stat ps;
+    long parent;
+    if (read_proc_stat(pid, &ps) < 0)
+        return GONE;
+    parent = ps.ppid == st->self ? -2 : index_of(pids, n, ps.ppid);
+    if (parent == -1)
+        return NOT_OURS;
+    if (parent >= 0 && fds && pidfd_exited(fds[parent])) {
+        /* The parent died since the walk: its children were re-parented (to us, or to a
+         * subreaper of the tree) before its pid was freed, so a fresh read tells. */
+        if (read_proc_stat(pid, &ps) < 0)
+            return GONE;
+        if (ps.ppid != st->self && index_of(pids, n, ps.ppid) < 0)
+            return NOT_OURS;
+    }
+    if (pidfd_exited(fd))
+        return GONE;
+    return proc_is_dead(&ps) ? GONE : LIVE;
+}
+
+/* Send sig to one process: through its pidfd when there is one (exact), else by number. */
+static void send_to(struct state *st, pid_t pid, int fd, int sig)
+{
+#ifdef SYS_pidfd_send_signal
+    if (fd >= 0 && !st->no_pidfd) {
+        if (syscall(SYS_pidfd_send_signal, fd, sig, NULL, 0) == 0 || errno != ENOSYS)
+            return;  /* sent, or ESRCH: it exited since */
+        st->no_pidfd = 1;
+    }
+#else
+    (void)st;
+    (void)fd;
+#endif
+    kill(pid, sig);
+}
+
 /* Send sig (and SIGCONT after SIGTERM: a stopped process does not act on SIGTERM) to every
- * live descendant and to the leader's group. Return how many live processes there were. */
+ * live process of the tree and to the leader's group; sig 0 only counts. Return how many
+ * live processes there were. This is the one "signal the whole tree" step. */
 static int signal_tree(struct state *st, int sig)
 {
     struct pidset set = {0};
     pid_t caller = getppid();
-    int hit = 0;
+    int *fds;
+    size_t hit = 0;
 
-    /* Walk first, then signal: counting after the group kill would miss the fast dyers. */
+    /* Walk, check, then signal: counting after the group kill would miss the fast dyers. */
     collect_tree(st, &set);
+    fds = set.len ? malloc(set.len * sizeof(int)) : NULL;  /* NULL: by number this pass */
     for (size_t i = 0; i < set.len; i++) {
         pid_t pid = set.pids[i];
+        int gone = 0, fd = -1;
         /* belt and braces: whatever /proc said, these are never ours to kill */
-        if (pid <= 1 || pid == st->self || pid == caller || is_zombie(pid))
+        if (pid <= 1 || pid == st->self || pid == caller)
             continue;
-        set.pids[hit++] = pid;
+        if (fds && (fd = open_pidfd(st, pid, &gone)) < 0 && gone)
+            continue;
+        if (check_member(st, set.pids, fds, hit, pid, fd) != LIVE) {
+            if (fd >= 0)
+                close(fd);
+            continue;
+        }
+        set.pids[hit] = pid;  /* accepted members move to the front, in walk order */
+        if (fds)
+            fds[hit] = fd;
+        hit++;
     }
     /* The group catches members forked after the walk, but only while the leader is
      * unreaped: after that its pid, and so the group id, may be reused by a stranger. The walk
-     * covers any member left. */
-    if (st->leader_alive) {
+     * covers any member left. It is all that is reachable when /proc is not ours. */
+    if (st->leader_alive && sig != 0) {
         kill(-st->leader, sig);
         if (sig == SIGTERM)
             kill(-st->leader, SIGCONT);
     }
-    for (int i = 0; i < hit; i++) {
-        kill(set.pids[i], sig);
-        if (sig == SIGTERM)
-            kill(set.pids[i], SIGCONT);
+    for (size_t i = 0; i < hit; i++) {
+        int fd = fds ? fds[i] : -1;
+        if (sig != 0) {
+            send_to(st, set.pids[i], fd, sig);
+            if (sig == SIGTERM)
+                send_to(st, set.pids[i], fd, SIGCONT);
+        }
+        if (fd >= 0)
+            close(fd);
     }
+    free(fds);
     free(set.pids);
-    return hit;
+    if (st->proc_foreign)
+        return st->leader_alive;  /* we cannot count what we cannot see: the group, as one */
+    return (int)hit;
+}
+
+/* Return 1 if anything of the tree can still be reached: with a foreign /proc, only the
+ * leader's group while the leader is unreaped. */
+static int tree_reachable(const struct state *st)
+{
+    return !st->proc_foreign || st->leader_alive;
 }
 
 /* Reap every child that has exited; record the leader's status. Return 1 if children remain. */
@@ -478,8 +754,6 @@ struct child_failure {
 static void child_exec(pid_t shepherd_pid, int err_fd, const char *cwd, char **candidates, char **argv)
 {
     struct child_failure f = {0, 0};
-    sigset_t none;
-    int saw_eacces = 0;
 
     if (setsid() < 0) {
         f.stage = PG_STAGE_SETSID;
@@ -488,7 +762,11 @@ static void child_exec(pid_t shepherd_pid, int err_fd, const char *cwd, char **c
     }
     /* If the shepherd itself dies (SIGKILL), the leader goes with it; if it died already,
      * between vfork and here, we were re-parented and must not start at all. */
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) < 0) {
+        f.stage = PG_STAGE_SHEPHERD;
+        f.err = errno;
+        goto fail;
+    }
     if (getppid() != shepherd_pid) {
         f.stage = PG_STAGE_SHEPHERD;
         f.err = ESRCH;
@@ -499,23 +777,25 @@ static void child_exec(pid_t shepherd_pid, int err_fd, const char *cwd, char **c
         f.err = errno;
         goto fail;
     }
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
+    if (reset_signals_for_exec() < 0) {
+        f.stage = PG_STAGE_SHEPHERD;
+        f.err = errno;
+        goto fail;
+    }
     f.stage = PG_STAGE_EXEC;
     f.err = ENOENT;
     if (argv[0][0] == '\0')
         goto fail;  /* "" names no program (a PATH search would find directories) */
+    f.err = 0;
     for (char **c = candidates; *c; c++) {
         execve(*c, argv, environ);
-        /* like execvp: keep looking after ENOENT/ENOTDIR; remember EACCES */
-        if (errno == EACCES)
-            saw_eacces = 1;
-        else if (errno != ENOENT && errno != ENOTDIR) {
+        /* As CPython's _posixsubprocess (the subprocess backend): try every candidate, and
+         * report the first error that is not "no such file here" (issue 10). */
+        if (errno != ENOENT && errno != ENOTDIR && f.err == 0)
             f.err = errno;
-            goto fail;
-        }
     }
-    f.err = saw_eacces ? EACCES : ENOENT;
+    if (f.err == 0)
+        f.err = ENOENT;
 fail:
     while (write(err_fd, &f, sizeof(f)) < 0 && errno == EINTR)
         ;
@@ -659,18 +939,14 @@ int main(int argc, char **argv)
      * process group, which is still what subprocess.run offers at best. */
     prctl(PR_SET_CHILD_SUBREAPER, 1);
 
-    /* A caller that ignores SIGCHLD would make the kernel auto-reap our children and we
-     * would lose the leader's status: insist on the default disposition. */
-    signal(SIGCHLD, SIG_DFL);
-    signal(SIGPIPE, SIG_DFL);
-
-    /* Signals arrive through a signalfd, never asynchronously: no handlers, no races. */
+    /* Signals arrive through a signalfd, never asynchronously: no handlers, no races. Every
+     * other catchable signal is ignored or blocked (shield_signals). */
     sigemptyset(&mask);
     sigaddset(&mask, SIGCHLD);
     sigaddset(&mask, SIGTERM);
     sigaddset(&mask, SIGINT);
     sigaddset(&mask, SIGHUP);
-    if (sigprocmask(SIG_BLOCK, &mask, NULL) < 0)
+    if (shield_signals(&mask) < 0)
         fail_start(&st, PG_STAGE_SHEPHERD, errno);
     sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
     if (sfd < 0)
@@ -687,6 +963,12 @@ int main(int argc, char **argv)
 
         children_left = reap(&st);
         now = now_ns();
+        if (children_left && !tree_reachable(&st)) {
+            /* /proc is not ours and the leader is reaped: what is left cannot be found, and
+             * signalling numbers blindly could hit bystanders. Reported as proc_foreign. */
+            st.phase = DONE;
+            continue;
+        }
         switch (st.phase) {
         case RUNNING:
             if (st.caller_gone && st.leader_alive) {
@@ -729,10 +1011,7 @@ int main(int argc, char **argv)
                 continue;
             }
             if (now >= st.phase_deadline_ns) {
-                struct pidset set = {0};
-                collect_tree(&st, &set);
-                st.final.unkillable = (int32_t)set.len;
-                free(set.pids);
+                st.final.unkillable = signal_tree(&st, 0);
                 st.phase = DONE;
                 continue;
             }

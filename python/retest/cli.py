@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -59,10 +60,18 @@ def _add_run_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     p.set_defaults(func=_cmd_run)
 
 
+class _OutputClosed(Exception):
+    """Our stdout or stderr is a pipe whose reader went away (``retest run ... | head``)."""
+
+
 def _stream(stream: str, chunk: bytes) -> None:
     target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-    target.write(chunk)
-    target.flush()
+    try:
+        target.write(chunk)
+        target.flush()
+    except BrokenPipeError as err:
+        # Raising from on_output makes run() take the tree down before it propagates.
+        raise _OutputClosed(stream) from err
 
 
 def _around_progress(live: "progress.Progress",
@@ -264,6 +273,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return int(args.func(args))
+    except (_OutputClosed, BrokenPipeError):
+        # As GNU tools that die of SIGPIPE: quietly, with 128 + SIGPIPE (the tree is down).
+        # Python would still flush the dead stream at exit and complain: point both at null.
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, sys.stdout.fileno())
+        os.dup2(null, sys.stderr.fileno())
+        os.close(null)
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         print("retest: interrupted", file=sys.stderr)
         return 130

@@ -93,6 +93,9 @@ class RunResult:
     #: Processes still alive when the shepherd gave up waiting after SIGKILL (uninterruptible
     #: sleep, e.g. a dead NFS mount); 0 in every normal run.
     unkillable: int = 0
+    #: /proc showed another pid namespace (``unshare --pid`` without a new /proc): the tree
+    #: could not be walked, so only the command's process group was signalled (native).
+    proc_foreign: bool = False
     #: Bytes left out of the middle of each stream (bounded capture).
     stdout_dropped: int = 0
     stderr_dropped: int = 0
@@ -129,6 +132,7 @@ class RunResult:
             "killed_at_deadline": self.killed_at_deadline,
             "swept_after_exit": self.swept_after_exit,
             "unkillable": self.unkillable,
+            "proc_foreign": self.proc_foreign,
             "stdout_bytes": len(self.stdout),
             "stderr_bytes": len(self.stderr),
             "stdout_dropped": self.stdout_dropped,
@@ -456,6 +460,9 @@ def _run_native(
         on_output,
         tee_fd,
     )
+    tee_errno = raw.pop("tee_errno")
+    if tee_errno is not None:  # the tee stopped at its first error, as the subprocess one does
+        log.warning("tee write failed: %s", OSError(tee_errno, os.strerror(tee_errno)))
     return RunResult(args=args_text, backend="native", **raw)
 
 
