@@ -199,6 +199,14 @@ def test_no_tests_is_other_no_tests(backend: str, tmp_path: Path) -> None:
     assert (verdict.kind, verdict.rule) == ("other", "other.no-tests")
 
 
+def test_collect_only_is_not_a_pass(backend: str, tmp_path: Path) -> None:
+    result = pytest_run(write(tmp_path, {"test_a.py": PASSING}), backend, "--collect-only")
+    assert result.returncode == 0
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule) == ("other", "other.no-tests")
+    assert "none of the 2 tests" in verdict.reason
+
+
 def test_no_tests_is_other_even_when_warnings_are_errors(backend: str, tmp_path: Path) -> None:
     """filterwarnings=error turns pytest's 'no files in testpaths' warning into a crash (exit 1)."""
     ini = "[pytest]\ntestpaths = tests\nfilterwarnings =\n    error\n"

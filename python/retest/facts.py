@@ -161,10 +161,13 @@ def _no_failure(result: "RunResult", report: ProbeReport) -> "Verdict":
     rc = result.returncode
     assert rc is not None
     status = _status(result)
-    no_tests = report.exitstatus == 5 or (report.collected == 0 and report.session_finished)
-    if no_tests:
+    if report.exitstatus == 5 or (report.collected == 0 and report.session_finished):
         return _verdict("other", "other.no-tests",
                         f"{status}: pytest collected no tests ({report.counts_text()})")
+    if rc == 0 and report.session_finished and report.done == 0:
+        # --collect-only, or every item deselected at run time: nothing was tested.
+        return _verdict("other", "other.no-tests",
+                        f"exit 0 but pytest ran none of the {report.collected} tests it collected")
     if not report.session_finished:
         where = f" while running {running_text(report)}" if report.running else ""
         if rc < 0:
