@@ -21,6 +21,8 @@ import retest
 from conftest import children_of, descendants, is_zombie, kill_descendants, pid_alive, wait_until
 
 __all__ = [
+    "suite_env",
+    "write_suite",
     "PY",
     "py",
     "payload",
@@ -137,3 +139,25 @@ while view:
 
 def write_payload(seed: int, size: int, fd: int = 1) -> list[str]:
     return py(WRITE_PAYLOAD, str(seed), str(size), str(fd))
+
+
+def suite_env(**extra: str) -> dict[str, str]:
+    """A small, deterministic environment for pytest children (only the plugins asked for)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "LC_ALL": "C",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+    }
+    env.update(extra)
+    return env
+
+
+def write_suite(root: Path, files: dict[str, str]) -> Path:
+    """Write ``files`` (relative path -> text) under ``root``; return ``root``."""
+    for name, text in files.items():
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    return root

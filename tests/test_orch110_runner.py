@@ -23,7 +23,8 @@ import pytest
 
 from conftest import descendants
 from gitrepo import FAILING_TEST, gate_env, make_repo
-from helpers_proc import alive, child_env, kill_recorded, pid_alive, recorded_pids
+from helpers_proc import (alive, child_env, kill_recorded, pid_alive, recorded_pids, suite_env,
+                          write_suite)
 from orch110_helpers import (
     PLAIN_SUITE,
     PY,
@@ -36,27 +37,6 @@ from retest import merge_gate, proc_group
 from retest.proc_group import RunResult
 
 pytest.importorskip("xdist", reason="pytest-xdist is part of the test extra")
-
-
-def suite_env(**extra: str) -> dict[str, str]:
-    """A small, deterministic environment for pytest children (only the plugins asked for)."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "LC_ALL": "C",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
-    }
-    env.update(extra)
-    return env
-
-
-def write_suite(root: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-    return root
 
 
 # --------------------------------------------------------------------------- TC-01

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers_proc import suite_env
+from helpers_proc import write_suite as write
 from retest import probe, proc_group
 from retest.probe import ProbeReport
 
@@ -29,26 +31,6 @@ FAILING = textwrap.dedent("""
     def test_locked():
         raise AssertionError("sqlite3.OperationalError: database is locked")
 """)
-
-
-def suite_env(**extra: str) -> dict[str, str]:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "LC_ALL": "C",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
-    }
-    env.update(extra)
-    return env
-
-
-def write(root: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        target = root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-    return root
 
 
 def pytest_run(root: Path, backend: str, *args: str, timeout: float = 120,
