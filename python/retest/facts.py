@@ -11,6 +11,7 @@ docs/verdicts.md.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Optional
 
 from .probe import ProbeReport, TestFailure
@@ -22,8 +23,9 @@ __all__ = ["decide", "failures_text", "running_text"]
 
 #: Test ids named in a reason (all of them, bounded, are in the evidence).
 REASON_IDS_MAX = 3
-#: What pytest-timeout's signal method puts in the failure of the test it stopped.
-_PYTEST_TIMEOUT_MESSAGE = "Timeout >"
+#: What pytest-timeout's signal method puts in the failure of the test it stopped: ``Failed:
+#: Timeout >1.0s`` up to 2.3, ``Failed: Timeout (>1.0s) from pytest-timeout.`` from 2.4 on.
+_PYTEST_TIMEOUT_MESSAGE = re.compile(r"\bTimeout \(?>[0-9.]+s\b")
 _TIMEOUT_THREAD_MARK = b"+++ Timeout +++"
 _NO_TESTPATHS = b"No files were found in testpaths"
 _TAIL_SCAN = 4096
@@ -141,7 +143,7 @@ def _red(result: "RunResult", report: ProbeReport) -> Optional["Verdict"]:
                         f"{_names([e.nodeid for e in report.collection_errors], n)}{what}")
     calls = [f for f in report.failures if f.outcome == "failed"]
     if calls:
-        timeouts = [f for f in calls if _PYTEST_TIMEOUT_MESSAGE in (f.message or "")]
+        timeouts = [f for f in calls if _PYTEST_TIMEOUT_MESSAGE.search(f.message or "")]
         rule = "red.test-timeout" if len(timeouts) == len(calls) else "red.tests-failed"
         return _verdict("red", rule, f"pytest: {report.summary_text()} ({status}); failed: "
                         f"{failures_text(tuple(calls), report.failure_count)}")

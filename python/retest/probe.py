@@ -447,12 +447,15 @@ class _Tally:
         nodeid, when, outcome = str(e["nodeid"]), str(e.get("when")), str(e.get("outcome"))
         worker = e.get("worker")
         subtest = bool(e.get("subtest"))
-        if (when == "call" and not subtest and outcome != "rerun") or (
+        # Any phase but set-up and tear-down ends the test: "call", and xdist's "???" for a
+        # test whose worker crashed (which never sends the test's own call report).
+        call = when not in ("setup", "teardown")
+        if (call and not subtest and outcome != "rerun") or (
             when == "setup" and outcome in ("skipped", "error")
         ):
             self.done += 1
-        if when in ("call", "setup") and outcome != "rerun" and not subtest:
-            if when == "call" or outcome != "passed":
+        if (call or when == "setup") and outcome != "rerun" and not subtest:
+            if call or outcome != "passed":
                 self._finish(worker, nodeid)
         if when == "teardown":
             self._finish(worker, nodeid)
