@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
-from . import config, facts, probe as _probe
+from . import config, facts, oom as _oom, probe as _probe
+from .oom import OomEvidence
 from .probe import EventCallback, ProbeReport
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ __all__ = [
     "VerdictKind",
     "Evidence",
     "LOCK_BUSY_MESSAGE",
+    "OomEvidence",
 ]
 
 #: The five verdicts of DESIGN.md.
@@ -105,6 +107,9 @@ class RunResult:
     max_rss_kb: int = 0
     #: What the suite reported through the pytest probe (``None``: no probe in this run).
     probe: Optional[ProbeReport] = None
+    #: The kernel's OOM killer ended the command or a process of its tree (``retest.oom``);
+    #: ``None``: no OOM kill was attributed to this run.
+    oom: Optional[OomEvidence] = None
 
     @property
     def signal(self) -> Optional[int]:
@@ -141,6 +146,7 @@ class RunResult:
             "sys_cpu_s": round(self.sys_cpu_s, 6),
             "max_rss_kb": self.max_rss_kb,
             "tests": self.probe.to_dict() if self.probe is not None else None,
+            "oom": self.oom.to_dict() if self.oom is not None else None,
         }
         if with_output:
             out["stdout"] = self.stdout.decode("utf-8", "replace")
@@ -370,8 +376,22 @@ def run(
     if probe is None:
         probe = config.RunnerSettings.from_env().probe_enabled
     if not probe or not _probe.is_pytest_argv(args_text):
-        return _dispatch(launch)
-    return _run_probed(launch, probe_packages, on_event)
+        return _kill_cause(lambda: _dispatch(launch))
+    return _kill_cause(lambda: _run_probed(launch, probe_packages, on_event))
+
+
+def _kill_cause(run_backend: Callable[[], RunResult]) -> RunResult:
+    """``run_backend()`` between two readings of the kernel's OOM-kill evidence (``retest.oom``)."""
+    watch = _oom.Watch()
+    try:
+        result = run_backend()
+        evidence = watch.attribute(
+            leader=result.pid, pids=result.probe.pids if result.probe is not None else (),
+            returncode=result.returncode, timed_out=result.timed_out,
+            cgroup=getattr(result, "cgroup", None))
+    finally:
+        watch.close()
+    return result if evidence is None else dataclasses.replace(result, oom=evidence)
 
 
 @dataclass(frozen=True)
@@ -497,24 +517,28 @@ def _run_subprocess(
     start = time.monotonic()
     timed_out = False
     before = _children_rusage()
+    pid: Optional[int] = None
     try:
-        completed = subprocess.run(
-            argv,
-            input=stdin_bytes,
-            stdin=subprocess.DEVNULL if stdin_bytes is None else None,
-            capture_output=True,
-            cwd=cwd,
-            env=env,
-            timeout=timeout,
-        )
-        returncode: Optional[int] = completed.returncode
-        out, err = completed.stdout or b"", completed.stderr or b""
-    except subprocess.TimeoutExpired as exc:
-        # subprocess.run killed the direct child (SIGKILL) and reaped it; grandchildren live on.
-        timed_out = True
-        returncode = -9
-        out = exc.stdout or b""
-        err = exc.stderr or b""
+        # subprocess.run(capture_output=True, timeout=...), written out to keep the child's pid
+        # (the OOM killer's victim is matched to it, retest.oom).
+        with subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin_bytes is None else
+                              subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=cwd, env=env) as child:
+            pid = child.pid
+            try:
+                out, err = child.communicate(stdin_bytes, timeout=timeout)
+            except subprocess.TimeoutExpired as exc:
+                # As subprocess.run: SIGKILL the direct child and reap it; grandchildren live on.
+                # The output so far is in the exception; reading on would wait for a grandchild
+                # that holds the pipes.
+                child.kill()
+                child.wait()
+                timed_out = True
+                out, err = exc.stdout or b"", exc.stderr or b""
+            except BaseException:
+                child.kill()
+                raise
+        returncode: Optional[int] = -9 if timed_out else child.returncode
     except (OSError, subprocess.SubprocessError) as exc:
         duration = time.monotonic() - start
         spawn_errno = exc.errno if isinstance(exc, OSError) else None
@@ -541,6 +565,7 @@ def _run_subprocess(
         duration_s=duration,
         spawn_error=None,
         backend="subprocess",
+        pid=pid,
         stdout_dropped=out_dropped,
         stderr_dropped=err_dropped,
         user_cpu_s=max(after[0] - before[0], 0.0),
@@ -580,10 +605,15 @@ def _write_all(fd: int, data: bytes) -> None:
 def classify(result: RunResult) -> Verdict:
     """Classify a finished run as passed / red / timeout / lock-busy / other (see DESIGN.md).
 
-    The output classifier answers first; when the run carried the probe, the suite's own
-    events decide (``retest.facts``), and ``Verdict.evidence`` says which was used.
+    The output classifier answers first; the kernel's word that its OOM killer ended the run
+    (a runner fact, ``facts.oom_killed``) comes before the suite's; when the run carried the
+    probe, the suite's own events decide (``retest.facts``), and ``Verdict.evidence`` says
+    which was used.
     """
     output = _classify_output(result)
+    oom_killed = facts.oom_killed(result, output)
+    if oom_killed is not None:
+        return oom_killed
     if result.probe is not None:
         return facts.decide(result, output, result.probe)
     return output
