@@ -729,16 +729,33 @@ def _write_all(fd: int, data: bytes) -> None:
 # --------------------------------------------------------------------------- classify
 
 
-def classify(result: RunResult) -> Verdict:
+def classify(result: RunResult, *, fail_on_leak: Optional[bool] = None) -> Verdict:
     """Classify a finished run as passed / red / timeout / lock-busy / other (see DESIGN.md).
 
     The output classifier answers first; when the run carried the probe, the suite's own
     events decide (``retest.facts``), and ``Verdict.evidence`` says which was used.
+    ``fail_on_leak`` (default ``RETEST_FAIL_ON_LEAK``, off): a run that would pass but left
+    processes behind is ``other.leaked-processes`` instead.
     """
     output = _classify_output(result)
-    if result.probe is not None:
-        return facts.decide(result, output, result.probe)
-    return output
+    verdict = facts.decide(result, output, result.probe) if result.probe is not None else output
+    return _leak_verdict(result, verdict, fail_on_leak)
+
+
+def _leak_verdict(result: RunResult, verdict: Verdict, fail_on_leak: Optional[bool]) -> Verdict:
+    """The runner's leak fact, after the deadline and spawn-error facts: it only turns an
+    otherwise passing run into ``other.leaked-processes`` (as nextest's LEAK)."""
+    if fail_on_leak is None:
+        fail_on_leak = config.RunnerSettings.from_env().fail_on_leak
+    if not fail_on_leak or verdict.kind != "passed" or result.leak_count == 0:
+        return verdict
+    named = ", ".join(f"{pid} {cmdline!r} ({'?' if age is None else f'{age:.1f}s'})"
+                      for pid, cmdline, age in result.leaks[:3])
+    more = f" and {result.leak_count - 3} more" if result.leak_count > 3 else ""
+    return Verdict(kind="other", rule="other.leaked-processes", infra=False, evidence="runner",
+                   reason=f"the command passed but left {result.leak_count} process"
+                          f"{'es' if result.leak_count != 1 else ''} behind, killed by the "
+                          f"sweep: {named}{more} ({verdict.reason})")
 
 
 def _classify_output(result: RunResult) -> Verdict:
