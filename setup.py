@@ -20,8 +20,8 @@ SANITIZE = os.environ.get("RETEST_SANITIZE", "")  # e.g. "address,undefined" for
 if SANITIZE:
     CFLAGS += [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-O1", "-g"]
 
-EXT_SOURCES = ["ext/_proc_group.c", "ext/run.c", "ext/classify.c"]
-SHEPHERD_SOURCES = ["ext/shepherd.c"]
+EXT_SOURCES = ["ext/_proc_group.c", "ext/run.c", "ext/classify.c", "ext/cgroup.c"]
+SHEPHERD_SOURCES = ["ext/shepherd.c", "ext/cgroup.c"]
 
 
 class BuildWithShepherd(build_ext):
@@ -91,7 +91,7 @@ def extensions():
         Extension(
             "retest._proc_group",
             sources=EXT_SOURCES,
-            depends=["ext/proc_group.h", "ext/protocol.h"],
+            depends=["ext/proc_group.h", "ext/protocol.h", "ext/cgroup.h"],
             extra_compile_args=CFLAGS,
             extra_link_args=[f"-fsanitize={SANITIZE}"] if SANITIZE else [],
         )

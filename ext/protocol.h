@@ -16,6 +16,7 @@ enum pg_record_kind {
     PG_REC_STARTED = 1,     /* the command was exec'd: pid */
     PG_REC_SPAWN_FAILED = 2,/* it was not: stage + err */
     PG_REC_FINAL = 3,       /* everything is dead and reaped: the full report */
+    PG_REC_LEAK = 4,        /* a process left after the command exited: pid, age, cmdline head */
 };
 
 /* Stages at which starting the command can fail (PG_REC_SPAWN_FAILED.stage). */
@@ -25,14 +26,20 @@ enum pg_spawn_stage {
     PG_STAGE_EXEC = 3,
     PG_STAGE_SETSID = 4,
     PG_STAGE_SPAWN = 5,     /* the caller could not start the shepherd (EMFILE, EAGAIN...) */
+    PG_STAGE_CGROUP = 6,    /* cgroup mode was required but the command could not be placed */
 };
+
+/* At most this many PG_REC_LEAK records per run; FINAL.leak_count has the total. */
+#define PG_MAX_LEAKS 50
+/* Bytes of /proc/PID/cmdline kept per leak (NULs become spaces). */
+#define PG_LEAK_TEXT 200
 
 /* Command bytes, caller -> shepherd. */
 #define PG_CMD_TERMINATE 'T'  /* stop now: SIGTERM + SIGCONT, grace, SIGKILL (KeyboardInterrupt) */
 
 struct pg_record {
     int32_t kind;
-    int32_t pid;              /* STARTED: leader pid (also its pgid and sid) */
+    int32_t pid;              /* STARTED: leader pid (also its pgid and sid); LEAK: the process */
     int32_t stage;            /* SPAWN_FAILED */
     int32_t err;              /* SPAWN_FAILED: errno */
     int32_t wait_status;      /* FINAL: leader's raw wait status (-1: never started) */
@@ -46,6 +53,18 @@ struct pg_record {
     int64_t utime_us;         /* FINAL: RUSAGE_CHILDREN of the shepherd = the whole tree */
     int64_t stime_us;
     int64_t maxrss_kb;
+    int32_t in_cgroup;        /* STARTED, FINAL: the command runs in the run's own cgroup */
+    int32_t cgroup_err;       /* STARTED: why it could not be placed there (fell back), or 0 */
+    int32_t leak_count;       /* FINAL: processes left after the command exited (all, not only 50) */
+    int32_t cgroup_removed;   /* FINAL: the shepherd removed the cgroup (else the caller must) */
+    int64_t cg_usage_us;      /* FINAL, cgroup mode: cpu.stat, memory.peak, pids.peak; -1: absent */
+    int64_t cg_user_us;
+    int64_t cg_system_us;
+    int64_t cg_memory_peak;
+    int64_t cg_pids_peak;
+    int64_t age_us;           /* LEAK: how long the process had been running */
+    int32_t text_len;         /* LEAK: bytes of text used */
+    char text[PG_LEAK_TEXT];  /* LEAK: head of its command line */
 };
 
 #endif

@@ -12,6 +12,7 @@
  * that raised) and keeps a backstop in case the shepherd itself is stopped or lost.
  */
 #include "proc_group.h"
+#include "cgroup.h"
 #include "protocol.h"
 
 #include <errno.h>
@@ -42,6 +43,9 @@ extern char **environ;
 /* The shepherd enforces the deadline; if it has not reported this long after deadline plus
  * grace (it was SIGSTOPped, or is stuck), the caller kills it and the group itself. */
 #define BACKSTOP_SLACK_NS (15 * NS_PER_S)
+/* cgroup mode, shepherd lost: after cgroup.kill, how long to wait for the cgroup to empty
+ * before leaving it (a member in uninterruptible sleep; the shepherd's own give-up bound). */
+#define CGROUP_EMPTY_WAIT_NS (10 * NS_PER_S)
 
 static const char OMITTED_FMT[] = "\n[retest: %llu bytes omitted]\n";
 
@@ -289,6 +293,12 @@ struct run {
     int terminate_sent;
     int shepherd_lost;
     int64_t backstop_ns;   /* kill the shepherd if no final report by then; -1: none */
+    const char *cg_path;   /* the run's cgroup (cgroup mode), or NULL */
+    int cg_killed;         /* we wrote its cgroup.kill (the shepherd was lost) */
+    int cg_removed;        /* it is gone after the run (by the shepherd or by us) */
+    int cg_path_released;  /* release_cgroup (or the spawn failure path) has run */
+    struct pg_record leaks[PG_MAX_LEAKS];
+    int n_leaks;
     int shepherd_status;
     int64_t start_ns, end_ns;
 };
@@ -323,6 +333,26 @@ static char *dup_bytes(PyObject *b)
         return NULL;
     }
     memcpy(s, PyBytes_AS_STRING(b), (size_t)n + 1);
+    return s;
+}
+
+/* Copy a bytes object into a new C string after one prefix character (the shepherd's
+ * "C<cwd>", "G<cgroup>" arguments); NULL with an exception set. */
+static char *dup_prefixed(char prefix, PyObject *b)
+{
+    char *c = dup_bytes(b), *s;
+    size_t len;
+    if (!c)
+        return NULL;
+    len = strlen(c);
+    s = PyMem_RawMalloc(len + 2);
+    if (s) {
+        s[0] = prefix;
+        memcpy(s + 1, c, len + 1);
+    } else {
+        PyErr_NoMemory();
+    }
+    PyMem_RawFree(c);
     return s;
 }
 
@@ -415,6 +445,22 @@ static void send_terminate(struct run *r)
         ;
 }
 
+/* The shepherd is gone or stuck, the tree is ours to kill: the leader's group (PDEATHSIG
+ * took the leader) and, in cgroup mode, the whole cgroup, setsid escapees included. */
+static void kill_lost_tree(struct run *r)
+{
+    r->shepherd_lost = 1;
+    if (r->have_started)
+        kill(-r->started.pid, SIGKILL);
+    if (r->cg_path && !r->cg_killed) {
+        int dfd = cg_open(r->cg_path);
+        if (dfd >= 0) {
+            r->cg_killed = cg_kill(dfd) == 0;
+            close(dfd);
+        }
+    }
+}
+
 /* Take in whatever the shepherd sent; mark the socket closed at EOF. */
 static void read_reports(struct run *r)
 {
@@ -427,22 +473,18 @@ static void read_reports(struct run *r)
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return;
             close_fd(&r->ctl);  /* ECONNRESET: treat as EOF */
-            if (!r->have_final) {
-                r->shepherd_lost = 1;
-                if (r->have_started)
-                    kill(-r->started.pid, SIGKILL);
-            }
+            if (!r->have_final)
+                kill_lost_tree(r);
             return;
         }
         if (n == 0) {
             close_fd(&r->ctl);
             if (!r->have_final) {
                 /* The shepherd died before the tree did (someone SIGKILLed it). PDEATHSIG took
-                 * the leader; the rest of its group is ours to kill. Escapees that left the
-                 * group are out of our reach: documented in docs/internals.md. */
-                r->shepherd_lost = 1;
-                if (r->have_started)
-                    kill(-r->started.pid, SIGKILL);
+                 * the leader; the rest of its group is ours to kill, and in cgroup mode the
+                 * whole cgroup. Without a cgroup, escapees that left the group are out of our
+                 * reach: documented in docs/internals.md. */
+                kill_lost_tree(r);
             }
             return;
         }
@@ -462,6 +504,10 @@ static void read_reports(struct run *r)
         case PG_REC_FINAL:
             r->final = r->rec_buf;
             r->have_final = 1;
+            break;
+        case PG_REC_LEAK:
+            if (r->n_leaks < PG_MAX_LEAKS)
+                r->leaks[r->n_leaks++] = r->rec_buf;
             break;
         default:
             break;
@@ -606,9 +652,7 @@ static int pump(struct run *r)
         if (r->backstop_ns >= 0 && now >= r->backstop_ns && !r->have_final && r->shepherd > 0) {
             /* The shepherd is stuck or stopped: kill it; PDEATHSIG takes the leader down. */
             kill(r->shepherd, SIGKILL);
-            if (r->have_started)
-                kill(-r->started.pid, SIGKILL);
-            r->shepherd_lost = 1;
+            kill_lost_tree(r);
             r->backstop_ns = -1;
         }
         if (r->out_r >= 0) {
@@ -689,9 +733,63 @@ static int pump(struct run *r)
     return 0;
 }
 
+/* cgroup mode, after the run, without the GIL: remove the run's cgroup unless the shepherd
+ * did. If the shepherd was lost, its tree was killed (kill_lost_tree): first wait, bounded,
+ * for the cgroup to empty. Return 1 if it is gone. */
+static int release_cgroup(struct run *r)
+{
+    if (r->have_final && r->final.cgroup_removed)
+        return 1;
+    if (r->shepherd_lost) {
+        int dfd = cg_open(r->cg_path);
+        if (dfd >= 0) {
+            if (!r->cg_killed)
+                cg_kill(dfd);
+            cg_wait_empty(dfd, CGROUP_EMPTY_WAIT_NS);
+            close(dfd);
+        }
+    }
+    return cg_remove(r->cg_path) == 0;
+}
+
+/* The processes left after the command exited, as a tuple of (pid, cmdline head, age_s)
+ * tuples; age_s is None when unknown. NULL with an exception set. */
+static PyObject *leaks_tuple(const struct run *r)
+{
+    PyObject *t = PyTuple_New(r->n_leaks);
+    if (!t)
+        return NULL;
+    for (int i = 0; i < r->n_leaks; i++) {
+        const struct pg_record *l = &r->leaks[i];
+        int len = l->text_len < 0 ? 0 : l->text_len > PG_LEAK_TEXT ? PG_LEAK_TEXT : l->text_len;
+        PyObject *age = l->age_us < 0 ? (Py_INCREF(Py_None), Py_None)
+                                      : PyFloat_FromDouble((double)l->age_us / 1e6);
+        PyObject *text = PyUnicode_DecodeFSDefaultAndSize(l->text, len);
+        PyObject *item = age && text ? Py_BuildValue("(iOO)", (int)l->pid, text, age) : NULL;
+        Py_XDECREF(age);
+        Py_XDECREF(text);
+        if (!item) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, item);
+    }
+    return t;
+}
+
+/* Return v as an int, or None for -1 (absent). */
+static PyObject *int_or_none(int64_t v)
+{
+    if (v < 0)
+        Py_RETURN_NONE;
+    return PyLong_FromLongLong(v);
+}
+
 static const char *stage_name(int stage)
 {
     switch (stage) {
+    case PG_STAGE_CGROUP:
+        return "cgroup";
     case PG_STAGE_CHDIR:
         return "chdir";
     case PG_STAGE_EXEC:
@@ -722,6 +820,12 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
     PyObject *d = PyDict_New(), *spawn_error = Py_None, *spawn_errno = Py_None, *rc = Py_None;
     unsigned long long dropped[2];
     int failed = 0;
+    /* cgroup mode: the cgroup's own accounting covers every member, reaped by us or not */
+    int in_cgroup = r->cg_path && (r->have_started ? r->started.in_cgroup : r->final.in_cgroup);
+    int cg_err = r->have_started ? r->started.cgroup_err : r->final.cgroup_err;
+    int cg_cpu = in_cgroup && r->have_final && r->final.cg_user_us >= 0;
+    int64_t user_us = cg_cpu ? r->final.cg_user_us : r->final.utime_us;
+    int64_t system_us = cg_cpu ? r->final.cg_system_us : r->final.stime_us;
     if (!d)
         return NULL;
     Py_INCREF(Py_None);
@@ -729,7 +833,9 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
     Py_INCREF(Py_None);
 
     if (r->have_spawn_failure) {
-        const char *what = r->spawn_failure.stage == PG_STAGE_CHDIR ? cwd_arg : exec_arg;
+        int stage = r->spawn_failure.stage;
+        const char *what = stage == PG_STAGE_CHDIR ? cwd_arg
+                           : stage == PG_STAGE_CGROUP && r->cg_path ? r->cg_path : exec_arg;
         PyObject *path = PyUnicode_DecodeFSDefault(what);
         Py_DECREF(spawn_error);
         Py_DECREF(spawn_errno);
@@ -780,9 +886,18 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
         set_item(d, "swept_after_exit", PyLong_FromLong(r->final.swept_after_exit)) < 0 ||
         set_item(d, "pid", r->have_started ? PyLong_FromLong(r->started.pid) : (Py_INCREF(Py_None), Py_None)) < 0 ||
         set_item(d, "duration_s", PyFloat_FromDouble((double)(r->end_ns - r->start_ns) / 1e9)) < 0 ||
-        set_item(d, "user_cpu_s", PyFloat_FromDouble((double)r->final.utime_us / 1e6)) < 0 ||
-        set_item(d, "sys_cpu_s", PyFloat_FromDouble((double)r->final.stime_us / 1e6)) < 0 ||
-        set_item(d, "max_rss_kb", PyLong_FromLongLong(r->final.maxrss_kb)) < 0) {
+        set_item(d, "user_cpu_s", PyFloat_FromDouble((double)user_us / 1e6)) < 0 ||
+        set_item(d, "sys_cpu_s", PyFloat_FromDouble((double)system_us / 1e6)) < 0 ||
+        set_item(d, "max_rss_kb", PyLong_FromLongLong(r->final.maxrss_kb)) < 0 ||
+        set_item(d, "containment", PyUnicode_FromString(in_cgroup ? "cgroup" : "subreaper")) < 0 ||
+        set_item(d, "cgroup", in_cgroup ? PyUnicode_DecodeFSDefault(r->cg_path)
+                                        : (Py_INCREF(Py_None), Py_None)) < 0 ||
+        set_item(d, "cgroup_errno", int_or_none(r->cg_path && !in_cgroup ? cg_err : -1)) < 0 ||
+        set_item(d, "cgroup_removed", PyBool_FromLong(r->cg_removed)) < 0 ||
+        set_item(d, "leaks", leaks_tuple(r)) < 0 ||
+        set_item(d, "leak_count", PyLong_FromLong(r->final.leak_count)) < 0 ||
+        set_item(d, "memory_peak_bytes", int_or_none(in_cgroup ? r->final.cg_memory_peak : -1)) < 0 ||
+        set_item(d, "pids_peak", int_or_none(in_cgroup ? r->final.cg_pids_peak : -1)) < 0) {
         Py_DECREF(d);
         return NULL;
     }
@@ -833,7 +948,8 @@ static char **copy_environ(void)
 }
 
 const char pg_run_doc[] =
-    "run(shepherd, argv, envp, cwd, input, timeout_s, grace_s, capture_limit, on_output, tee_fd)"
+    "run(shepherd, argv, envp, cwd, input, timeout_s, grace_s, capture_limit, on_output, tee_fd,"
+    " cgroup, cgroup_required)"
     " -> dict\n\nPrivate: use retest.proc_group.run().";
 
 /* run(...) -> dict of RunResult fields. Raises only for programming errors (TypeError,
@@ -849,15 +965,17 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     int tee_fd, rc;
     int in_r = -1, out_w = -1, err_w = -1, ctl_child = -1, pipes[2], sv[2];
     int spawn_err = 0, shepherd_broken = 0;
-    char nbuf[2][32], *cwd_arg = NULL, *shepherd_path = NULL;
-    const char *prefix[4];
+    char nbuf[2][32], *cwd_arg = NULL, *shepherd_path = NULL, *cg_arg = NULL;
+    const char *prefix[5];
+    PyObject *cgroup_o;
+    int cgroup_required;
     PyObject **names = (PyObject **)PyModule_GetState(module);
 
     memset(&r, 0, sizeof(r));
     r.out_r = r.err_r = r.in_w = r.ctl = r.tee_fd = -1;
     r.shepherd = -1;
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "run() takes exactly 10 arguments");
+    if (nargs != 12) {
+        PyErr_SetString(PyExc_TypeError, "run() takes exactly 12 arguments");
         return NULL;
     }
     shepherd_b = args[0];
@@ -866,7 +984,8 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     cwd_o = args[3];
     input_o = args[4];
     on_output = args[8];
-    if (!PyBytes_Check(shepherd_b) || !PyList_Check(argv_l) || PyList_GET_SIZE(argv_l) < 1 ||
+    cgroup_o = args[10];
+    if ((cgroup_o != Py_None && !PyBytes_Check(cgroup_o)) || !PyBytes_Check(shepherd_b) || !PyList_Check(argv_l) || PyList_GET_SIZE(argv_l) < 1 ||
         (envp_o != Py_None && !PyList_Check(envp_o)) || (cwd_o != Py_None && !PyBytes_Check(cwd_o)) ||
         (input_o != Py_None && !PyBytes_Check(input_o)) ||
         (on_output != Py_None && !PyCallable_Check(on_output))) {
@@ -878,6 +997,7 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     /* Saturating: a limit beyond any buffer means "keep everything" (2**63 is not an error) */
     capture_limit = PyNumber_AsSsize_t(args[7], NULL);
     tee_fd_l = PyLong_AsLong(args[9]);
+    cgroup_required = PyObject_IsTrue(args[11]);
     if (PyErr_Occurred())
         return NULL;
     if (tee_fd_l < -1 || tee_fd_l > INT_MAX) {
@@ -906,27 +1026,20 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     snprintf(nbuf[1], sizeof(nbuf[1]), "%lld", (long long)r.grace_ns);
     if (!(shepherd_path = dup_bytes(shepherd_b)))
         goto cleanup;
-    if (cwd_o != Py_None) {
-        char *c = dup_bytes(cwd_o);
-        size_t len;
-        if (!c)
-            goto cleanup;
-        len = strlen(c);
-        cwd_arg = PyMem_RawMalloc(len + 2);
-        if (!cwd_arg) {
-            PyMem_RawFree(c);
-            PyErr_NoMemory();
-            goto cleanup;
-        }
-        cwd_arg[0] = 'C';
-        memcpy(cwd_arg + 1, c, len + 1);
-        PyMem_RawFree(c);
-    }
+    if (cwd_o != Py_None && !(cwd_arg = dup_prefixed('C', cwd_o)))
+        goto cleanup;
     prefix[0] = shepherd_path;
     prefix[1] = nbuf[0];
     prefix[2] = nbuf[1];
     prefix[3] = cwd_arg ? cwd_arg : "-";
-    if (!(r.shepherd_argv = build_strv(prefix, 4, argv_l)))
+    if (cgroup_o != Py_None) {
+        /* "G<path>": the command must run in that cgroup; "g<path>": fall back if it cannot */
+        if (!(cg_arg = dup_prefixed(cgroup_required ? 'G' : 'g', cgroup_o)))
+            goto cleanup;
+        r.cg_path = cg_arg + 1;
+    }
+    prefix[4] = cg_arg ? cg_arg : "-";
+    if (!(r.shepherd_argv = build_strv(prefix, 5, argv_l)))
         goto cleanup;
     if (envp_o != Py_None ? !(r.envp = build_strv(NULL, 0, envp_o)) : !(r.envp = copy_environ()))
         goto cleanup;
@@ -999,9 +1112,16 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (r.in_w >= 0 && r.input_len == 0)
         close_fd(&r.in_w);
-    if (pump(&r) < 0)
+    rc = pump(&r);  /* -1: an exception is pending; the cgroup is released all the same */
+    if (r.cg_path) {
+        Py_BEGIN_ALLOW_THREADS
+        r.cg_removed = release_cgroup(&r);
+        Py_END_ALLOW_THREADS
+        r.cg_path_released = 1;
+    }
+    if (rc < 0)
         goto cleanup;
-    result = build_result(&r, r.shepherd_argv[4], cwd_arg ? cwd_arg + 1 : "");
+    result = build_result(&r, r.shepherd_argv[5], cwd_arg ? cwd_arg + 1 : "");
     goto cleanup;
 
 spawn_failed:
@@ -1022,9 +1142,15 @@ spawn_failed:
         r.have_final = 1;
         r.final.wait_status = -1;
         r.end_ns = now_ns();
-        result = build_result(&r, shepherd_broken ? shepherd_path : r.shepherd_argv[4], "");
+        if (r.cg_path) {
+            r.cg_removed = cg_remove(r.cg_path) == 0;  /* the shepherd never ran: empty */
+            r.cg_path_released = 1;
+        }
+        result = build_result(&r, shepherd_broken ? shepherd_path : r.shepherd_argv[5], "");
     }
 cleanup:
+    if (r.cg_path && !r.cg_path_released)
+        cg_remove(r.cg_path);  /* failed before the spawn (MemoryError): nothing is in it */
     capture_free(&r.cap[0]);
     capture_free(&r.cap[1]);
     PyMem_RawFree(r.scratch);
@@ -1032,6 +1158,7 @@ cleanup:
     free_strv(r.shepherd_argv);
     free_strv(r.envp);
     PyMem_RawFree(cwd_arg);
+    PyMem_RawFree(cg_arg);
     PyMem_RawFree(shepherd_path);
     return result;
 }

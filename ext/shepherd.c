@@ -44,6 +44,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cgroup.h"
 #include "protocol.h"
 
 extern char **environ;
@@ -80,6 +81,12 @@ struct state {
     int proc_checked;           /* proc_foreign below is known */
     int proc_foreign;           /* /proc shows another pid namespace: walk nothing (issue 10) */
     int no_pidfd;               /* pidfd_open is missing or refused: kill() by number */
+    const char *cg_path;        /* the run's own cgroup (made by the caller), or NULL */
+    int cg_required;            /* no fallback: fail the start if the command cannot go there */
+    int cg_dfd;                 /* that cgroup's directory, -1 if none */
+    int cg_events;              /* its cgroup.events, polled for POLLPRI, -1 if none */
+    int in_cgroup;              /* the command runs in it: the tree is its members */
+    int leaks_sent;
     struct pg_record final;
 };
 
@@ -436,7 +443,8 @@ static int proc_walkable(struct state *st)
     if (!st->proc_checked) {
         st->proc_foreign = !proc_is_ours(st->self);
         st->proc_checked = 1;
-        st->final.proc_foreign = st->proc_foreign;
+        /* in cgroup mode nothing depends on /proc: the run is not degraded */
+        st->final.proc_foreign = st->proc_foreign && !st->in_cgroup;
     }
     return !st->proc_foreign;
 }
@@ -482,6 +490,25 @@ static int read_proc_stat(pid_t pid, struct proc_stat *ps)
         p = strchr(p + 1, ' ');
     ps->threads = p ? strtol(p + 1, NULL, 10) : 1;
     return 0;
+}
+
+/* Return how long pid has been running, in microseconds (its start time in /proc/PID/stat,
+ * field 22, against CLOCK_BOOTTIME, both since boot), or -1 if unknown. */
+static int64_t process_age_us(pid_t pid)
+{
+    char path[64], buf[1024], *p;
+    unsigned long long start_ticks;
+    long hz = sysconf(_SC_CLK_TCK);
+    struct timespec boot;
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    if (hz <= 0 || read_small(path, buf, sizeof(buf)) < 0 || !(p = strrchr(buf, ')')))
+        return -1;
+    for (int field = 2; field < 22 && p; field++)  /* as in read_proc_stat: p ends field 2 */
+        p = strchr(p + 1, ' ');
+    if (!p || sscanf(p + 1, "%llu", &start_ticks) != 1 || clock_gettime(CLOCK_BOOTTIME, &boot) < 0)
+        return -1;
+    return ((int64_t)boot.tv_sec * 1000000 + boot.tv_nsec / 1000) -
+           (int64_t)(start_ticks * 1000000ULL / (unsigned long long)hz);
 }
 
 /* Return 1 if ps describes a dead process that only waits to be reaped. A thread group
@@ -586,36 +613,144 @@ static void send_to(struct state *st, pid_t pid, int fd, int sig)
     kill(pid, sig);
 }
 
-/* Send sig (and SIGCONT after SIGTERM: a stopped process does not act on SIGTERM) to every
- * live process of the tree and to the leader's group; sig 0 only counts. Return how many
- * live processes there were. This is the one "signal the whole tree" step. */
-static int signal_tree(struct state *st, int sig)
+/* Walk the tree and keep its verified live members at the front of set (in walk order),
+ * with their pidfds in *fds (NULL: by number). Return how many were kept. */
+static size_t collect_walked(struct state *st, struct pidset *set, int **fds)
 {
-    struct pidset set = {0};
     pid_t caller = getppid();
-    int *fds;
     size_t hit = 0;
 
-    /* Walk, check, then signal: counting after the group kill would miss the fast dyers. */
-    collect_tree(st, &set);
-    fds = set.len ? malloc(set.len * sizeof(int)) : NULL;  /* NULL: by number this pass */
-    for (size_t i = 0; i < set.len; i++) {
-        pid_t pid = set.pids[i];
+    collect_tree(st, set);
+    *fds = set->len ? malloc(set->len * sizeof(int)) : NULL;  /* NULL: by number this pass */
+    for (size_t i = 0; i < set->len; i++) {
+        pid_t pid = set->pids[i];
         int gone = 0, fd = -1;
         /* belt and braces: whatever /proc said, these are never ours to kill */
         if (pid <= 1 || pid == st->self || pid == caller)
             continue;
-        if (fds && (fd = open_pidfd(st, pid, &gone)) < 0 && gone)
+        if (*fds && (fd = open_pidfd(st, pid, &gone)) < 0 && gone)
             continue;
-        if (check_member(st, set.pids, fds, hit, pid, fd) != LIVE) {
+        if (check_member(st, set->pids, *fds, hit, pid, fd) != LIVE) {
             if (fd >= 0)
                 close(fd);
             continue;
         }
-        set.pids[hit] = pid;  /* accepted members move to the front, in walk order */
-        if (fds)
-            fds[hit] = fd;
+        set->pids[hit] = pid;  /* accepted members move to the front, in walk order */
+        if (*fds)
+            (*fds)[hit] = fd;
         hit++;
+    }
+    return hit;
+}
+
+/* Read cgroup.procs of the run's cgroup into set, whatever its size. Return 0 or -1. */
+static int read_cgroup_members(const struct state *st, struct pidset *set)
+{
+    for (;;) {
+        long n = cg_read_procs(st->cg_dfd, set->pids, (long)set->cap);
+        if (n < 0)
+            return -1;
+        if ((size_t)n <= set->cap) {
+            set->len = (size_t)n;
+            return 0;
+        }
+        pid_t *p = realloc(set->pids, (size_t)n * 2 * sizeof(*p));
+        if (!p)
+            return -1;
+        set->pids = p;
+        set->cap = (size_t)n * 2;
+    }
+}
+
+/* cgroup mode: keep the live members of the run's cgroup at the front of set, with their
+ * pidfds in *fds. A pid read from cgroup.procs may be reused before we hold it, so: read,
+ * take pidfds, read again; a pid in both reads whose pidfd is still alive after the second
+ * read was, during that read, the member with that pid (a live process holds its pid), so
+ * the pidfd is that member. The check needs no /proc: it also holds under a foreign /proc.
+ * Return how many were kept. */
+static size_t collect_cgroup(struct state *st, struct pidset *set, int **fds)
+{
+    struct pidset again = {0};
+    size_t hit = 0;
+
+    *fds = NULL;
+    if (read_cgroup_members(st, set) < 0 || set->len == 0)
+        return 0;
+    *fds = malloc(set->len * sizeof(int));  /* NULL: by number this pass */
+    for (size_t i = 0; *fds && i < set->len; i++) {
+        int gone;
+        (*fds)[i] = open_pidfd(st, set->pids[i], &gone);
+        if (gone)
+            (*fds)[i] = -2;  /* exited between the read and pidfd_open */
+    }
+    if (read_cgroup_members(st, &again) < 0) {
+        again.len = 0;  /* cannot confirm: signal by the first read only, as without pidfds */
+        for (size_t i = 0; i < set->len; i++)
+            pidset_add(&again, set->pids[i]);
+    }
+    for (size_t i = 0; i < set->len; i++) {
+        int fd = *fds ? (*fds)[i] : -1;
+        if (fd == -2 || index_of(again.pids, again.len, set->pids[i]) < 0 || pidfd_exited(fd)) {
+            if (fd >= 0)
+                close(fd);
+            continue;
+        }
+        set->pids[hit] = set->pids[i];
+        if (*fds)
+            (*fds)[hit] = fd;
+        hit++;
+    }
+    free(again.pids);
+    return hit;
+}
+
+/* Name up to PG_MAX_LEAKS of the n processes in pids (left after the command exited) to the
+ * caller: pid, age, command line head. Under a foreign /proc only the pid is known. */
+static void report_leaks(struct state *st, const pid_t *pids, size_t n)
+{
+    for (size_t i = 0; i < n && st->leaks_sent < PG_MAX_LEAKS; i++, st->leaks_sent++) {
+        struct pg_record rec;
+        char path[64];
+        ssize_t len;
+        memset(&rec, 0, sizeof(rec));
+        rec.kind = PG_REC_LEAK;
+        rec.pid = pids[i];
+        rec.age_us = -1;
+        if (proc_walkable(st)) {
+            char text[PG_LEAK_TEXT + 1];
+            snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pids[i]);
+            len = read_small(path, text, sizeof(text));
+            for (ssize_t j = 0; j < len; j++)
+                if (text[j] == '\0')
+                    text[j] = ' ';
+            while (len > 0 && text[len - 1] == ' ')
+                len--;
+            if (len > 0) {
+                memcpy(rec.text, text, (size_t)len);
+                rec.text_len = (int32_t)len;
+            }
+            rec.age_us = process_age_us(pids[i]);
+        }
+        send_record(st, &rec);
+    }
+}
+
+/* Send sig (and SIGCONT after SIGTERM: a stopped process does not act on SIGTERM) to every
+ * live process of the tree and to the leader's group; sig 0 only counts. With leaks set, the
+ * processes found are named to the caller first. Return how many live processes there were.
+ * This is the one "signal the whole tree" step; the tree is the run's cgroup in cgroup mode,
+ * the shepherd's descendants otherwise. */
+static int signal_tree(struct state *st, int sig, int leaks)
+{
+    struct pidset set = {0};
+    int *fds;
+    size_t hit;
+
+    /* Walk, check, then signal: counting after the group kill would miss the fast dyers. */
+    hit = st->in_cgroup ? collect_cgroup(st, &set, &fds) : collect_walked(st, &set, &fds);
+    if (leaks) {
+        report_leaks(st, set.pids, hit);
+        st->final.leak_count += (int32_t)hit;
     }
     /* The group catches members forked after the walk, but only while the leader is
      * unreaped: after that its pid, and so the group id, may be reused by a stranger. The walk
@@ -637,7 +772,7 @@ static int signal_tree(struct state *st, int sig)
     }
     free(fds);
     free(set.pids);
-    if (st->proc_foreign)
+    if (st->proc_foreign && !st->in_cgroup)
         return st->leader_alive;  /* we cannot count what we cannot see: the group, as one */
     return (int)hit;
 }
@@ -646,7 +781,7 @@ static int signal_tree(struct state *st, int sig)
  * leader's group while the leader is unreaped. */
 static int tree_reachable(const struct state *st)
 {
-    return !st->proc_foreign || st->leader_alive;
+    return st->in_cgroup || !st->proc_foreign || st->leader_alive;
 }
 
 /* Reap every child that has exited; record the leader's status. Return 1 if children remain. */
@@ -751,10 +886,18 @@ struct child_failure {
 /* The child between vfork and exec. Only async-signal-safe calls: no allocation, no stdio,
  * no locks; the parent is suspended until we exec or _exit, and we share its memory, so
  * nothing here may modify memory the parent relies on besides the failure report. */
-static void child_exec(pid_t shepherd_pid, int err_fd, const char *cwd, char **candidates, char **argv)
+static void child_exec(pid_t shepherd_pid, int err_fd, int procs_fd, const char *cwd,
+                       char **candidates, char **argv)
 {
     struct child_failure f = {0, 0};
 
+    /* vfork fallback of cgroup mode: move ourselves into the run's cgroup before anything of
+     * the command runs (a raw write() is async-signal-safe); clone3 placed us at birth. */
+    if (procs_fd >= 0 && write(procs_fd, "0", 1) != 1) {
+        f.stage = PG_STAGE_CGROUP;
+        f.err = errno;
+        goto fail;
+    }
     if (setsid() < 0) {
         f.stage = PG_STAGE_SETSID;
         f.err = errno;
@@ -804,16 +947,86 @@ fail:
 
 /* vfork and exec in the child; return the child's pid or -1. Kept apart so that no local
  * of the caller lives across vfork (the child shares our stack frame until it execs). */
-static __attribute__((noinline)) pid_t vfork_exec(pid_t self, int err_fd, const char *cwd,
-                                                  char **candidates, char **argv)
+static __attribute__((noinline)) pid_t vfork_exec(pid_t self, int err_fd, int procs_fd,
+                                                  const char *cwd, char **candidates, char **argv)
 {
     pid_t pid = vfork();
     if (pid == 0)
-        child_exec(self, err_fd, cwd, candidates, argv);
+        child_exec(self, err_fd, procs_fd, cwd, candidates, argv);
     return pid;
 }
 
-/* Start the command; on failure report it and exit. */
+/* clone3 (Linux 5.7 for CLONE_INTO_CGROUP); old headers, and musl's, lack the names. */
+#ifndef SYS_clone3
+#define SYS_clone3 435
+#endif
+#define PG_CLONE_INTO_CGROUP 0x200000000ULL
+struct pg_clone_args {  /* struct clone_args, CLONE_ARGS_SIZE_VER2 */
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls,
+        set_tid, set_tid_size, cgroup;
+};
+
+/* Start the child directly in cgroup cg_dfd with clone3(CLONE_INTO_CGROUP): no moment outside
+ * it, and cheaper than a write to cgroup.procs (the kernel skips the migration). Fork-like
+ * (no CLONE_VM: sharing our stack would need a stack of its own, set up in assembly); the
+ * shepherd is small and single-threaded, so the copy is cheap and safe. Return the pid, or
+ * -1 with errno (ENOSYS/E2BIG/EINVAL: no clone3 or no CLONE_INTO_CGROUP here). */
+static __attribute__((noinline)) pid_t clone_into_cgroup_exec(int cg_dfd, pid_t self, int err_fd,
+                                                              const char *cwd, char **candidates,
+                                                              char **argv)
+{
+    struct pg_clone_args ca;
+    long pid;
+    memset(&ca, 0, sizeof(ca));
+    ca.flags = PG_CLONE_INTO_CGROUP;
+    ca.exit_signal = SIGCHLD;
+    ca.cgroup = (uint64_t)cg_dfd;
+    pid = syscall(SYS_clone3, &ca, sizeof(ca));
+    if (pid == 0)
+        child_exec(self, err_fd, -1, cwd, candidates, argv);
+    return (pid_t)pid;
+}
+
+/* Start the child in the run's cgroup (clone3, else vfork + cgroup.procs), or outside any
+ * when st has none. Set *placed. Return the pid, or -1 with errno. */
+static pid_t spawn_child(struct state *st, int err_fd, const char *cwd, char **candidates,
+                         char **argv, int *placed)
+{
+    pid_t pid;
+    int procs_fd, saved;
+    *placed = 0;
+    if (st->cg_dfd < 0)
+        return vfork_exec(st->self, err_fd, -1, cwd, candidates, argv);
+    pid = clone_into_cgroup_exec(st->cg_dfd, st->self, err_fd, cwd, candidates, argv);
+    if (pid >= 0 || (errno != ENOSYS && errno != E2BIG && errno != EINVAL)) {
+        *placed = pid >= 0;
+        return pid;  /* placed, or a refusal (EBUSY, EOPNOTSUPP, EACCES...) to report */
+    }
+    procs_fd = cg_open_file(st->cg_dfd, "cgroup.procs", O_WRONLY);
+    if (procs_fd < 0)
+        return -1;
+    pid = vfork_exec(st->self, err_fd, procs_fd, cwd, candidates, argv);
+    saved = errno;
+    close(procs_fd);
+    errno = saved;
+    *placed = pid >= 0;  /* the child reports a failed write as PG_STAGE_CGROUP */
+    return pid;
+}
+
+/* Give up cgroup mode for this run after the command could not be placed in the cgroup
+ * (err): fail the start if it was required, else go on as a plain subreaper run. */
+static void drop_cgroup(struct state *st, int err)
+{
+    if (st->cg_required)
+        fail_start(st, PG_STAGE_CGROUP, err);
+    st->final.cgroup_err = err;
+    if (st->cg_events >= 0)
+        close(st->cg_events);
+    close(st->cg_dfd);
+    st->cg_events = st->cg_dfd = -1;
+}
+
+/* Start the command (in the run's cgroup if there is one); on failure report it and exit. */
 static void start_command(struct state *st, const char *cwd, char **argv)
 {
     int err_pipe[2];
@@ -821,31 +1034,46 @@ static void start_command(struct state *st, const char *cwd, char **argv)
     struct child_failure f;
     ssize_t n;
     pid_t pid;
-    int devnull;
+    int devnull, placed;
 
     if (!candidates)
         fail_start(st, PG_STAGE_SHEPHERD, ENOMEM);
-    if (pipe2(err_pipe, O_CLOEXEC) < 0)
-        fail_start(st, PG_STAGE_SHEPHERD, errno);
-    pid = vfork_exec(st->self, err_pipe[1], cwd, candidates, argv);
-    if (pid < 0)
-        fail_start(st, PG_STAGE_SHEPHERD, errno);
-    close(err_pipe[1]);
-    st->leader = pid;
-    st->leader_alive = 1;
-    do {
-        n = read(err_pipe[0], &f, sizeof(f));
-    } while (n < 0 && errno == EINTR);
-    close(err_pipe[0]);
+    for (;;) {
+        if (pipe2(err_pipe, O_CLOEXEC) < 0)
+            fail_start(st, PG_STAGE_SHEPHERD, errno);
+        pid = spawn_child(st, err_pipe[1], cwd, candidates, argv, &placed);
+        if (pid < 0 && st->cg_dfd >= 0 && errno != EAGAIN && errno != ENOMEM) {
+            close(err_pipe[0]);  /* the cgroup refused the child (EBUSY, EOPNOTSUPP...) */
+            close(err_pipe[1]);
+            drop_cgroup(st, errno);
+            continue;
+        }
+        if (pid < 0)
+            fail_start(st, PG_STAGE_SHEPHERD, errno);
+        close(err_pipe[1]);
+        do {
+            n = read(err_pipe[0], &f, sizeof(f));
+        } while (n < 0 && errno == EINTR);
+        close(err_pipe[0]);
+        if (n == (ssize_t)sizeof(f)) {
+            int status;
+            while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+                ;
+            if (f.stage == PG_STAGE_CGROUP && !st->cg_required) {
+                drop_cgroup(st, f.err);  /* nothing of the command ran yet: start it again */
+                continue;
+            }
+            fail_start(st, f.stage, f.err);
+        }
+        break;
+    }
     for (char **c = candidates; *c; c++)
         free(*c);
     free(candidates);
-    if (n == (ssize_t)sizeof(f)) {
-        int status;
-        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-            ;
-        fail_start(st, f.stage, f.err);
-    }
+    st->leader = pid;
+    st->leader_alive = 1;
+    st->in_cgroup = placed;
+    st->final.in_cgroup = placed;
     /* The command has exec'd. Let go of its stdio so that its pipes reach EOF when the
      * tree is gone, whatever we do afterwards. */
     devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
@@ -865,28 +1093,106 @@ static void start_command(struct state *st, const char *cwd, char **argv)
         memset(&rec, 0, sizeof(rec));
         rec.kind = PG_REC_STARTED;
         rec.pid = pid;
+        rec.in_cgroup = placed;
+        rec.cgroup_err = st->final.cgroup_err;
         send_record(st, &rec);
     }
 }
 
 /* ---------------------------------------------------------------- the main loop */
 
-/* Move to TERMINATING: SIGTERM + SIGCONT to the tree; return how many were signalled. */
-static int begin_terminate(struct state *st)
+/* Move to TERMINATING: SIGTERM + SIGCONT to the tree; return how many were signalled. With
+ * leaks set (the sweep after the command exited) they are named to the caller too. */
+static int begin_terminate(struct state *st, int leaks)
 {
-    int hit = signal_tree(st, SIGTERM);
+    int hit = signal_tree(st, SIGTERM, leaks);
     st->phase = TERMINATING;
     st->phase_deadline_ns = now_ns() + st->grace_ns;
+    return hit;
+}
+
+/* SIGKILL the whole tree: cgroup.kill in cgroup mode (atomic, forks included), else the
+ * walk. Return how many were alive to be killed. */
+static int kill_tree(struct state *st)
+{
+    int hit;
+    if (!st->in_cgroup)
+        return signal_tree(st, SIGKILL, 0);
+    hit = signal_tree(st, 0, 0);
+    if (cg_kill(st->cg_dfd) < 0)
+        signal_tree(st, SIGKILL, 0);  /* neither cgroup.kill nor the freezer: pid by pid */
     return hit;
 }
 
 /* Move to KILLING: SIGKILL whatever outlived the grace period. */
 static void begin_kill(struct state *st)
 {
-    if (signal_tree(st, SIGKILL) > 0)
+    if (kill_tree(st) > 0)
         st->final.escalated = 1;
     st->phase = KILLING;
     st->phase_deadline_ns = now_ns() + GIVE_UP_AFTER_KILL_NS;
+}
+
+/* Return 1 if something of the tree may still be alive: the cgroup is populated (cgroup
+ * mode), or the shepherd still has children (children_left, from reap()). */
+static int tree_left(const struct state *st, int children_left)
+{
+    if (st->in_cgroup) {
+        int populated = cg_populated(st->cg_dfd, st->cg_events);
+        if (populated >= 0)
+            return populated;
+    }
+    return children_left;
+}
+
+/* cgroup mode, once the tree is gone: reap the last members (they leave the cgroup a moment
+ * before they are zombies; bounded, in case one moved itself to another cgroup), take the
+ * cgroup's accounting, remove it. */
+static void finish_cgroup(struct state *st)
+{
+    struct cg_usage u;
+    if (!st->in_cgroup || cg_populated(st->cg_dfd, st->cg_events) != 0)
+        return;  /* a member survived SIGKILL (unkillable): the caller tries rmdir later */
+    for (int i = 0; i < 200 && reap(st); i++) {
+        struct timespec pause = {0, NS_PER_MS};
+        nanosleep(&pause, NULL);
+    }
+    cg_read_usage(st->cg_dfd, &u);
+    st->final.cg_usage_us = u.usage_us;
+    st->final.cg_user_us = u.user_us;
+    st->final.cg_system_us = u.system_us;
+    st->final.cg_memory_peak = u.memory_peak;
+    st->final.cg_pids_peak = u.pids_peak;
+    close(st->cg_events);
+    close(st->cg_dfd);
+    st->cg_events = st->cg_dfd = -1;
+    st->final.cgroup_removed = cg_remove(st->cg_path) == 0;
+}
+
+/* Open the run's cgroup named by argv's CGROUP-ARG ("-", "G<path>" required, "g<path>"
+ * optional). Return 0, or -1 for a malformed argument. */
+static int open_cgroup(struct state *st, const char *arg)
+{
+    st->cg_dfd = st->cg_events = -1;
+    if (strcmp(arg, "-") == 0)
+        return 0;
+    if ((arg[0] != 'G' && arg[0] != 'g') || arg[1] != '/')
+        return -1;
+    st->cg_path = arg + 1;
+    st->cg_required = arg[0] == 'G';
+    st->cg_dfd = cg_open(st->cg_path);
+    if (st->cg_dfd < 0) {
+        int err = errno;
+        st->cg_dfd = -1;
+        if (st->cg_required)
+            fail_start(st, PG_STAGE_CGROUP, err);
+        st->final.cgroup_err = err;
+        return 0;
+    }
+    st->cg_events = cg_open_file(st->cg_dfd, "cgroup.events", O_RDONLY);
+    if (st->cg_events < 0)
+        drop_cgroup(st, errno);  /* not a cgroup v2 directory */
+    return 0;
 }
 
 /* React to the caller: a terminate byte, or the socket closing because the caller died. */
@@ -907,7 +1213,7 @@ static void on_control(struct state *st, short revents)
     }
     if (st->phase == RUNNING) {
         st->final.terminated = 1;
-        begin_terminate(st);
+        begin_terminate(st, 0);
     }
 }
 
@@ -927,11 +1233,14 @@ int main(int argc, char **argv)
     if (fcntl(PG_CONTROL_FD, F_SETFD, FD_CLOEXEC) < 0)
         return 125;  /* no control socket: started by something other than run.c */
     close_inherited_fds();
-    if (argc < 5 || parse_i64(argv[1], &deadline_ns) || parse_i64(argv[2], &grace_ns) || grace_ns < 0)
+    st.cg_dfd = st.cg_events = -1;
+    if (argc < 6 || parse_i64(argv[1], &deadline_ns) || parse_i64(argv[2], &grace_ns) || grace_ns < 0)
         fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
     if (argv[3][0] == 'C')
         cwd = argv[3] + 1;
     else if (strcmp(argv[3], "-") != 0)
+        fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
+    if (open_cgroup(&st, argv[4]) < 0)
         fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
     st.grace_ns = grace_ns;
 
@@ -952,16 +1261,16 @@ int main(int argc, char **argv)
     if (sfd < 0)
         fail_start(&st, PG_STAGE_SHEPHERD, errno);
 
-    start_command(&st, cwd, argv + 4);
+    start_command(&st, cwd, argv + 5);
     st.deadline_ns = deadline_ns < 0 ? -1 : deadline_ns;
     st.phase = RUNNING;
 
     while (st.phase != DONE) {
-        struct pollfd fds[2];
+        struct pollfd fds[3];
         int64_t wake = -1, now;
         int timeout_ms, ready, children_left;
 
-        children_left = reap(&st);
+        children_left = tree_left(&st, reap(&st));
         now = now_ns();
         if (children_left && !tree_reachable(&st)) {
             /* /proc is not ours and the leader is reaped: what is left cannot be found, and
@@ -975,7 +1284,7 @@ int main(int argc, char **argv)
                 /* The caller went away (even before it heard that we started): nobody will
                  * ever read the output or ask us to stop, so the tree must not live on. */
                 st.final.terminated = 1;
-                begin_terminate(&st);
+                begin_terminate(&st, 0);
                 continue;
             }
             if (!st.leader_alive) {
@@ -984,12 +1293,12 @@ int main(int argc, char **argv)
                     continue;
                 }
                 /* The leader is gone but something of its tree is not: sweep it. */
-                st.final.swept_after_exit = begin_terminate(&st);
+                st.final.swept_after_exit = begin_terminate(&st, 1);
                 continue;
             }
             if (st.deadline_ns >= 0 && now >= st.deadline_ns) {
                 st.final.timed_out = 1;
-                st.final.killed_at_deadline = begin_terminate(&st);
+                st.final.killed_at_deadline = begin_terminate(&st, 0);
                 continue;
             }
             wake = st.deadline_ns;
@@ -1011,12 +1320,12 @@ int main(int argc, char **argv)
                 continue;
             }
             if (now >= st.phase_deadline_ns) {
-                st.final.unkillable = signal_tree(&st, 0);
+                st.final.unkillable = signal_tree(&st, 0, 0);
                 st.phase = DONE;
                 continue;
             }
             /* Something forked between the walk and the kill, or is slow to die: repeat. */
-            signal_tree(&st, SIGKILL);
+            kill_tree(&st);
             wake = now + 5 * NS_PER_MS;
             break;
         case DONE:
@@ -1027,6 +1336,8 @@ int main(int argc, char **argv)
         fds[0].events = POLLIN;
         fds[1].fd = st.caller_gone ? -1 : PG_CONTROL_FD;
         fds[1].events = POLLIN;
+        fds[2].fd = st.in_cgroup ? st.cg_events : -1;  /* POLLPRI: populated changed */
+        fds[2].events = POLLPRI;
         if (wake < 0) {
             timeout_ms = -1;
         } else {
@@ -1034,14 +1345,14 @@ int main(int argc, char **argv)
             int64_t ms = left <= 0 ? 0 : (left + NS_PER_MS - 1) / NS_PER_MS;
             timeout_ms = ms > INT_MAX ? INT_MAX : (int)ms;  /* deadlines beyond 24.8 days */
         }
-        ready = poll(fds, 2, timeout_ms);
+        ready = poll(fds, 3, timeout_ms);
         if (ready < 0) {
             if (errno == EINTR)
                 continue;
             /* poll itself failing (ENOMEM) must not leave the tree: terminate it */
             if (st.phase == RUNNING) {
                 st.final.terminated = 1;
-                begin_terminate(&st);
+                begin_terminate(&st, 0);
             }
             continue;
         }
@@ -1051,7 +1362,7 @@ int main(int argc, char **argv)
                 if (si.ssi_signo != SIGCHLD && st.phase == RUNNING) {
                     /* someone asked the shepherd to stop: take the tree down with us */
                     st.final.terminated = 1;
-                    begin_terminate(&st);
+                    begin_terminate(&st, 0);
                 }
             }
         }
@@ -1059,6 +1370,7 @@ int main(int argc, char **argv)
             on_control(&st, fds[1].revents);
     }
 
+    finish_cgroup(&st);
     {
         struct rusage ru;
         if (getrusage(RUSAGE_CHILDREN, &ru) == 0) {

@@ -10,6 +10,7 @@ the test that leaked it. Nothing is ever killed by name.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import sys
@@ -187,3 +188,43 @@ def native() -> str:
             pytest.fail(f"native backend required but unavailable: {why}")
         pytest.skip(f"native backend unavailable: {why}")
     return "native"
+
+
+CGROUP_REQUIRED = os.environ.get("RETEST_REQUIRE_CGROUP") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def cgroup_mode_unavailable() -> "str | None":
+    """None if a run here gets a cgroup of its own (tried for real, once), else why not."""
+    if proc_group.backend_status()[0] != "native":
+        return "native backend unavailable"
+    result = proc_group.run(["true"], containment="cgroup", backend="native", timeout=30)
+    if result.containment == "cgroup" and result.returncode == 0:
+        return None
+    return result.spawn_error or f"ran with containment {result.containment!r}"
+
+
+@pytest.fixture(params=["cgroup", "subreaper"])
+def containment(request: pytest.FixtureRequest, native: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a native test once per containment mode (RETEST_CONTAINMENT, inherited by child
+    callers). cgroup mode is skipped where impossible, or fails with RETEST_REQUIRE_CGROUP=1."""
+    if request.param == "cgroup":
+        why = cgroup_mode_unavailable()
+        if why is not None:
+            if CGROUP_REQUIRED:
+                pytest.fail(f"cgroup mode required but unavailable: {why}")
+            pytest.skip(f"cgroup mode unavailable: {why}")
+    monkeypatch.setenv("RETEST_CONTAINMENT", request.param)
+    return request.param
+
+
+@pytest.fixture
+def cgroup_mode(native: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """For tests of what only cgroup mode promises."""
+    why = cgroup_mode_unavailable()
+    if why is not None:
+        if CGROUP_REQUIRED:
+            pytest.fail(f"cgroup mode required but unavailable: {why}")
+        pytest.skip(f"cgroup mode unavailable: {why}")
+    monkeypatch.setenv("RETEST_CONTAINMENT", "cgroup")
+    return "cgroup"

@@ -107,10 +107,10 @@ def kinds(pid_dir: Path) -> dict[str, set[int]]:
     return out
 
 
-def test_xdist_workers_are_killed_at_the_deadline(native: str, tmp_path: Path) -> None:
+def test_xdist_workers_are_killed_at_the_deadline(containment: str, tmp_path: Path) -> None:
     suite, pids = make_xdist_suite(tmp_path)
     try:
-        result = run(xdist_argv(suite), timeout=XDIST_DEADLINE_S, grace=1, backend=native, env=child_env())
+        result = run(xdist_argv(suite), timeout=XDIST_DEADLINE_S, grace=1, backend="native", env=child_env())
 
         recorded = kinds(pids)
         workers = recorded.get("test", set())
@@ -121,7 +121,8 @@ def test_xdist_workers_are_killed_at_the_deadline(native: str, tmp_path: Path) -
         everyone = set(recorded_pids(pids))
         assert result.timed_out
         assert result.returncode == -signal.SIGTERM
-        assert result.killed_at_deadline >= len(everyone)  # controller, workers, the server
+        assert result.killed_at_deadline >= len(everyone)
+        assert result.containment == containment  # controller, workers, the server
         assert alive(everyone) == []  # nothing of the tree outlives run()
         assert XDIST_DEADLINE_S <= result.duration_s < XDIST_DEADLINE_S + 1 + 2
     finally:
@@ -158,25 +159,26 @@ echo "escapee $pid sid $(cut -d' ' -f6 /proc/$pid/stat) leader $$"
 """
 
 
-def test_setsid_escapee_holding_the_pipe_is_swept_after_a_passing_leader(native: str, pid_dir: Path) -> None:
+def test_setsid_escapee_holding_the_pipe_is_swept_after_a_passing_leader(containment: str, pid_dir: Path) -> None:
     started = time.monotonic()
     result = run(["sh", "-c", ESCAPEE_LEADER + "exit 0"], env=dict(os.environ, D=str(pid_dir)),
-                 timeout=30, grace=1, backend=native)
+                 timeout=30, grace=1, backend="native")
     elapsed = time.monotonic() - started
 
     match = re.fullmatch(rb"escapee (\d+) sid (\d+) leader (\d+)\n", result.stdout)
     assert match, result.stdout
     escapee, sid, leader = (int(x) for x in match.groups())
     assert sid == escapee != leader  # it really left the leader's session
+    assert result.containment == containment
     assert result.returncode == 0 and not result.timed_out
     assert result.swept_after_exit >= 1
     assert not pid_alive(escapee)
     assert elapsed < 5  # not the escapee's 60 s, though it held our stdout
 
 
-def test_setsid_escapee_is_killed_at_the_deadline(native: str, pid_dir: Path) -> None:
+def test_setsid_escapee_is_killed_at_the_deadline(containment: str, pid_dir: Path) -> None:
     result = run(["sh", "-c", ESCAPEE_LEADER + "exec sleep 60"], env=dict(os.environ, D=str(pid_dir)),
-                 timeout=1, grace=1, backend=native)
+                 timeout=1, grace=1, backend="native")
 
     (escapee,) = recorded_pids(pid_dir)
     assert result.timed_out
@@ -205,9 +207,9 @@ os._exit(0)
 """
 
 
-def test_grandchild_holding_the_pipe_after_the_leader_exits_0(native: str, pid_dir: Path) -> None:
+def test_grandchild_holding_the_pipe_after_the_leader_exits_0(containment: str, pid_dir: Path) -> None:
     result = run(py(GRANDCHILD_HOLDS_PIPE, str(pid_dir), "default"), timeout=30, grace=2,
-                 backend=native)
+                 backend="native")
 
     (grandchild,) = recorded_pids(pid_dir)
     assert result.returncode == 0
@@ -218,9 +220,9 @@ def test_grandchild_holding_the_pipe_after_the_leader_exits_0(native: str, pid_d
     assert result.duration_s < 2  # it died on SIGTERM: no grace wait, no 60 s wait
 
 
-def test_grandchild_that_ignores_sigterm_is_killed_after_grace(native: str, pid_dir: Path) -> None:
+def test_grandchild_that_ignores_sigterm_is_killed_after_grace(containment: str, pid_dir: Path) -> None:
     result = run(py(GRANDCHILD_HOLDS_PIPE, str(pid_dir), "ignore-term"), timeout=30, grace=0.5,
-                 backend=native)
+                 backend="native")
 
     (grandchild,) = recorded_pids(pid_dir)
     assert result.returncode == 0  # the leader's own status survives the sweep
@@ -253,25 +255,26 @@ print("daemon started; leader passes", flush=True)
 """
 
 
-def test_double_fork_daemon_left_by_a_passing_run_is_swept(native: str, pid_dir: Path) -> None:
-    result = run(py(DOUBLE_FORK_DAEMON, str(pid_dir)), timeout=30, grace=2, backend=native)
+def test_double_fork_daemon_left_by_a_passing_run_is_swept(containment: str, pid_dir: Path) -> None:
+    result = run(py(DOUBLE_FORK_DAEMON, str(pid_dir)), timeout=30, grace=2, backend="native")
 
     (daemon,) = recorded_pids(pid_dir)
     assert result.returncode == 0 and result.ok
+    assert result.containment == containment
     assert result.stdout == b"daemon started; leader passes\n"
     assert result.swept_after_exit == 1
     assert not pid_alive(daemon)
     assert result.duration_s < 2
 
 
-def test_stopped_leftover_is_continued_and_swept(native: str, pid_dir: Path) -> None:
+def test_stopped_leftover_is_continued_and_swept(containment: str, pid_dir: Path) -> None:
     """A stopped process acts on SIGTERM only once continued: the sweep must send SIGCONT."""
     cmd = (f'sh -c \'{record_sh(pid_dir)}; exec sleep 60\' & '
            f'while [ -z "$(ls {pid_dir})" ]; do sleep 0.01; done; kill -STOP $!; '
            # leave only once it is really stopped (state T), so the sweep meets a stopped process
            'while [ "$(cut -d" " -f3 /proc/$!/stat)" != T ]; do sleep 0.01; done; exit 0')
 
-    result = run(["sh", "-c", cmd], timeout=30, grace=5, backend=native)
+    result = run(["sh", "-c", cmd], timeout=30, grace=5, backend="native")
 
     (leftover,) = recorded_pids(pid_dir)
     assert result.returncode == 0
@@ -284,10 +287,10 @@ def test_stopped_leftover_is_continued_and_swept(native: str, pid_dir: Path) -> 
 # ----------------------------------------------------------------------------- deadline escalation
 
 
-def test_leader_that_ignores_sigterm_is_killed_after_grace(native: str, pid_dir: Path) -> None:
+def test_leader_that_ignores_sigterm_is_killed_after_grace(containment: str, pid_dir: Path) -> None:
     cmd = f'trap "" TERM; {record_sh(pid_dir)}; exec sleep 60'  # sleep inherits the ignored TERM
 
-    result = run(["sh", "-c", cmd], timeout=0.5, grace=0.7, backend=native)
+    result = run(["sh", "-c", cmd], timeout=0.5, grace=0.7, backend="native")
 
     (leader,) = recorded_pids(pid_dir)
     assert leader == result.pid
@@ -299,7 +302,7 @@ def test_leader_that_ignores_sigterm_is_killed_after_grace(native: str, pid_dir:
     assert 0.5 + 0.7 - 0.05 <= result.duration_s < 0.5 + 0.7 + 1.5
 
 
-def test_leader_that_stops_itself_is_continued_and_terminated(native: str, pid_dir: Path) -> None:
+def test_leader_that_stops_itself_is_continued_and_terminated(containment: str, pid_dir: Path) -> None:
     cmd = (f'sleep 60 & kill -STOP $!; touch {pid_dir}/bg-$!; '
            f'{record_sh(pid_dir)}; kill -STOP $$; echo resumed')
     states: dict[int, str] = {}
@@ -314,7 +317,7 @@ def test_leader_that_stops_itself_is_continued_and_terminated(native: str, pid_d
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        result = run(["sh", "-c", cmd], timeout=0.6, grace=5, backend=native)
+        result = run(["sh", "-c", cmd], timeout=0.6, grace=5, backend="native")
     finally:
         watcher.join()
 
@@ -351,11 +354,12 @@ live(0)
 """
 
 
-def test_fork_tree_is_killed_at_the_deadline(native: str, pid_dir: Path) -> None:
-    result = run(py(FORK_TREE, str(pid_dir)), timeout=2, grace=1, backend=native)
+def test_fork_tree_is_killed_at_the_deadline(containment: str, pid_dir: Path) -> None:
+    result = run(py(FORK_TREE, str(pid_dir)), timeout=2, grace=1, backend="native")
 
     tree = recorded_pids(pid_dir)
     assert result.stdout == b"tree of 40\n", "the tree was not complete before the deadline"
+    assert result.containment == containment
     assert len(tree) == 40
     assert result.timed_out
     assert result.killed_at_deadline == 40
@@ -377,8 +381,8 @@ time.sleep(60)
 """
 
 
-def test_tree_that_keeps_forking_through_the_grace_period_is_killed(native: str, pid_dir: Path) -> None:
-    result = run(py(FORKS_WHILE_DYING, str(pid_dir)), timeout=0.4, grace=0.4, backend=native)
+def test_tree_that_keeps_forking_through_the_grace_period_is_killed(containment: str, pid_dir: Path) -> None:
+    result = run(py(FORKS_WHILE_DYING, str(pid_dir)), timeout=0.4, grace=0.4, backend="native")
 
     children = recorded_pids(pid_dir)
     assert result.timed_out and result.escalated
@@ -388,7 +392,7 @@ def test_tree_that_keeps_forking_through_the_grace_period_is_killed(native: str,
     assert result.duration_s < 0.4 + 0.4 + 2
 
 
-def test_tree_cpu_and_memory_are_accounted(native: str) -> None:
+def test_tree_cpu_and_memory_are_accounted(containment: str) -> None:
     code = """
 import os, time
 if os.fork() == 0:
@@ -401,7 +405,7 @@ if os.fork() == 0:
     os._exit(0)
 os.wait()
 """
-    result = run(py(code), timeout=30, backend=native)
+    result = run(py(code), timeout=30, backend="native")
 
     assert result.returncode == 0
     assert result.user_cpu_s + result.sys_cpu_s >= 0.25  # the grandchild's CPU, not just the leader's
@@ -411,14 +415,14 @@ os.wait()
 # ----------------------------------------------------------------------------- the caller
 
 
-def test_exception_in_on_output_kills_the_tree_promptly(native: str, pid_dir: Path) -> None:
+def test_exception_in_on_output_kills_the_tree_promptly(containment: str, pid_dir: Path) -> None:
     def stop(stream: str, chunk: bytes) -> None:
         raise KeyboardInterrupt
 
     cmd = f'{record_sh(pid_dir)}; sh -c \'{record_sh(pid_dir)}; exec sleep 60\' & sleep 0.1; echo go; wait'
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        run(["sh", "-c", cmd], on_output=stop, timeout=30, grace=1, backend=native)
+        run(["sh", "-c", cmd], on_output=stop, timeout=30, grace=1, backend="native")
 
     assert time.monotonic() - started < 3
     assert len(recorded_pids(pid_dir)) == 2
@@ -460,7 +464,7 @@ def start_caller(pid_dir: Path) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("target", ["process", "process-group"])
-def test_ctrl_c_in_the_caller_kills_the_tree_and_propagates(native: str, pid_dir: Path, target: str) -> None:
+def test_ctrl_c_in_the_caller_kills_the_tree_and_propagates(containment: str, pid_dir: Path, target: str) -> None:
     caller = start_caller(pid_dir)
     try:
         shepherd_and_tree = descendants(caller.pid)
@@ -488,7 +492,7 @@ def test_ctrl_c_in_the_caller_kills_the_tree_and_propagates(native: str, pid_dir
         kill_recorded(recorded_pids(pid_dir))
 
 
-def test_caller_killed_with_sigkill_takes_the_tree_down(native: str, pid_dir: Path) -> None:
+def test_caller_killed_with_sigkill_takes_the_tree_down(containment: str, pid_dir: Path) -> None:
     caller = start_caller(pid_dir)
     try:
         shepherd_and_tree = descendants(caller.pid)
@@ -521,12 +525,12 @@ def _shepherds() -> list[int]:
     return found
 
 
-def test_shepherd_killed_mid_run_does_not_hang_the_caller(native: str, pid_dir: Path) -> None:
+def test_shepherd_killed_mid_run_does_not_hang_the_caller(containment: str, pid_dir: Path) -> None:
     cmd = f'{record_sh(pid_dir)}; sh -c \'{record_sh(pid_dir)}; exec sleep 60\' & wait'
     outcome: dict[str, object] = {}
 
     def call() -> None:
-        outcome["result"] = run(["sh", "-c", cmd], grace=1, backend=native)
+        outcome["result"] = run(["sh", "-c", cmd], grace=1, backend="native")
 
     worker = threading.Thread(target=call)
     worker.start()
@@ -571,7 +575,7 @@ print("handed over; leader exits 0", flush=True)
 """
 
 
-def test_pipe_held_outside_the_tree_delays_the_return_only_briefly(native: str, tmp_path: Path) -> None:
+def test_pipe_held_outside_the_tree_delays_the_return_only_briefly(containment: str, tmp_path: Path) -> None:
     """A process outside the tree got our pipes (SCM_RIGHTS): the drain after the tree is gone
     is bounded (docs/internals.md: 0.5 s), not as long as that holder lives."""
     address = str(tmp_path / "keeper.sock")
@@ -579,7 +583,7 @@ def test_pipe_held_outside_the_tree_delays_the_return_only_briefly(native: str, 
     try:
         assert keeper.stdout.readline() == b"listening\n"
 
-        result = run(py(HAND_OVER_PIPES, address), timeout=30, grace=1, backend=native)
+        result = run(py(HAND_OVER_PIPES, address), timeout=30, grace=1, backend="native")
 
         assert keeper.stdout.readline() == b"holding 2\n"
         assert result.returncode == 0 and not result.timed_out

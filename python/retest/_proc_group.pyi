@@ -15,6 +15,8 @@ def run(
     capture_limit: int,
     on_output: Optional[Callable[[str, bytes], object]],
     tee_fd: int,
+    cgroup: Optional[bytes],
+    cgroup_required: bool,
     /,
 ) -> dict[str, Any]: ...
 def classify(

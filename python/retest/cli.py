@@ -27,6 +27,8 @@ EXIT_TIMEOUT = 124
 EXIT_INTERNAL = 125
 EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
+#: ``--fail-on-leak``: the command exited 0 but left processes behind.
+EXIT_LEAKED = 1
 
 
 def _positive_float(text: str) -> float:
@@ -54,6 +56,9 @@ def _add_run_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    help="print one JSON object with the verdict and the run's figures on stdout")
     p.add_argument("--quiet", "-q", action="store_true",
                    help="do not stream the command's output (it is still captured)")
+    p.add_argument("--fail-on-leak", action="store_true", default=None,
+                   help="fail a run that passed but left processes behind (verdict "
+                   "other.leaked-processes, exit 1; default: RETEST_FAIL_ON_LEAK)")
     p.add_argument("--no-progress", action="store_true",
                    help="no live progress line for a pytest command (drawn only on a terminal)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
@@ -126,14 +131,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     status = run_exit_status(result)
     # Masked before it is classified: the reason quotes the output, never the secrets in it.
     result = redact.redact_result(result, redact.FILTER.secrets())
-    verdict = proc_group.classify(result)
+    verdict = proc_group.classify(result, fail_on_leak=args.fail_on_leak)
+    if verdict.rule == "other.leaked-processes":
+        status = EXIT_LEAKED
     if args.json:
         doc = result.to_dict()
         doc.update(verdict=verdict.kind, rule=verdict.rule, reason=verdict.reason,
                    infra=verdict.infra, evidence=verdict.evidence, exit_status=status)
         print(json.dumps(doc, sort_keys=True))
     print(f"retest: {verdict.kind} ({verdict.rule}): {verdict.reason} "
-          f"[{result.duration_s:.2f}s, backend={result.backend}, exit={status}]", file=sys.stderr)
+          f"[{result.duration_s:.2f}s, backend={result.backend}, containment={result.containment}, "
+          f"exit={status}]", file=sys.stderr)
     return status
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import threading
@@ -124,6 +125,19 @@ class RunnerSettings:
     probe_enabled: bool = True
     #: Bytes of events one pytest process may write (``RETEST_PROBE_MAX_BYTES``).
     probe_max_bytes: int = DEFAULT_PROBE_MAX_BYTES
+    #: ``auto`` (a cgroup of its own per run where one can be made, else the subreaper),
+    #: ``cgroup`` (required: a run that cannot have one reports it) or ``subreaper``.
+    containment: str = "auto"
+    #: The cgroup v2 directory under which each run's cgroup is made; empty: the caller's own.
+    cgroup_parent: str = ""
+    #: Limits of each run's cgroup (``memory.max``, ``pids.max``, ``cpu.max`` syntax); empty:
+    #: none. Applied only where the controller is enabled for the parent (else one warning).
+    cgroup_memory_max: str = ""
+    cgroup_pids_max: str = ""
+    cgroup_cpu_max: str = ""
+    #: Processes left after the command exited fail an otherwise passing run
+    #: (``other.leaked-processes``).
+    fail_on_leak: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "RunnerSettings":
@@ -136,7 +150,38 @@ class RunnerSettings:
             probe_enabled=env_bool("RETEST_PROBE_ENABLED", True, environ),
             probe_max_bytes=env_int("RETEST_PROBE_MAX_BYTES", DEFAULT_PROBE_MAX_BYTES, environ,
                                     minimum=65536),
+            containment=_env_choice("RETEST_CONTAINMENT", "auto", CONTAINMENTS, environ),
+            cgroup_parent=_env_abspath("RETEST_CGROUP_PARENT", environ),
+            cgroup_memory_max=_env_limit("RETEST_CGROUP_MEMORY_MAX", _MEMORY_MAX, environ),
+            cgroup_pids_max=_env_limit("RETEST_CGROUP_PIDS_MAX", _PIDS_MAX, environ),
+            cgroup_cpu_max=_env_limit("RETEST_CGROUP_CPU_MAX", _CPU_MAX, environ),
+            fail_on_leak=env_bool("RETEST_FAIL_ON_LEAK", False, environ),
         )
+
+
+CONTAINMENTS = ("auto", "cgroup", "subreaper")
+#: Accepted values of the cgroup limits: the kernel's own syntax (memory.max takes K/M/G).
+_MEMORY_MAX = re.compile(r"(max|[0-9]+[KMG]?)")
+_PIDS_MAX = re.compile(r"(max|[0-9]+)")
+_CPU_MAX = re.compile(r"(max|[0-9]+)( [0-9]+)?")
+
+
+def _env_limit(name: str, pattern: "re.Pattern[str]", environ: Mapping[str, str] | None) -> str:
+    """A cgroup limit in the kernel's syntax, or "" (none); anything else warns and is ignored."""
+    raw = env_str(name, "", environ).strip()
+    if raw and not pattern.fullmatch(raw):
+        _warn_once(name, raw, "not in the cgroup file's syntax")
+        return ""
+    return raw
+
+
+def _env_abspath(name: str, environ: Mapping[str, str] | None) -> str:
+    """An absolute path, or "" (unset); a relative one warns and is ignored."""
+    raw = env_str(name, "", environ).strip()
+    if raw and not os.path.isabs(raw):
+        _warn_once(name, raw, "not an absolute path")
+        return ""
+    return raw
 
 
 # --------------------------------------------------------------------------- merge gate

@@ -6,6 +6,9 @@
   runs in a new session under a shepherd that is a child subreaper, so every process the
   command starts (daemons and ``setsid`` escapees included) stays findable and is killed
   at the deadline (SIGTERM + SIGCONT, ``grace``, SIGKILL) and after the command exits.
+  Containment is chosen in one place too (``_select_containment``, ``RETEST_CONTAINMENT``):
+  ``cgroup`` where a cgroup v2 child can be made (each run in its own cgroup, killed with
+  ``cgroup.kill``), else ``subreaper``; ``RunResult.containment`` says which ran.
 * ``subprocess``: the prior ``subprocess.run(timeout=...)`` path. Selected by
   ``SUBPROCESS_TREE_KILL_ENABLED=false``, on a platform other than Linux, or when the
   extension cannot be loaded (logged once, at ERROR). It kills only the direct child.
@@ -30,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
-from . import config, facts, oom as _oom, probe as _probe
+from . import cgroup as _cgroup, config, facts, oom as _oom, probe as _probe
 from .oom import OomEvidence
 from .probe import EventCallback, ProbeReport
 
@@ -49,6 +52,8 @@ __all__ = [
     "Evidence",
     "LOCK_BUSY_MESSAGE",
     "OomEvidence",
+    "Leak",
+    "containment_status",
 ]
 
 #: The five verdicts of DESIGN.md.
@@ -66,6 +71,11 @@ LOCK_BUSY_MESSAGE = "retest: repository lock busy"
 OMITTED_MARKER = b"\n[retest: %d bytes omitted]\n"
 
 StrPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
+#: A process left after the command exited: ``(pid, command line head, age in seconds)``;
+#: the head is at most 200 bytes of ``/proc/PID/cmdline`` with NULs as spaces ("" and
+#: ``None`` when ``/proc`` could not tell).
+Leak = tuple[int, str, Optional[float]]
 
 
 @dataclass(frozen=True)
@@ -110,6 +120,18 @@ class RunResult:
     #: The kernel's OOM killer ended the command or a process of its tree (``retest.oom``);
     #: ``None``: no OOM kill was attributed to this run.
     oom: Optional[OomEvidence] = None
+    #: How the tree was contained: ``"cgroup"`` (a cgroup of its own), ``"subreaper"`` (the
+    #: shepherd's descendants) or ``"none"`` (the subprocess backend, or it never started).
+    containment: str = "none"
+    #: The run's cgroup (cgroup mode); removed before ``run()`` returned.
+    cgroup: Optional[str] = None
+    #: Processes left after the command exited (killed by the sweep), at most 50 of them.
+    leaks: tuple[Leak, ...] = ()
+    #: How many there were in all.
+    leak_count: int = 0
+    #: Peaks of the cgroup (cgroup mode, where the memory / pids controller is enabled).
+    memory_peak_bytes: Optional[int] = None
+    pids_peak: Optional[int] = None
 
     @property
     def signal(self) -> Optional[int]:
@@ -147,6 +169,12 @@ class RunResult:
             "max_rss_kb": self.max_rss_kb,
             "tests": self.probe.to_dict() if self.probe is not None else None,
             "oom": self.oom.to_dict() if self.oom is not None else None,
+            "containment": self.containment,
+            "cgroup": self.cgroup,
+            "leak_count": self.leak_count,
+            "leaks": [{"pid": pid, "cmdline": cmdline, "age_s": age} for pid, cmdline, age in self.leaks],
+            "memory_peak_bytes": self.memory_peak_bytes,
+            "pids_peak": self.pids_peak,
         }
         if with_output:
             out["stdout"] = self.stdout.decode("utf-8", "replace")
@@ -233,6 +261,95 @@ def _select_backend(requested: Optional[str]) -> str:
         level = logging.INFO if why.startswith("SUBPROCESS_TREE_KILL_ENABLED") else logging.ERROR
         _log_fallback_once(why, level)
     return name
+
+
+# --------------------------------------------------------------------------- containment choice
+
+_logged_containment: set[str] = set()
+
+
+def _log_containment_once(key: str, level: int, message: str, *args: object) -> None:
+    with _log_lock:
+        if key in _logged_containment:
+            return
+        _logged_containment.add(key)
+    log.log(level, message, *args)
+
+
+@dataclass(frozen=True)
+class _Containment:
+    """How one native run is to be contained, and why."""
+
+    mode: str                      # "cgroup" or "subreaper"
+    why: str
+    required: bool = False         # cgroup demanded: no fallback, report why not
+    parent: Optional[str] = None   # cgroup mode: where the run's cgroup is made
+    refused: bool = False          # required but impossible: the run does not start
+
+
+def containment_status(environ: Optional[Mapping[str, str]] = None) -> tuple[str, str]:
+    """Return ``(containment, why)``: what a native ``run()`` would use now, and the reason
+    (``"none"`` when cgroup mode is required and impossible; a cgroup parent is only known
+    to refuse once a run tried it)."""
+    plan = _plan_containment(None, config.RunnerSettings.from_env(environ))
+    return ("none" if plan.refused else plan.mode), plan.why
+
+
+def _plan_containment(requested: Optional[str], settings: config.RunnerSettings) -> _Containment:
+    """The containment a native run asks for, before its cgroup is made."""
+    mode = requested if requested is not None else settings.containment
+    if mode not in config.CONTAINMENTS:
+        raise ValueError(f"containment must be one of {', '.join(config.CONTAINMENTS)}, not {mode!r}")
+    if mode == "subreaper":
+        return _Containment("subreaper", "subreaper requested (RETEST_CONTAINMENT)")
+    try:
+        parent = _cgroup.parent_dir(settings.cgroup_parent)
+    except _cgroup.Unavailable as err:
+        return _refuse_or_fall_back(mode, str(err))
+    known = _cgroup.unusable_reason(parent)
+    if known is not None:
+        return _refuse_or_fall_back(mode, known, parent)
+    return _Containment("cgroup", f"each run in its own cgroup under {parent}", mode == "cgroup",
+                        parent)
+
+
+def _refuse_or_fall_back(mode: str, why: str, parent: Optional[str] = None) -> _Containment:
+    """cgroup mode is impossible: refused when it was required, else the subreaper."""
+    if mode == "cgroup":
+        return _Containment("cgroup", f"cgroup containment required but unavailable: {why}",
+                            True, parent, refused=True)
+    return _Containment("subreaper", f"cgroup mode unavailable: {why}", False, parent)
+
+
+def _select_containment(requested: Optional[str]) -> tuple[_Containment, Optional[str]]:
+    """The one place where containment is chosen: make the run's cgroup when the plan says
+    cgroup. Return the plan (``refused`` when cgroup was required and is impossible) and the
+    cgroup's path. The choice and why are logged once."""
+    settings = config.RunnerSettings.from_env()
+    plan = _plan_containment(requested, settings)
+    if plan.mode == "cgroup" and not plan.refused:
+        assert plan.parent is not None
+        limits = _cgroup.Limits(settings.cgroup_memory_max, settings.cgroup_pids_max,
+                                settings.cgroup_cpu_max)
+        try:
+            path = _cgroup.create(plan.parent, limits)
+        except _cgroup.Unavailable as err:
+            plan = _refuse_or_fall_back("cgroup" if plan.required else "auto", str(err), plan.parent)
+        else:
+            _log_containment_once("cgroup", logging.INFO, "retest: containment: cgroup (%s)", plan.why)
+            return plan, path
+    if not plan.refused:
+        _log_containment_once("subreaper", logging.INFO, "retest: containment: subreaper (%s)",
+                              plan.why)
+    return plan, None
+
+
+def _cgroup_fallback(plan: _Containment, err: int) -> None:
+    """The shepherd could not place the command in its cgroup (EBUSY: the parent has
+    controllers and processes, EOPNOTSUPP...) and ran it as a subreaper run: no more tries."""
+    why = f"cannot place a process in a cgroup under {plan.parent}: {os.strerror(err)}"
+    if plan.parent is not None and _cgroup.mark_unusable(plan.parent, why):
+        _log_containment_once("subreaper", logging.INFO, "retest: containment: subreaper (%s)", why)
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -325,6 +442,7 @@ def run(
     on_output: Optional[OutputCallback] = None,
     tee: Union[IO[bytes], int, None] = None,
     backend: Optional[str] = None,
+    containment: Optional[str] = None,
     probe: Optional[bool] = None,
     probe_packages: Sequence[str] = (),
     on_event: Optional[EventCallback] = None,
@@ -339,6 +457,8 @@ def run(
     ``on_output``: called as ``on_output("stdout" | "stderr", chunk)`` as output arrives.
     ``tee``: a binary file or fd that receives both streams as they arrive.
     ``backend``: force ``"native"`` or ``"subprocess"`` (tests, benchmarks); default: automatic.
+    ``containment`` (native): ``"auto"``, ``"cgroup"`` or ``"subreaper"`` (default
+    ``RETEST_CONTAINMENT``, auto); a ``"cgroup"`` that is impossible is a ``spawn_error``.
     ``probe``: inject the pytest probe when ``args`` runs pytest (default ``RETEST_PROBE_ENABLED``,
     on); its facts are in ``RunResult.probe``. ``probe_packages``: top-level packages whose
     import origin the probe records. ``on_event(event)``: called with each probe event as the
@@ -371,8 +491,11 @@ def run(
         raise TypeError("on_event must be callable")
 
     chosen = _select_backend(backend)
+    if containment is not None and containment not in config.CONTAINMENTS:
+        raise ValueError(f"containment must be one of {', '.join(config.CONTAINMENTS)}, "
+                         f"not {containment!r}")
     launch = _Launch(chosen, argv, args_text, env, bcwd, stdin_bytes, deadline, grace_s,
-                     capture_limit, on_output, tee_fd)
+                     capture_limit, on_output, tee_fd, containment)
     if probe is None:
         probe = config.RunnerSettings.from_env().probe_enabled
     if not probe or not _probe.is_pytest_argv(args_text):
@@ -409,6 +532,7 @@ class _Launch:
     capture_limit: int
     on_output: Optional[OutputCallback]
     tee_fd: int
+    containment: Optional[str] = None
 
 
 def _dispatch(launch: _Launch) -> RunResult:
@@ -416,7 +540,7 @@ def _dispatch(launch: _Launch) -> RunResult:
     x = launch
     if x.backend == "native":
         return _run_native(x.argv, x.args_text, _check_env(x.env), x.cwd, x.stdin_bytes, x.timeout,
-                           x.grace_s, x.capture_limit, x.on_output, x.tee_fd)
+                           x.grace_s, x.capture_limit, x.on_output, x.tee_fd, x.containment)
     return _run_subprocess(x.argv, x.args_text, x.env, x.cwd, x.stdin_bytes, x.timeout,
                            x.capture_limit, x.on_output, x.tee_fd)
 
@@ -466,24 +590,52 @@ def _run_native(
     capture_limit: int,
     on_output: Optional[OutputCallback],
     tee_fd: int,
+    containment: Optional[str] = None,
 ) -> RunResult:
     assert _native is not None and _shepherd_path is not None
-    raw = _native.run(
-        os.fsencode(_shepherd_path),
-        argv,
-        envp,
-        cwd,
-        stdin_bytes,
-        -1.0 if timeout is None else timeout,
-        grace_s,
-        capture_limit,
-        on_output,
-        tee_fd,
-    )
+    plan, cgroup_path = _select_containment(containment)
+    if plan.refused:  # cgroup demanded, impossible: say so rather than contain less
+        return RunResult(args=args_text, returncode=None, stdout=b"", stderr=b"", timed_out=False,
+                         duration_s=0.0, spawn_error=plan.why, backend="native")
+    try:
+        raw = _native.run(
+            os.fsencode(_shepherd_path),
+            argv,
+            envp,
+            cwd,
+            stdin_bytes,
+            -1.0 if timeout is None else timeout,
+            grace_s,
+            capture_limit,
+            on_output,
+            tee_fd,
+            None if cgroup_path is None else os.fsencode(cgroup_path),
+            plan.required,
+        )
+    except BaseException:
+        if cgroup_path is not None:  # raised before the C side took the cgroup over
+            _remove_quietly(cgroup_path)
+        raise
     tee_errno = raw.pop("tee_errno")
     if tee_errno is not None:  # the tee stopped at its first error, as the subprocess one does
         log.warning("tee write failed: %s", OSError(tee_errno, os.strerror(tee_errno)))
+    cgroup_errno = raw.pop("cgroup_errno")
+    if cgroup_errno is not None:
+        _cgroup_fallback(plan, cgroup_errno)
+    if cgroup_path is not None and not raw.pop("cgroup_removed"):
+        log.warning("retest: cgroup %s could not be removed (a process in it survived SIGKILL?)",
+                    cgroup_path)
+    raw.pop("cgroup_removed", None)
+    if raw["spawn_error"] is not None and raw["pid"] is None:
+        raw["containment"] = "none"
     return RunResult(args=args_text, backend="native", **raw)
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _bound(data: bytes, limit: int) -> tuple[bytes, int]:
@@ -602,21 +754,37 @@ def _write_all(fd: int, data: bytes) -> None:
 # --------------------------------------------------------------------------- classify
 
 
-def classify(result: RunResult) -> Verdict:
+def classify(result: RunResult, *, fail_on_leak: Optional[bool] = None) -> Verdict:
     """Classify a finished run as passed / red / timeout / lock-busy / other (see DESIGN.md).
 
     The output classifier answers first; the kernel's word that its OOM killer ended the run
     (a runner fact, ``facts.oom_killed``) comes before the suite's; when the run carried the
     probe, the suite's own events decide (``retest.facts``), and ``Verdict.evidence`` says
-    which was used.
+    which was used. ``fail_on_leak`` (default ``RETEST_FAIL_ON_LEAK``, off): a run that would
+    pass but left processes behind is ``other.leaked-processes`` instead.
     """
     output = _classify_output(result)
     oom_killed = facts.oom_killed(result, output)
     if oom_killed is not None:
         return oom_killed
-    if result.probe is not None:
-        return facts.decide(result, output, result.probe)
-    return output
+    verdict = facts.decide(result, output, result.probe) if result.probe is not None else output
+    return _leak_verdict(result, verdict, fail_on_leak)
+
+
+def _leak_verdict(result: RunResult, verdict: Verdict, fail_on_leak: Optional[bool]) -> Verdict:
+    """The runner's leak fact, after the deadline and spawn-error facts: it only turns an
+    otherwise passing run into ``other.leaked-processes`` (as nextest's LEAK)."""
+    if fail_on_leak is None:
+        fail_on_leak = config.RunnerSettings.from_env().fail_on_leak
+    if not fail_on_leak or verdict.kind != "passed" or result.leak_count == 0:
+        return verdict
+    named = ", ".join(f"{pid} {cmdline!r} ({'?' if age is None else f'{age:.1f}s'})"
+                      for pid, cmdline, age in result.leaks[:3])
+    more = f" and {result.leak_count - 3} more" if result.leak_count > 3 else ""
+    return Verdict(kind="other", rule="other.leaked-processes", infra=False, evidence="runner",
+                   reason=f"the command passed but left {result.leak_count} process"
+                          f"{'es' if result.leak_count != 1 else ''} behind, killed by the "
+                          f"sweep: {named}{more} ({verdict.reason})")
 
 
 def _classify_output(result: RunResult) -> Verdict:

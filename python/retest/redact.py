@@ -77,7 +77,7 @@ DECISION_UNTRUSTED = ("reason", "branch", "onto", "task_id")
 #: Fields of a decision's ``evidence`` that hold untrusted text.
 EVIDENCE_UNTRUSTED = ("output_tail", "spawn_error", "worktree", "skip", "oom")
 #: Fields of a ``RunResult`` that hold untrusted text (bytes or str).
-RESULT_UNTRUSTED = ("args", "stdout", "stderr", "spawn_error")
+RESULT_UNTRUSTED = ("args", "stdout", "stderr", "spawn_error", "leaks")
 
 
 class Clean(str):

@@ -1,0 +1,54 @@
+/* cgroup v2 helpers shared by the shepherd (shepherd.c) and the caller (run.c): a run's own
+ * cgroup, opened once as a directory fd, then killed, watched and accounted through its
+ * files. Plain C, no Python, no allocation: both sides may call these at any time outside
+ * a vfork child. Not a public API. */
+#ifndef RETEST_CGROUP_H
+#define RETEST_CGROUP_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+/* What the cgroup's own files say about the whole run (-1: the file or controller is absent). */
+struct cg_usage {
+    int64_t usage_us;    /* cpu.stat usage_usec */
+    int64_t user_us;     /* cpu.stat user_usec */
+    int64_t system_us;   /* cpu.stat system_usec */
+    int64_t memory_peak; /* memory.peak, bytes (the memory controller) */
+    int64_t pids_peak;   /* pids.peak (the pids controller) */
+};
+
+/* Open the cgroup directory at path (O_DIRECTORY, close-on-exec). Return the fd or -1. */
+int cg_open(const char *path);
+
+/* Open file of cgroup dfd with flags (close-on-exec added). Return the fd or -1. */
+int cg_open_file(int dfd, const char *file, int flags);
+
+/* Write text to file of cgroup dfd in one write(). Return 0, or -1 with errno. */
+int cg_write(int dfd, const char *file, const char *text);
+
+/* Return 1 if a process is in the cgroup (cgroup.events "populated 1"), 0 if none, -1 with
+ * errno if it cannot be read. events_fd: an open cgroup.events, or -1 to open it here. */
+int cg_populated(int dfd, int events_fd);
+
+/* Read cgroup.procs into pids (at most cap); return how many there are in all (may exceed
+ * cap), or -1 with errno. */
+long cg_read_procs(int dfd, pid_t *pids, long cap);
+
+/* Kill everything in the cgroup at once: cgroup.kill (Linux 5.14), or, without it, freeze,
+ * SIGKILL every pid in cgroup.procs, thaw (one pass: call again while populated). Return 0,
+ * or -1 with errno. Never reuse a cgroup after this: cgroup.kill also kills processes placed
+ * in it later (a kernel quirk). */
+int cg_kill(int dfd);
+
+/* Wait up to timeout_ns (< 0: no bound) for the cgroup to be empty, by poll() on
+ * cgroup.events (POLLPRI on each change). Return 1 if empty, 0 on timeout, -1 on error. */
+int cg_wait_empty(int dfd, int64_t timeout_ns);
+
+/* Read the accounting files into u (absent ones stay -1). */
+void cg_read_usage(int dfd, struct cg_usage *u);
+
+/* Remove the (empty) cgroup at path; retry a moment on EBUSY (the kernel releases a
+ * cgroup's last task asynchronously). Return 0 (ENOENT too), or -1 with errno. */
+int cg_remove(const char *path);
+
+#endif

@@ -1,0 +1,171 @@
+"""cgroup v2 mode of the runner: where each run's own cgroup is made, and making it.
+
+The policy lives here; the mechanism is C (``ext/cgroup.c``): the shepherd places the command
+in the cgroup at spawn, signals and kills it as a whole, waits for it to empty and removes it;
+``ext/run.c`` kills and removes it if the shepherd is lost. A run's cgroup is
+``<parent>/retest-<pid>-<n>``, made fresh for each run and never reused: once ``cgroup.kill``
+was written to a cgroup the kernel kills every process later placed in it.
+
+The parent is ``RETEST_CGROUP_PARENT`` or the caller's own cgroup (the ``0::`` line of
+``/proc/self/cgroup`` under the cgroup2 mount found in ``/proc/self/mountinfo``). Whether a
+child cgroup can be made there (root, a delegated subtree, a container with its own cgroup
+namespace) is found out by trying, once per parent.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Limits", "Unavailable", "parent_dir", "create", "mark_unusable", "unusable_reason"]
+
+_names = itertools.count(1)
+_lock = threading.Lock()
+#: Parents where a run's cgroup could not be made or used, with why (tried once each).
+_unusable: dict[str, str] = {}
+_warned: set[str] = set()
+
+
+class Unavailable(Exception):
+    """No cgroup of its own for this run; ``str()`` says why."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits of each run's cgroup, in the kernel's syntax; "" leaves a file alone."""
+
+    memory_max: str = ""
+    pids_max: str = ""
+    cpu_max: str = ""
+
+    def items(self) -> list[tuple[str, str, str]]:
+        """(file, value, setting name) for each limit that is set."""
+        table = [("memory.max", self.memory_max, "RETEST_CGROUP_MEMORY_MAX"),
+                 ("pids.max", self.pids_max, "RETEST_CGROUP_PIDS_MAX"),
+                 ("cpu.max", self.cpu_max, "RETEST_CGROUP_CPU_MAX")]
+        return [row for row in table if row[1]]
+
+
+def _v2_mount(mountinfo: str) -> Optional[tuple[str, str]]:
+    """(mount point, root within the hierarchy) of the first cgroup2 mount, or None."""
+    for line in mountinfo.splitlines():
+        left, sep, right = line.partition(" - ")
+        fields = left.split()
+        if sep and right.split()[:1] == ["cgroup2"] and len(fields) >= 5:
+            return _unescape(fields[4]), _unescape(fields[3])
+    return None
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal (\\040...)."""
+    return field.encode().decode("unicode_escape") if "\\" in field else field
+
+
+def _own_cgroup(proc_cgroup: str) -> Optional[str]:
+    """The caller's cgroup v2 path (the ``0::`` line), or None on a v1-only machine."""
+    for line in proc_cgroup.splitlines():
+        if line.startswith("0::"):
+            return line[3:] or "/"
+    return None
+
+
+#: (pid, parent) of the last parent_dir() answer: /proc is read once per process (~45 us a
+#: run otherwise). A caller moved to another cgroup keeps the first answer, as it should:
+#: the runs' cgroups stay where their siblings are.
+_own_parent: Optional[tuple[int, str]] = None
+
+
+def parent_dir(configured: str = "") -> str:
+    """The directory under which this run's cgroup would be made; raise Unavailable."""
+    global _own_parent
+    if configured:
+        return configured
+    cached = _own_parent
+    if cached is not None and cached[0] == os.getpid():
+        return cached[1]
+    parent = _find_own_parent()
+    _own_parent = (os.getpid(), parent)
+    return parent
+
+
+def _find_own_parent() -> str:
+    """The caller's own cgroup v2 directory, from /proc; raise Unavailable."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            mount = _v2_mount(f.read())
+        with open("/proc/self/cgroup", encoding="utf-8", errors="surrogateescape") as f:
+            own = _own_cgroup(f.read())
+    except OSError as err:
+        raise Unavailable(f"cannot read /proc: {err}") from err
+    if mount is None:
+        raise Unavailable("no cgroup v2 mount in /proc/self/mountinfo")
+    if own is None:
+        raise Unavailable("no cgroup v2 line (0::) in /proc/self/cgroup")
+    point, root = mount
+    if root != "/" and (own == root or own.startswith(root.rstrip("/") + "/")):
+        own = own[len(root.rstrip("/")):] or "/"  # a mount of a subtree (no cgroup namespace)
+    return os.path.normpath(point + "/" + own.lstrip("/"))
+
+
+def unusable_reason(parent: str) -> Optional[str]:
+    """Why runs under ``parent`` cannot have a cgroup of their own, if that is known."""
+    return _unusable.get(parent)
+
+
+def mark_unusable(parent: str, why: str) -> bool:
+    """Remember that ``parent`` cannot be used; return True the first time (log it then)."""
+    with _lock:
+        if parent in _unusable:
+            return False
+        _unusable[parent] = why
+        return True
+
+
+def create(parent: str, limits: Limits) -> str:
+    """Make this run's cgroup under ``parent`` with ``limits``; return its path.
+
+    Raise Unavailable (and remember it for ``parent``) when no child cgroup can be made there.
+    A limit whose controller is not enabled for ``parent`` is skipped with one warning.
+    """
+    known = _unusable.get(parent)
+    if known is not None:
+        raise Unavailable(known)
+    path = os.path.join(parent, f"retest-{os.getpid()}-{next(_names)}")
+    try:
+        os.mkdir(path)
+    except OSError as err:
+        why = f"cannot create a cgroup in {parent}: {os.strerror(err.errno or 0)}"
+        if err.errno in (errno.EEXIST,):  # a stale one of a dead caller with our pid: once more
+            return create(parent, limits)
+        mark_unusable(parent, why)
+        raise Unavailable(why) from err
+    if not os.path.exists(os.path.join(path, "cgroup.events")):
+        os.rmdir(path)
+        why = f"{parent} is not a cgroup v2 directory"
+        mark_unusable(parent, why)
+        raise Unavailable(why)
+    for name, value, setting in limits.items():
+        _apply_limit(path, name, value, setting, parent)
+    return path
+
+
+def _apply_limit(path: str, name: str, value: str, setting: str, parent: str) -> None:
+    """Write one limit; warn once per setting when its controller is absent."""
+    try:
+        with open(os.path.join(path, name), "w", encoding="ascii") as f:
+            f.write(value)
+    except OSError as err:
+        with _lock:
+            first = setting not in _warned
+            _warned.add(setting)
+        if first:
+            why = ("the controller is not enabled for " + parent) if err.errno == errno.ENOENT \
+                else os.strerror(err.errno or 0)
+            log.warning("retest: %s=%s not applied: %s (%s)", setting, value, why, name)

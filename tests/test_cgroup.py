@@ -1,0 +1,287 @@
+"""cgroup v2 mode and the leak report (issue 10, items 1 and 4).
+
+cgroup-only: a shepherd SIGKILLed mid-run still leaves no setsid escapee (the caller kills
+the cgroup), and each run's cgroup is empty and removed when run() returns. In both modes: a
+fork storm bounded by pids.max is contained with nothing left, the leak report names what the
+command left behind, and ``--fail-on-leak`` fails such a run. Whatever a test's tree records
+in its ``pid_dir`` is killed afterwards (conftest), pass or fail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import textwrap
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from helpers_proc import PY, alive, child_env, kill_recorded, pid_alive, py, recorded_pids, wait_until
+from retest import proc_group
+from retest.proc_group import RunResult, run
+
+ESCAPEE = 'setsid sh -c \'touch "$D/$$"; exec sleep 60\' & while [ -z "$(ls "$D")" ]; do sleep 0.01; done; '
+
+
+def _shepherd_of(leader: int) -> int:
+    return int(Path(f"/proc/{leader}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+# ----------------------------------------------------------------------------- cgroup only
+
+
+def test_shepherd_killed_mid_run_leaves_no_setsid_escapee(cgroup_mode: str, pid_dir: Path) -> None:
+    """Without a cgroup only the shepherd knew the escapee (docs: Known limits); now the caller
+    kills the run's cgroup when its shepherd is lost."""
+    cmd = ESCAPEE + f'touch "$D/leader-$$"; exec sleep 60'
+    outcome: dict[str, RunResult] = {}
+    worker = threading.Thread(target=lambda: outcome.update(result=run(
+        ["sh", "-c", cmd], env=dict(os.environ, D=str(pid_dir)), grace=1, backend="native")))
+    worker.start()
+    try:
+        assert wait_until(lambda: len(recorded_pids(pid_dir)) == 2, timeout=10)
+        leader = int(next(n for n in os.listdir(pid_dir) if n.startswith("leader-")).split("-")[1])
+        (escapee,) = [p for p in recorded_pids(pid_dir) if p != leader]
+        os.kill(_shepherd_of(leader), signal.SIGKILL)
+        worker.join(5)
+        hung = worker.is_alive()
+        escapee_alive = pid_alive(escapee)
+    finally:
+        kill_recorded(recorded_pids(pid_dir))
+        worker.join(10)
+    assert not hung
+    result = outcome["result"]
+    assert "shepherd lost" in (result.spawn_error or "")
+    assert result.containment == "cgroup"
+    assert not escapee_alive  # was: alive, out of everyone's reach
+    assert result.cgroup is not None and not os.path.exists(result.cgroup)
+
+
+@pytest.mark.parametrize("end", ["passes", "sweep", "deadline", "sigterm-ignored"])
+def test_each_runs_cgroup_is_emptied_and_removed(cgroup_mode: str, pid_dir: Path, end: str) -> None:
+    tail = {"passes": "exit 0", "sweep": "exit 0", "deadline": "exec sleep 60",
+            "sigterm-ignored": "trap '' TERM; sleep 60"}[end]
+    cmd = (ESCAPEE if end != "passes" else "") + "cat /proc/self/cgroup; " + tail
+    result = run(["sh", "-c", cmd], env=dict(os.environ, D=str(pid_dir)), timeout=1, grace=0.3,
+                 backend="native")
+
+    assert result.containment == "cgroup"
+    assert result.cgroup is not None
+    name = os.path.basename(result.cgroup)
+    assert re.fullmatch(rf"retest-{os.getpid()}-\d+", name), name
+    assert f"0::/{name}\n".encode() in result.stdout or f"/{name}\n".encode() in result.stdout
+    assert not os.path.exists(result.cgroup)  # rmdir succeeded: nothing was left in it
+    assert alive(recorded_pids(pid_dir)) == []
+    assert result.timed_out == (end in ("deadline", "sigterm-ignored"))
+    assert result.escalated == (end == "sigterm-ignored")
+    assert result.user_cpu_s + result.sys_cpu_s > 0  # from the cgroup's cpu.stat
+
+
+def test_a_new_cgroup_for_every_run(cgroup_mode: str) -> None:
+    """A killed cgroup kills whatever is placed in it later: never reuse one."""
+    first = run(["sh", "-c", "sleep 60"], timeout=0.2, grace=0.2, backend="native")
+    second = run(["true"], timeout=10, backend="native")
+    assert first.timed_out and second.returncode == 0
+    assert first.cgroup != second.cgroup
+
+
+# ----------------------------------------------------------------------------- choice
+
+
+def test_cgroup_required_where_impossible_is_a_spawn_error(native: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """RETEST_CONTAINMENT=cgroup must not silently contain less; auto falls back."""
+    not_a_cgroup = tmp_path / "plain-dir"
+    not_a_cgroup.mkdir()
+    monkeypatch.setenv("RETEST_CGROUP_PARENT", str(not_a_cgroup))
+
+    required = run(["true"], timeout=10, backend="native", containment="cgroup")
+    fallback = run(["true"], timeout=10, backend="native", containment="auto")
+
+    assert required.returncode is None
+    assert "cgroup" in (required.spawn_error or "") and str(not_a_cgroup) in required.spawn_error
+    assert required.containment == "none"
+    assert fallback.returncode == 0 and fallback.containment == "subreaper"
+    assert list(not_a_cgroup.iterdir()) == []
+
+
+def test_subprocess_backend_reports_no_containment() -> None:
+    result = run(["true"], timeout=10, backend="subprocess")
+    assert result.containment == "none" and result.leaks == () and result.leak_count == 0
+
+
+def test_a_limit_without_its_controller_warns_once(cgroup_mode: str, monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    first = run(["true"], timeout=10, backend="native")
+    assert first.cgroup is not None
+    parent = os.path.dirname(first.cgroup)
+    if "pids" in Path(parent, "cgroup.subtree_control").read_text().split():
+        pytest.skip("the pids controller is enabled here: pids.max applies")
+    monkeypatch.setenv("RETEST_CGROUP_PIDS_MAX", "64")
+    with caplog.at_level(logging.WARNING, logger="retest.cgroup"):
+        results = [run(["true"], timeout=10, backend="native") for _ in range(2)]
+    assert all(r.returncode == 0 and r.containment == "cgroup" for r in results)
+    warnings = [r.getMessage() for r in caplog.records if "RETEST_CGROUP_PIDS_MAX" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+
+
+# ----------------------------------------------------------------------------- fork storm
+
+FORK_STORM_CALLER = """
+import json, sys
+from retest.proc_group import run
+storm = '''
+import os, time
+open(os.path.join(%r, "leader"), "w").close()
+while True:
+    try:
+        os.fork()  # parent and child both go on forking
+    except OSError:
+        time.sleep(0.01)
+'''
+result = run([sys.executable, "-c", storm % sys.argv[1]], timeout=2, grace=0.5)
+print(json.dumps({"timed_out": result.timed_out, "containment": result.containment,
+                  "spawn_error": result.spawn_error, "killed": result.killed_at_deadline}))
+"""
+
+_storms = itertools.count()
+
+
+@pytest.fixture
+def pids_v1_cgroup() -> Iterator[Path]:
+    """A v1 pids cgroup of this test (pids.max 48): removed after, whatever is in it killed
+    (only this test's child and its descendants can be there)."""
+    root = Path("/sys/fs/cgroup/pids")
+    if os.geteuid() != 0 or not (root / "cgroup.procs").exists():
+        pytest.skip("needs root and a cgroup v1 pids hierarchy at /sys/fs/cgroup/pids")
+    group = root / f"retest-test-{os.getpid()}-{next(_storms)}"
+    group.mkdir()
+    try:
+        (group / "pids.max").write_text("48")
+        yield group
+    finally:
+        for _ in range(50):
+            members = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+            if not members:
+                break
+            kill_recorded(members)
+        group.rmdir()
+
+
+def test_fork_storm_bounded_by_pids_max_is_contained(containment: str, pids_v1_cgroup: Path,
+                                                     tmp_path: Path) -> None:
+    procs = pids_v1_cgroup / "cgroup.procs"
+    caller = subprocess.run(
+        ["sh", "-c", f'echo $$ > {procs} && exec "$0" -c "$1" "$2"', PY,
+         textwrap.dedent(FORK_STORM_CALLER), str(tmp_path)],
+        capture_output=True, timeout=60, env=child_env())
+
+    assert caller.returncode == 0, caller.stderr.decode(errors="replace")
+    report = json.loads(caller.stdout)
+    assert (tmp_path / "leader").exists()
+    assert report["spawn_error"] is None
+    assert report["containment"] == containment
+    assert report["timed_out"]
+    assert report["killed"] >= 10  # the storm filled the cgroup...
+    events = (pids_v1_cgroup / "pids.events").read_text()
+    assert int(events.split()[1]) > 0, events  # ...up to pids.max
+    assert procs.read_text() == ""  # and nothing of it is left
+
+
+# ----------------------------------------------------------------------------- leak report
+
+DAEMON = """
+import os, sys, time
+pid_dir = sys.argv[1]
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        open(os.path.join(pid_dir, str(os.getpid())), "w").close()
+        os.execv("/bin/sleep", ["sleep", "60.5"])
+    os._exit(0)
+while not os.listdir(pid_dir):
+    time.sleep(0.005)
+time.sleep(0.3)
+"""
+
+
+def test_leak_report_names_the_daemon_left_by_the_command(containment: str, pid_dir: Path) -> None:
+    result = run(py(DAEMON, str(pid_dir)), timeout=30, grace=1, backend="native")
+
+    (daemon,) = recorded_pids(pid_dir)
+    assert result.returncode == 0 and result.containment == containment
+    assert result.leak_count == 1 and len(result.leaks) == 1
+    pid, cmdline, age = result.leaks[0]
+    assert pid == daemon
+    assert cmdline == "sleep 60.5"
+    assert age is not None and 0.25 <= age < 10
+    assert not pid_alive(daemon)
+    assert result.to_dict()["leaks"] == [{"pid": daemon, "cmdline": "sleep 60.5", "age_s": age}]
+
+
+def test_leak_report_is_bounded_and_cuts_long_command_lines(containment: str, pid_dir: Path) -> None:
+    long_arg = "0" * 300  # GNU sleep adds up its arguments: 60 + 0
+    cmd = (f'for i in $(seq 55); do setsid sh -c \'touch "$0/$$"; exec sleep 60 "$1"\' "$D" {long_arg} & done; '
+           'while [ "$(ls "$D" | wc -l)" -lt 55 ]; do sleep 0.01; done')
+    result = run(["sh", "-c", cmd], env=dict(os.environ, D=str(pid_dir)), timeout=30, grace=1,
+                 backend="native")
+
+    assert result.returncode == 0
+    assert result.leak_count == 55 and len(result.leaks) == 50
+    assert {pid for pid, _, _ in result.leaks} <= set(recorded_pids(pid_dir))
+    for _, cmdline, _ in result.leaks:
+        assert cmdline == ("sleep 60 " + long_arg)[:200]
+    assert alive(recorded_pids(pid_dir)) == []
+
+
+def test_a_clean_run_reports_no_leak(containment: str) -> None:
+    result = run(["sh", "-c", "sleep 0.01 & wait"], timeout=30, backend="native")
+    assert result.returncode == 0 and result.leaks == () and result.leak_count == 0
+
+
+@pytest.mark.parametrize("how", ["flag", "setting"])
+def test_fail_on_leak_fails_a_run_that_left_a_process(containment: str, pid_dir: Path, how: str) -> None:
+    cmd = [PY, "-m", "retest", "run", "--json", "--timeout", "30"]
+    env = child_env(D=str(pid_dir))
+    if how == "flag":
+        cmd.append("--fail-on-leak")
+    else:
+        env["RETEST_FAIL_ON_LEAK"] = "1"
+    leaky = cmd + ["--", "sh", "-c", ESCAPEE + "exit 0"]
+    done = subprocess.run(leaky, capture_output=True, timeout=60, env=env)
+    clean = subprocess.run(cmd + ["--", "true"], capture_output=True, timeout=60, env=env)
+
+    doc = json.loads(done.stdout)
+    assert done.returncode == 1, done.stderr
+    assert (doc["verdict"], doc["rule"], doc["evidence"]) == ("other", "other.leaked-processes", "runner")
+    assert doc["returncode"] == 0 and doc["leak_count"] == 1
+    assert doc["containment"] == containment
+    assert "sleep 60" in doc["reason"]
+    assert clean.returncode == 0 and json.loads(clean.stdout)["rule"] == "passed.exit-0"
+    assert alive(recorded_pids(pid_dir)) == []
+
+
+def test_leaks_do_not_fail_a_run_by_default_nor_override_other_verdicts() -> None:
+    base = dict(args=("true",), stdout=b"", stderr=b"", duration_s=0.1, spawn_error=None,
+                backend="native", leaks=((4242, "sleep 60", 1.5),), leak_count=1)
+    passed = RunResult(returncode=0, timed_out=False, **base)  # type: ignore[arg-type]
+    timed_out = RunResult(returncode=-15, timed_out=True, **base)  # type: ignore[arg-type]
+    failed = RunResult(returncode=3, timed_out=False, **base)  # type: ignore[arg-type]
+
+    assert proc_group.classify(passed, fail_on_leak=False).rule == "passed.exit-0"
+    leaked = proc_group.classify(passed, fail_on_leak=True)
+    assert (leaked.kind, leaked.rule, leaked.evidence, leaked.infra) == \
+        ("other", "other.leaked-processes", "runner", False)
+    assert "4242 'sleep 60' (1.5s)" in leaked.reason
+    assert proc_group.classify(timed_out, fail_on_leak=True).rule == "timeout.deadline"
+    assert proc_group.classify(failed, fail_on_leak=True).rule == "other.exit-status"
