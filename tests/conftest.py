@@ -187,3 +187,11 @@ def native() -> str:
             pytest.fail(f"native backend required but unavailable: {why}")
         pytest.skip(f"native backend unavailable: {why}")
     return "native"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator["object"]:
+    """One test, both ledger backends (issue 12): see ``tests/ledgers.py``."""
+    from ledgers import place
+
+    yield from place(request.param, tmp_path)
