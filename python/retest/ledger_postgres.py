@@ -100,7 +100,7 @@ class _PgTx:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         # The shared policy writes "?" placeholders (SQLite's); psycopg's are "%s".
-        return self._conn.execute(sql.replace("?", "%s"), tuple(params))  # type: ignore[call-overload]
+        return self._conn.execute(sql.replace("?", "%s"), tuple(params))
 
     def now(self) -> float:
         row = self._conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
