@@ -34,6 +34,12 @@ def _set_subreaper() -> bool:
 SUBREAPER = _set_subreaper()
 
 
+def set_subreaper(on: bool) -> None:
+    """Turn this process's subreaper role on or off (off only briefly: ``ledgers.server``)."""
+    if SUBREAPER:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+
+
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid`` from /proc (all its threads)."""
     kids: list[int] = []

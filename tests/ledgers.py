@@ -99,3 +99,37 @@ def place(backend: str, tmp_path: Path) -> Iterator[LedgerPlace]:
         yield where
     finally:
         where.drop()
+
+
+THROWAWAY_DIR = os.environ.get("PG_THROWAWAY_DIR", "").strip()
+CONTROL = Path(__file__).resolve().parents[1] / ".ci" / "postgres"
+
+
+def require_throwaway() -> str:
+    """The cluster ``.ci/postgres start`` made (a test may stop and restart it), or skip/fail."""
+    require_server()
+    if not THROWAWAY_DIR or not CONTROL.exists():
+        message = "no throw-away cluster to restart (PG_THROWAWAY_DIR from .ci/postgres start)"
+        if REQUIRED:
+            pytest.fail(f"RETEST_REQUIRE_POSTGRES=1 but {message}", pytrace=False)
+        pytest.skip(message)
+    return THROWAWAY_DIR
+
+
+def server(action: str) -> None:
+    """``halt``, ``resume`` or ``restart`` the throw-away server.
+
+    The server is no child of this test run: while ``pg_ctl`` daemonizes it, pytest stops
+    being a subreaper, so the new postmaster is re-parented to init, not to us (the guard in
+    conftest would rightly call it a leftover otherwise).
+    """
+    import subprocess
+
+    from conftest import set_subreaper
+
+    set_subreaper(False)
+    try:
+        subprocess.run(["bash", str(CONTROL), action, require_throwaway()], check=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    finally:
+        set_subreaper(True)
