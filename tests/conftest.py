@@ -35,6 +35,12 @@ def _set_subreaper() -> bool:
 SUBREAPER = _set_subreaper()
 
 
+def set_subreaper(on: bool) -> None:
+    """Turn this process's subreaper role on or off (off only briefly: ``ledgers.server``)."""
+    if SUBREAPER:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+
+
 def children_of(pid: int) -> list[int]:
     """Direct children of ``pid`` from /proc (all its threads)."""
     kids: list[int] = []
@@ -228,3 +234,11 @@ def cgroup_mode(native: str, monkeypatch: pytest.MonkeyPatch) -> str:
         pytest.skip(f"cgroup mode unavailable: {why}")
     monkeypatch.setenv("RETEST_CONTAINMENT", "cgroup")
     return "cgroup"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator["object"]:
+    """One test, both ledger backends (issue 12): see ``tests/ledgers.py``."""
+    from ledgers import place
+
+    yield from place(request.param, tmp_path)

@@ -7,6 +7,7 @@ git config), so the repositories are the same on every machine.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from retest import proc_group
+from retest.gitops import KEPT_WORKTREE_PREFIX, WORKTREE_PREFIX, GateLock
 
 import retest
 
@@ -51,6 +53,8 @@ def gate_env(home: Path, **extra: str) -> dict[str, str]:
         "RETEST_KILL_GRACE_S": "0.5",
         "MERGE_GATE_LOCK_WAIT_S": "0.5",
         "MERGE_GATE_INFRA_RETRY_BACKOFF_S": "1",
+        # The gate's kept worktree (and any temporary one) in the test's own folder.
+        "MERGE_GATE_WORKTREE_DIR": str(home / "worktrees"),
     }
     if "TMPDIR" in os.environ:
         env["TMPDIR"] = os.environ["TMPDIR"]
@@ -114,8 +118,18 @@ class Repo:
             "index": hashlib.sha256(index.read_bytes()).hexdigest() if index.exists() else None,
             "status": self.git("status", "--porcelain", "--untracked-files=all"),
             "files": files,
-            "worktrees": self.git("worktree", "list", "--porcelain"),
+            "worktrees": user_worktrees(self.git("worktree", "list", "--porcelain")),
         }
+
+    def gate_worktrees(self) -> list[str]:
+        """Temporary gate worktrees git lists (the kept one is not among them)."""
+        return [block for block in self.git("worktree", "list", "--porcelain").split("\n\n")
+                if WORKTREE_PREFIX in block and KEPT_WORKTREE_PREFIX not in block]
+
+
+def user_worktrees(porcelain: str) -> str:
+    """``git worktree list --porcelain`` without the gate's kept worktree (its own, by design)."""
+    return "\n\n".join(block for block in porcelain.split("\n\n") if KEPT_WORKTREE_PREFIX not in block)
 
 
 def make_repo(root: Path, *, env: Optional[dict[str, str]] = None, files: Optional[Mapping[str, str]] = None) -> Repo:
@@ -147,3 +161,28 @@ FAILING_TEST = textwrap.dedent("""\
     """)
 
 PY = sys.executable
+
+
+#: A test that writes its pid to ``$SUITE_PID_FILE`` (atomically), then sleeps a minute.
+SLOW_SUITE = textwrap.dedent("""\
+    import os, time
+
+
+    def test_slow():
+        with open(os.environ["SUITE_PID_FILE"] + ".tmp", "w") as handle:
+            handle.write(str(os.getpid()))
+        os.replace(os.environ["SUITE_PID_FILE"] + ".tmp", os.environ["SUITE_PID_FILE"])
+        time.sleep(60)
+""")
+
+
+def lock_is_free(repo: Repo) -> bool:
+    """Nobody holds the repository's gate lock (we can take it at once, and let it go)."""
+    fd = os.open(repo.path / ".git" / GateLock.FILENAME, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)

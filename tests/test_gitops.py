@@ -83,7 +83,7 @@ def test_worktree_is_detached_and_removed(repo: Repo) -> None:
     finally:
         worktree.remove()
     assert not os.path.exists(worktree.parent)
-    assert "retest-gate-" not in repo.git("worktree", "list", "--porcelain")
+    assert repo.gate_worktrees() == []
     assert repo.head("feature") == sha
 
 

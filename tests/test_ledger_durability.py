@@ -14,7 +14,6 @@ ledger is as consistent as above.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import random
@@ -33,7 +32,7 @@ from typing import Any, Optional
 import pytest
 
 from conftest import descendants, pid_alive, reap_own_zombies, wait_until
-from gitrepo import PYTHON_DIR, Repo, make_repo
+from gitrepo import PYTHON_DIR, SLOW_SUITE, Repo, lock_is_free, make_repo
 from retest import gitops
 from retest.ledger import Ledger
 from retest.merge_gate import GateMetrics, retest_branch
@@ -240,18 +239,6 @@ def test_a_claim_is_taken_over_only_from_a_dead_claimant(tmp_path: Path) -> None
 
 # --------------------------------------------------------------------------- the whole gate
 
-SLOW_SUITE = textwrap.dedent("""\
-    import os, time
-
-
-    def test_slow():
-        with open(os.environ["SUITE_PID_FILE"] + ".tmp", "w") as handle:
-            handle.write(str(os.getpid()))
-        os.replace(os.environ["SUITE_PID_FILE"] + ".tmp", os.environ["SUITE_PID_FILE"])
-        time.sleep(60)
-""")
-
-
 def gate_cli(repo: Repo, env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "retest", "gate", "--repo", str(repo.path), *args],
                             env=env, cwd=repo.path, stdin=subprocess.DEVNULL,
@@ -263,17 +250,6 @@ def no_process_left(timeout: float) -> bool:
         reap_own_zombies()
         return not [p for p in descendants() if pid_alive(p)]
     return wait_until(gone, timeout=timeout, interval=0.05)
-
-
-def lock_is_free(repo: Repo) -> bool:
-    fd = os.open(repo.path / ".git" / gitops.GateLock.FILENAME, os.O_RDWR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def test_a_gate_killed_while_its_suite_runs_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -299,13 +275,14 @@ def test_a_gate_killed_while_its_suite_runs_leaves_nothing_behind(tmp_path: Path
     assert no_process_left(timeout=10), [p for p in descendants() if pid_alive(p)]
     assert not pid_alive(suite_pid)
     assert lock_is_free(repo)
-    assert "retest-gate-" in repo.git("worktree", "list", "--porcelain")  # left by the dead gate
+    # The dead gate's worktree is still there: the kept one (issue 12), which the next gate moves.
+    assert gitops.KEPT_WORKTREE_PREFIX in repo.git("worktree", "list", "--porcelain")
 
     # The next gate runs at once (no stale lock), clears the dead gate's worktree, and decides.
     ledger_path = Path(env["RETEST_LEDGER_PATH"])
     decision = retest_branch(repo.path, "feature", env=env, metrics=GateMetrics())
     assert (decision.action, decision.rule) == ("merge", "passed.exit-0")
-    assert "retest-gate-" not in repo.git("worktree", "list", "--porcelain")
+    assert repo.gate_worktrees() == []
     # The killed gate recorded nothing (it never decided); the ledger is whole.
     assert integrity(ledger_path) == "ok"
     ledger = Ledger(ledger_path, busy_timeout_s=5)
@@ -379,7 +356,7 @@ def test_gates_killed_at_random_moments_keep_the_ledger_consistent(tmp_path: Pat
     assert 1 <= len(sent) <= 1 + killed, context
     assert {json.loads(line)["rule"] for line in sent} == {"lock-busy.sqlite"}
     # No stale worktree survives the next gate.
-    assert "retest-gate-" not in repo.git("worktree", "list", "--porcelain")
+    assert repo.gate_worktrees() == []
 
 
 def test_a_gate_sends_the_alert_a_killed_gate_claimed_but_never_sent(tmp_path: Path) -> None:

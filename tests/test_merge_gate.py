@@ -54,10 +54,15 @@ def ledger_of(env: dict[str, str]) -> Ledger:
 
 
 def assert_no_gate_worktree(repo: Repo, decision: GateDecision) -> None:
-    assert "retest-gate-" not in repo.git("worktree", "list", "--porcelain")
+    """No temporary worktree is left; the kept one (issue 12) is consistent: no rebase in progress."""
+    assert repo.gate_worktrees() == []
     path = decision.evidence.get("worktree")
-    if path:
+    if path and gitops.KEPT_WORKTREE_PREFIX not in path:
         assert not os.path.exists(os.path.dirname(path))
+    elif path and os.path.exists(path):
+        kept = gitops.KeptWorktree(str(repo.path), str(repo.path / ".git"), repo.env, 30,
+                                   os.path.dirname(os.path.dirname(path)))
+        assert kept.suspect() is None
 
 
 # --------------------------------------------------------------------------- the routing table

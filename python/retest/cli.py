@@ -178,8 +178,8 @@ def _add_gate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
                    help="the suite, split like a shell would but never run by one "
                    "(default: MERGE_RETEST_COMMAND or 'python -m pytest -q')")
     p.add_argument("--ledger", default=None, metavar="PATH",
-                   help="the SQLite ledger (default: RETEST_LEDGER_PATH or "
-                   "$XDG_STATE_HOME/retest/ledger.sqlite3)")
+                   help="a SQLite ledger (default: RETEST_LEDGER_URL's PostgreSQL ledger, else "
+                   "RETEST_LEDGER_PATH or $XDG_STATE_HOME/retest/ledger.sqlite3)")
     p.add_argument("--json", action="store_true", help="print the decision as one JSON object")
     p.set_defaults(func=_cmd_gate)
 
@@ -190,10 +190,18 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 
     settings = config.GateSettings.from_env()
     ledger = Ledger(args.ledger, busy_timeout_s=settings.ledger_busy_timeout_s) if args.ledger else None
-    decision = merge_gate.retest_branch(
-        args.repo, args.branch, onto=args.onto, task_id=args.task, validated_sha=args.validated_sha,
-        command=args.command, timeout=args.timeout, settings=settings, ledger=ledger,
-    )
+    try:
+        # Issue 12: SIGTERM/SIGINT/SIGHUP remove the worktree and release the lock before exit.
+        with merge_gate.exit_cleanly_on_signals():
+            decision = merge_gate.retest_branch(
+                args.repo, args.branch, onto=args.onto, task_id=args.task,
+                validated_sha=args.validated_sha, command=args.command, timeout=args.timeout,
+                settings=settings, ledger=ledger,
+            )
+    except merge_gate.GateSignalled as stop:
+        print(f"retest gate: {stop}; the worktree was cleaned up and the lock released",
+              file=sys.stderr)
+        return 128 + stop.signum
     doc = redact.redact_decision(decision.to_dict(), redact.FILTER.secrets())
     if args.json:
         print(json.dumps(doc, sort_keys=True))
@@ -223,7 +231,8 @@ def _add_serve_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8765, help="port (default: 8765; 0: any free port)")
     p.add_argument("--ledger", default=None, metavar="PATH",
-                   help="the SQLite ledger to read (default: RETEST_LEDGER_PATH or the XDG default)")
+                   help="the SQLite ledger to read (default: RETEST_LEDGER_URL's PostgreSQL "
+                   "ledger, else RETEST_LEDGER_PATH or the XDG default)")
     p.add_argument("--port-file", default=None, metavar="PATH",
                    help="once listening, write {host, port, pid} as JSON to PATH (atomically)")
     p.set_defaults(func=_cmd_serve)
@@ -231,10 +240,12 @@ def _add_serve_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from . import config, status
-    from .ledger import Ledger
+    from .ledger import Ledger, LedgerBackend, open_ledger
 
     settings = config.GateSettings.from_env()
-    ledger = Ledger(args.ledger or settings.ledger_path, busy_timeout_s=settings.ledger_busy_timeout_s)
+    # --ledger PATH: that SQLite file; else the configured backend (RETEST_LEDGER_URL or SQLite).
+    ledger: LedgerBackend = Ledger(args.ledger, busy_timeout_s=settings.ledger_busy_timeout_s) \
+        if args.ledger else open_ledger()
     try:
         server = status.make_server(args.host, args.port, ledger=ledger)
     except OSError as err:

@@ -322,3 +322,78 @@ def command_argv(command: Union[str, Sequence[str], None], configured: str,
     if isinstance(command, str):
         return shlex.split(command)
     return [os.fspath(part) for part in command]
+
+
+# --------------------------------------------------------------------------- fleet: ledger backends, kept worktrees (issue 12)
+
+DEFAULT_LEDGER_CONNECT_TIMEOUT_S = 5.0
+DEFAULT_LEDGER_RECONNECT_S = 15.0
+DEFAULT_LEDGER_CLAIM_LEASE_S = 90.0
+#: A claim's lease must outlast the alert command it covers by at least this much.
+LEDGER_CLAIM_LEASE_MARGIN_S = 5.0
+LEDGER_URL_SCHEMES = ("postgresql://", "postgres://")
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    """Which ledger backend, and how it behaves across hosts and connection loss (``retest.ledger``).
+
+    ``url`` empty: the SQLite file of ``GateSettings.ledger_path``. Kept out of repr(): a URL
+    may carry a password.
+    """
+
+    url: str = field(default="", repr=False)
+    connect_timeout_s: float = DEFAULT_LEDGER_CONNECT_TIMEOUT_S
+    reconnect_s: float = DEFAULT_LEDGER_RECONNECT_S
+    claim_lease_s: float = DEFAULT_LEDGER_CLAIM_LEASE_S
+    #: Empty: derived from the machine id, boot id and pid namespace (``ledger.host_identity``).
+    host_id: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "LedgerSettings":
+        env = os.environ if environ is None else environ
+        url = env_str("RETEST_LEDGER_URL", "", env).strip()
+        if url and not url.startswith(LEDGER_URL_SCHEMES):
+            # Never echo the value: it may hold a password.
+            _warn_once("RETEST_LEDGER_URL", "(not shown)",
+                       "not a postgresql:// URL; using the SQLite ledger")
+            url = ""
+        alert_timeout = env_float("MERGE_GATE_ALERT_TIMEOUT_S", DEFAULT_ALERT_TIMEOUT_S, env)
+        lease = env_float("RETEST_LEDGER_CLAIM_LEASE_S", DEFAULT_LEDGER_CLAIM_LEASE_S, env)
+        floor = alert_timeout + LEDGER_CLAIM_LEASE_MARGIN_S
+        if lease < floor:
+            # A lease shorter than the alert command may run would let another host take a
+            # claim over while its claimant is still sending: a double alert.
+            _warn_once("RETEST_LEDGER_CLAIM_LEASE_S", str(lease),
+                       f"shorter than MERGE_GATE_ALERT_TIMEOUT_S + {LEDGER_CLAIM_LEASE_MARGIN_S:g}; "
+                       f"using {floor:g}")
+            lease = floor
+        return cls(
+            url=url,
+            connect_timeout_s=env_float("RETEST_LEDGER_CONNECT_TIMEOUT_S",
+                                        DEFAULT_LEDGER_CONNECT_TIMEOUT_S, env),
+            reconnect_s=env_float("RETEST_LEDGER_RECONNECT_S", DEFAULT_LEDGER_RECONNECT_S, env,
+                                  positive=False),
+            claim_lease_s=lease,
+            host_id=env_str("RETEST_HOST_ID", "", env).strip()[:200],
+        )
+
+
+@dataclass(frozen=True)
+class WorktreeSettings:
+    """Where and how the gate keeps its per-repository worktree (``retest.gitops``)."""
+
+    #: ``MERGE_GATE_KEEP_WORKTREE_ENABLED`` (kill-switch, default on; off: a fresh temporary
+    #: worktree per attempt, the prior behaviour).
+    keep_enabled: bool = True
+    #: Parent folder of gate worktrees; empty: the system's temporary folder.
+    root: str = ""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "WorktreeSettings":
+        env = os.environ if environ is None else environ
+        root = env_str("MERGE_GATE_WORKTREE_DIR", "", env).strip()
+        if root and not os.path.isabs(root):
+            _warn_once("MERGE_GATE_WORKTREE_DIR", root, "not an absolute path; using the temporary folder")
+            root = ""
+        return cls(keep_enabled=env_bool("MERGE_GATE_KEEP_WORKTREE_ENABLED", True, env), root=root)

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -52,6 +54,12 @@ __all__ = [
     "Worktree",
     "RebaseOutcome",
     "WORKTREE_PREFIX",
+    "KEPT_WORKTREE_PREFIX",
+    "KeptWorktree",
+    "gate_worktree",
+    "linear_history",
+    "remove_stale_worktrees",
+    "sweep_dead_gate_dirs",
 ]
 
 SAFE_CONFIG: tuple[str, ...] = (
@@ -78,9 +86,14 @@ REDIRECTING_ENV = frozenset({
     "GIT_REFLOG_ACTION", "GIT_CONFIG_PARAMETERS", "GIT_CONFIG_COUNT",
 })
 
-#: Temporary worktrees of the gate live in ``<tmp>/retest-gate-XXXX/wt``.
+#: Temporary worktrees of the gate live in ``<tmp>/retest-gate-<pid>.<start>-XXXX/wt``: the
+#: owner's pid and start time are in the name, so a dead gate's folder is known as such from
+#: the name alone, registered with git or not (issue 12). Older gates wrote ``retest-gate-XXXX``.
 WORKTREE_PREFIX = "retest-gate-"
-_WORKTREE_PATH = re.compile(r"/" + re.escape(WORKTREE_PREFIX) + r"[A-Za-z0-9_]+/wt$")
+#: The kept per-repository worktree: ``<root>/retest-gate-keep-<uid>-<repo hash>/wt``.
+KEPT_WORKTREE_PREFIX = WORKTREE_PREFIX + "keep-"
+_TEMP_DIR_NAME = re.compile(re.escape(WORKTREE_PREFIX) + r"(?:(\d+)\.(\d+)-)?[A-Za-z0-9_]+$")
+_WORKTREE_PATH = re.compile(r"/" + re.escape(WORKTREE_PREFIX) + r"(?:\d+\.\d+-)?[A-Za-z0-9_]+/wt$")
 
 _SHA = re.compile(r"^[0-9a-fA-F]{40}([0-9a-fA-F]{24})?$")
 _BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
@@ -218,6 +231,16 @@ def merge_base(repo: str, a: str, b: str, env: Mapping[str, str], timeout: float
     return sha
 
 
+def linear_history(repo: str, base: str, head: str, env: Mapping[str, str], timeout: float) -> bool:
+    """True when ``base..head`` has no merge commit: git's own condition (with ``base`` an
+    ancestor of ``head``) for ``git rebase base`` to leave HEAD where it is."""
+    result = git(["rev-list", "--min-parents=2", "--count", f"{base}..{head}"],
+                 cwd=repo, env=env, timeout=timeout)
+    if not result.ok:
+        raise git_failure("git rev-list --min-parents=2", result)
+    return _text(result) == "0"
+
+
 # --------------------------------------------------------------------------- the gate lock
 
 
@@ -281,16 +304,44 @@ class RebaseOutcome:
     result: Optional[proc_group.RunResult]
 
 
+def _start_time(pid: int) -> Optional[int]:
+    """The start time of ``pid`` (clock ticks since boot, /proc/PID/stat field 22); ``None`` if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] == b"Z":
+        return None
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _owner_tag() -> str:
+    """``<pid>.<start time>`` of this process: who owns a temporary gate folder."""
+    return f"{os.getpid()}.{_start_time(os.getpid()) or 0}"
+
+
 class Worktree:
     """A detached, temporary worktree of ``repo`` at ``commit``; always removed by ``remove()``."""
 
-    def __init__(self, repo: str, env: Mapping[str, str], timeout: float) -> None:
+    #: False: this worktree is removed after the attempt (``KeptWorktree``: True).
+    kept = False
+
+    def __init__(self, repo: str, env: Mapping[str, str], timeout: float,
+                 root: Optional[str] = None) -> None:
         self.repo = repo
         self.env = env
         self.timeout = timeout
-        self.parent = tempfile.mkdtemp(prefix=WORKTREE_PREFIX)
+        if root:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+        self.parent = tempfile.mkdtemp(prefix=f"{WORKTREE_PREFIX}{_owner_tag()}-", dir=root or None)
         self.path = os.path.join(self.parent, "wt")
         self.added = False
+        #: How the worktree was brought to the commit: ``added`` (fresh) or ``moved`` (kept).
+        self.how = "added"
 
     def add(self, commit: str) -> proc_group.RunResult:
         result = git(["worktree", "add", "--detach", "--end-of-options", self.path, commit],
@@ -347,8 +398,184 @@ class Worktree:
             log.exception("could not remove the gate worktree %s", self.path)
 
 
-def remove_stale_worktrees(repo: str, env: Mapping[str, str], timeout: float) -> int:
+class KeptWorktree(Worktree):
+    """The repository's own gate worktree, kept between attempts and moved to each new commit.
+
+    ``git worktree add`` costs seconds on a large repository (every file written, fresh inodes
+    each time); moving a kept worktree (``checkout --detach -f`` + ``clean -ffdxq``) writes only
+    the files that differ. Used only under the gate lock, so one gate at a time. Rebuilt when
+    missing or suspect: registered with another repository or not at all, locked
+    (``git worktree lock``, an ``index.lock`` left by a killed git), a rebase left in
+    progress, or a move that fails. A folder of that name that is not ours (another owner, a
+    symlink) is never used: ``gate_worktree`` falls back to a temporary worktree.
+    """
+
+    kept = True
+
+    def __init__(self, repo: str, git_common_dir: str, env: Mapping[str, str], timeout: float,
+                 root: Optional[str] = None) -> None:
+        self.repo = repo
+        self.common = os.path.realpath(git_common_dir)
+        self.env = env
+        self.timeout = timeout
+        digest = hashlib.sha256(self.common.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        self.parent = os.path.join(root or tempfile.gettempdir(),
+                                   f"{KEPT_WORKTREE_PREFIX}{os.getuid()}-{digest}")
+        self.path = os.path.join(self.parent, "wt")
+        self.added = False
+        self.how = "moved"
+
+    def foreign(self) -> Optional[str]:
+        """Why the folder must not be used at all (not ours), else ``None``."""
+        try:
+            info = os.lstat(self.parent)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            return f"cannot inspect {self.parent}: {err.strerror}"
+        if not stat.S_ISDIR(info.st_mode):
+            return f"{self.parent} is not a folder"
+        if info.st_uid != os.getuid():
+            return f"{self.parent} belongs to uid {info.st_uid}"
+        if info.st_mode & 0o022:
+            return f"{self.parent} is writable by others"
+        return None
+
+    def _admin_dir(self) -> Optional[str]:
+        """``<common>/worktrees/<name>``, read from the worktree's ``.git`` file, if it is ours."""
+        try:
+            with open(os.path.join(self.path, ".git"), encoding="utf-8") as handle:
+                line = handle.read().strip()
+        except OSError:
+            return None
+        if not line.startswith("gitdir: "):
+            return None
+        admin = os.path.realpath(line[len("gitdir: "):])
+        if os.path.dirname(admin) != os.path.join(self.common, "worktrees"):
+            return None
+        try:
+            with open(os.path.join(admin, "gitdir"), encoding="utf-8") as handle:
+                back = os.path.realpath(handle.read().strip())
+        except OSError:
+            return None
+        return admin if back == os.path.realpath(os.path.join(self.path, ".git")) else None
+
+    def suspect(self) -> Optional[str]:
+        """Why the kept worktree cannot simply be moved (``"missing"`` included), else ``None``."""
+        if not os.path.isdir(self.path):
+            return "missing"
+        admin = self._admin_dir()
+        if admin is None:
+            return "not registered with this repository (foreign or corrupted)"
+        for name, why in (("locked", "locked (git worktree lock)"),
+                          ("index.lock", "locked (index.lock left by a killed git)"),
+                          ("rebase-merge", "a rebase left in progress"),
+                          ("rebase-apply", "a rebase left in progress")):
+            if os.path.exists(os.path.join(admin, name)):
+                return why
+        if not os.path.isfile(os.path.join(admin, "HEAD")):
+            return "corrupted (no HEAD)"
+        return None
+
+    def add(self, commit: str) -> proc_group.RunResult:
+        """Move the kept worktree to ``commit`` (only changed files written), or rebuild it."""
+        problem = self.suspect()
+        if problem is None:
+            moved = git(["checkout", "--detach", "--force", commit], cwd=self.path, env=self.env,
+                        timeout=self.timeout)
+            if moved.ok:
+                cleaned = git(["clean", "-ffdxq"], cwd=self.path, env=self.env, timeout=self.timeout)
+                if cleaned.ok:
+                    self.added, self.how = True, "moved"
+                    return cleaned
+                problem = "git clean failed"
+            else:
+                problem = "git checkout failed"
+        if problem != "missing":
+            log.warning("rebuilding the kept gate worktree %s: %s", self.path, problem)
+        self.discard()
+        os.makedirs(self.parent, mode=0o700, exist_ok=True)
+        result = git(["worktree", "add", "--detach", "--end-of-options", self.path, commit],
+                     cwd=self.repo, env=self.env, timeout=self.timeout)
+        self.added = os.path.exists(self.path)
+        self.how = "added"
+        return result
+
+    def remove(self) -> None:
+        """Keep the worktree, unless it was left inconsistent (a killed git, a rebase in progress)."""
+        try:
+            problem = self.suspect()
+            if problem not in (None, "missing"):
+                log.warning("discarding the kept gate worktree %s: %s", self.path, problem)
+                self.discard()
+        except Exception:  # cleanup must not mask the decision
+            log.exception("could not check the kept gate worktree %s", self.path)
+
+    def discard(self) -> None:
+        """Remove the kept worktree and its registration; never raises."""
+        try:
+            if os.path.isdir(self.path):
+                git(["worktree", "remove", "--force", "--force", self.path],
+                    cwd=self.repo, env=self.env, timeout=self.timeout)
+            if self.foreign() is None:
+                shutil.rmtree(self.parent, ignore_errors=True)
+            git(["worktree", "prune"], cwd=self.repo, env=self.env, timeout=self.timeout)
+        except Exception:
+            log.exception("could not remove the kept gate worktree %s", self.path)
+        self.added = False
+
+
+def gate_worktree(repo: str, git_common_dir: str, env: Mapping[str, str], timeout: float, *,
+                  keep: bool = True, root: Optional[str] = None) -> Worktree:
+    """The worktree of this attempt: the kept one, or (``keep`` off, or its folder is not
+    ours) a temporary one removed afterwards."""
+    if keep:
+        kept = KeptWorktree(repo, git_common_dir, env, timeout, root)
+        why = kept.foreign()
+        if why is None:
+            return kept
+        log.warning("not using the kept gate worktree: %s; using a temporary one", why)
+    return Worktree(repo, env, timeout, root)
+
+
+def sweep_dead_gate_dirs(root: Optional[str] = None) -> int:
+    """Remove ``retest-gate-<pid>.<start>-*`` folders (ours) whose gate is dead; return how many.
+
+    Found by name, whether or not any repository still lists them (a gate killed between
+    ``mkdtemp`` and ``git worktree add`` leaves one git never heard of); the repository's own
+    registration goes at its next ``git worktree prune``. Folders of live gates, of other
+    users, and old-style names (no owner in them) are left alone.
+    """
+    base = root or tempfile.gettempdir()
+    removed = 0
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return 0
+    uid = os.getuid()
+    for entry in entries:
+        match = _TEMP_DIR_NAME.match(entry.name)
+        if match is None or match.group(1) is None:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+            continue
+        pid, started = int(match.group(1)), int(match.group(2))
+        if _start_time(pid) == started:
+            continue  # its gate is alive
+        log.warning("removing %s, left by gate pid %d, which is gone", entry.path, pid)
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed += not os.path.exists(entry.path)
+    return removed
+
+
+def remove_stale_worktrees(repo: str, env: Mapping[str, str], timeout: float,
+                           root: Optional[str] = None) -> int:
     """Remove gate worktrees a killed gate left behind; call only while holding the gate lock."""
+    sweep_dead_gate_dirs(root)
     git(["worktree", "prune"], cwd=repo, env=env, timeout=timeout)
     result = git(["worktree", "list", "--porcelain"], cwd=repo, env=env, timeout=timeout)
     if not result.ok:

@@ -42,15 +42,17 @@ import math
 import os
 import re
 import shlex
+import signal
 import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 from . import config, gitops, layout, proc_group, redact
-from .ledger import Ledger, LedgerBusy, LedgerError
+from .ledger import LedgerBackend, LedgerBusy, LedgerError, open_ledger
 
 log = logging.getLogger(__name__)
 # The gate's own records and those of the git it runs: redacted whoever configures logging.
@@ -68,6 +70,8 @@ __all__ = [
     "classify_retest_failure",
     "queue_block",
     "check_regression_markers",
+    "GateSignalled",
+    "exit_cleanly_on_signals",
 ]
 
 #: What the gate tells the orchestrator to do.
@@ -218,7 +222,7 @@ METRICS = GateMetrics()
 
 def queue_block(
     *,
-    ledger: Optional[Ledger] = None,
+    ledger: Optional[LedgerBackend] = None,
     settings: Optional[config.GateSettings] = None,
     metrics: Optional[GateMetrics] = None,
     recent: Optional[int] = None,
@@ -237,6 +241,7 @@ def queue_block(
     block: dict[str, Any] = {"enabled": True}
     if ledger is not None:
         block["source"] = "ledger"
+        block["ledger_backend"] = ledger.backend
         try:
             counters.update({k: v for k, v in ledger.totals().items() if k in counters})
             recent_docs = ledger.recent_decisions(limit)
@@ -357,6 +362,79 @@ def _backoff_s(settings: config.GateSettings, infra_attempt: int) -> float:
     return float(min(settings.infra_retry_backoff_s * float(2 ** exponent), settings.infra_retry_backoff_max_s))
 
 
+# --------------------------------------------------------------------------- signals (issue 12)
+
+
+class GateSignalled(BaseException):
+    """SIGTERM/SIGINT/SIGHUP reached a gate run under ``exit_cleanly_on_signals``.
+
+    A ``BaseException`` (as ``KeyboardInterrupt``): no ``except Exception`` turns it into a
+    decision. The runner takes the suite's tree down as it propagates, the ``finally`` blocks
+    remove the worktree (or leave the kept one consistent) and release the lock.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class _SignalState:
+    """Main-thread only (signals are delivered there). ``deciding``: the gate is routing and
+    recording (ledger writes, the alert and its confirmation); a signal then waits for the
+    decision to be whole, so a stop never leaves a sent alert unconfirmed (a double alert)."""
+
+    installed = False
+    deciding = False
+    pending: Optional[int] = None
+    raised = False
+
+
+_SIGNALS = _SignalState()
+GATE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    if _SIGNALS.raised:
+        return  # one is enough: the clean-up it started must not be cut short by a second
+    if _SIGNALS.deciding:
+        _SIGNALS.pending = _SIGNALS.pending or signum
+        return
+    _SIGNALS.raised = True
+    raise GateSignalled(signum)
+
+
+@contextmanager
+def exit_cleanly_on_signals() -> Iterator[None]:
+    """Within: SIGTERM, SIGINT and SIGHUP raise ``GateSignalled`` in the gate (main thread).
+
+    ``retest gate`` wraps its run in this and exits ``128 + N``. Handlers are restored after.
+    """
+    previous = {sig: signal.signal(sig, _on_signal) for sig in GATE_SIGNALS}
+    _SIGNALS.installed, _SIGNALS.deciding, _SIGNALS.pending, _SIGNALS.raised = True, False, None, False
+    try:
+        yield
+    finally:
+        _SIGNALS.installed = False
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _deciding() -> None:
+    """From here on a signal waits until the decision is recorded (``_raise_pending_signal``)."""
+    if _SIGNALS.installed and threading.current_thread() is threading.main_thread():
+        _SIGNALS.deciding = True
+
+
+def _raise_pending_signal() -> None:
+    if not (_SIGNALS.installed and threading.current_thread() is threading.main_thread()):
+        return
+    _SIGNALS.deciding = False
+    if _SIGNALS.pending is not None and not _SIGNALS.raised:
+        signum, _SIGNALS.pending = _SIGNALS.pending, None
+        _SIGNALS.raised = True
+        raise GateSignalled(signum)
+
+
 # --------------------------------------------------------------------------- one gate run
 
 
@@ -369,7 +447,7 @@ class _GateRun:
     onto: str
     task: str
     settings: config.GateSettings
-    ledger: Ledger
+    ledger: LedgerBackend
     alert_hook: Optional[AlertHook]
     base_env: dict[str, str]
     metrics: GateMetrics
@@ -398,7 +476,7 @@ def retest_branch(
     command: Union[str, Sequence[str], None] = None,
     timeout: Union[float, str, None] = None,
     settings: Optional[config.GateSettings] = None,
-    ledger: Optional[Ledger] = None,
+    ledger: Optional[LedgerBackend] = None,
     alert_hook: Optional[AlertHook] = None,
     env: Optional[Mapping[str, str]] = None,
     metrics: Optional[GateMetrics] = None,
@@ -429,7 +507,7 @@ def _retest_branch(
     command: Union[str, Sequence[str], None],
     timeout: Union[float, str, None],
     settings: Optional[config.GateSettings],
-    ledger: Optional[Ledger],
+    ledger: Optional[LedgerBackend],
     alert_hook: Optional[AlertHook],
     base_env: dict[str, str],
     secrets: frozenset[str],
@@ -438,7 +516,8 @@ def _retest_branch(
     run: Optional[_GateRun] = None
     try:
         settings = settings or config.GateSettings.from_env(base_env)
-        ledger = ledger or Ledger(settings.ledger_path, busy_timeout_s=settings.ledger_busy_timeout_s)
+        # The one place the backend is chosen (RETEST_LEDGER_URL: PostgreSQL, else SQLite).
+        ledger = ledger or open_ledger(base_env, path=settings.ledger_path)
         run = _GateRun(
             repo=os.path.abspath(os.fspath(repo_path)),
             branch=branch,
@@ -454,8 +533,10 @@ def _retest_branch(
         decision = _retest(run, validated_sha, command, timeout)
     except Exception as err:  # never-raise: an internal error holds the task, never rolls it back
         log.exception("merge gate: internal error on %r (task %r)", branch, task_id)
+        _deciding()
         decision = _internal_error(run, branch, task_id, err, secrets)
     _record(run, decision)
+    _raise_pending_signal()  # a stop that came while deciding: now, with the decision whole
     return decision
 
 
@@ -486,6 +567,23 @@ def _retest(
     except gitops.GitError as err:
         return _route(run, _git_verdict(err, settings))
 
+    # Issue 12: the skip proof needs no worktree, so it is decided before any checkout (and
+    # before the lock: a skip-merge writes nothing but the ledger).
+    try:
+        proof, doubt = _skip_proof(run, validated_sha, git_env)
+    except gitops.GitError as err:
+        return _route(run, _git_verdict(err, settings))
+    if proof is not None:
+        run.tested_sha = run.sha
+        verdict = proc_group.Verdict(
+            "passed", "passed.skip-when-current",
+            f"re-test skipped: the rebase onto {run.onto} was a no-op and HEAD {run.sha} "
+            f"is the validated sha",
+            False,
+        )
+        return _route(run, verdict, proof=proof)
+    run.evidence["skip"] = doubt
+
     lock = gitops.GateLock(common)
     if not lock.acquire(settings.gate_lock_wait_s):
         verdict = proc_group.Verdict(
@@ -496,13 +594,19 @@ def _retest(
         )
         return _route(run, _maybe_red(verdict, settings.classify_enabled))
     worktree: Optional[gitops.Worktree] = None
+    places = config.WorktreeSettings.from_env(run.base_env)
     try:
-        gitops.remove_stale_worktrees(run.repo, git_env, git_timeout)
-        worktree = gitops.Worktree(run.repo, git_env, git_timeout)
+        gitops.remove_stale_worktrees(run.repo, git_env, git_timeout, places.root or None)
+        worktree = gitops.gate_worktree(run.repo, common, git_env, git_timeout,
+                                        keep=places.keep_enabled, root=places.root or None)
         run.evidence["worktree"] = worktree.path
+        started = time.monotonic()
         added = worktree.add(run.sha)
+        run.evidence["checkout"] = {"how": worktree.how, "kept": worktree.kept,
+                                    "s": round(time.monotonic() - started, 3)}
         if not added.ok:
-            return _route(run, _git_verdict(gitops.git_failure("git worktree add", added), settings))
+            what = "git worktree add" if worktree.how == "added" else "moving the kept worktree"
+            return _route(run, _git_verdict(gitops.git_failure(what, added), settings))
         rebased = worktree.rebase(run.onto_sha)
         if rebased.status == "conflict":
             verdict = proc_group.Verdict(
@@ -514,17 +618,6 @@ def _retest(
             failure = gitops.GitError(f"git rebase failed: {rebased.detail}", rebased.result)
             return _route(run, _git_verdict(failure, settings))
         run.tested_sha = rebased.head
-
-        proof, doubt = _skip_proof(run, validated_sha)
-        if proof is not None:
-            verdict = proc_group.Verdict(
-                "passed", "passed.skip-when-current",
-                f"re-test skipped: the rebase onto {run.onto} was a no-op and HEAD {run.sha} "
-                f"is the validated sha",
-                False,
-            )
-            return _route(run, verdict, proof=proof)
-        run.evidence["skip"] = doubt
 
         argv = config.command_argv(command, settings.retest_command,
                                    settings.retest_command_is_default)
@@ -578,8 +671,14 @@ def _git_verdict(err: gitops.GitError, settings: config.GateSettings) -> proc_gr
                       settings.classify_enabled)
 
 
-def _skip_proof(run: _GateRun, validated_sha: Optional[str]) -> tuple[Optional[dict[str, str]], str]:
-    """``(proof, "")`` when skipping is proven safe, else ``(None, why not)``. Doubt runs the suite."""
+def _skip_proof(run: _GateRun, validated_sha: Optional[str],
+                git_env: Mapping[str, str]) -> tuple[Optional[dict[str, str]], str]:
+    """``(proof, "")`` when skipping is proven safe, else ``(None, why not)``. Doubt runs the suite.
+
+    Decided from the commits alone, before any checkout: ``git rebase <onto>`` leaves HEAD
+    where it is exactly when ``onto`` is an ancestor of HEAD and the history between them is
+    linear (git's own fast-forward rule; a merge commit would be linearized, changing HEAD).
+    """
     if not run.settings.skip_when_current_enabled:
         return None, "MERGE_RETEST_SKIP_WHEN_CURRENT_ENABLED=false"
     if validated_sha is None:
@@ -589,17 +688,18 @@ def _skip_proof(run: _GateRun, validated_sha: Optional[str]) -> tuple[Optional[d
         return None, f"validated sha {validated_sha!r} is not a full commit id"
     if run.merge_base is None or run.merge_base != run.onto_sha:
         return None, f"the branch does not contain {run.onto}'s tip: the rebase was not a no-op"
-    if run.tested_sha != run.sha:
-        return None, "the rebase changed HEAD"
     if run.sha != validated:
         return None, f"HEAD {run.sha} is not the validated sha {validated}"
     assert run.sha is not None and run.onto_sha is not None
+    if not gitops.linear_history(run.repo, run.onto_sha, run.sha, git_env, run.settings.git_timeout_s):
+        return None, f"the branch has merge commits since {run.onto}: the rebase would change HEAD"
     return {
         "branch_head": run.sha,
         "onto_tip": run.onto_sha,
         "merge_base": run.merge_base,
         "validated_sha": validated,
-        "rebased_head": run.tested_sha or "",
+        # What the rebase would leave: HEAD itself (no checkout was needed to know it).
+        "rebased_head": run.sha,
     }, ""
 
 
@@ -681,6 +781,7 @@ def _route(
     proof: Optional[dict[str, str]] = None,
 ) -> GateDecision:
     """Turn a verdict into a decision per the routing table (module docstring)."""
+    _deciding()
     verdict = _scrub(run, verdict)
     _count_run(run)
     killed = (result.killed_at_deadline + result.swept_after_exit) if result is not None else 0
@@ -728,7 +829,9 @@ def _handle_merge_gate_infra_retry(
         busy = isinstance(err, LedgerBusy)
         held = proc_group.Verdict(
             "lock-busy" if busy else "other",
-            "lock-busy.sqlite" if busy else "other.ledger-error",
+            # lock-busy.sqlite as before; a PostgreSQL lock wait is lock-busy.ledger.
+            ("lock-busy.sqlite" if run.ledger.backend == "sqlite" else "lock-busy.ledger")
+            if busy else "other.ledger-error",
             f"{verdict.reason}; the retry budget could not be recorded: {err}",
             busy,
         )
@@ -766,8 +869,12 @@ def _alert_once(run: _GateRun, decision: GateDecision, key: str) -> bool:
         claimed = run.ledger.claim_alert(run.task, run.key_sha, key, decision.reason,
                                          confirm_delivery=True)
     except LedgerError as err:
-        # Better two alerts than none: the task is held and a human must look.
+        # Better an alert that may repeat than none: the task is held and a human must look.
+        # Issue 12: the decision says so (other.ledger-error); the first rule stays in evidence.
         log.error("merge gate: ledger unavailable, alerting without de-duplication: %s", err)
+        decision.evidence["rule_before_ledger_error"] = decision.rule
+        decision.verdict, decision.rule = "other", "other.ledger-error"
+        decision.reason = f"{decision.reason}; the ledger could not de-duplicate the alert: {err}"
         _send_alert(run, decision, deduplicated=False)
         return True
     if claimed:

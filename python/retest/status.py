@@ -6,8 +6,8 @@
   Any other path: 404.
 
 Where the numbers come from: gates usually run in other processes (``retest gate``, the
-orchestrator), so the server reads the shared SQLite ledger (``RETEST_LEDGER_PATH``) on every
-request: totals and the last decisions of every gate process that had metrics on. Nothing the
+orchestrator), so the server reads the shared ledger (``RETEST_LEDGER_URL``'s PostgreSQL
+database, else the SQLite file ``RETEST_LEDGER_PATH``) on every request: totals and the last decisions of every gate process that had metrics on. Nothing the
 server answers contains environment values: switches, numbers and decisions only.
 
 Hardening: binds 127.0.0.1 unless told otherwise; request line and headers are bounded
@@ -28,7 +28,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from . import config, merge_gate, redact
-from .ledger import Ledger
+from .ledger import LedgerBackend, open_ledger
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ class StatusServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], ledger: Optional[Ledger],
+    def __init__(self, address: tuple[str, int], ledger: Optional[LedgerBackend],
                  settings: Optional[config.GateSettings] = None) -> None:
         super().__init__(address, _Handler)
         self.ledger = ledger
@@ -202,12 +202,12 @@ class StatusServer(ThreadingHTTPServer):
         return render_metrics(self._block()).encode(), "text/plain; version=0.0.4; charset=utf-8"
 
 
-def make_server(host: str = "127.0.0.1", port: int = 0, *, ledger: Optional[Ledger] = None,
+def make_server(host: str = "127.0.0.1", port: int = 0, *, ledger: Optional[LedgerBackend] = None,
                 settings: Optional[config.GateSettings] = None) -> StatusServer:
     """Bind a status server (``port`` 0: an ephemeral port, see ``server_address``)."""
     settings = settings or config.GateSettings.from_env()
     if ledger is None:
-        ledger = Ledger(settings.ledger_path, busy_timeout_s=settings.ledger_busy_timeout_s)
+        ledger = open_ledger(path=settings.ledger_path)
     return StatusServer((host, port), ledger, settings)
 
 
