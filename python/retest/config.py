@@ -235,6 +235,9 @@ class GateSettings:
     #: Inject the pytest probe (``RETEST_PROBE_ENABLED``): verdicts from the suite's own events.
     probe_enabled: bool = True
     retest_command: str = DEFAULT_RETEST_COMMAND
+    #: Run in the worktree before the suite (``MERGE_RETEST_SETUP_COMMAND``): e.g. build the
+    #: branch's extension modules. ``None``: no set-up step.
+    retest_setup_command: str | None = None
     #: ``True`` when MERGE_RETEST_COMMAND was not set (the default runs this interpreter).
     retest_command_is_default: bool = True
     retest_timeout_raw: str | None = None
@@ -276,6 +279,7 @@ class GateSettings:
             tree_kill_enabled=runner.tree_kill_enabled,
             probe_enabled=runner.probe_enabled,
             retest_command=retest_command or DEFAULT_RETEST_COMMAND,
+            retest_setup_command=env_str("MERGE_RETEST_SETUP_COMMAND", "", env) or None,
             retest_command_is_default=not retest_command,
             retest_timeout_raw=None if raw_timeout is None or raw_timeout.strip() == "" else raw_timeout,
             reaper_max_running_s=env_float("REAPER_MAX_RUNNING_S", DEFAULT_REAPER_MAX_RUNNING_S, env),

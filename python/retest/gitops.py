@@ -231,6 +231,15 @@ def merge_base(repo: str, a: str, b: str, env: Mapping[str, str], timeout: float
     return sha
 
 
+def changed_files(repo: str, base: str, head: str, env: Mapping[str, str], timeout: float) -> list[str]:
+    """The paths that differ between two commits (``git diff --name-only -z``), relative."""
+    result = git(["diff", "--name-only", "--no-renames", "-z", base, head, "--"], cwd=repo, env=env,
+                 timeout=timeout)
+    if not result.ok:
+        raise git_failure("git diff --name-only", result)
+    return [os.fsdecode(p) for p in result.stdout.split(b"\0") if p]
+
+
 def linear_history(repo: str, base: str, head: str, env: Mapping[str, str], timeout: float) -> bool:
     """True when ``base..head`` has no merge commit: git's own condition (with ``base`` an
     ancestor of ``head``) for ``git rebase base`` to leave HEAD where it is."""

@@ -23,7 +23,13 @@ from typing import Any, Iterable, Literal, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["import_roots", "top_level_packages", "TreeProof", "prove", "ProofStatus"]
+__all__ = ["import_roots", "top_level_packages", "TreeProof", "prove", "ProofStatus",
+           "native_sources", "untested_native_code"]
+
+#: Sources of compiled extension modules: a change to one is tested only if the suite loaded
+#: a module built from the worktree.
+NATIVE_SUFFIXES = (".c", ".h", ".cc", ".cpp", ".cxx", ".hh", ".hpp", ".pyx", ".pxd", ".pxi",
+                   ".rs", ".f", ".f90")
 
 #: ``proven``: every imported package of the repository came from the worktree;
 #: ``wrong-tree``: one came from elsewhere; ``not-imported``: the suite imported none of them;
@@ -229,3 +235,30 @@ def prove(worktree: str, roots: Sequence[str], packages: Sequence[str],
                 if packages else "no top-level package found in the worktree")
         return TreeProof("not-imported", imported=imported, note=note, **base)  # type: ignore[arg-type]
     return TreeProof("proven", imported=imported, **base)  # type: ignore[arg-type]
+
+
+def native_sources(changed: Iterable[str]) -> list[str]:
+    """The paths among ``changed`` that are sources of compiled extension modules."""
+    return [path for path in changed if path.lower().endswith(NATIVE_SUFFIXES)]
+
+
+def untested_native_code(worktree: str, changed_native: Sequence[str],
+                         compiled: Optional[dict[str, list[str]]]) -> Optional[str]:
+    """Why the branch's native code was not tested, or None.
+
+    The branch changes extension sources, but the suite loaded no compiled module of the
+    repository from the worktree: the worktree holds sources only (nothing built them), so a
+    package that falls back to pure Python, or skips what needs the extension, passes without
+    its changed native code ever running. ``compiled is None``: no probe, nothing to say.
+    """
+    if not changed_native or compiled is None:
+        return None
+    built_here = [f for files in compiled.values() for f in files if _inside(f, worktree)]
+    if built_here:
+        return None
+    shown = ", ".join(changed_native[:3]) + (f" and {len(changed_native) - 3} more"
+                                              if len(changed_native) > 3 else "")
+    return (f"the branch changes native sources ({shown}) but the suite loaded no compiled "
+            f"module built in the rebased worktree: the changed native code was not tested "
+            f"(set MERGE_RETEST_SETUP_COMMAND to build it, e.g. "
+            f"'python setup.py build_ext --inplace')")

@@ -630,6 +630,36 @@ def _retest(
             lock.release()
 
 
+def _run_setup(run: _GateRun, worktree: str, env: Mapping[str, str],
+               timeout_s: float) -> Optional[proc_group.Verdict]:
+    """``MERGE_RETEST_SETUP_COMMAND`` in the worktree (a build step); a verdict if it failed."""
+    command = run.settings.retest_setup_command
+    if not command:
+        return None
+    try:
+        argv = shlex.split(command)
+    except ValueError as err:
+        return proc_group.Verdict("other", "other.setup-failed",
+                                  f"MERGE_RETEST_SETUP_COMMAND cannot be split: {err}", False,
+                                  evidence="runner")
+    result = _redacted_result(proc_group.run(
+        argv, timeout=timeout_s, grace=run.settings.grace_s, cwd=worktree, env=env, probe=False,
+        backend=None if run.settings.tree_kill_enabled else "subprocess"), run.secrets)
+    run.evidence["setup"] = {"returncode": result.returncode, "timed_out": result.timed_out,
+                             "duration_s": round(result.duration_s, 3),
+                             "spawn_error": result.spawn_error,
+                             "output_tail": _tail(result.stdout + result.stderr,
+                                                  EVIDENCE_TAIL_CHARS // 2)}
+    if result.ok:
+        return None
+    status = (result.spawn_error or ("timed out" if result.timed_out
+                                     else f"exit {result.returncode}"))
+    # Neither proof of red code (a missing compiler is the machine's) nor a pass: hold.
+    return proc_group.Verdict("other", "other.setup-failed",
+                              f"the set-up step (MERGE_RETEST_SETUP_COMMAND) failed: {status}; "
+                              f"the suite did not run", False, evidence="runner")
+
+
 def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) -> GateDecision:
     """Run the suite in the worktree with its import roots first, then prove which tree it tested."""
     settings = run.settings
@@ -637,6 +667,9 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
     packages = layout.top_level_packages(roots, worktree)
     env = _suite_env(run.base_env)
     env["PYTHONPATH"] = layout.pythonpath(roots, env.get("PYTHONPATH"))
+    failed_setup = _run_setup(run, worktree, env, timeout_s)
+    if failed_setup is not None:
+        return _route(run, failed_setup)
     # The gate's own grace: the one _resolve_retest_timeout kept the reaper bound with
     # (the runner's default would read the calling process's environment instead).
     result = _redacted_result(proc_group.run(
@@ -656,7 +689,31 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
             "other", "other.wrong-tree",
             f"{proof.reason()} (the suite's own verdict: {verdict.kind}, {verdict.rule})",
             False, evidence="events")
+    elif verdict.kind == "passed":
+        verdict = _native_proof(run, worktree, report, verdict)
     return _route(run, verdict, result=result)
+
+
+def _native_proof(run: _GateRun, worktree: str, report: Optional[proc_group.ProbeReport],
+                  verdict: proc_group.Verdict) -> proc_group.Verdict:
+    """A pass stands only if the branch's changed native sources were built and loaded."""
+    if report is None or run.onto_sha is None or run.tested_sha is None:
+        return verdict
+    try:
+        changed = gitops.changed_files(worktree, run.onto_sha, run.tested_sha,
+                                       gitops.git_env(run.base_env), run.settings.git_timeout_s)
+    except gitops.GitError as err:
+        log.warning("merge gate: cannot list the branch's changed files: %s", err)
+        return verdict
+    native = layout.native_sources(changed)
+    run.evidence["tree"]["native_changed"] = native[:50]
+    run.evidence["tree"]["compiled"] = {k: list(v) for k, v in report.compiled.items()}
+    why = layout.untested_native_code(worktree, native, report.compiled)
+    if why is None:
+        return verdict
+    return proc_group.Verdict("other", "other.native-not-built",
+                              f"{why} (the suite's own verdict: {verdict.kind}, {verdict.rule})",
+                              False, evidence="events")
 
 
 def _git_verdict(err: gitops.GitError, settings: config.GateSettings) -> proc_group.Verdict:

@@ -299,6 +299,8 @@ class ProbeReport:
     running: tuple[RunningTest, ...] = ()
     #: Top-level package -> the files and directories it was imported from (every process).
     imports: dict[str, list[str]] = field(default_factory=dict)
+    #: Top-level package -> the compiled (extension) modules of it that were loaded.
+    compiled: dict[str, list[str]] = field(default_factory=dict)
     workers: int = 0
     internal_error: Optional[str] = None
     dropped_events: int = 0
@@ -321,6 +323,7 @@ class ProbeReport:
             collection_errors=tuple(f.redacted(mask) for f in self.collection_errors),
             running=tuple(replace(r, nodeid=mask(r.nodeid)) for r in self.running),
             imports={name: [mask(p) for p in places] for name, places in self.imports.items()},
+            compiled={name: [mask(p) for p in files] for name, files in self.compiled.items()},
         )
 
     @property
@@ -377,6 +380,7 @@ class ProbeReport:
             "collection_errors": [f.to_dict() for f in self.collection_errors],
             "running": [r.to_dict() for r in self.running],
             "imports": {k: list(v) for k, v in self.imports.items()},
+            "compiled": {k: list(v) for k, v in self.compiled.items()},
             "workers": self.workers,
             "internal_error": self.internal_error,
             "dropped_events": self.dropped_events,
@@ -400,6 +404,7 @@ class _Tally:
         self.running: dict[tuple[Optional[str], str], float] = {}
         self.done = 0
         self.imports: dict[str, list[str]] = {}
+        self.compiled: dict[str, list[str]] = {}
         self.workers: set[str] = set()
         self.pids: set[int] = set()
         self.events = 0
@@ -481,9 +486,13 @@ class _Tally:
         for name, origin in dict(e.get("modules") or {}).items():
             places = self.imports.setdefault(str(name), [])
             origin = origin or {}
-            for place in [origin.get("file"), *(origin.get("path") or [])]:
+            compiled = [str(f) for f in origin.get("compiled") or []]
+            for place in [origin.get("file"), *(origin.get("path") or []), *compiled]:
                 if place and place not in places:
                     places.append(str(place))
+            if compiled:
+                known = self.compiled.setdefault(str(name), [])
+                known.extend(f for f in compiled if f not in known)
 
     def _on_internal_error(self, e: Mapping[str, Any]) -> None:
         self.fields["internal_error"] = e.get("message")
@@ -513,7 +522,8 @@ class _Tally:
         return ProbeReport(
             done=self.done, failures=tuple(self.failures), failure_count=self.failure_count,
             error_count=self.error_count, collection_errors=tuple(self.collection_errors),
-            running=tuple(running[:LIST_MAX]), imports=self.imports, workers=len(self.workers),
+            running=tuple(running[:LIST_MAX]), imports=self.imports, compiled=self.compiled,
+            workers=len(self.workers),
             events=self.events, pids=frozenset(self.pids), **fields,
         )
 

@@ -148,6 +148,21 @@ def _failure_fields(report: Any) -> dict[str, Any]:
     return fields
 
 
+def _compiled_modules(name: str) -> list[str]:
+    """Files of the compiled (extension) modules of package ``name`` loaded so far."""
+    import importlib.machinery
+
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    prefix = name + "."
+    found = []
+    for key, module in list(sys.modules.items()):
+        if key == name or key.startswith(prefix):
+            path = getattr(module, "__file__", None)
+            if isinstance(path, str) and path.endswith(suffixes):
+                found.append(path)
+    return sorted(found)[:20]
+
+
 def _module_origin(name: str) -> Optional[dict[str, Any]]:
     module = sys.modules.get(name)
     if module is None:
@@ -156,6 +171,7 @@ def _module_origin(name: str) -> Optional[dict[str, Any]]:
     return {
         "file": getattr(module, "__file__", None),
         "path": [str(p) for p in list(path)[:8]] if path is not None else None,
+        "compiled": _compiled_modules(name),
     }
 
 
