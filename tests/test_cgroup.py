@@ -264,7 +264,11 @@ def test_fail_on_leak_fails_a_run_that_left_a_process(containment: str, pid_dir:
     doc = json.loads(done.stdout)
     assert done.returncode == 1, done.stderr
     assert (doc["verdict"], doc["rule"], doc["evidence"]) == ("other", "other.leaked-processes", "runner")
-    assert doc["returncode"] == 0 and doc["leak_count"] == 1
+    # Under the sanitizer run's LD_PRELOAD every process that exits starts LeakSanitizer's
+    # tracer task, which a sweep may catch too: there the daemon is one leak among several.
+    asan = "libasan" in os.environ.get("LD_PRELOAD", "")
+    assert doc["returncode"] == 0
+    assert doc["leak_count"] == 1 or (asan and doc["leak_count"] >= 1), doc["leaks"]
     assert doc["containment"] == containment
     assert "sleep 60" in doc["reason"]
     assert clean.returncode == 0 and json.loads(clean.stdout)["rule"] == "passed.exit-0"
