@@ -261,6 +261,15 @@ class GateSettings:
         )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(environ: Mapping[str, str] | None = None) -> str:
+    """``RETEST_LOG_LEVEL``: one of ``LOG_LEVELS`` (any case); else WARNING, one warning."""
+    value = _env_choice("RETEST_LOG_LEVEL", "warning", tuple(v.lower() for v in LOG_LEVELS), environ)
+    return value.upper()
+
+
 def command_argv(command: Union[str, Sequence[str], None], configured: str,
                  configured_is_default: bool) -> list[str]:
     """The argv of a suite command: never a shell.
@@ -273,7 +282,10 @@ def command_argv(command: Union[str, Sequence[str], None], configured: str,
         argv = shlex.split(configured)
         if configured_is_default and argv and argv[0] == "python":
             argv[0] = sys.executable
-        return argv
-    if isinstance(command, str):
-        return shlex.split(command)
-    return [os.fspath(part) for part in command]
+    elif isinstance(command, str):
+        argv = shlex.split(command)
+    else:
+        argv = [os.fspath(part) for part in command]
+    if not argv or not argv[0]:
+        raise ValueError("no command to run")
+    return argv
