@@ -14,7 +14,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fvisibility=hidden"]
-if os.environ.get("RETEST_WERROR") == "1":
+if os.environ.get("RETEST_WERROR", "").strip().lower() in ("1", "true", "yes", "on"):
     CFLAGS.append("-Werror")
 SANITIZE = os.environ.get("RETEST_SANITIZE", "")  # e.g. "address,undefined" for the CI check
 if SANITIZE:
@@ -79,9 +79,22 @@ class BuildWithShepherd(build_ext):
         return True
 
 
+def _setting(name):
+    """A build setting read by retest.config itself (the package is not importable yet): one
+    vocabulary everywhere, so RETEST_PURE_PYTHON=true means what =1 means (issue 13)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "python", "retest", "config.py")
+    spec = importlib.util.spec_from_file_location("_retest_build_config", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module.read(name)
+
+
 def extensions():
-    if os.environ.get("RETEST_PURE_PYTHON") == "1":
-        print("retest: RETEST_PURE_PYTHON=1: building without the native runner", file=sys.stderr)
+    if _setting("RETEST_PURE_PYTHON"):
+        print("retest: RETEST_PURE_PYTHON: building without the native runner", file=sys.stderr)
         return []
     if not sys.platform.startswith("linux"):
         print(f"retest: the native runner needs Linux; {sys.platform} gets the subprocess backend",

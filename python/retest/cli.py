@@ -19,6 +19,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import probe, proc_group, progress, redact
+from .config import LOG_LEVELS
 
 log = logging.getLogger("retest")
 
@@ -265,13 +266,34 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"not one of {', '.join(LOG_LEVELS)}: {text!r}")
+    return level
+
+
+def _configure_logging(level: Optional[str]) -> None:
+    """Logging for the CLI, every handler masked; an invalid RETEST_LOG_LEVEL is one warning."""
+    from . import config
+
+    logging.basicConfig(level=level or "WARNING", format="%(levelname)s %(name)s: %(message)s")
+    # On the handlers: a logger's own filters never see records propagated from its children.
+    for handler in logging.getLogger().handlers:
+        redact.install(handler)
+    redact.install(log)
+    if level is None:  # read after the handlers exist, so its own warning is shown
+        logging.getLogger().setLevel(config.log_level())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="retest",
         description="Re-run a test suite as a contained process tree; gate merges on the verdict.",
     )
-    parser.add_argument("--log-level", default=os.environ.get("RETEST_LOG_LEVEL", "WARNING"),
-                        help="logging level (default: RETEST_LOG_LEVEL or WARNING)")
+    parser.add_argument("--log-level", default=None, type=_log_level,
+                        help="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL "
+                        "(default: RETEST_LOG_LEVEL or WARNING)")
     sub = parser.add_subparsers(dest="subcommand", metavar="{run,gate,serve}")
     _add_run_parser(sub)
     _add_gate_parser(sub)
@@ -280,13 +302,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The CLI; never exits 1 unless the command's own outcome is 1 (``retest gate``:
+    rollback): a crash is 125, whatever it was (issue 13)."""
+    try:
+        return _main(argv)
+    except SystemExit:
+        raise  # argparse: 2 for usage errors, 0 for --help
+    except KeyboardInterrupt:
+        print("retest: interrupted", file=sys.stderr)
+        return 130
+    except BaseException:  # an exit status must never read as a rollback
+        try:
+            log.exception("retest: internal error")
+        except BaseException:
+            pass
+        return EXIT_INTERNAL
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=str(args.log_level).upper(), format="%(levelname)s %(name)s: %(message)s")
-    # On the handlers: a logger's own filters never see records propagated from its children.
-    for handler in logging.getLogger().handlers:
-        redact.install(handler)
-    redact.install(log)
+    _configure_logging(args.log_level)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -6,7 +6,16 @@ Safety rules, all in this one module:
   ``--end-of-options`` separates options from revisions where git accepts it.
 * Every call carries ``SAFE_CONFIG``: no hooks (``core.hooksPath=/dev/null``), no automatic or
   detached ``git gc`` (it would outlive the gate), no signing prompts, no editors, no rerere,
-  no ``rebase.updateRefs`` (it would move the user's branch while we rebase a detached HEAD).
+  no ``rebase.updateRefs`` (it would move the user's branch while we rebase a detached HEAD),
+  no transport at all (``protocol.allow=never``), no pager (``--no-pager``).
+* No program the repository's config names ever runs (issue 13): drivers are selected by
+  ``.gitattributes`` of the very branch under test, and defined under any name. Before each
+  call, git itself lists the names its config defines in that call's directory
+  (``git config --name-only --list``: includes and ``includeIf`` resolved by git, nothing
+  parsed here but the names), and every program-valued key of every name is overridden with
+  a harmless value through ``GIT_CONFIG_COUNT``/``GIT_CONFIG_KEY_n``/``GIT_CONFIG_VALUE_n``
+  (command scope, which wins over every file, and which takes any subsection verbatim where
+  ``-c`` would split a name holding ``=``). See ``disarming_config``.
 * The environment drops variables that would redirect git to another repository or index
   (``GIT_DIR``, ``GIT_INDEX_FILE``, ...) and sets ``GIT_TERMINAL_PROMPT=0`` and
   ``GIT_OPTIONAL_LOCKS=0`` so the gate never waits on a prompt or takes the user's index lock.
@@ -42,6 +51,9 @@ __all__ = [
     "REDIRECTING_ENV",
     "InvalidRef",
     "SAFE_CONFIG",
+    "DISARMED_PER_NAME",
+    "MERGE_FILE_DRIVER",
+    "disarming_config",
     "git_env",
     "backend_for",
     "git",
@@ -67,6 +79,18 @@ SAFE_CONFIG: tuple[str, ...] = (
     "core.fsmonitor=false",
     "core.editor=true",
     "core.pager=cat",
+    "core.askPass=",
+    # Only the git-wide attribute files are dropped here (the tree's own and info/attributes
+    # still select drivers: those are disarmed by name, see disarming_config).
+    "core.attributesFile=/dev/null",
+    "sequence.editor=true",
+    "diff.external=",
+    # The gate never talks to a remote: no ssh, sshCommand, credential helper, askpass,
+    # remote helper or proxy can start (per-protocol overrides are disarmed by name too).
+    "protocol.allow=never",
+    "credential.helper=",
+    "gpg.program=",
+    "gpg.ssh.defaultKeyCommand=",
     "gc.auto=0",
     "gc.autoDetach=false",
     "maintenance.auto=false",
@@ -74,10 +98,28 @@ SAFE_CONFIG: tuple[str, ...] = (
     "rebase.autoStash=false",
     "rebase.autoSquash=false",
     "rebase.updateRefs=false",
+    # The apply backend goes through format-patch and am (more machinery, same result).
+    "rebase.backend=merge",
     "rerere.enabled=false",
     "submodule.recurse=false",
     "advice.detachedHead=false",
 )
+
+#: A merge driver the gate defines for every driver name the repository's config defines:
+#: git's own three-way merge of the three files (what git does for a name it does not know),
+#: so a clean merge stays clean and a conflict stays a conflict (exit status > 0).
+MERGE_FILE_DRIVER = "git merge-file --marker-size=%L %A %O %B"
+
+#: ``section -> {key: harmless value}`` for keys ``section.<name>.key`` that run a program
+#: (or, ``filter.<name>.required``, make git die once the program is gone).
+DISARMED_PER_NAME: dict[str, dict[str, str]] = {
+    "filter": {"clean": "", "smudge": "", "process": "", "required": "false"},
+    "merge": {"driver": MERGE_FILE_DRIVER},
+    "diff": {"command": "", "textconv": ""},
+    "credential": {"helper": ""},
+    "gpg": {"program": ""},
+    "protocol": {"allow": "never"},
+}
 
 #: Variables that point git at another repository, index or object store.
 REDIRECTING_ENV = frozenset({
@@ -153,6 +195,7 @@ def git_env(base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     """The environment for the gate's git processes (see the module docstring)."""
     env = {k: v for k, v in (os.environ if base is None else base).items() if k not in REDIRECTING_ENV}
     env.update(
+        GIT_ATTR_NOSYSTEM="1",  # no /etc/gitattributes either
         GIT_TERMINAL_PROMPT="0",
         GIT_OPTIONAL_LOCKS="0",
         GIT_EDITOR="true",
@@ -169,6 +212,55 @@ def git_env(base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
     return env
 
 
+def _config_names(output: bytes) -> list[tuple[str, str, str]]:
+    """``(section, name, key)`` of each ``section.name.key`` in ``git config -z --name-only``
+    output (the name, a subsection, may hold dots and anything but NUL and newline)."""
+    found = []
+    for raw in output.split(b"\0"):
+        entry = raw.decode("utf-8", "surrogateescape")
+        section, dot, rest = entry.partition(".")
+        name, dot2, key = rest.rpartition(".")
+        if dot and dot2 and name:
+            found.append((section.lower(), name, key.lower()))
+    return found
+
+
+def disarming_config(names: Sequence[tuple[str, str, str]]) -> list[tuple[str, str]]:
+    """The ``(key, value)`` overrides that disarm every program-valued key of every name."""
+    overrides: dict[str, str] = {}
+    for section, name, _ in names:
+        for key, value in DISARMED_PER_NAME.get(section, {}).items():
+            overrides[f"{section}.{name}.{key}"] = value
+    return sorted(overrides.items())
+
+
+def _argv(args: Sequence[str]) -> list[str]:
+    argv = ["git", "--no-pager"]
+    for item in SAFE_CONFIG:
+        argv += ["-c", item]
+    return argv + list(args)
+
+
+def _disarmed_env(cwd: str, env: Mapping[str, str], timeout: float
+                  ) -> tuple[Optional[dict[str, str]], proc_group.RunResult]:
+    """``env`` plus the overrides for the config git reads in ``cwd`` (``None`` if it could
+    not be listed: the caller then fails closed with that result)."""
+    listed = proc_group.run(_argv(["config", "--null", "--name-only", "--list"]), cwd=cwd,
+                            env=env, timeout=timeout, grace=min(2.0, timeout),
+                            backend=backend_for(env))
+    # Exit 1 with no output: no config file at all (outside a repository, an empty HOME).
+    if not listed.ok and not (listed.returncode == 1 and not listed.stdout.strip()):
+        return None, listed
+    overrides = disarming_config(_config_names(listed.stdout))
+    out = {k: v for k, v in env.items() if not k.startswith("GIT_CONFIG_KEY_")
+           and not k.startswith("GIT_CONFIG_VALUE_")}
+    out["GIT_CONFIG_COUNT"] = str(len(overrides))
+    for index, (key, value) in enumerate(overrides):
+        out[f"GIT_CONFIG_KEY_{index}"] = key
+        out[f"GIT_CONFIG_VALUE_{index}"] = value
+    return out, listed
+
+
 def git(
     args: Sequence[str],
     *,
@@ -176,13 +268,15 @@ def git(
     env: Mapping[str, str],
     timeout: float,
 ) -> proc_group.RunResult:
-    """Run ``git <SAFE_CONFIG> args`` in ``cwd``; never raises for a runtime fault."""
-    argv = ["git"]
-    for item in SAFE_CONFIG:
-        argv += ["-c", item]
-    argv += list(args)
-    result = proc_group.run(argv, cwd=cwd, env=env, timeout=timeout, grace=min(2.0, timeout),
-                            backend=backend_for(env))
+    """Run ``git <SAFE_CONFIG> args`` in ``cwd`` with every repository-defined program
+    disarmed (module docstring); never raises for a runtime fault."""
+    disarmed, listed = _disarmed_env(cwd, env, timeout)
+    if disarmed is None:
+        # Fail closed: a command whose drivers could not be listed is not run.
+        result = listed
+    else:
+        result = proc_group.run(_argv(args), cwd=cwd, env=disarmed, timeout=timeout,
+                                grace=min(2.0, timeout), backend=backend_for(env))
     if not result.ok:
         result = redact.redact_result(result, redact.secret_values(env) | redact.secret_values())
         log.debug("git %s in %s: %s", " ".join(args[:2]), cwd,
@@ -353,11 +447,16 @@ class Worktree:
         self.how = "added"
 
     def add(self, commit: str) -> proc_group.RunResult:
-        result = git(["worktree", "add", "--detach", "--end-of-options", self.path, commit],
-                     cwd=self.repo, env=self.env, timeout=self.timeout)
+        result = git(["worktree", "add", "--no-checkout", "--detach", "--end-of-options",
+                      self.path, commit], cwd=self.repo, env=self.env, timeout=self.timeout)
         # Registered even when the checkout itself failed part-way: remove() must clean up.
         self.added = os.path.exists(self.path)
-        return result
+        if not result.ok:
+            return result
+        # Checked out from inside the worktree: the config git reads there (an ``includeIf
+        # "gitdir:..."`` that matches only the worktree's own git dir) is the one disarmed.
+        return git(["reset", "--hard", "--quiet"], cwd=self.path, env=self.env,
+                   timeout=self.timeout)
 
     def head(self) -> Optional[str]:
         result = git(["rev-parse", "--verify", "HEAD"], cwd=self.path, env=self.env, timeout=self.timeout)
@@ -504,9 +603,7 @@ class KeptWorktree(Worktree):
             log.warning("rebuilding the kept gate worktree %s: %s", self.path, problem)
         self.discard()
         os.makedirs(self.parent, mode=0o700, exist_ok=True)
-        result = git(["worktree", "add", "--detach", "--end-of-options", self.path, commit],
-                     cwd=self.repo, env=self.env, timeout=self.timeout)
-        self.added = os.path.exists(self.path)
+        result = super().add(commit)  # --no-checkout, then checked out from inside (disarmed)
         self.how = "added"
         return result
 

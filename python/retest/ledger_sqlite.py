@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import urllib.parse
 import time
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
@@ -89,7 +90,34 @@ class SqliteLedger(LedgerBackend):
     def describe(self) -> str:
         return f"sqlite:{self.path}"
 
-    def _connect(self) -> sqlite3.Connection:
+    def _read_only(self) -> bool:
+        """A ledger that exists where this process cannot write (a read-only mount or folder):
+        it can still be read, with SQLite's ``mode=ro`` (``retest serve`` on a replica)."""
+        if self.path == ":memory:" or not os.path.exists(self.path):
+            return False
+        folder = os.path.dirname(os.path.abspath(self.path))
+        return not (os.access(folder, os.W_OK) and os.access(self.path, os.W_OK))
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """``mode=ro``; if SQLite cannot open the WAL index either (no ``-shm`` and none can
+        be created: a read-only folder nobody writes), ``immutable=1``, which needs none."""
+        base = "file:" + urllib.parse.quote(os.path.abspath(self.path))
+        for query in ("?mode=ro", "?mode=ro&immutable=1"):
+            conn = sqlite3.connect(base + query, uri=True, timeout=self.busy_timeout_s,
+                                   isolation_level=None)
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+                conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+                return conn
+            except sqlite3.OperationalError:
+                conn.close()
+                if "immutable" in query:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _connect(self, write: bool = True) -> sqlite3.Connection:
+        if not write and self._read_only():
+            return self._connect_read_only()
         if self.path != ":memory:":
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
@@ -110,7 +138,7 @@ class SqliteLedger(LedgerBackend):
         """One transaction (``BEGIN IMMEDIATE`` to write); SQLite failures become ``LedgerError``."""
         conn: Optional[sqlite3.Connection] = None
         try:
-            conn = self._connect()
+            conn = self._connect(write)
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 result = fn(_SqliteTx(conn))

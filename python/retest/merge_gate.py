@@ -36,6 +36,7 @@ them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -460,10 +461,24 @@ class _GateRun:
     evidence: dict[str, Any] = field(default_factory=dict)
     #: Secret values of the environment (``redact.secret_values``), masked in all evidence.
     secrets: frozenset[str] = frozenset()
+    #: Stands in for the sha when none was resolved (bad repository, unknown branch):
+    #: ``unknown:<digest of rule and reason>``, so different failures alert separately.
+    failure_key: Optional[str] = None
 
     @property
     def key_sha(self) -> str:
-        return self.sha or "unknown"
+        return self.sha or self.failure_key or "unknown"
+
+    @property
+    def key_task(self) -> str:
+        """The task as the ledger keys it: secrets masked (the ledger is read by others)."""
+        return redact.redact(self.task, self.secrets) if self.secrets else self.task
+
+    def key_failure(self, verdict: proc_group.Verdict) -> None:
+        """Key a failure that has no sha by what failed (issue 13: one per failure, not task)."""
+        if self.sha is None and self.failure_key is None:
+            digest = hashlib.sha256(f"{verdict.rule}\0{verdict.reason}".encode("utf-8", "replace"))
+            self.failure_key = f"unknown:{digest.hexdigest()[:16]}"
 
 
 def retest_branch(
@@ -557,6 +572,14 @@ def _retest(
         timeout if timeout is not None else settings.retest_timeout_raw,
         settings.grace_s, settings.reaper_max_running_s,
     )
+    try:  # before any git, lock or worktree: a command that cannot run holds at once
+        argv = config.command_argv(command, settings.retest_command,
+                                   settings.retest_command_is_default)
+    except ValueError as err:
+        what = "--command / command=" if command is not None else "MERGE_RETEST_COMMAND"
+        verdict = proc_group.Verdict("other", "other.invalid-command",
+                                     f"{what} is not a valid command: {err}", False)
+        return _route(run, verdict)
     git_env = gitops.git_env(run.base_env)
     git_timeout = settings.git_timeout_s
     try:
@@ -585,7 +608,14 @@ def _retest(
     run.evidence["skip"] = doubt
 
     lock = gitops.GateLock(common)
-    if not lock.acquire(settings.gate_lock_wait_s):
+    try:
+        acquired = lock.acquire(settings.gate_lock_wait_s)
+    except OSError as err:  # a read-only .git, a full disk: not the branch's fault
+        verdict = proc_group.Verdict(
+            "other", "other.gate-lock-error",
+            f"cannot take the repository lock {lock.path}: {err.strerror or err}", False)
+        return _route(run, _maybe_red(verdict, settings.classify_enabled))
+    if not acquired:
         verdict = proc_group.Verdict(
             "lock-busy", "lock-busy.gate-lock",
             f"{proc_group.LOCK_BUSY_MESSAGE}: another gate holds {lock.path} "
@@ -619,8 +649,6 @@ def _retest(
             return _route(run, _git_verdict(failure, settings))
         run.tested_sha = rebased.head
 
-        argv = config.command_argv(command, settings.retest_command,
-                                   settings.retest_command_is_default)
         return _run_suite(run, argv, worktree.path, timeout_s)
     finally:
         try:
@@ -824,7 +852,7 @@ def _scrub(run: _GateRun, verdict: proc_group.Verdict) -> proc_group.Verdict:
 
 def _count_run(run: _GateRun) -> None:
     try:
-        run.attempt = run.ledger.next_run(run.task, run.key_sha)
+        run.attempt = run.ledger.next_run(run.key_task, run.key_sha)
     except LedgerError as err:
         log.warning("merge gate: cannot count the attempt in the ledger: %s", err)
         run.attempt = 0
@@ -840,6 +868,7 @@ def _route(
     """Turn a verdict into a decision per the routing table (module docstring)."""
     _deciding()
     verdict = _scrub(run, verdict)
+    run.key_failure(verdict)
     _count_run(run)
     killed = (result.killed_at_deadline + result.swept_after_exit) if result is not None else 0
     settings = run.settings
@@ -878,7 +907,7 @@ def _handle_merge_gate_infra_retry(
     settings = run.settings
     try:
         recorded = run.ledger.record_infra_failure(
-            run.task, run.key_sha, verdict.kind, settings.infra_retry_max, verdict.reason,
+            run.key_task, run.key_sha, verdict.kind, settings.infra_retry_max, verdict.reason,
             confirm_delivery=True,
         )
     except LedgerError as err:
@@ -894,7 +923,7 @@ def _handle_merge_gate_infra_retry(
         )
         decision = _decision(run, held, "hold", STAGE_DEPLOY_STAGING, processes_killed=processes_killed)
         decision.alert = True
-        _send_alert(run, decision, deduplicated=False)
+        _send_alert(run, decision, once=False)
         return decision
     budget = f"infra retry {recorded.attempt} of {settings.infra_retry_max}"
     if not recorded.exhausted:
@@ -912,7 +941,7 @@ def _handle_merge_gate_infra_retry(
                          processes_killed=processes_killed)
     if recorded.alert_claimed:
         decision.alert = True
-        _send_alert(run, decision, deduplicated=True)
+        _send_alert(run, decision, once=True)
         _confirm_alert(run, verdict.kind)
     return decision
 
@@ -923,7 +952,7 @@ def _handle_merge_gate_infra_retry(
 def _alert_once(run: _GateRun, decision: GateDecision, key: str) -> bool:
     """Send the alert for (task, sha, key) unless some gate already did; return whether we did."""
     try:
-        claimed = run.ledger.claim_alert(run.task, run.key_sha, key, decision.reason,
+        claimed = run.ledger.claim_alert(run.key_task, run.key_sha, key, decision.reason,
                                          confirm_delivery=True)
     except LedgerError as err:
         # Better an alert that may repeat than none: the task is held and a human must look.
@@ -932,10 +961,10 @@ def _alert_once(run: _GateRun, decision: GateDecision, key: str) -> bool:
         decision.evidence["rule_before_ledger_error"] = decision.rule
         decision.verdict, decision.rule = "other", "other.ledger-error"
         decision.reason = f"{decision.reason}; the ledger could not de-duplicate the alert: {err}"
-        _send_alert(run, decision, deduplicated=False)
+        _send_alert(run, decision, once=False)
         return True
     if claimed:
-        _send_alert(run, decision, deduplicated=True)
+        _send_alert(run, decision, once=True)
         _confirm_alert(run, key)
     return claimed
 
@@ -943,13 +972,19 @@ def _alert_once(run: _GateRun, decision: GateDecision, key: str) -> bool:
 def _confirm_alert(run: _GateRun, key: str) -> None:
     """Tell the ledger the claimed alert is out (else a later gate re-sends it, see ledger)."""
     try:
-        run.ledger.alert_delivered(run.task, run.key_sha, key)
+        run.ledger.alert_delivered(run.key_task, run.key_sha, key)
     except LedgerError as err:
         log.warning("merge gate: alert sent but not confirmed in the ledger: %s", err)
 
 
-def _alert_payload(decision: GateDecision, deduplicated: bool) -> dict[str, Any]:
-    """The alert, its untrusted fields (branch, task, reason...) masked, its vocabulary not."""
+def _alert_payload(decision: GateDecision, once: bool) -> dict[str, Any]:
+    """The alert, its untrusted fields (branch, task, reason...) masked, its vocabulary not.
+
+    ``once``: the ledger made this the one alert for its key (``"dedup": "ledger"``); else it
+    could not (``"none"``: ledger unavailable, another gate may alert too). ``deduplicated``
+    is ``false`` on every alert sent: a de-duplicated alert is one that is *not* sent (issue
+    13: the first alert ever said ``true``).
+    """
     return redact.redact_decision({
         "event": "retest.merge_gate.alert",
         "task_id": decision.task_id,
@@ -963,7 +998,8 @@ def _alert_payload(decision: GateDecision, deduplicated: bool) -> dict[str, Any]
         "reason": decision.reason,
         "attempt": decision.attempt,
         "infra_attempt": decision.infra_attempt,
-        "deduplicated": deduplicated,
+        "deduplicated": False,
+        "dedup": "ledger" if once else "none",
         "at": decision.decided_at,
         "tests": _alert_tests(decision.evidence.get("tests")),
         "tree": (decision.evidence.get("tree") or {}).get("status"),
@@ -993,9 +1029,9 @@ def _alert_tests(tests: Any) -> Optional[dict[str, Any]]:
     }
 
 
-def _send_alert(run: Optional[_GateRun], decision: GateDecision, *, deduplicated: bool) -> None:
+def _send_alert(run: Optional[_GateRun], decision: GateDecision, *, once: bool) -> None:
     """Log the alert at ERROR, call the hook, run ``MERGE_GATE_ALERT_COMMAND``; never raises."""
-    payload = _alert_payload(decision, deduplicated)
+    payload = _alert_payload(decision, once)
     # Clean: the payload's untrusted fields are masked; its rule and action must stay whole.
     log.error("merge gate ALERT: %s", redact.Clean(json.dumps(payload, sort_keys=True)))
     if run is None:
@@ -1034,17 +1070,19 @@ def _internal_error(run: Optional[_GateRun], branch: object, task_id: object, er
                                 rule=verdict.rule, reason=verdict.reason, alert=True,
                                 task_id=None if task_id is None else str(task_id),
                                 branch=str(branch))
-        _send_alert(None, decision, deduplicated=False)
+        _send_alert(None, decision, once=False)
         return decision
     try:
-        decision = _decision(run, _scrub(run, verdict), "hold", STAGE_DEPLOY_STAGING)
+        verdict = _scrub(run, verdict)
+        run.key_failure(verdict)
+        decision = _decision(run, verdict, "hold", STAGE_DEPLOY_STAGING)
         decision.alert = _alert_once(run, decision, "internal-error")
     except Exception:
         log.exception("merge gate: could not even build the internal-error decision")
         decision = GateDecision(action="hold", stage=STAGE_DEPLOY_STAGING, verdict=verdict.kind,
                                 rule=verdict.rule, reason=verdict.reason, alert=True,
                                 task_id=run.task, branch=run.branch, sha=run.sha)
-        _send_alert(None, decision, deduplicated=False)
+        _send_alert(None, decision, once=False)
     return decision
 
 

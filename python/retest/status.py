@@ -1,36 +1,57 @@
-"""``retest serve``: a read-only HTTP status endpoint for the merge gate.
+"""``retest serve``: a read-only HTTP status endpoint for the merge gate, fit for scrape load.
 
 * ``GET /queue``   -> ``{"merge_gate": queue_block()}`` as JSON.
 * ``GET /metrics`` -> the counters in the Prometheus text format (``retest_merge_gate_*_total``).
-* ``HEAD`` of either: the same headers, no body. Any other method: 405 with ``Allow: GET, HEAD``.
-  Any other path: 404.
+* ``HEAD`` of either: the same status and headers, no body. Any other method: 405 with
+  ``Allow: GET, HEAD``. Any other path: 404. The ledger cannot be read: 503 (never zeros a
+  scraper would read as a counter reset).
 
 Where the numbers come from: gates usually run in other processes (``retest gate``, the
 orchestrator), so the server reads the shared ledger (``RETEST_LEDGER_URL``'s PostgreSQL
-database, else the SQLite file ``RETEST_LEDGER_PATH``) on every request: totals and the last decisions of every gate process that had metrics on. Nothing the
-server answers contains environment values: switches, numbers and decisions only.
+database, else the SQLite file ``RETEST_LEDGER_PATH``) on every request: ``ledger.totals()``
+(``/metrics`` reads nothing else) and ``ledger.recent_decisions(n)`` (``/queue``). Concurrent
+requests for one route share one read in flight, so a scrape storm costs one ledger read per
+read time, not one per request. Nothing the server answers contains environment values.
 
-Hardening: binds 127.0.0.1 unless told otherwise; request line and headers are bounded
-(``MAX_REQUEST_LINE``, ``MAX_HEADERS``, ``MAX_HEADER_BYTES``); a request with a body is
-refused (413); an idle connection is dropped after ``REQUEST_TIMEOUT_S``; the Server header
-names no versions; secret values of the environment are masked (``retest.redact``).
+Why asyncio rather than ``http.server``'s thread per connection (issue 13.3): a client that
+sends one byte every few seconds costs a thread there, forever (3,000 slow connections made
+2,599 threads); here it costs a few hundred bytes and is dropped when the whole request head
+has not arrived within ``HEAD_DEADLINE_S``. The bounds, all per connection unless noted:
+
+* listen backlog ``BACKLOG``; at most ``MAX_CONNECTIONS`` open at once (the next is answered
+  503 and closed at once);
+* the whole request head within ``HEAD_DEADLINE_S`` (not per read: a trickle cannot extend
+  it) and ``MAX_HEAD_BYTES``; a request line over ``MAX_REQUEST_LINE`` is 414, more than
+  ``MAX_HEADERS`` header lines or ``MAX_HEADER_BYTES`` is 431; a body is 413;
+* one response per connection, always with ``Connection: close`` (HTTP/1.0 and 1.1 alike):
+  nothing is held open waiting for a second request; the response must drain within
+  ``WRITE_DEADLINE_S``.
+
+Errors go through ``logging`` (``retest.status``, masked by ``retest.redact``); a client that
+goes away early is a DEBUG line, never a traceback on stderr. The exposition format is
+written here rather than with ``prometheus_client``: it is twenty lines of fixed counters,
+and the package has no runtime dependency to keep in step.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import logging
 import signal
+import socket
 import threading
+from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import urlsplit
 
 from . import config, merge_gate, redact
-from .ledger import LedgerBackend, open_ledger
+from .ledger import LedgerBackend, LedgerError, open_ledger
 
 log = logging.getLogger(__name__)
+redact.install(log)
 
 __all__ = ["StatusServer", "make_server", "render_metrics", "serve_forever"]
 
@@ -38,7 +59,17 @@ MAX_REQUEST_LINE = 8192
 MAX_HEADERS = 64
 #: All header lines together (http.client alone allows 100 lines of 64 KiB each).
 MAX_HEADER_BYTES = 16384
-REQUEST_TIMEOUT_S = 10.0
+#: Bytes read while looking for the end of the head; past it the request is refused.
+MAX_HEAD_BYTES = 65536
+#: The whole request head must arrive within this, however it trickles in.
+HEAD_DEADLINE_S = 5.0
+#: Kept for callers of the threaded server: the head deadline is the idle bound now.
+REQUEST_TIMEOUT_S = HEAD_DEADLINE_S
+WRITE_DEADLINE_S = 10.0
+BACKLOG = 1024
+MAX_CONNECTIONS = 1024
+#: Threads that read the ledger (each read is a short SQLite transaction).
+LEDGER_THREADS = 2
 ALLOWED = "GET, HEAD"
 
 #: (counter name in the block, metric suffix, help text).
@@ -53,6 +84,9 @@ _METRICS: tuple[tuple[str, str, str], ...] = (
     ("alerts", "alerts", "Alerts sent."),
     ("processes_killed", "processes_killed", "Processes of re-test trees killed at the deadline or swept."),
 )
+
+JSON = "application/json"
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def render_metrics(block: dict[str, Any]) -> str:
@@ -78,128 +112,270 @@ def render_metrics(block: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: "StatusServer"
-    raw_requestline: bytes
-    server_version = "retest"
-    sys_version = ""
-    protocol_version = "HTTP/1.1"
-    timeout = REQUEST_TIMEOUT_S
-
-    # -- parsing: bounded, and every method but GET/HEAD is 405 (not http.server's 501)
-
-    def parse_request(self) -> bool:
-        if len(self.raw_requestline) > MAX_REQUEST_LINE:
-            # Refused before parsing: set what send_response() reads.
-            self.command, self.request_version, self.requestline = "", "HTTP/1.1", ""
-            self.close_connection = True
-            self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
-            return False
-        if not super().parse_request():
-            return False
-        if len(self.headers) > MAX_HEADERS or \
-                sum(len(k) + len(v) + 4 for k, v in self.headers.items()) > MAX_HEADER_BYTES:
-            self.close_connection = True
-            self.send_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
-            return False
-        if self.command not in ("GET", "HEAD"):
-            self.close_connection = True
-            self._send(HTTPStatus.METHOD_NOT_ALLOWED, b'{"error": "method not allowed"}\n',
-                       "application/json", extra={"Allow": ALLOWED})
-            return False
-        length = self.headers.get("Content-Length", "0").strip() or "0"
-        if self.headers.get("Transfer-Encoding") or not length.isdigit() or int(length) != 0:
-            self.close_connection = True
-            self._send(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b'{"error": "no body allowed"}\n',
-                       "application/json")
-            return False
-        return True
-
-    def do_GET(self) -> None:
-        self._answer(with_body=True)
-
-    def do_HEAD(self) -> None:
-        self._answer(with_body=False)
-
-    def _answer(self, *, with_body: bool) -> None:
-        path = urlsplit(self.path).path
-        route = self.server.routes.get(path)
-        if route is None:
-            self._send(HTTPStatus.NOT_FOUND, b'{"error": "not found"}\n', "application/json",
-                       with_body=with_body)
-            return
-        try:
-            body, content_type = route()
-        except Exception:
-            log.exception("retest serve: %s failed", path)
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, b'{"error": "internal error"}\n',
-                       "application/json", with_body=with_body)
-            return
-        self._send(HTTPStatus.OK, body, content_type, with_body=with_body)
-
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str, *,
-              with_body: bool = True, extra: Optional[dict[str, str]] = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for key, value in (extra or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        if with_body:
-            self.wfile.write(body)
-
-    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
-        # http.server's own errors (400, 414, 431, 505): small JSON, no echo of the request.
-        try:
-            status = HTTPStatus(code)
-        except ValueError:
-            status = HTTPStatus.BAD_REQUEST
-        self.close_connection = True
-        body = json.dumps({"error": status.phrase.lower()}).encode() + b"\n"
-        self._send(status, body, "application/json", with_body=self.command != "HEAD")
-
-    def version_string(self) -> str:
-        return "retest"  # no Python or library versions for a scanner to match
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.info("%s %s", self.address_string(), format % args)
+@dataclass(frozen=True)
+class Response:
+    status: HTTPStatus
+    body: bytes
+    content_type: str = JSON
+    extra: tuple[tuple[str, str], ...] = ()
 
 
-class StatusServer(ThreadingHTTPServer):
-    """The status server; ``routes`` maps a path to a function returning (body, content type)."""
+def _error(status: HTTPStatus, **extra: str) -> Response:
+    body = json.dumps({"error": status.phrase.lower()}).encode() + b"\n"
+    return Response(status, body, JSON, tuple(extra.items()))
 
-    daemon_threads = True
-    allow_reuse_address = True
+
+class _Refused(Exception):
+    """The request head is refused with ``response`` (the connection then closes)."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status.phrase)
+        self.response = response
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    version: str
+
+
+def parse_head(head: bytes) -> Request:
+    """The request in ``head`` (request line and headers, CRLF or LF); raise ``_Refused``."""
+    lines = head.split(b"\n")
+    while lines and lines[-1].strip() == b"":
+        lines.pop()
+    if not lines:
+        raise _Refused(_error(HTTPStatus.BAD_REQUEST))
+    request_line = lines[0].rstrip(b"\r")
+    if len(request_line) > MAX_REQUEST_LINE:
+        raise _Refused(_error(HTTPStatus.REQUEST_URI_TOO_LONG))
+    headers = [line.rstrip(b"\r") for line in lines[1:]]
+    if len(headers) > MAX_HEADERS or sum(len(h) + 2 for h in headers) > MAX_HEADER_BYTES:
+        raise _Refused(_error(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE))
+    parts = request_line.split()
+    if len(parts) != 3:
+        raise _Refused(_error(HTTPStatus.BAD_REQUEST))
+    try:
+        method, target, version = (p.decode("ascii") for p in parts)
+    except UnicodeDecodeError:
+        raise _Refused(_error(HTTPStatus.BAD_REQUEST)) from None
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _Refused(_error(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED))
+    fields: dict[str, str] = {}
+    for line in headers:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip():
+            raise _Refused(_error(HTTPStatus.BAD_REQUEST))
+        fields[name.decode("latin-1").lower()] = value.decode("latin-1").strip()
+    if method not in ("GET", "HEAD"):
+        raise _Refused(Response(HTTPStatus.METHOD_NOT_ALLOWED, b'{"error": "method not allowed"}\n',
+                                JSON, (("Allow", ALLOWED),)))
+    length = fields.get("content-length", "0") or "0"
+    if "transfer-encoding" in fields or not length.isdigit() or int(length) != 0:
+        raise _Refused(Response(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b'{"error": "no body allowed"}\n'))
+    return Request(method, urlsplit(target).path, version)
+
+
+def _encode(response: Response, with_body: bool) -> bytes:
+    head = [f"HTTP/1.1 {response.status.value} {response.status.phrase}",
+            f"Content-Type: {response.content_type}",
+            f"Content-Length: {len(response.body)}",
+            "Cache-Control: no-store",
+            "X-Content-Type-Options: nosniff",
+            "Server: retest",  # no Python or library versions for a scanner to match
+            "Connection: close"]
+    head += [f"{key}: {value}" for key, value in response.extra]
+    data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+    return data + response.body if with_body else data
+
+
+class _SingleFlight:
+    """Concurrent callers of one key share the read in flight (it started after they were
+    waiting or while they arrived: never older than that read)."""
+
+    def __init__(self, pool: concurrent.futures.Executor) -> None:
+        self._pool = pool
+        self._flights: dict[str, asyncio.Future[Any]] = {}
+
+    async def get(self, key: str, read: Callable[[], Any]) -> Any:
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = asyncio.get_running_loop().run_in_executor(self._pool, read)
+            self._flights[key] = flight
+            flight.add_done_callback(lambda _: self._flights.pop(key, None))
+        return await asyncio.shield(flight)
+
+
+class StatusServer:
+    """The status server: bound at construction (``server_address``), served by
+    ``serve_forever()`` until ``shutdown()`` (from another thread), closed by ``server_close()``.
+    ``routes`` maps a path to a coroutine function returning a ``Response``."""
 
     def __init__(self, address: tuple[str, int], ledger: Optional[LedgerBackend],
                  settings: Optional[config.GateSettings] = None) -> None:
-        super().__init__(address, _Handler)
         self.ledger = ledger
         self.settings = settings
-        self.routes: dict[str, Callable[[], tuple[bytes, str]]] = {
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.socket = socket.create_server(address, family=family, backlog=BACKLOG)
+        self.server_address = self.socket.getsockname()
+        self.routes: dict[str, Callable[[], Awaitable[Response]]] = {
             "/queue": self._queue,
             "/metrics": self._metrics,
         }
+        self.connections = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(LEDGER_THREADS, "retest-serve-ledger")
+        self._flights = _SingleFlight(self._pool)
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stop: Optional[asyncio.Event] = None
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._shutdown_request = threading.Event()
 
-    def _block(self) -> dict[str, Any]:
-        # Settings are re-read per request unless fixed: a switch flipped in the environment
-        # of a restarted server shows at once. Gates mask secrets before they record a
-        # decision; masking this server's own again covers ledgers written by older versions.
-        # Only the decisions' untrusted fields: counters, settings and vocabulary stay whole.
-        block = merge_gate.queue_block(ledger=self.ledger, settings=self.settings)
+    # ----------------------------------------------------------------- routes
+
+    def _settings(self) -> config.GateSettings:
+        return self.settings or config.GateSettings.from_env()
+
+    def _read_block(self) -> dict[str, Any]:
+        # Gates mask secrets before they record a decision; masking this server's own again
+        # covers ledgers written by older versions. Only the decisions' untrusted fields.
+        block = merge_gate.queue_block(ledger=self.ledger, settings=self._settings())
         if "recent" in block:
             secrets = redact.FILTER.secrets()
             block["recent"] = [redact.redact_decision(doc, secrets) for doc in block["recent"]]
         return block
 
-    def _queue(self) -> tuple[bytes, str]:
-        body = json.dumps({"merge_gate": self._block()}, sort_keys=True, default=str).encode() + b"\n"
-        return body, "application/json"
+    def _read_counters(self) -> dict[str, Any]:
+        """What ``/metrics`` shows: the switch and the totals, nothing else from the ledger."""
+        settings = self._settings()
+        if not settings.metrics_enabled:
+            return {"enabled": False}
+        if self.ledger is None:
+            return merge_gate.queue_block(settings=settings, recent=0)
+        try:
+            return {"enabled": True, "counters": self.ledger.totals()}
+        except LedgerError as err:
+            return {"enabled": True, "error": str(err)}
 
-    def _metrics(self) -> tuple[bytes, str]:
-        return render_metrics(self._block()).encode(), "text/plain; version=0.0.4; charset=utf-8"
+    def _queue_response(self) -> Response:
+        block = self._read_block()
+        body = json.dumps({"merge_gate": block}, sort_keys=True, default=str).encode() + b"\n"
+        return Response(HTTPStatus.SERVICE_UNAVAILABLE if "error" in block else HTTPStatus.OK, body)
+
+    def _metrics_response(self) -> Response:
+        block = self._read_counters()
+        if "error" in block:
+            log.warning("retest serve: /metrics: the ledger cannot be read: %s", block["error"])
+            return Response(HTTPStatus.SERVICE_UNAVAILABLE,
+                            b"# the ledger cannot be read: no counters (not zeros)\n", METRICS_TYPE)
+        return Response(HTTPStatus.OK, render_metrics(block).encode(), METRICS_TYPE)
+
+    # Read, render and encode in a ledger thread, once per flight: the event loop only writes.
+    async def _queue(self) -> Response:
+        response: Response = await self._flights.get("queue", self._queue_response)
+        return response
+
+    async def _metrics(self) -> Response:
+        response: Response = await self._flights.get("metrics", self._metrics_response)
+        return response
+
+    # ----------------------------------------------------------------- connections
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[Response, bool]:
+        """Read one request head (bounded in time and size) and answer it."""
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_DEADLINE_S)
+        except asyncio.LimitOverrunError:
+            start = await reader.read(MAX_REQUEST_LINE + 2)
+            status = HTTPStatus.REQUEST_URI_TOO_LONG if b"\n" not in start \
+                else HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            return _error(status), True
+        try:
+            request = parse_head(head)
+        except _Refused as refused:
+            return refused.response, True
+        route = self.routes.get(request.path)
+        if route is None:
+            return _error(HTTPStatus.NOT_FOUND), request.method != "HEAD"
+        try:
+            response = await route()
+        except Exception:
+            log.exception("retest serve: %s failed", request.path)
+            response = _error(HTTPStatus.INTERNAL_SERVER_ERROR)
+        return response, request.method != "HEAD"
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            if self.connections > MAX_CONNECTIONS:
+                response, with_body = _error(HTTPStatus.SERVICE_UNAVAILABLE), True
+            else:
+                response, with_body = await self._answer(reader)
+            writer.write(_encode(response, with_body))
+            await asyncio.wait_for(writer.drain(), WRITE_DEADLINE_S)
+            log.info("%s %d", writer.get_extra_info("peername"), response.status.value)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+            log.debug("retest serve: dropped %s: request head or response not done in time",
+                      writer.get_extra_info("peername"))
+        except (ConnectionError, OSError) as err:
+            log.debug("retest serve: client %s went away: %s", writer.get_extra_info("peername"), err)
+        except Exception:
+            log.exception("retest serve: connection failed")
+        finally:
+            self.connections -= 1
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a client that does not read gets no more time
+            else:
+                writer.close()
+
+    def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # asyncio's default handler prints to stderr, outside logging and unmasked.
+        err = context.get("exception")
+        if isinstance(err, (ConnectionError, asyncio.CancelledError)):
+            log.debug("retest serve: %s", context.get("message"))
+            return
+        log.error("retest serve: %s", context.get("message"),
+                  exc_info=(type(err), err, err.__traceback__) if err else None)
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._exception_handler)
+        self._loop, self._stop = loop, asyncio.Event()
+        if self._shutdown_request.is_set():  # shutdown() came before the loop existed
+            self._stop.set()
+        server = await asyncio.start_server(self._connection, sock=self.socket,
+                                            limit=MAX_HEAD_BYTES, backlog=BACKLOG)
+        try:
+            await self._stop.wait()
+        finally:
+            server.close()
+            # Connections still open are closed with the loop (no wait on slow clients).
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Serve until ``shutdown()``; ``poll_interval`` is accepted for ``socketserver``'s API."""
+        self._stopped.clear()
+        try:
+            asyncio.run(self._serve())
+        finally:
+            self._loop = None
+            self._shutdown_request.clear()
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Stop ``serve_forever()`` (from another thread) and wait until it returned."""
+        self._shutdown_request.set()
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:  # the loop closed meanwhile
+                pass
+        self._stopped.wait(10)
+
+    def server_close(self) -> None:
+        self.socket.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def make_server(host: str = "127.0.0.1", port: int = 0, *, ledger: Optional[LedgerBackend] = None,
