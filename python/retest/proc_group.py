@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno as _errno
+import importlib
+import importlib.util
 import logging
 import math
 import os
@@ -180,9 +182,16 @@ def _load_native() -> None:
     if not sys.platform.startswith("linux"):
         _native_error = f"platform {sys.platform!r} is not supported by the native runner"
         return
+    # Not installed at all (RETEST_PURE_PYTHON=1, or a build without a compiler) is told apart
+    # from a broken build: a bare "from . import" of a missing submodule during the package's
+    # own import reads "most likely due to a circular import" (issue 14), which misleads.
+    if importlib.util.find_spec(f"{__package__}._proc_group") is None:
+        _native_error = ("retest was installed without its native runner (retest._proc_group is "
+                         "not installed: RETEST_PURE_PYTHON=1, or no C compiler at install time)")
+        return
     try:
-        from . import _proc_group
-    except ImportError as err:  # missing or broken build
+        _proc_group = importlib.import_module(f"{__package__}._proc_group")
+    except ImportError as err:  # present but broken: wrong ABI, missing symbol
         _native_error = f"cannot import retest._proc_group: {err}"
         return
     shepherd = os.path.join(os.path.dirname(os.path.abspath(_proc_group.__file__)), "_retest_shepherd")
