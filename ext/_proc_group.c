@@ -22,7 +22,7 @@ static int pg_exec(PyObject *module)
     st->stream_names[1] = PyUnicode_InternFromString("stderr");
     if (!st->stream_names[0] || !st->stream_names[1])
         return -1;
-    return PyModule_AddStringConstant(module, "PROTOCOL", "retest-shepherd/1");
+    return PyModule_AddStringConstant(module, "PROTOCOL", "retest-shepherd/2");
 }
 
 static int pg_traverse(PyObject *module, visitproc visit, void *arg)

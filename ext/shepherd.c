@@ -4,10 +4,12 @@
  * spawn, so its cost does not grow with the caller's memory) in a new session, with:
  *   fd 0, 1, 2  the command's stdin, stdout and stderr
  *   fd 3        a socket to the caller: records go out (protocol.h), command bytes come in
- *   argv        DEADLINE_NS GRACE_NS CWD-ARG CMD [ARG...]
+ *   argv        DEADLINE_NS GRACE_NS STOP_SIGNAL CWD-ARG CMD [ARG...] (protocol.h: pg_argv_field)
  *               DEADLINE_NS: absolute, on CLOCK_MONOTONIC (one clock for the whole machine),
  *               so the time to start us and the command counts against the caller's timeout;
- *               < 0: no deadline. CWD-ARG is "-" or "C<path>"
+ *               < 0: no deadline. STOP_SIGNAL: the signal number that starts the stop
+ *               sequence (15, SIGTERM, unless told otherwise: GNU timeout's -s). CWD-ARG is
+ *               "-" or "C<path>"
  *   environ     the command's environment
  *
  * The shepherd makes itself a child subreaper, starts the command in a session of its
@@ -18,7 +20,8 @@
  *   - the live tree is exactly our descendants, found by walking /proc/<pid>/task/<tid>/children.
  * On the deadline, on a terminate request, when the caller goes away (even SIGKILLed:
  * the socket hangs up), or after the leader exits with something left behind, the whole
- * tree gets SIGTERM + SIGCONT, then SIGKILL after the grace period, until nothing is left.
+ * tree gets SIGTERM (or STOP_SIGNAL) + SIGCONT, then SIGKILL after the grace period, until
+ * nothing is left.
  *
  * The shepherd itself is single-threaded, so fork()/vfork() here is cheap and safe.
  */
@@ -74,6 +77,7 @@ struct state {
     int leader_status;
     int64_t deadline_ns;        /* -1: none */
     int64_t grace_ns;
+    int stop_signal;            /* first signal of the stop sequence: SIGTERM unless told */
     int64_t phase_deadline_ns;  /* end of grace, or give-up bound while killing */
     enum phase phase;
     int caller_gone;
@@ -586,9 +590,10 @@ static void send_to(struct state *st, pid_t pid, int fd, int sig)
     kill(pid, sig);
 }
 
-/* Send sig (and SIGCONT after SIGTERM: a stopped process does not act on SIGTERM) to every
- * live process of the tree and to the leader's group; sig 0 only counts. Return how many
- * live processes there were. This is the one "signal the whole tree" step. */
+/* Send sig (and SIGCONT after it unless it is SIGKILL or SIGCONT: a stopped process does not
+ * act on SIGTERM or most others, as GNU timeout reasons) to every live process of the tree and
+ * to the leader's group; sig 0 only counts. Return how many live processes there were. This
+ * is the one "signal the whole tree" step. */
 static int signal_tree(struct state *st, int sig)
 {
     struct pidset set = {0};
@@ -622,14 +627,14 @@ static int signal_tree(struct state *st, int sig)
      * covers any member left. It is all that is reachable when /proc is not ours. */
     if (st->leader_alive && sig != 0) {
         kill(-st->leader, sig);
-        if (sig == SIGTERM)
+        if (sig != SIGKILL && sig != SIGCONT)
             kill(-st->leader, SIGCONT);
     }
     for (size_t i = 0; i < hit; i++) {
         int fd = fds ? fds[i] : -1;
         if (sig != 0) {
             send_to(st, set.pids[i], fd, sig);
-            if (sig == SIGTERM)
+            if (sig != SIGKILL && sig != SIGCONT)
                 send_to(st, set.pids[i], fd, SIGCONT);
         }
         if (fd >= 0)
@@ -871,10 +876,10 @@ static void start_command(struct state *st, const char *cwd, char **argv)
 
 /* ---------------------------------------------------------------- the main loop */
 
-/* Move to TERMINATING: SIGTERM + SIGCONT to the tree; return how many were signalled. */
+/* Move to TERMINATING: the stop signal + SIGCONT to the tree; return how many were signalled. */
 static int begin_terminate(struct state *st)
 {
-    int hit = signal_tree(st, SIGTERM);
+    int hit = signal_tree(st, st->stop_signal);
     st->phase = TERMINATING;
     st->phase_deadline_ns = now_ns() + st->grace_ns;
     return hit;
@@ -914,7 +919,7 @@ static void on_control(struct state *st, short revents)
 int main(int argc, char **argv)
 {
     struct state st;
-    int64_t deadline_ns, grace_ns;
+    int64_t deadline_ns, grace_ns, stop_signal;
     const char *cwd = NULL;
     sigset_t mask;
     int sfd;
@@ -927,13 +932,16 @@ int main(int argc, char **argv)
     if (fcntl(PG_CONTROL_FD, F_SETFD, FD_CLOEXEC) < 0)
         return 125;  /* no control socket: started by something other than run.c */
     close_inherited_fds();
-    if (argc < 5 || parse_i64(argv[1], &deadline_ns) || parse_i64(argv[2], &grace_ns) || grace_ns < 0)
+    if (argc <= PG_ARGV_CMD || parse_i64(argv[PG_ARGV_DEADLINE], &deadline_ns) ||
+        parse_i64(argv[PG_ARGV_GRACE], &grace_ns) || grace_ns < 0 ||
+        parse_i64(argv[PG_ARGV_STOP_SIGNAL], &stop_signal) || stop_signal < 1 || stop_signal >= NSIG)
         fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
-    if (argv[3][0] == 'C')
-        cwd = argv[3] + 1;
-    else if (strcmp(argv[3], "-") != 0)
+    if (argv[PG_ARGV_CWD][0] == 'C')
+        cwd = argv[PG_ARGV_CWD] + 1;
+    else if (strcmp(argv[PG_ARGV_CWD], "-") != 0)
         fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
     st.grace_ns = grace_ns;
+    st.stop_signal = (int)stop_signal;
 
     /* Without the subreaper bit escapees would go to init; containment then degrades to the
      * process group, which is still what subprocess.run offers at best. */
@@ -952,7 +960,7 @@ int main(int argc, char **argv)
     if (sfd < 0)
         fail_start(&st, PG_STAGE_SHEPHERD, errno);
 
-    start_command(&st, cwd, argv + 4);
+    start_command(&st, cwd, argv + PG_ARGV_CMD);
     st.deadline_ns = deadline_ns < 0 ? -1 : deadline_ns;
     st.phase = RUNNING;
 

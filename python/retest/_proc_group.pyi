@@ -15,6 +15,7 @@ def run(
     capture_limit: int,
     on_output: Optional[Callable[[str, bytes], object]],
     tee_fd: int,
+    stop_signal: int,
     /,
 ) -> dict[str, Any]: ...
 def classify(

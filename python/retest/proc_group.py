@@ -25,6 +25,7 @@ import importlib.util
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -468,6 +469,7 @@ def _run_native(
         capture_limit,
         on_output,
         tee_fd,
+        int(signal.SIGTERM),
     )
     tee_errno = raw.pop("tee_errno")
     if tee_errno is not None:  # the tee stopped at its first error, as the subprocess one does
