@@ -285,6 +285,46 @@ def test_no_deadline_or_a_far_one_lets_the_command_finish(backend: str, timeout)
     assert result.returncode == 0 and result.stdout == b"done\n"
 
 
+def test_stop_signal_is_the_first_signal_at_the_deadline(backend: str) -> None:
+    """GNU timeout -s: the command sees SIGINT (it exits 7 from its trap), not SIGTERM."""
+    handler = ("import os, signal, sys, time\n"
+               "def on(signo, frame):\n"
+               "    print('got-int' if signo == signal.SIGINT else 'got-other', flush=True)\n"
+               "    os._exit(7)\n"
+               "signal.signal(signal.SIGINT, on)\nsignal.signal(signal.SIGTERM, on)\n"
+               "print('ready', flush=True)\ntime.sleep(30)\n")
+    result = run([sys.executable, "-c", handler], timeout=1.5, grace=5, backend=backend,
+                 stop_signal=signal.SIGINT)
+
+    assert result.timed_out and not result.escalated
+    assert result.returncode == 7 and result.stdout == b"ready\ngot-int\n"
+    assert result.duration_s < 4.5  # it did not sit out the grace
+
+
+def test_stop_signal_ignored_is_followed_by_sigkill_after_the_grace(backend: str) -> None:
+    result = run(["sh", "-c", "trap '' USR1; exec sleep 30"], timeout=0.2, grace=0.3,
+                 backend=backend, stop_signal=signal.SIGUSR1)
+
+    assert result.timed_out and result.escalated
+    assert result.returncode == -signal.SIGKILL
+
+
+def test_stop_signal_kill_needs_no_grace(backend: str) -> None:
+    result = run(["sleep", "30"], timeout=0.2, grace=10, backend=backend,
+                 stop_signal=signal.SIGKILL)
+
+    assert result.timed_out and result.returncode == -signal.SIGKILL
+    assert result.duration_s < 5
+
+
+@pytest.mark.parametrize("bad", [0, -1, 65, 1000])
+def test_stop_signal_out_of_range_is_a_value_error(bad: int) -> None:
+    with pytest.raises(ValueError):
+        run(["true"], stop_signal=bad)
+    with pytest.raises(TypeError):
+        run(["true"], stop_signal="TERM")  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------- bounded capture
 
 LIMIT = 2 * 65536

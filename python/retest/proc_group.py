@@ -298,6 +298,16 @@ def _check_grace(grace: Optional[float]) -> float:
     return float(grace)
 
 
+def _check_stop_signal(stop_signal: Optional[int]) -> Optional[int]:
+    if stop_signal is None:
+        return None
+    if isinstance(stop_signal, bool) or not isinstance(stop_signal, int):
+        raise TypeError("stop_signal must be a signal number (int or signal.Signals) or None")
+    if not 1 <= stop_signal < signal.NSIG:
+        raise ValueError(f"stop_signal must be a signal number in 1..{signal.NSIG - 1}")
+    return int(stop_signal)
+
+
 def _tee_fd(tee: Union[IO[bytes], int, None]) -> int:
     if tee is None:
         return -1
@@ -332,6 +342,7 @@ def run(
     probe: Optional[bool] = None,
     probe_packages: Sequence[str] = (),
     on_event: Optional[EventCallback] = None,
+    stop_signal: Optional[int] = None,
 ) -> RunResult:
     """Run ``args`` as a contained process tree and return what happened.
 
@@ -347,11 +358,16 @@ def run(
     on); its facts are in ``RunResult.probe``. ``probe_packages``: top-level packages whose
     import origin the probe records. ``on_event(event)``: called with each probe event as the
     suite writes it (from a helper thread).
+    ``stop_signal``: the first signal of the stop sequence at the deadline, on an interrupt and
+    for leftovers (GNU ``timeout -s``), then SIGCONT, ``grace``, SIGKILL. Default: SIGTERM
+    (native); the subprocess backend keeps its prior SIGKILL at once unless one is given, and
+    then sends it to the direct child only, SIGKILL after ``grace``.
     """
     argv, args_text = _check_args(args)
     _check_env(env)
     deadline = _check_timeout(timeout)
     grace_s = _check_grace(grace)
+    stop_signo = _check_stop_signal(stop_signal)
     if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
         raise TypeError("input must be bytes or None")
     if capture_limit is None:
@@ -376,7 +392,7 @@ def run(
 
     chosen = _select_backend(backend)
     launch = _Launch(chosen, argv, args_text, env, bcwd, stdin_bytes, deadline, grace_s,
-                     capture_limit, on_output, tee_fd)
+                     capture_limit, on_output, tee_fd, stop_signo)
     if probe is None:
         probe = config.RunnerSettings.from_env().probe_enabled
     if not probe or not _probe.is_pytest_argv(args_text):
@@ -399,6 +415,8 @@ class _Launch:
     capture_limit: int
     on_output: Optional[OutputCallback]
     tee_fd: int
+    #: ``None``: the backend's default (SIGTERM native, the prior SIGKILL subprocess).
+    stop_signal: Optional[int] = None
 
 
 def _dispatch(launch: _Launch) -> RunResult:
@@ -406,9 +424,10 @@ def _dispatch(launch: _Launch) -> RunResult:
     x = launch
     if x.backend == "native":
         return _run_native(x.argv, x.args_text, _check_env(x.env), x.cwd, x.stdin_bytes, x.timeout,
-                           x.grace_s, x.capture_limit, x.on_output, x.tee_fd)
+                           x.grace_s, x.capture_limit, x.on_output, x.tee_fd,
+                           signal.SIGTERM if x.stop_signal is None else x.stop_signal)
     return _run_subprocess(x.argv, x.args_text, x.env, x.cwd, x.stdin_bytes, x.timeout,
-                           x.capture_limit, x.on_output, x.tee_fd)
+                           x.capture_limit, x.on_output, x.tee_fd, x.stop_signal, x.grace_s)
 
 
 def _run_probed(launch: _Launch, packages: Sequence[str],
@@ -456,6 +475,7 @@ def _run_native(
     capture_limit: int,
     on_output: Optional[OutputCallback],
     tee_fd: int,
+    stop_signal: int,
 ) -> RunResult:
     assert _native is not None and _shepherd_path is not None
     raw = _native.run(
@@ -469,7 +489,7 @@ def _run_native(
         capture_limit,
         on_output,
         tee_fd,
-        int(signal.SIGTERM),
+        int(stop_signal),
     )
     tee_errno = raw.pop("tee_errno")
     if tee_errno is not None:  # the tee stopped at its first error, as the subprocess one does
@@ -503,23 +523,28 @@ def _run_subprocess(
     capture_limit: int,
     on_output: Optional[OutputCallback],
     tee_fd: int,
+    stop_signal: Optional[int] = None,
+    grace_s: float = 0.0,
 ) -> RunResult:
-    """The prior path: ``subprocess.run(timeout=...)``; kills only the direct child."""
+    """The prior path: ``subprocess.run(timeout=...)``; kills only the direct child.
+
+    With a ``stop_signal`` (``retest run -s``), the deadline sends that signal (+ SIGCONT) to
+    the direct child instead of SIGKILL, and SIGKILL only if it outlives ``grace_s``.
+    """
     start = time.monotonic()
-    timed_out = False
+    timed_out = escalated = False
     before = _children_rusage()
+    popen: dict[str, Any] = dict(
+        input=stdin_bytes, stdin=subprocess.DEVNULL if stdin_bytes is None else None,
+        capture_output=True, cwd=cwd, env=env, timeout=timeout)
     try:
-        completed = subprocess.run(
-            argv,
-            input=stdin_bytes,
-            stdin=subprocess.DEVNULL if stdin_bytes is None else None,
-            capture_output=True,
-            cwd=cwd,
-            env=env,
-            timeout=timeout,
-        )
+        if stop_signal is None:
+            completed = subprocess.run(argv, **popen)
+        else:
+            completed, escalated = _run_with_stop_signal(argv, popen, stop_signal, grace_s)
         returncode: Optional[int] = completed.returncode
         out, err = completed.stdout or b"", completed.stderr or b""
+        timed_out = getattr(completed, "timed_out", False)
     except subprocess.TimeoutExpired as exc:
         # subprocess.run killed the direct child (SIGKILL) and reaped it; grandchildren live on.
         timed_out = True
@@ -552,12 +577,52 @@ def _run_subprocess(
         duration_s=duration,
         spawn_error=None,
         backend="subprocess",
+        escalated=escalated,
+        killed_at_deadline=1 if timed_out and stop_signal is not None else 0,
         stdout_dropped=out_dropped,
         stderr_dropped=err_dropped,
         user_cpu_s=max(after[0] - before[0], 0.0),
         sys_cpu_s=max(after[1] - before[1], 0.0),
         max_rss_kb=after[2],
     )
+
+
+class _Completed(subprocess.CompletedProcess):  # type: ignore[type-arg]
+    timed_out = False
+
+
+def _run_with_stop_signal(argv: list[bytes], popen: dict[str, Any], stop_signal: int,
+                          grace_s: float) -> tuple[_Completed, bool]:
+    """``subprocess.run`` with GNU timeout's sequence for the direct child: SIG, SIGCONT,
+    grace, SIGKILL. Returns the completed process and whether SIGKILL was needed."""
+    timeout = popen.pop("timeout")
+    stdin_bytes = popen.pop("input")
+    if stdin_bytes is not None:
+        popen["stdin"] = subprocess.PIPE
+    popen.pop("capture_output")
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen) as proc:
+        try:
+            out, err = proc.communicate(stdin_bytes, timeout=timeout)
+            return _Completed(argv, proc.returncode, out, err), False
+        except subprocess.TimeoutExpired as exc:
+            out, err = exc.stdout or b"", exc.stderr or b""
+        except BaseException:
+            proc.kill()
+            raise
+        proc.send_signal(stop_signal)
+        if stop_signal not in (signal.SIGKILL, signal.SIGCONT):
+            proc.send_signal(signal.SIGCONT)  # a stopped child does not act on the signal
+        escalated = False
+        try:  # what it prints while it stops is kept; a grandchild holding the pipes is bounded
+            out, err = proc.communicate(timeout=grace_s)
+        except subprocess.TimeoutExpired as exc:
+            out, err = exc.stdout or out, exc.stderr or err
+            escalated = proc.poll() is None
+            proc.kill()
+            proc.wait()
+    done = _Completed(argv, proc.returncode, bytes(out), bytes(err))
+    done.timed_out = True
+    return done, escalated
 
 
 def _children_rusage() -> tuple[float, float, int]:
