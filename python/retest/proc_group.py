@@ -195,7 +195,8 @@ def _load_native() -> None:
     except ImportError as err:  # present but broken: wrong ABI, missing symbol
         _native_error = f"cannot import retest._proc_group: {err}"
         return
-    shepherd = os.path.join(os.path.dirname(os.path.abspath(_proc_group.__file__)), "_retest_shepherd")
+    shepherd = os.path.join(os.path.dirname(os.path.abspath(_proc_group.__file__ or "")),
+                            "_retest_shepherd")
     if not os.access(shepherd, os.X_OK):
         _native_error = f"shepherd executable missing or not executable: {shepherd}"
         return
