@@ -239,7 +239,9 @@ def test_a_venv_without_pytest_holds_and_never_rolls_back(src_project: tuple[Rep
     """Issue 9: `No module named pytest`, exit 1, was red.exit-1: green code rolled back."""
     repo, _ = src_project
     bare = make_venv(tmp_path / "bare", with_test_deps=False)
-    decision = gate(repo, "docs-only", bare)
+    # No PYTHONPATH of the test run either: it may hold an installed retest's site-packages.
+    decision = gate(repo, "docs-only", bare, PYTHONPATH="")
+    assert "No module named pytest" in decision.reason, decision.reason
     assert (decision.action, decision.verdict, decision.rule) == ("hold", "other", "other.environment")
     assert "No module named pytest" in decision.reason
 

@@ -102,6 +102,20 @@ def test_tests_still_running_are_timed_to_the_end() -> None:
     assert report.done == 1
 
 
+def test_a_crashed_xdist_worker_ends_its_test() -> None:
+    # xdist reports a test whose worker died with when="???" and never sends its call report.
+    events = [
+        {"ev": "session_start", "t": 100.0},
+        {"ev": "test_start", "t": 101.0, "worker": "gw1", "nodeid": "a.py::exits"},
+        {"ev": "report", "t": 102.0, "worker": "gw1", "nodeid": "a.py::exits", "when": "???",
+         "outcome": "failed", "message": "worker 'gw1' crashed while running 'a.py::exits'"},
+        {"ev": "session_end", "t": 103.0, "exitstatus": 1, "counts": {"failed": 1}},
+    ]
+    report = ProbeReport.from_events(events, ended_at=111.0)
+    assert report.running == () and report.done == 1
+    assert (report.failure_count, report.error_count) == (1, 0)
+
+
 # --------------------------------------------------------------------------- real runs
 
 
@@ -136,6 +150,17 @@ def test_xdist_reports_every_test_with_its_worker(backend: str, tmp_path: Path) 
     assert sorted(result.probe.failed_ids) == [f"test_{i}.py::test_bad_{i}" for i in range(3)]
     assert {f.worker for f in result.probe.failures} <= {"gw0", "gw1"}
     assert result.probe.workers == 2 and result.probe.collected == 6 and result.probe.done == 6
+
+
+def test_a_test_that_kills_its_xdist_worker_is_a_failed_test(backend: str, tmp_path: Path) -> None:
+    pytest.importorskip("xdist")
+    files = {"test_a.py": "import os\n\n\ndef test_ok():\n    pass\n\n\ndef test_exits():\n    os._exit(1)\n"}
+    result = pytest_run(write(tmp_path, files), backend, "-p", "xdist", "-n", "2")
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("red", "red.tests-failed", "events")
+    assert result.probe is not None and result.probe.counts == {"failed": 1, "passed": 1}
+    assert [(f.nodeid, f.outcome) for f in result.probe.failures] == [("test_a.py::test_exits", "failed")]
+    assert result.probe.running == ()
 
 
 def test_subtests_and_setup_errors_are_counted(backend: str, tmp_path: Path) -> None:

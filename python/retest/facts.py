@@ -4,13 +4,16 @@
 twin), then, when the run carried the probe, lets ``decide`` replace that inference with what
 the suite reported: a test of the repository failed (red), pytest never started (other), no
 test was collected (other), the session did not finish (other). The runner's own facts
-(deadline, spawn failure) and a held lock keep the output classifier's answer. Every verdict
+(deadline, spawn failure) and a held lock keep the output classifier's answer; the kernel's
+word that its OOM killer ended the run (``oom_killed``) comes before both the events and the
+output, and keeps the run ``other`` even when tests had failed before it. Every verdict
 says which evidence it rests on: ``runner``, ``events`` or ``output``. Rules and examples:
 docs/verdicts.md.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Optional
 
 from .probe import ProbeReport, TestFailure
@@ -18,12 +21,13 @@ from .probe import ProbeReport, TestFailure
 if TYPE_CHECKING:  # pragma: no cover
     from .proc_group import RunResult, Verdict
 
-__all__ = ["decide", "failures_text", "running_text"]
+__all__ = ["decide", "oom_killed", "failures_text", "running_text"]
 
 #: Test ids named in a reason (all of them, bounded, are in the evidence).
 REASON_IDS_MAX = 3
-#: What pytest-timeout's signal method puts in the failure of the test it stopped.
-_PYTEST_TIMEOUT_MESSAGE = "Timeout >"
+#: What pytest-timeout's signal method puts in the failure of the test it stopped: ``Failed:
+#: Timeout >1.0s`` up to 2.3, ``Failed: Timeout (>1.0s) from pytest-timeout.`` from 2.4 on.
+_PYTEST_TIMEOUT_MESSAGE = re.compile(r"\bTimeout \(?>[0-9.]+s\b")
 _TIMEOUT_THREAD_MARK = b"+++ Timeout +++"
 _NO_TESTPATHS = b"No files were found in testpaths"
 _TAIL_SCAN = 4096
@@ -104,6 +108,41 @@ def decide(result: "RunResult", output: "Verdict", report: ProbeReport) -> "Verd
     return _no_failure(result, report)
 
 
+def oom_killed(result: "RunResult", output: "Verdict") -> Optional["Verdict"]:
+    """``other.oom-killed`` when the kernel's OOM killer ended a run that did not pass.
+
+    After the deadline and a spawn failure, before every rule on the events or the output: a
+    run whose memory ran out proves nothing about the branch, failures before it included
+    (they are named in the reason; the run never finished to say what else would fail).
+    """
+    oom = result.oom
+    if (oom is None or result.timed_out or result.spawn_error is not None
+            or result.returncode is None or result.returncode == 0):
+        return None
+    from .proc_group import Verdict
+
+    if oom.victim_is_leader or oom.victim_pid is None:
+        reason = f"killed by the kernel's OOM killer: {oom.victim_text()} ({oom.counter_text()})"
+        if result.returncode != -9:
+            reason += f"; {_status(result)}"
+    else:
+        reason = (f"the kernel's OOM killer killed {oom.victim_text()}, a process of the run "
+                  f"({oom.counter_text()}); the command: {_status(result)}")
+    report = result.probe
+    if report is not None and report.session_started:
+        if not report.session_finished:
+            where = f"while running {running_text(report)}; " if report.running else ""
+            reason += f"; {where}{_progress(report)}"
+        failed = report.failure_count + report.error_count + len(report.collection_errors)
+        if failed:
+            named = report.collection_errors + report.failures
+            reason += (f"; tests had failed before it ({report.counts_text()}): "
+                       f"{failures_text(named, failed)}")
+    elif output.kind == "red":
+        reason += f"; the output also shows {output.reason}"
+    return Verdict("other", "other.oom-killed", reason, False, evidence="runner")
+
+
 def _timeout_detail(report: ProbeReport) -> str:
     if not report.session_started:
         return "; the pytest session had not started"
@@ -141,7 +180,7 @@ def _red(result: "RunResult", report: ProbeReport) -> Optional["Verdict"]:
                         f"{_names([e.nodeid for e in report.collection_errors], n)}{what}")
     calls = [f for f in report.failures if f.outcome == "failed"]
     if calls:
-        timeouts = [f for f in calls if _PYTEST_TIMEOUT_MESSAGE in (f.message or "")]
+        timeouts = [f for f in calls if _PYTEST_TIMEOUT_MESSAGE.search(f.message or "")]
         rule = "red.test-timeout" if len(timeouts) == len(calls) else "red.tests-failed"
         return _verdict("red", rule, f"pytest: {report.summary_text()} ({status}); failed: "
                         f"{failures_text(tuple(calls), report.failure_count)}")

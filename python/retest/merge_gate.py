@@ -631,6 +631,7 @@ def _run_evidence(result: proc_group.RunResult, timeout_s: float) -> dict[str, A
         "escalated": result.escalated,
         "spawn_error": result.spawn_error,
         "tests": result.probe.evidence() if result.probe is not None else None,
+        "oom": result.oom.to_dict() if result.oom is not None else None,
         "output_tail": _tail(result.stdout, EVIDENCE_TAIL_CHARS)
         + ("\n[stderr]\n" + _tail(result.stderr, EVIDENCE_TAIL_CHARS // 2) if result.stderr else ""),
     }
@@ -802,6 +803,8 @@ def _alert_payload(decision: GateDecision, deduplicated: bool) -> dict[str, Any]
         "at": decision.decided_at,
         "tests": _alert_tests(decision.evidence.get("tests")),
         "tree": (decision.evidence.get("tree") or {}).get("status"),
+        # The kernel's OOM-kill evidence (victim, counter): the host ran out, not the branch.
+        "oom": decision.evidence.get("oom"),
     }, redact.FILTER.secrets())
 
 

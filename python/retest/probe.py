@@ -306,6 +306,9 @@ class ProbeReport:
     started_at: Optional[float] = None
     #: Seconds from the session's start to its end (``None`` if it did not end).
     session_s: Optional[float] = None
+    #: Every pid that wrote an event (controller, xdist workers): the run's own processes,
+    #: which an OOM kill's victim is matched against (``retest.oom``).
+    pids: frozenset[int] = frozenset()
 
     def redacted(self, mask: Callable[[str], str]) -> "ProbeReport":
         """A copy with every string the suite wrote passed through ``mask`` (never the keys,
@@ -398,11 +401,15 @@ class _Tally:
         self.done = 0
         self.imports: dict[str, list[str]] = {}
         self.workers: set[str] = set()
+        self.pids: set[int] = set()
         self.events = 0
 
     def feed(self, events: Iterable[Mapping[str, Any]]) -> "_Tally":
         for event in events:
             self.events += 1
+            pid = event.get("pid")
+            if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+                self.pids.add(pid)
             handler = getattr(self, "_on_" + str(event.get("ev")), None)
             if handler is not None:
                 try:
@@ -447,12 +454,15 @@ class _Tally:
         nodeid, when, outcome = str(e["nodeid"]), str(e.get("when")), str(e.get("outcome"))
         worker = e.get("worker")
         subtest = bool(e.get("subtest"))
-        if (when == "call" and not subtest and outcome != "rerun") or (
+        # Any phase but set-up and tear-down ends the test: "call", and xdist's "???" for a
+        # test whose worker crashed (which never sends the test's own call report).
+        call = when not in ("setup", "teardown")
+        if (call and not subtest and outcome != "rerun") or (
             when == "setup" and outcome in ("skipped", "error")
         ):
             self.done += 1
-        if when in ("call", "setup") and outcome != "rerun" and not subtest:
-            if when == "call" or outcome != "passed":
+        if (call or when == "setup") and outcome != "rerun" and not subtest:
+            if call or outcome != "passed":
                 self._finish(worker, nodeid)
         if when == "teardown":
             self._finish(worker, nodeid)
@@ -504,7 +514,7 @@ class _Tally:
             done=self.done, failures=tuple(self.failures), failure_count=self.failure_count,
             error_count=self.error_count, collection_errors=tuple(self.collection_errors),
             running=tuple(running[:LIST_MAX]), imports=self.imports, workers=len(self.workers),
-            events=self.events, **fields,
+            events=self.events, pids=frozenset(self.pids), **fields,
         )
 
     def _own_counts(self) -> dict[str, int]:

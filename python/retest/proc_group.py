@@ -33,7 +33,8 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
-from . import config, facts, probe as _probe
+from . import config, facts, oom as _oom, probe as _probe
+from .oom import OomEvidence
 from .probe import EventCallback, ProbeReport
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ __all__ = [
     "VerdictKind",
     "Evidence",
     "LOCK_BUSY_MESSAGE",
+    "OomEvidence",
 ]
 
 #: The five verdicts of DESIGN.md.
@@ -108,6 +110,9 @@ class RunResult:
     max_rss_kb: int = 0
     #: What the suite reported through the pytest probe (``None``: no probe in this run).
     probe: Optional[ProbeReport] = None
+    #: The kernel's OOM killer ended the command or a process of its tree (``retest.oom``);
+    #: ``None``: no OOM kill was attributed to this run.
+    oom: Optional[OomEvidence] = None
 
     @property
     def signal(self) -> Optional[int]:
@@ -144,6 +149,7 @@ class RunResult:
             "sys_cpu_s": round(self.sys_cpu_s, 6),
             "max_rss_kb": self.max_rss_kb,
             "tests": self.probe.to_dict() if self.probe is not None else None,
+            "oom": self.oom.to_dict() if self.oom is not None else None,
         }
         if with_output:
             out["stdout"] = self.stdout.decode("utf-8", "replace")
@@ -397,8 +403,22 @@ def run(
     if probe is None:
         probe = config.RunnerSettings.from_env().probe_enabled
     if not probe or not _probe.is_pytest_argv(args_text):
-        return _dispatch(launch)
-    return _run_probed(launch, probe_packages, on_event)
+        return _kill_cause(lambda: _dispatch(launch))
+    return _kill_cause(lambda: _run_probed(launch, probe_packages, on_event))
+
+
+def _kill_cause(run_backend: Callable[[], RunResult]) -> RunResult:
+    """``run_backend()`` between two readings of the kernel's OOM-kill evidence (``retest.oom``)."""
+    watch = _oom.Watch()
+    try:
+        result = run_backend()
+        evidence = watch.attribute(
+            leader=result.pid, pids=result.probe.pids if result.probe is not None else (),
+            returncode=result.returncode, timed_out=result.timed_out,
+            cgroup=getattr(result, "cgroup", None))
+    finally:
+        watch.close()
+    return result if evidence is None else dataclasses.replace(result, oom=evidence)
 
 
 @dataclass(frozen=True)
@@ -535,23 +555,31 @@ def _run_subprocess(
     start = time.monotonic()
     timed_out = escalated = False
     before = _children_rusage()
-    popen: dict[str, Any] = dict(
-        input=stdin_bytes, stdin=subprocess.DEVNULL if stdin_bytes is None else None,
-        capture_output=True, cwd=cwd, env=env, timeout=timeout)
+    pid: Optional[int] = None
     try:
-        if stop_signal is None:
-            completed = subprocess.run(argv, **popen)
-        else:
-            completed, escalated = _run_with_stop_signal(argv, popen, stop_signal, grace_s)
-        returncode: Optional[int] = completed.returncode
-        out, err = completed.stdout or b"", completed.stderr or b""
-        timed_out = getattr(completed, "timed_out", False)
-    except subprocess.TimeoutExpired as exc:
-        # subprocess.run killed the direct child (SIGKILL) and reaped it; grandchildren live on.
-        timed_out = True
-        returncode = -9
-        out = exc.stdout or b""
-        err = exc.stderr or b""
+        # subprocess.run(capture_output=True, timeout=...), written out to keep the child's pid
+        # (the OOM killer's victim is matched to it, retest.oom).
+        with subprocess.Popen(argv, stdin=subprocess.DEVNULL if stdin_bytes is None else
+                              subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              cwd=cwd, env=env) as child:
+            pid = child.pid
+            try:
+                out, err = child.communicate(stdin_bytes, timeout=timeout)
+            except subprocess.TimeoutExpired as exc:
+                timed_out = True
+                out, err = exc.stdout or b"", exc.stderr or b""
+                if stop_signal is None:
+                    # As subprocess.run: SIGKILL the direct child and reap it; grandchildren live
+                    # on. The output so far is in the exception; reading on would wait for a
+                    # grandchild that holds the pipes.
+                    child.kill()
+                    child.wait()
+                else:
+                    out, err, escalated = _stop_child(child, stop_signal, grace_s, out, err)
+            except BaseException:
+                child.kill()
+                raise
+        returncode: Optional[int] = -9 if timed_out and stop_signal is None else child.returncode
     except (OSError, subprocess.SubprocessError) as exc:
         duration = time.monotonic() - start
         spawn_errno = exc.errno if isinstance(exc, OSError) else None
@@ -578,6 +606,7 @@ def _run_subprocess(
         duration_s=duration,
         spawn_error=None,
         backend="subprocess",
+        pid=pid,
         escalated=escalated,
         killed_at_deadline=1 if timed_out and stop_signal is not None else 0,
         stdout_dropped=out_dropped,
@@ -588,42 +617,21 @@ def _run_subprocess(
     )
 
 
-class _Completed(subprocess.CompletedProcess):  # type: ignore[type-arg]
-    timed_out = False
-
-
-def _run_with_stop_signal(argv: list[bytes], popen: dict[str, Any], stop_signal: int,
-                          grace_s: float) -> tuple[_Completed, bool]:
-    """``subprocess.run`` with GNU timeout's sequence for the direct child: SIG, SIGCONT,
-    grace, SIGKILL. Returns the completed process and whether SIGKILL was needed."""
-    timeout = popen.pop("timeout")
-    stdin_bytes = popen.pop("input")
-    if stdin_bytes is not None:
-        popen["stdin"] = subprocess.PIPE
-    popen.pop("capture_output")
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen) as proc:
-        try:
-            out, err = proc.communicate(stdin_bytes, timeout=timeout)
-            return _Completed(argv, proc.returncode, out, err), False
-        except subprocess.TimeoutExpired as exc:
-            out, err = exc.stdout or b"", exc.stderr or b""
-        except BaseException:
-            proc.kill()
-            raise
-        proc.send_signal(stop_signal)
-        if stop_signal not in (signal.SIGKILL, signal.SIGCONT):
-            proc.send_signal(signal.SIGCONT)  # a stopped child does not act on the signal
-        escalated = False
-        try:  # what it prints while it stops is kept; a grandchild holding the pipes is bounded
-            out, err = proc.communicate(timeout=grace_s)
-        except subprocess.TimeoutExpired as exc:
-            out, err = exc.stdout or out, exc.stderr or err
-            escalated = proc.poll() is None
-            proc.kill()
-            proc.wait()
-    done = _Completed(argv, proc.returncode, bytes(out), bytes(err))
-    done.timed_out = True
-    return done, escalated
+def _stop_child(child: "subprocess.Popen[bytes]", stop_signal: int, grace_s: float,
+                out: bytes, err: bytes) -> tuple[bytes, bytes, bool]:
+    """GNU timeout's sequence for the direct child: SIG (+ SIGCONT), grace, SIGKILL. Returns
+    the output (what it prints while it stops is kept) and whether SIGKILL was needed."""
+    child.send_signal(stop_signal)
+    if stop_signal not in (signal.SIGKILL, signal.SIGCONT):
+        child.send_signal(signal.SIGCONT)  # a stopped child does not act on the signal
+    try:  # bounded: a grandchild holding the pipes must not hold us past the grace
+        more_out, more_err = child.communicate(timeout=grace_s)
+        return more_out or out, more_err or err, False
+    except subprocess.TimeoutExpired as exc:
+        escalated = child.poll() is None
+        child.kill()
+        child.wait()
+        return exc.stdout or out, exc.stderr or err, escalated
 
 
 def _children_rusage() -> tuple[float, float, int]:
@@ -657,10 +665,15 @@ def _write_all(fd: int, data: bytes) -> None:
 def classify(result: RunResult) -> Verdict:
     """Classify a finished run as passed / red / timeout / lock-busy / other (see DESIGN.md).
 
-    The output classifier answers first; when the run carried the probe, the suite's own
-    events decide (``retest.facts``), and ``Verdict.evidence`` says which was used.
+    The output classifier answers first; the kernel's word that its OOM killer ended the run
+    (a runner fact, ``facts.oom_killed``) comes before the suite's; when the run carried the
+    probe, the suite's own events decide (``retest.facts``), and ``Verdict.evidence`` says
+    which was used.
     """
     output = _classify_output(result)
+    oom_killed = facts.oom_killed(result, output)
+    if oom_killed is not None:
+        return oom_killed
     if result.probe is not None:
         return facts.decide(result, output, result.probe)
     return output

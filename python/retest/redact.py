@@ -75,7 +75,7 @@ _NOT_SECRETS = frozenset({"true", "false", "yes", "no", "on", "off", "none", "nu
 #: payload) that hold untrusted text. The others are vocabulary, numbers, shas and keys.
 DECISION_UNTRUSTED = ("reason", "branch", "onto", "task_id")
 #: Fields of a decision's ``evidence`` that hold untrusted text.
-EVIDENCE_UNTRUSTED = ("output_tail", "spawn_error", "worktree", "skip")
+EVIDENCE_UNTRUSTED = ("output_tail", "spawn_error", "worktree", "skip", "oom")
 #: Fields of a ``RunResult`` that hold untrusted text (bytes or str).
 RESULT_UNTRUSTED = ("args", "stdout", "stderr", "spawn_error")
 
