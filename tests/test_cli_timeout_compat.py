@@ -85,10 +85,12 @@ def test_verbose_says_which_signals_were_sent(native: str) -> None:
 
 #: Run CMD with RLIMIT_NPROC 1 (as nobody when root, whose limit the kernel does not enforce):
 #: GNU timeout cannot fork the command, retest cannot start its shepherd. Both are "the
-#: runner itself failed": 125. Everything retest needs is imported before the drop.
+#: runner itself failed": 125. Everything retest needs is imported before the drop (a pyenv
+#: interpreter's stdlib under /root is unreadable to nobody: argparse's lazy gettext/locale).
 NPROC_1 = textwrap.dedent("""
-    import os, resource, sys
+    import locale, os, resource, sys
     import retest.cli, retest.proc_group, retest.redact, retest.facts, retest.probe
+    retest.cli.build_parser().parse_args(["run", "-q", "--", "true"])
     if os.geteuid() == 0:
         os.setgroups([]); os.setgid(65534); os.setuid(65534)
     resource.setrlimit(resource.RLIMIT_NPROC, (1, 1))
