@@ -1,14 +1,19 @@
 """Build of retest: the ``retest._proc_group`` extension and its ``_retest_shepherd`` helper.
 
-On Linux a failed build fails the install loudly. ``RETEST_PURE_PYTHON=1`` opts out of
-the native runner explicitly: the package then installs without it and ``run()`` uses the
+On Linux a failed build fails the install loudly, saying what to install (a C compiler, the
+Python headers) or how to do without (issue 14). ``RETEST_PURE_PYTHON=1`` opts out of the
+native runner explicitly: the package then installs without it and ``run()`` uses the
 ``subprocess`` backend (logged once at ERROR when it is first used).
+
+The shepherd is linked stripped (``-s``): it ships in every wheel, and its symbols only
+matter to a debugger. ``RETEST_STRIP=0`` keeps them; sanitizer builds always do.
 """
 
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -19,6 +24,22 @@ if os.environ.get("RETEST_WERROR", "").strip().lower() in ("1", "true", "yes", "
 SANITIZE = os.environ.get("RETEST_SANITIZE", "")  # e.g. "address,undefined" for the CI check
 if SANITIZE:
     CFLAGS += [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-O1", "-g"]
+STRIP = [] if SANITIZE or os.environ.get("RETEST_STRIP") == "0" else ["-s"]
+
+#: What a failed native build says, after its own error (issue 14: a bare "No such file or
+#: directory: 'gcc'" told nobody what to do).
+HOW_TO_FIX = """\
+retest: the native runner (a C extension and a small static helper) could not be built.
+  It needs a C compiler and the Python headers. On Debian/Ubuntu:
+      apt-get install gcc python3-dev          (Fedora/RHEL: dnf install gcc python3-devel)
+  or install a prebuilt manylinux wheel (no compiler needed), or install without the
+  native runner (no process-tree containment; run() uses the subprocess backend):
+      RETEST_PURE_PYTHON=1 pip install retest"""
+
+
+def native_build_failed(why):
+    """Stop the build with ``why`` and what to do about it."""
+    sys.exit(f"retest: {why}\n{HOW_TO_FIX}")
 
 EXT_SOURCES = ["ext/_proc_group.c", "ext/run.c", "ext/classify.c", "ext/cgroup.c"]
 SHEPHERD_SOURCES = ["ext/shepherd.c", "ext/cgroup.c"]
@@ -33,6 +54,22 @@ class BuildWithShepherd(build_ext):
             return
         self._build_shepherd()
 
+    def build_extensions(self):
+        self._check_toolchain()
+        try:
+            super().build_extensions()
+        except Exception as err:  # CompileError, LinkError, DistutilsExecError: all say the same
+            native_build_failed(f"building the extension failed: {err}")
+
+    def _check_toolchain(self):
+        """Fail early and plainly when the compiler or Python.h is missing."""
+        compiler = getattr(self.compiler, "compiler_so", None) or ["cc"]
+        if shutil.which(compiler[0]) is None:
+            native_build_failed(f"no C compiler: {compiler[0]!r} is not on PATH")
+        include = sysconfig.get_paths().get("include") or ""
+        if not os.path.exists(os.path.join(include, "Python.h")):
+            native_build_failed(f"the Python headers are missing: no Python.h in {include!r}")
+
     def _build_shepherd(self):
         ext_path = self.get_ext_fullpath("retest._proc_group")
         out_dir = os.path.dirname(os.path.abspath(ext_path))
@@ -41,8 +78,11 @@ class BuildWithShepherd(build_ext):
         if not SANITIZE and self._build_shepherd_with_musl(target):
             os.chmod(target, 0o755)
             return
-        objects = self.compiler.compile(SHEPHERD_SOURCES, output_dir=self.build_temp,
-                                        extra_postargs=CFLAGS)
+        try:
+            objects = self.compiler.compile(SHEPHERD_SOURCES, output_dir=self.build_temp,
+                                            extra_postargs=CFLAGS)
+        except Exception as err:
+            native_build_failed(f"building the shepherd failed: {err}")
         if SANITIZE:
             # Sanitizer runtimes need the dynamic loader: the checked build links dynamically.
             self.compiler.link_executable(objects, target, extra_postargs=[f"-fsanitize={SANITIZE}"])
@@ -50,10 +90,10 @@ class BuildWithShepherd(build_ext):
             # Static when possible: the shepherd runs once per command, and a static binary
             # skips the dynamic loader (measured: about 80 us of each run's spawn cost).
             try:
-                self.compiler.link_executable(objects, target, extra_postargs=["-static"])
+                self.compiler.link_executable(objects, target, extra_postargs=["-static", *STRIP])
             except Exception as err:  # no static libc: fall back to a dynamic link
                 self.announce(f"static link of the shepherd failed ({err}); linking dynamically", 2)
-                self.compiler.link_executable(objects, target)
+                self.compiler.link_executable(objects, target, extra_postargs=STRIP)
         os.chmod(target, 0o755)
 
     def _build_shepherd_with_musl(self, target):
@@ -67,7 +107,7 @@ class BuildWithShepherd(build_ext):
         musl = shutil.which("musl-gcc")
         if not musl or os.environ.get("RETEST_SHEPHERD_LIBC") == "glibc":
             return False
-        cmd = [musl, "-static", *CFLAGS, "-Iext", "-o", target, *SHEPHERD_SOURCES]
+        cmd = [musl, "-static", *STRIP, *CFLAGS, "-Iext", "-o", target, *SHEPHERD_SOURCES]
         try:
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as err:
@@ -106,7 +146,7 @@ def extensions():
             sources=EXT_SOURCES,
             depends=["ext/proc_group.h", "ext/protocol.h", "ext/cgroup.h"],
             extra_compile_args=CFLAGS,
-            extra_link_args=[f"-fsanitize={SANITIZE}"] if SANITIZE else [],
+            extra_link_args=[f"-fsanitize={SANITIZE}"] if SANITIZE else STRIP,
         )
     ]
 

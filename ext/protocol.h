@@ -11,6 +11,16 @@
 
 #define PG_CONTROL_FD 3
 
+/* The shepherd's argv, as run.c builds it: [0] path, then these fields, then the command. */
+enum pg_argv_field {
+    PG_ARGV_DEADLINE = 1,   /* absolute CLOCK_MONOTONIC ns; < 0: no deadline */
+    PG_ARGV_GRACE = 2,      /* ns from the stop signal to SIGKILL */
+    PG_ARGV_STOP_SIGNAL = 3,/* the first signal of the stop sequence (SIGTERM; GNU timeout -s) */
+    PG_ARGV_CWD = 4,        /* "-" or "C<path>" */
+    PG_ARGV_CGROUP = 5,     /* "-", "G<path>" (required) or "g<path>" (fall back if impossible) */
+    PG_ARGV_CMD = 6,        /* CMD [ARG...] from here on */
+};
+
 /* Record kinds, shepherd -> caller. */
 enum pg_record_kind {
     PG_REC_STARTED = 1,     /* the command was exec'd: pid */

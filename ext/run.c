@@ -949,7 +949,7 @@ static char **copy_environ(void)
 
 const char pg_run_doc[] =
     "run(shepherd, argv, envp, cwd, input, timeout_s, grace_s, capture_limit, on_output, tee_fd,"
-    " cgroup, cgroup_required)"
+    " cgroup, cgroup_required, stop_signal)"
     " -> dict\n\nPrivate: use retest.proc_group.run().";
 
 /* run(...) -> dict of RunResult fields. Raises only for programming errors (TypeError,
@@ -961,12 +961,12 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *shepherd_b, *argv_l, *envp_o, *cwd_o, *input_o, *on_output, *result = NULL;
     double timeout_s, grace_s;
     Py_ssize_t capture_limit;
-    long tee_fd_l;
+    long tee_fd_l, stop_signal;
     int tee_fd, rc;
     int in_r = -1, out_w = -1, err_w = -1, ctl_child = -1, pipes[2], sv[2];
     int spawn_err = 0, shepherd_broken = 0;
-    char nbuf[2][32], *cwd_arg = NULL, *shepherd_path = NULL, *cg_arg = NULL;
-    const char *prefix[5];
+    char nbuf[3][32], *cwd_arg = NULL, *shepherd_path = NULL, *cg_arg = NULL;
+    const char *prefix[PG_ARGV_CMD];
     PyObject *cgroup_o;
     int cgroup_required;
     PyObject **names = (PyObject **)PyModule_GetState(module);
@@ -974,8 +974,8 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     memset(&r, 0, sizeof(r));
     r.out_r = r.err_r = r.in_w = r.ctl = r.tee_fd = -1;
     r.shepherd = -1;
-    if (nargs != 12) {
-        PyErr_SetString(PyExc_TypeError, "run() takes exactly 12 arguments");
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "run() takes exactly 13 arguments");
         return NULL;
     }
     shepherd_b = args[0];
@@ -998,8 +998,13 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     capture_limit = PyNumber_AsSsize_t(args[7], NULL);
     tee_fd_l = PyLong_AsLong(args[9]);
     cgroup_required = PyObject_IsTrue(args[11]);
+    stop_signal = PyLong_AsLong(args[12]);
     if (PyErr_Occurred())
         return NULL;
+    if (stop_signal < 1 || stop_signal >= NSIG) {
+        PyErr_SetString(PyExc_ValueError, "run(): bad stop signal");
+        return NULL;
+    }
     if (tee_fd_l < -1 || tee_fd_l > INT_MAX) {
         PyErr_SetString(PyExc_ValueError, "run(): bad tee fd");
         return NULL;
@@ -1024,22 +1029,24 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     snprintf(nbuf[0], sizeof(nbuf[0]), "%lld",
              (long long)(r.timeout_ns < 0 ? -1 : r.start_ns + r.timeout_ns));
     snprintf(nbuf[1], sizeof(nbuf[1]), "%lld", (long long)r.grace_ns);
+    snprintf(nbuf[2], sizeof(nbuf[2]), "%ld", stop_signal);
     if (!(shepherd_path = dup_bytes(shepherd_b)))
         goto cleanup;
     if (cwd_o != Py_None && !(cwd_arg = dup_prefixed('C', cwd_o)))
         goto cleanup;
     prefix[0] = shepherd_path;
-    prefix[1] = nbuf[0];
-    prefix[2] = nbuf[1];
-    prefix[3] = cwd_arg ? cwd_arg : "-";
+    prefix[PG_ARGV_DEADLINE] = nbuf[0];
+    prefix[PG_ARGV_GRACE] = nbuf[1];
+    prefix[PG_ARGV_STOP_SIGNAL] = nbuf[2];
+    prefix[PG_ARGV_CWD] = cwd_arg ? cwd_arg : "-";
     if (cgroup_o != Py_None) {
         /* "G<path>": the command must run in that cgroup; "g<path>": fall back if it cannot */
         if (!(cg_arg = dup_prefixed(cgroup_required ? 'G' : 'g', cgroup_o)))
             goto cleanup;
         r.cg_path = cg_arg + 1;
     }
-    prefix[4] = cg_arg ? cg_arg : "-";
-    if (!(r.shepherd_argv = build_strv(prefix, 5, argv_l)))
+    prefix[PG_ARGV_CGROUP] = cg_arg ? cg_arg : "-";
+    if (!(r.shepherd_argv = build_strv(prefix, PG_ARGV_CMD, argv_l)))
         goto cleanup;
     if (envp_o != Py_None ? !(r.envp = build_strv(NULL, 0, envp_o)) : !(r.envp = copy_environ()))
         goto cleanup;
@@ -1121,7 +1128,7 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     if (rc < 0)
         goto cleanup;
-    result = build_result(&r, r.shepherd_argv[5], cwd_arg ? cwd_arg + 1 : "");
+    result = build_result(&r, r.shepherd_argv[PG_ARGV_CMD], cwd_arg ? cwd_arg + 1 : "");
     goto cleanup;
 
 spawn_failed:
@@ -1146,7 +1153,7 @@ spawn_failed:
             r.cg_removed = cg_remove(r.cg_path) == 0;  /* the shepherd never ran: empty */
             r.cg_path_released = 1;
         }
-        result = build_result(&r, shepherd_broken ? shepherd_path : r.shepherd_argv[5], "");
+        result = build_result(&r, shepherd_broken ? shepherd_path : r.shepherd_argv[PG_ARGV_CMD], "");
     }
 cleanup:
     if (r.cg_path && !r.cg_path_released)

@@ -4,10 +4,12 @@
  * spawn, so its cost does not grow with the caller's memory) in a new session, with:
  *   fd 0, 1, 2  the command's stdin, stdout and stderr
  *   fd 3        a socket to the caller: records go out (protocol.h), command bytes come in
- *   argv        DEADLINE_NS GRACE_NS CWD-ARG CMD [ARG...]
+ *   argv        DEADLINE_NS GRACE_NS STOP_SIGNAL CWD-ARG CMD [ARG...] (protocol.h: pg_argv_field)
  *               DEADLINE_NS: absolute, on CLOCK_MONOTONIC (one clock for the whole machine),
  *               so the time to start us and the command counts against the caller's timeout;
- *               < 0: no deadline. CWD-ARG is "-" or "C<path>"
+ *               < 0: no deadline. STOP_SIGNAL: the signal number that starts the stop
+ *               sequence (15, SIGTERM, unless told otherwise: GNU timeout's -s). CWD-ARG is
+ *               "-" or "C<path>"
  *   environ     the command's environment
  *
  * The shepherd makes itself a child subreaper, starts the command in a session of its
@@ -18,7 +20,8 @@
  *   - the live tree is exactly our descendants, found by walking /proc/<pid>/task/<tid>/children.
  * On the deadline, on a terminate request, when the caller goes away (even SIGKILLed:
  * the socket hangs up), or after the leader exits with something left behind, the whole
- * tree gets SIGTERM + SIGCONT, then SIGKILL after the grace period, until nothing is left.
+ * tree gets SIGTERM (or STOP_SIGNAL) + SIGCONT, then SIGKILL after the grace period, until
+ * nothing is left.
  *
  * The shepherd itself is single-threaded, so fork()/vfork() here is cheap and safe.
  */
@@ -75,6 +78,7 @@ struct state {
     int leader_status;
     int64_t deadline_ns;        /* -1: none */
     int64_t grace_ns;
+    int stop_signal;            /* first signal of the stop sequence: SIGTERM unless told */
     int64_t phase_deadline_ns;  /* end of grace, or give-up bound while killing */
     enum phase phase;
     int caller_gone;
@@ -735,8 +739,9 @@ static void report_leaks(struct state *st, const pid_t *pids, size_t n)
     }
 }
 
-/* Send sig (and SIGCONT after SIGTERM: a stopped process does not act on SIGTERM) to every
- * live process of the tree and to the leader's group; sig 0 only counts. With leaks set, the
+/* Send sig (and SIGCONT after it unless it is SIGKILL or SIGCONT: a stopped process does not
+ * act on SIGTERM or most others, as GNU timeout reasons) to every live process of the tree and
+ * to the leader's group; sig 0 only counts. With leaks set, the
  * processes found are named to the caller first. Return how many live processes there were.
  * This is the one "signal the whole tree" step; the tree is the run's cgroup in cgroup mode,
  * the shepherd's descendants otherwise. */
@@ -757,14 +762,14 @@ static int signal_tree(struct state *st, int sig, int leaks)
      * covers any member left. It is all that is reachable when /proc is not ours. */
     if (st->leader_alive && sig != 0) {
         kill(-st->leader, sig);
-        if (sig == SIGTERM)
+        if (sig != SIGKILL && sig != SIGCONT)
             kill(-st->leader, SIGCONT);
     }
     for (size_t i = 0; i < hit; i++) {
         int fd = fds ? fds[i] : -1;
         if (sig != 0) {
             send_to(st, set.pids[i], fd, sig);
-            if (sig == SIGTERM)
+            if (sig != SIGKILL && sig != SIGCONT)
                 send_to(st, set.pids[i], fd, SIGCONT);
         }
         if (fd >= 0)
@@ -1101,11 +1106,12 @@ static void start_command(struct state *st, const char *cwd, char **argv)
 
 /* ---------------------------------------------------------------- the main loop */
 
-/* Move to TERMINATING: SIGTERM + SIGCONT to the tree; return how many were signalled. With
- * leaks set (the sweep after the command exited) they are named to the caller too. */
+/* Move to TERMINATING: the stop signal (SIGTERM unless told, GNU timeout -s) + SIGCONT to the
+ * tree; return how many were signalled. With leaks set (the sweep after the command exited)
+ * they are named to the caller too. */
 static int begin_terminate(struct state *st, int leaks)
 {
-    int hit = signal_tree(st, SIGTERM, leaks);
+    int hit = signal_tree(st, st->stop_signal, leaks);
     st->phase = TERMINATING;
     st->phase_deadline_ns = now_ns() + st->grace_ns;
     return hit;
@@ -1220,7 +1226,7 @@ static void on_control(struct state *st, short revents)
 int main(int argc, char **argv)
 {
     struct state st;
-    int64_t deadline_ns, grace_ns;
+    int64_t deadline_ns, grace_ns, stop_signal;
     const char *cwd = NULL;
     sigset_t mask;
     int sfd;
@@ -1234,15 +1240,18 @@ int main(int argc, char **argv)
         return 125;  /* no control socket: started by something other than run.c */
     close_inherited_fds();
     st.cg_dfd = st.cg_events = -1;
-    if (argc < 6 || parse_i64(argv[1], &deadline_ns) || parse_i64(argv[2], &grace_ns) || grace_ns < 0)
+    if (argc <= PG_ARGV_CMD || parse_i64(argv[PG_ARGV_DEADLINE], &deadline_ns) ||
+        parse_i64(argv[PG_ARGV_GRACE], &grace_ns) || grace_ns < 0 ||
+        parse_i64(argv[PG_ARGV_STOP_SIGNAL], &stop_signal) || stop_signal < 1 || stop_signal >= NSIG)
         fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
-    if (argv[3][0] == 'C')
-        cwd = argv[3] + 1;
-    else if (strcmp(argv[3], "-") != 0)
+    if (argv[PG_ARGV_CWD][0] == 'C')
+        cwd = argv[PG_ARGV_CWD] + 1;
+    else if (strcmp(argv[PG_ARGV_CWD], "-") != 0)
         fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
-    if (open_cgroup(&st, argv[4]) < 0)
+    if (open_cgroup(&st, argv[PG_ARGV_CGROUP]) < 0)
         fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
     st.grace_ns = grace_ns;
+    st.stop_signal = (int)stop_signal;
 
     /* Without the subreaper bit escapees would go to init; containment then degrades to the
      * process group, which is still what subprocess.run offers at best. */
@@ -1261,7 +1270,7 @@ int main(int argc, char **argv)
     if (sfd < 0)
         fail_start(&st, PG_STAGE_SHEPHERD, errno);
 
-    start_command(&st, cwd, argv + 5);
+    start_command(&st, cwd, argv + PG_ARGV_CMD);
     st.deadline_ns = deadline_ns < 0 ? -1 : deadline_ns;
     st.phase = RUNNING;
 

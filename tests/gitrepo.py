@@ -8,9 +8,12 @@ git config), so the repositories are the same on every machine.
 from __future__ import annotations
 
 import fcntl
+import atexit
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +24,28 @@ from retest.gitops import KEPT_WORKTREE_PREFIX, WORKTREE_PREFIX, GateLock
 
 import retest
 
-#: Where the children import ``retest`` from: the folder of the package this test run imports
-#: (the checkout's ``python/`` in development, site-packages when CI tests the installed copy).
-PYTHON_DIR = str(Path(retest.__file__).resolve().parents[1])
+
+def _retest_only_dir() -> str:
+    """A folder from which ``retest`` imports, and nothing else.
+
+    The checkout's ``python/`` holds only retest. An installed copy lives in site-packages
+    beside pytest & co.: putting that whole folder on a suite's PYTHONPATH would hand pytest
+    to a venv a test builds without it (issue 14: found when the suite ran from a wheel or
+    an sdist install), so it gets a private folder with a link to the package.
+    """
+    package = Path(retest.__file__).resolve().parent
+    parent = package.parent
+    if not (parent / "pytest").exists() and not (parent / "_pytest").exists():
+        return str(parent)
+    only = Path(tempfile.mkdtemp(prefix="retest-import-"))
+    atexit.register(shutil.rmtree, only, ignore_errors=True)
+    (only / "retest").symlink_to(package, target_is_directory=True)
+    return str(only)
+
+
+#: Where the children import ``retest`` from: the checkout's ``python/`` in development; a
+#: folder with only a link to the installed package when CI tests an installed copy.
+PYTHON_DIR = _retest_only_dir()
 
 CALC = "def add(a, b):\n    return a + b\n"
 TEST_CALC = "from calc import add\n\n\ndef test_add():\n    assert add(2, 3) == 5\n"

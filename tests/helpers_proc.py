@@ -21,6 +21,8 @@ import retest
 from conftest import children_of, descendants, is_zombie, kill_descendants, pid_alive, wait_until
 
 __all__ = [
+    "CPYTHON_EMFILE_LEAK",
+    "assert_emfile_leaks_nothing_of_ours",
     "suite_env",
     "write_suite",
     "PY",
@@ -161,3 +163,40 @@ def write_suite(root: Path, files: dict[str, str]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
     return root
+
+
+#: Child code defining ``cpython_emfile_leak(limit)``: how many fds CPython's own
+#: ``subprocess.run`` (called as the subprocess backend calls it) leaves open when it fails
+#: with EMFILE under RLIMIT_NOFILE = ``limit()``. CPython 3.11.2 keeps the pipe pair (or
+#: /dev/null) it had opened before the failing call; 3.11.7 closes them (issue 14).
+CPYTHON_EMFILE_LEAK = """
+def cpython_emfile_leak(limit):
+    import os, resource, subprocess
+    def count():
+        return len(os.listdir("/proc/self/fd"))
+    before = count()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit(), hard))
+    try:
+        subprocess.run(["true"], stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+    except OSError:
+        pass
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return count() - before
+"""
+
+
+def assert_emfile_leaks_nothing_of_ours(backend: str, leaked: int, cpython_leak: int) -> None:
+    """The native backend closes everything a failed start opened: strictly nothing leaks.
+
+    The subprocess backend is the prior ``subprocess.run`` path, and what it can leak is
+    CPython's: on interpreters whose ``Popen`` keeps its pipes after EMFILE (3.11.2), it is
+    bounded by what CPython's own call leaks under the same limit (at most a pipe pair and
+    /dev/null), measured in the same child; on the others that is 0, and so is ours.
+    """
+    if backend == "native":
+        assert leaked == 0
+    else:
+        assert 0 <= cpython_leak <= 3
+        assert leaked <= cpython_leak, f"leaked {leaked}, CPython's own subprocess.run {cpython_leak}"

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +52,27 @@ def test_missing_extension_falls_back_and_logs_once_at_error(
     assert proc_group.classify(first).kind == "passed"
 
 
+def test_a_pure_python_install_says_so_not_circular_import(tmp_path: Path) -> None:
+    """Issue 14: a RETEST_PURE_PYTHON=1 install (no extension in the package) reported
+    "cannot import name '_proc_group' from partially initialized module ... (most likely due
+    to a circular import)". A copy of the package without the native files stands for it."""
+    package = Path(proc_group.__file__).resolve().parent
+    shutil.copytree(package, tmp_path / "retest",
+                    ignore=shutil.ignore_patterns("_proc_group*.so", "_retest_shepherd", "__pycache__"))
+    code = ("from retest import proc_group; import json; r = proc_group.run(['true']); "
+            "print(json.dumps([*proc_group.backend_status(), r.backend, r.returncode]))")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    env.pop("SUBPROCESS_TREE_KILL_ENABLED", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    backend, why, used, returncode = json.loads(done.stdout)
+    assert (backend, used, returncode) == ("subprocess", "subprocess", 0)
+    assert "installed without its native runner" in why and "RETEST_PURE_PYTHON=1" in why
+    assert "circular" not in why and "circular" not in done.stderr
+    assert "installed without its native runner" in done.stderr  # the one ERROR line says why
+
+
 def test_forcing_an_unavailable_native_backend_is_a_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(proc_group, "_native", None)
     with pytest.raises(ValueError):
@@ -69,6 +95,6 @@ def test_extension_uses_multi_phase_init(native: str) -> None:
     shepherd = proc_group._shepherd_path
     assert shepherd is not None
     raw = second.run(shepherd.encode(), [b"echo", b"again"], None, None, None, 5.0, 1.0, 1 << 20,
-                     lambda s, c: chunks.append((s, c)), -1, None, False)
+                     lambda s, c: chunks.append((s, c)), -1, None, False, 15)
     assert raw["returncode"] == 0 and raw["stdout"] == b"again\n"
     assert chunks == [("stdout", b"again\n")]

@@ -85,5 +85,51 @@ def test_example_suite_passes_through_the_cli(native: str) -> None:
 
 def test_no_command_is_a_usage_error() -> None:
     proc = retest("run")
-    assert proc.returncode == 125
+    assert proc.returncode == 2  # argparse's status; 125 is "internal error" (issue 14)
+    assert proc.stderr.startswith(b"usage: retest run")
     assert b"no command given" in proc.stderr
+
+
+def test_version() -> None:
+    import retest as package
+
+    proc = retest("--version")
+    assert proc.returncode == 0 and proc.stdout.decode().strip() == f"retest {package.__version__}"
+
+
+@pytest.mark.parametrize("sub", ["run", "gate", "serve"])
+def test_an_unknown_option_prints_the_subcommands_own_usage(sub: str) -> None:
+    required = ["--repo", ".", "--branch", "x"] if sub == "gate" else []
+    proc = retest(sub, *required, "--bogus")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"usage: retest {sub}".encode())
+    assert f"retest {sub}: error:".encode() in proc.stderr and b"--bogus" in proc.stderr
+
+
+def test_gate_with_a_missing_repo_or_branch_is_a_usage_error(tmp_path: Path) -> None:
+    from gitrepo import gate_env, make_repo
+
+    env = gate_env(tmp_path / "home")
+    repo = make_repo(tmp_path, env=env)
+    cases = [
+        (["--repo", str(tmp_path / "nowhere"), "--branch", "main"], "no such directory"),
+        (["--repo", str(tmp_path), "--branch", "main"], "not a git repository"),
+        (["--repo", str(repo.path), "--branch", "nosuch"], "no such branch in"),
+        (["--repo", str(repo.path), "--branch", "main", "--onto", "nosuch"], "no such target branch"),
+    ]
+    for args, said in cases:
+        proc = retest("gate", *args, env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(b"usage: retest gate") and said.encode() in proc.stderr
+
+
+def test_an_embedded_gate_caller_still_gets_a_decision_for_a_missing_branch(tmp_path: Path) -> None:
+    from gitrepo import gate_env, make_repo
+    from retest import merge_gate
+
+    env = gate_env(tmp_path / "home")
+    repo = make_repo(tmp_path, env=env)
+    decision = merge_gate.retest_branch(str(repo.path), "nosuch", task_id="T-1", env=env,
+                                        command=["true"], timeout=30)
+    assert decision.action == "hold" and decision.verdict == "other"
+    assert "no branch or commit 'nosuch'" in decision.reason  # no longer an empty detail

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers_proc import CPYTHON_EMFILE_LEAK, assert_emfile_leaks_nothing_of_ours
 from retest import proc_group
 
 PYTHONPATH = os.pathsep.join(p for p in sys.path if p)
@@ -31,7 +32,7 @@ def _in_child(code: str, *, env: dict[str, str] | None = None, timeout: float = 
 
 
 def test_emfile_is_a_spawn_error_and_leaks_nothing(backend: str) -> None:
-    doc = _in_child(f"""
+    doc = _in_child(textwrap.dedent(f"""
         import json, os, resource
         from retest import proc_group
         ok = proc_group.run(["true"], backend={backend!r})
@@ -40,17 +41,20 @@ def test_emfile_is_a_spawn_error_and_leaks_nothing(backend: str) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 1, hard))
         starved = proc_group.run(["true"], backend={backend!r})
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        fds_after = len(os.listdir("/proc/self/fd"))
         again = proc_group.run(["sh", "-c", "echo back"], backend={backend!r})
+    """) + CPYTHON_EMFILE_LEAK + textwrap.dedent("""
+        cpython_leak = cpython_emfile_leak(lambda: len(os.listdir("/proc/self/fd")) + 1)
         print(json.dumps(dict(first=ok.returncode, rc=starved.returncode, err=starved.spawn_error,
                               errno=starved.spawn_errno, again=again.returncode,
-                              out=again.stdout.decode(), fds_before=open_now,
-                              fds_after=len(os.listdir("/proc/self/fd")))))
-    """)
+                              out=again.stdout.decode(), leaked=fds_after - open_now,
+                              cpython_leak=cpython_leak)))
+    """))
     assert doc["first"] == 0
     assert doc["rc"] is None
     assert "Too many open files" in doc["err"] and doc["errno"] == 24
     assert doc["again"] == 0 and doc["out"] == "back\n"
-    assert doc["fds_after"] == doc["fds_before"]
+    assert_emfile_leaks_nothing_of_ours(backend, doc["leaked"], doc["cpython_leak"])
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to an unprivileged user")

@@ -20,9 +20,22 @@ from gitrepo import Repo
 from test_gate_tree import checkout, make_venv, pip_install_editable
 from retest.merge_gate import GateDecision, GateMetrics, retest_branch
 
+def _compiler_works() -> bool:
+    """A C compiler answers (the one ``CC`` names, else gcc or cc), and Python.h is there."""
+    import os
+    import subprocess
+
+    if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
+        return False
+    for cc in ([os.environ["CC"]] if os.environ.get("CC") else ["gcc", "cc"]):
+        path = shutil.which(cc.split()[0])
+        if path and subprocess.run([path, "--version"], capture_output=True, timeout=30).returncode == 0:
+            return True
+    return False
+
+
 pytestmark = pytest.mark.skipif(
-    shutil.which("gcc") is None and shutil.which("cc") is None
-    or not Path(sysconfig.get_paths()["include"], "Python.h").exists(),
+    not _compiler_works(),
     reason="building the test's extension needs a C compiler and the Python headers")
 
 SPEEDUPS_C = textwrap.dedent("""\

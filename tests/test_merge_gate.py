@@ -612,7 +612,9 @@ def test_cli_gate_json_and_exit_statuses(repo: Repo) -> None:
                         env=repo.env, cwd=repo.path)
     rolled = retest_cli("gate", "--repo", str(repo.path), "--branch", "broken", "--json",
                         env=repo.env, cwd=repo.path)
-    held = retest_cli("gate", "--repo", str(repo.path), "--branch=-x", env=repo.env, cwd=repo.path)
+    held = retest_cli("gate", "--repo", str(repo.path), "--branch", "feature", "--task", "T-8",
+                      "--command", "retest-no-such-command-xyz", env=repo.env, cwd=repo.path)
+    refused = retest_cli("gate", "--repo", str(repo.path), "--branch=-x", env=repo.env, cwd=repo.path)
 
     assert merged.returncode == 0, merged.stderr
     doc = json.loads(merged.stdout)
@@ -621,6 +623,8 @@ def test_cli_gate_json_and_exit_statuses(repo: Repo) -> None:
     assert "1 passed" in doc["reason"]
     assert rolled.returncode == 1 and json.loads(rolled.stdout)["action"] == "rollback"
     assert held.returncode == 3 and held.stdout.startswith(b"retest gate: hold")
+    # a ref git could take for an option is a usage error on the command line (issue 14)
+    assert refused.returncode == 2 and b"starts with '-'" in refused.stderr
 
 
 def test_cli_gate_requeue_exit_status(repo: Repo) -> None:

@@ -68,7 +68,7 @@ def test_caller_gone_before_the_shepherd_reports_start(native: str, tmp_path: Pa
     try:
         ours.close()  # the caller is gone before the shepherd even starts
         shepherd = subprocess.Popen(
-            [_shepherd_path(), "-1", "1000000000", "-", "sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"],
+            [_shepherd_path(), "-1", "1000000000", "15", "-", "sh", "-c", f"echo $$ > {pidfile}; exec sleep 30"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             pass_fds=(3,),  # exempt fd 3 from close_fds: preexec_fn put the socket there
             preexec_fn=lambda: os.dup2(theirs.fileno(), 3),

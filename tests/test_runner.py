@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers_proc import PY, WRITE_PAYLOAD, descendants, payload, py, write_payload
+from helpers_proc import (CPYTHON_EMFILE_LEAK, PY, WRITE_PAYLOAD, assert_emfile_leaks_nothing_of_ours,
+                          descendants, payload, py, write_payload)
 from retest import proc_group
 from retest.proc_group import RunResult, run
 
@@ -284,6 +285,46 @@ def test_no_deadline_or_a_far_one_lets_the_command_finish(backend: str, timeout)
     assert result.returncode == 0 and result.stdout == b"done\n"
 
 
+def test_stop_signal_is_the_first_signal_at_the_deadline(backend: str) -> None:
+    """GNU timeout -s: the command sees SIGINT (it exits 7 from its trap), not SIGTERM."""
+    handler = ("import os, signal, sys, time\n"
+               "def on(signo, frame):\n"
+               "    print('got-int' if signo == signal.SIGINT else 'got-other', flush=True)\n"
+               "    os._exit(7)\n"
+               "signal.signal(signal.SIGINT, on)\nsignal.signal(signal.SIGTERM, on)\n"
+               "print('ready', flush=True)\ntime.sleep(30)\n")
+    result = run([sys.executable, "-c", handler], timeout=1.5, grace=5, backend=backend,
+                 stop_signal=signal.SIGINT)
+
+    assert result.timed_out and not result.escalated
+    assert result.returncode == 7 and result.stdout == b"ready\ngot-int\n"
+    assert result.duration_s < 4.5  # it did not sit out the grace
+
+
+def test_stop_signal_ignored_is_followed_by_sigkill_after_the_grace(backend: str) -> None:
+    result = run(["sh", "-c", "trap '' USR1; exec sleep 30"], timeout=0.2, grace=0.3,
+                 backend=backend, stop_signal=signal.SIGUSR1)
+
+    assert result.timed_out and result.escalated
+    assert result.returncode == -signal.SIGKILL
+
+
+def test_stop_signal_kill_needs_no_grace(backend: str) -> None:
+    result = run(["sleep", "30"], timeout=0.2, grace=10, backend=backend,
+                 stop_signal=signal.SIGKILL)
+
+    assert result.timed_out and result.returncode == -signal.SIGKILL
+    assert result.duration_s < 5
+
+
+@pytest.mark.parametrize("bad", [0, -1, 65, 1000])
+def test_stop_signal_out_of_range_is_a_value_error(bad: int) -> None:
+    with pytest.raises(ValueError):
+        run(["true"], stop_signal=bad)
+    with pytest.raises(TypeError):
+        run(["true"], stop_signal="TERM")  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------- bounded capture
 
 LIMIT = 2 * 65536
@@ -513,10 +554,15 @@ finally:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 fds_after = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
 again = run(["sh", "-c", "echo fine"], backend=backend, timeout=10)
+""" + CPYTHON_EMFILE_LEAK + """
+def lowest_free():
+    fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    return next(fd for fd in range(len(fds) + 1) if fd not in fds)
 print(json.dumps({
     "returncode": starved.returncode, "spawn_errno": starved.spawn_errno,
     "spawn_error": starved.spawn_error, "stdout": starved.stdout.decode(),
     "fds_leaked": len(fds_after) - len(fds_before), "again": again.stdout.decode(),
+    "cpython_leak": cpython_emfile_leak(lowest_free),
 }))
 """
 
@@ -534,7 +580,8 @@ def test_fd_exhaustion_is_a_spawn_error_not_an_exception(backend: str) -> None:
     assert report["spawn_errno"] == errno.EMFILE
     assert "Too many open files" in report["spawn_error"]
     assert report["stdout"] == ""
-    assert report["fds_leaked"] == 0  # the failed start closed what it had opened
+    # the failed start closed what it had opened (subprocess: as far as CPython's Popen does)
+    assert_emfile_leaks_nothing_of_ours(backend, report["fds_leaked"], report["cpython_leak"])
     assert report["again"] == "fine\n"
 
 

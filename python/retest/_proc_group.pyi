@@ -17,6 +17,7 @@ def run(
     tee_fd: int,
     cgroup: Optional[bytes],
     cgroup_required: bool,
+    stop_signal: int,
     /,
 ) -> dict[str, Any]: ...
 def classify(

@@ -5,6 +5,11 @@ values of secret environment variables (``retest.redact``): masked in the untrus
 only (the command's output before it is classified, its argv, a decision's branch and
 reason...), never in the verdict, rule, action or keys. ``retest run`` without ``--json`` or
 ``--quiet`` streams the command's own output through unchanged.
+
+Usage errors (an unknown option, a bad duration or signal, no command, a gate's repository
+or branch that does not exist) exit 2 with the sub-command's own usage, as argparse does;
+125 stays "internal error" (DESIGN.md). ``retest run`` also takes GNU ``timeout``'s options
+and ``retest run DURATION CMD`` as a drop-in; the differences are in README.md.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
-from . import probe, proc_group, progress, redact
+from . import __version__, probe, proc_group, progress, redact
 from .config import LOG_LEVELS
 
 log = logging.getLogger("retest")
@@ -30,6 +37,68 @@ EXIT_CANNOT_EXECUTE = 126
 EXIT_NOT_FOUND = 127
 #: ``--fail-on-leak``: the command exited 0 but left processes behind.
 EXIT_LEAKED = 1
+#: A usage error (argparse's own status): not 125, which GNU ``timeout`` also uses for its
+#: usage errors but DESIGN.md keeps for "internal error".
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose sub-commands report unknown arguments with their own usage.
+
+    Plain argparse hands a sub-parser's leftovers up to the top-level parser, so ``retest run
+    --bogus`` printed ``retest``'s usage, not ``retest run``'s.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras and self.prog != "retest":
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
+#: GNU ``timeout``'s duration suffixes.
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION = re.compile(r"^\s*(?P<number>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|inf(?:inity)?)"
+                       r"(?P<unit>[smhd]?)$", re.IGNORECASE)
+#: What a mistyped duration looks like (``15x``, ``-1``, ``1..5m``), as opposed to a command name.
+_DURATION_LIKE = re.compile(r"^\s*[-+]?(?:[0-9]|\.[0-9])|^\s*inf(?:inity)?[smhd]?$", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: a number with an optional ``s``/``m``/``h``/``d`` suffix, as GNU
+    ``timeout`` reads it (``inf`` too); ``ValueError`` otherwise. ``0`` means no deadline."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"invalid time interval {text!r}")
+    value = float(match["number"]) * _DURATION_UNITS[match["unit"].lower()]
+    if math.isnan(value):
+        raise ValueError(f"invalid time interval {text!r}")
+    return value
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def parse_signal(text: str) -> signal.Signals:
+    """A signal by number or by name, with or without ``SIG``, any case (as GNU ``timeout -s``)."""
+    name = text.strip().upper()
+    try:
+        if name.isdigit():
+            return signal.Signals(int(name))
+        return signal.Signals[name if name.startswith("SIG") else f"SIG{name}"]
+    except (KeyError, ValueError):
+        raise ValueError(f"{text!r}: invalid signal") from None
+
+
+def _signal(text: str) -> signal.Signals:
+    try:
+        return parse_signal(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -42,17 +111,37 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _add_run_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def _grace(text: str) -> float:
+    value = _duration(text)
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be finite: {text!r}")
+    return value
+
+
+def _add_run_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
     p = sub.add_parser(
         "run",
         help="run a command as a contained process tree",
+        usage="%(prog)s [options] [DURATION] [--] CMD [ARG...]",
         description="Run CMD in its own session under the runner. Exit status: CMD's own; "
-        "124 when the deadline fired; 125 internal error; 126 cannot execute; 127 not found.",
+        "124 when the deadline fired (137 when SIGKILL was needed, as GNU timeout); 125 "
+        "internal error; 126 cannot execute; 127 not found; 2 usage error. GNU timeout's "
+        "options and 'retest run DURATION CMD' work too. DURATION: a number with an optional "
+        "suffix s, m, h or d; 0 means no deadline.",
     )
-    p.add_argument("--timeout", type=_positive_float, default=None, metavar="S",
-                   help="deadline in seconds (default: none)")
-    p.add_argument("--grace", type=_positive_float, default=None, metavar="S",
-                   help="seconds between SIGTERM and SIGKILL (default: RETEST_KILL_GRACE_S or 5)")
+    p.add_argument("--timeout", type=_duration, default=None, metavar="DURATION",
+                   help="deadline (default: none; 0: none)")
+    p.add_argument("--grace", "-k", "--kill-after", dest="grace", type=_grace, default=None,
+                   metavar="DURATION",
+                   help="from the stop signal to SIGKILL (default: RETEST_KILL_GRACE_S or 5s)")
+    p.add_argument("--signal", "-s", type=_signal, default=None, metavar="SIG",
+                   help="the signal sent to the whole tree at the deadline (default: TERM)")
+    p.add_argument("--preserve-status", action="store_true",
+                   help="exit with CMD's own status even when the deadline fired (128+N if killed)")
+    p.add_argument("--foreground", action="store_true",
+                   help="accepted for GNU timeout compatibility; the tree is still contained")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="say on stderr which signals were sent to the tree")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object with the verdict and the run's figures on stdout")
     p.add_argument("--quiet", "-q", action="store_true",
@@ -62,8 +151,8 @@ def _add_run_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                    "other.leaked-processes, exit 1; default: RETEST_FAIL_ON_LEAK)")
     p.add_argument("--no-progress", action="store_true",
                    help="no live progress line for a pytest command (drawn only on a terminal)")
-    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
-    p.set_defaults(func=_cmd_run)
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="[DURATION] [--] CMD [ARG...]")
+    p.set_defaults(func=_cmd_run, parser=p)
 
 
 class _OutputClosed(Exception):
@@ -95,9 +184,17 @@ def _around_progress(live: "progress.Progress",
     return write
 
 
-def run_exit_status(result: proc_group.RunResult) -> int:
-    """Map a run to ``retest run``'s exit status (as GNU ``timeout``)."""
-    if result.timed_out:
+def run_exit_status(result: proc_group.RunResult, *, preserve_status: bool = False,
+                    stop_signal: Optional[int] = None) -> int:
+    """Map a run to ``retest run``'s exit status (as GNU ``timeout``).
+
+    At the deadline: 124, or 137 when SIGKILL ended it (``-s KILL``, or something outlived
+    the grace): GNU ``timeout`` sends that SIGKILL to its own process group and dies of it.
+    ``preserve_status``: the command's own status instead, as ``--preserve-status``.
+    """
+    if result.timed_out and not preserve_status:
+        if result.escalated or stop_signal == signal.SIGKILL:
+            return 128 + signal.SIGKILL
         return EXIT_TIMEOUT
     if result.returncode is None:
         # spawn_error starts with the stage that failed: "exec", "chdir", "spawn", ...
@@ -110,26 +207,62 @@ def run_exit_status(result: proc_group.RunResult) -> int:
     return result.returncode
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _run_usage_error(args: argparse.Namespace, message: str) -> NoReturn:
+    parser: argparse.ArgumentParser = args.parser
+    parser.error(message)
+
+
+def _deadline_and_command(args: argparse.Namespace) -> tuple[Optional[float], list[str]]:
+    """``[DURATION] [--] CMD...`` as GNU ``timeout`` reads it; ``0`` is no deadline."""
     command = list(args.command)
+    timeout: Optional[float] = args.timeout
+    if command and command[0] != "--" and _DURATION_LIKE.match(command[0]):
+        if args.timeout is not None:
+            _run_usage_error(args, f"a deadline is given twice: --timeout and {command[0]!r}")
+        try:
+            timeout = parse_duration(command.pop(0))
+        except ValueError as err:
+            _run_usage_error(args, str(err))
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        print("retest run: no command given (usage: retest run [options] -- CMD [ARG...])",
-              file=sys.stderr)
-        return EXIT_INTERNAL
+        _run_usage_error(args, "no command given")
+    return (None if timeout == 0 else timeout), command
+
+
+def _say_signals(result: proc_group.RunResult, stop_signal: int, grace: Optional[float]) -> None:
+    """``-v``: what GNU ``timeout -v`` says, told once the run is over (the shepherd sends the
+    signals; the caller learns of them in its final report)."""
+    name = signal.Signals(stop_signal).name[3:]
+    command = result.args[0] if result.args else "?"
+    if result.timed_out:
+        print(f"retest: sent signal {name} to command {command!r} and its tree at the deadline "
+              f"({result.killed_at_deadline} processes)", file=sys.stderr)
+        if result.escalated:
+            after = f"the {grace:g}s grace" if grace is not None else "the grace"
+            print(f"retest: sent signal KILL to command {command!r} after {after}", file=sys.stderr)
+    elif result.swept_after_exit:
+        print(f"retest: sent signal {name} to {result.swept_after_exit} processes left behind "
+              f"by command {command!r}", file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    timeout, command = _deadline_and_command(args)
     stream: Optional[proc_group.OutputCallback] = None if (args.quiet or args.json) else _stream
     live = None
     if not args.no_progress and progress.wanted(sys.stderr) and probe.is_pytest_argv(command):
         live = progress.Progress(sys.stderr)
         stream = _around_progress(live, stream)
     try:
-        result = proc_group.run(command, timeout=args.timeout, grace=args.grace, on_output=stream,
-                                on_event=live.on_event if live is not None else None)
+        result = proc_group.run(command, timeout=timeout, grace=args.grace, on_output=stream,
+                                on_event=live.on_event if live is not None else None,
+                                stop_signal=args.signal)
     finally:
         if live is not None:
             live.clear()
-    status = run_exit_status(result)
+    status = run_exit_status(result, preserve_status=args.preserve_status, stop_signal=args.signal)
+    if args.verbose:
+        _say_signals(result, args.signal or signal.SIGTERM, args.grace)
     # Masked before it is classified: the reason quotes the output, never the secrets in it.
     result = redact.redact_result(result, redact.FILTER.secrets())
     verdict = proc_group.classify(result, fail_on_leak=args.fail_on_leak)
@@ -154,10 +287,10 @@ GATE_EXIT_STATUS = {
     "hold": 3,
     "requeue": 75,  # EX_TEMPFAIL: try again later
 }
-GATE_EXIT_USAGE = 2
+GATE_EXIT_USAGE = EXIT_USAGE
 
 
-def _add_gate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def _add_gate_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
     p = sub.add_parser(
         "gate",
         help="re-test a branch rebased onto its target and decide: merge, rollback, requeue, hold",
@@ -182,13 +315,44 @@ def _add_gate_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]")
                    help="a SQLite ledger (default: RETEST_LEDGER_URL's PostgreSQL ledger, else "
                    "RETEST_LEDGER_PATH or $XDG_STATE_HOME/retest/ledger.sqlite3)")
     p.add_argument("--json", action="store_true", help="print the decision as one JSON object")
-    p.set_defaults(func=_cmd_gate)
+    p.set_defaults(func=_cmd_gate, parser=p)
+
+
+def _gate_usage_problem(repo: str, refs: Sequence[tuple[str, str]]) -> Optional[str]:
+    """What is wrong with the command line's repository or refs, for a person at a terminal.
+
+    ``retest_branch`` itself answers a missing branch with a decision (hold + alert), as an
+    embedded caller needs; on the command line it is a typo, said plainly, exit 2.
+    """
+    from . import gitops
+
+    for what, ref in refs:  # before any git process: a hostile name never reaches git
+        try:
+            gitops.validate_ref(ref, what)
+        except gitops.InvalidRef as err:
+            return str(err)
+    if not os.path.isdir(repo):
+        return f"no such directory: {repo}"
+    env = gitops.git_env()
+    try:
+        gitops.common_dir(repo, env, timeout=30)
+    except gitops.GitError:
+        return f"not a git repository: {repo}"
+    for what, ref in refs:
+        try:
+            gitops.rev_parse(repo, ref, env, timeout=30)
+        except gitops.GitError:
+            return f"no such {what} in {repo}: {ref!r}"
+    return None
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
     from . import config, merge_gate
     from .ledger import Ledger
 
+    problem = _gate_usage_problem(args.repo, [("branch", args.branch), ("target branch", args.onto)])
+    if problem is not None:
+        args.parser.error(problem)
     settings = config.GateSettings.from_env()
     ledger = Ledger(args.ledger, busy_timeout_s=settings.ledger_busy_timeout_s) if args.ledger else None
     try:
@@ -223,7 +387,7 @@ def _port(text: str) -> int:
     return value
 
 
-def _add_serve_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def _add_serve_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
     p = sub.add_parser(
         "serve",
         help="serve the read-only merge-gate status: GET /queue (JSON), GET /metrics (Prometheus)",
@@ -236,7 +400,7 @@ def _add_serve_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]"
                    "ledger, else RETEST_LEDGER_PATH or the XDG default)")
     p.add_argument("--port-file", default=None, metavar="PATH",
                    help="once listening, write {host, port, pid} as JSON to PATH (atomically)")
-    p.set_defaults(func=_cmd_serve)
+    p.set_defaults(func=_cmd_serve, parser=p)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -287,14 +451,16 @@ def _configure_logging(level: Optional[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="retest",
-        description="Re-run a test suite as a contained process tree; gate merges on the verdict.",
+        description="Re-run a test suite as a contained process tree; gate merges on the verdict. "
+        "Usage errors exit 2.",
     )
+    parser.add_argument("--version", action="version", version=f"retest {__version__}")
     parser.add_argument("--log-level", default=None, type=_log_level,
                         help="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL "
                         "(default: RETEST_LOG_LEVEL or WARNING)")
-    sub = parser.add_subparsers(dest="subcommand", metavar="{run,gate,serve}")
+    sub = parser.add_subparsers(dest="subcommand", metavar="{run,gate,serve}", parser_class=_Parser)
     _add_run_parser(sub)
     _add_gate_parser(sub)
     _add_serve_parser(sub)
@@ -325,7 +491,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     _configure_logging(args.log_level)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         return int(args.func(args))
     except (_OutputClosed, BrokenPipeError):

@@ -357,6 +357,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RETEST_SANITIZE", "str", "",
             "Developers: e.g. \"address,undefined\" builds the C code with sanitizers (.ci/sanitize).",
             "build time only"),
+    Setting("RETEST_STRIP", "bool", True,
+            "The extension and the shepherd are linked stripped (-s); 0 keeps their symbols for a "
+            "debugger (sanitizer builds always keep them).", "build time only"),
     Setting("RETEST_SHEPHERD_LIBC", "choice", "musl",
             "The shepherd is linked statically against musl when musl-gcc is installed (faster "
             "start-up); glibc forces the glibc build.", "build time only", choices=("musl", "glibc")),

@@ -310,6 +310,9 @@ def rev_parse(repo: str, rev: str, env: Mapping[str, str], timeout: float) -> st
                  cwd=repo, env=env, timeout=timeout)
     sha = validate_sha(_text(result)) if result.ok else None
     if sha is None:
+        if result.returncode == 1 and not result.stderr.strip():
+            # --quiet says nothing: the one thing exit 1 means here is that rev names no commit
+            raise GitError(f"no branch or commit {rev!r} in {repo}", result)
         raise git_failure(f"git rev-parse {rev!r}", result)
     return sha
 

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno as _errno
+import importlib
+import importlib.util
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -214,12 +217,20 @@ def _load_native() -> None:
     if not sys.platform.startswith("linux"):
         _native_error = f"platform {sys.platform!r} is not supported by the native runner"
         return
+    # Not installed at all (RETEST_PURE_PYTHON=1, or a build without a compiler) is told apart
+    # from a broken build: a bare "from . import" of a missing submodule during the package's
+    # own import reads "most likely due to a circular import" (issue 14), which misleads.
+    if importlib.util.find_spec(f"{__package__}._proc_group") is None:
+        _native_error = ("retest was installed without its native runner (retest._proc_group is "
+                         "not installed: RETEST_PURE_PYTHON=1, or no C compiler at install time)")
+        return
     try:
-        from . import _proc_group
-    except ImportError as err:  # missing or broken build
+        _proc_group = importlib.import_module(f"{__package__}._proc_group")
+    except ImportError as err:  # present but broken: wrong ABI, missing symbol
         _native_error = f"cannot import retest._proc_group: {err}"
         return
-    shepherd = os.path.join(os.path.dirname(os.path.abspath(_proc_group.__file__)), "_retest_shepherd")
+    shepherd = os.path.join(os.path.dirname(os.path.abspath(_proc_group.__file__ or "")),
+                            "_retest_shepherd")
     if not os.access(shepherd, os.X_OK):
         _native_error = f"shepherd executable missing or not executable: {shepherd}"
         return
@@ -411,6 +422,16 @@ def _check_grace(grace: Optional[float]) -> float:
     return float(grace)
 
 
+def _check_stop_signal(stop_signal: Optional[int]) -> Optional[int]:
+    if stop_signal is None:
+        return None
+    if isinstance(stop_signal, bool) or not isinstance(stop_signal, int):
+        raise TypeError("stop_signal must be a signal number (int or signal.Signals) or None")
+    if not 1 <= stop_signal < signal.NSIG:
+        raise ValueError(f"stop_signal must be a signal number in 1..{signal.NSIG - 1}")
+    return int(stop_signal)
+
+
 def _tee_fd(tee: Union[IO[bytes], int, None]) -> int:
     if tee is None:
         return -1
@@ -446,6 +467,7 @@ def run(
     probe: Optional[bool] = None,
     probe_packages: Sequence[str] = (),
     on_event: Optional[EventCallback] = None,
+    stop_signal: Optional[int] = None,
 ) -> RunResult:
     """Run ``args`` as a contained process tree and return what happened.
 
@@ -463,11 +485,16 @@ def run(
     on); its facts are in ``RunResult.probe``. ``probe_packages``: top-level packages whose
     import origin the probe records. ``on_event(event)``: called with each probe event as the
     suite writes it (from a helper thread).
+    ``stop_signal``: the first signal of the stop sequence at the deadline, on an interrupt and
+    for leftovers (GNU ``timeout -s``), then SIGCONT, ``grace``, SIGKILL. Default: SIGTERM
+    (native); the subprocess backend keeps its prior SIGKILL at once unless one is given, and
+    then sends it to the direct child only, SIGKILL after ``grace``.
     """
     argv, args_text = _check_args(args)
     _check_env(env)
     deadline = _check_timeout(timeout)
     grace_s = _check_grace(grace)
+    stop_signo = _check_stop_signal(stop_signal)
     if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
         raise TypeError("input must be bytes or None")
     if capture_limit is None:
@@ -495,7 +522,7 @@ def run(
         raise ValueError(f"containment must be one of {', '.join(config.CONTAINMENTS)}, "
                          f"not {containment!r}")
     launch = _Launch(chosen, argv, args_text, env, bcwd, stdin_bytes, deadline, grace_s,
-                     capture_limit, on_output, tee_fd, containment)
+                     capture_limit, on_output, tee_fd, containment, stop_signo)
     if probe is None:
         probe = config.RunnerSettings.from_env().probe_enabled
     if not probe or not _probe.is_pytest_argv(args_text):
@@ -533,6 +560,8 @@ class _Launch:
     on_output: Optional[OutputCallback]
     tee_fd: int
     containment: Optional[str] = None
+    #: ``None``: the backend's default (SIGTERM native, the prior SIGKILL subprocess).
+    stop_signal: Optional[int] = None
 
 
 def _dispatch(launch: _Launch) -> RunResult:
@@ -540,9 +569,10 @@ def _dispatch(launch: _Launch) -> RunResult:
     x = launch
     if x.backend == "native":
         return _run_native(x.argv, x.args_text, _check_env(x.env), x.cwd, x.stdin_bytes, x.timeout,
-                           x.grace_s, x.capture_limit, x.on_output, x.tee_fd, x.containment)
+                           x.grace_s, x.capture_limit, x.on_output, x.tee_fd, x.containment,
+                           signal.SIGTERM if x.stop_signal is None else x.stop_signal)
     return _run_subprocess(x.argv, x.args_text, x.env, x.cwd, x.stdin_bytes, x.timeout,
-                           x.capture_limit, x.on_output, x.tee_fd)
+                           x.capture_limit, x.on_output, x.tee_fd, x.stop_signal, x.grace_s)
 
 
 def _run_probed(launch: _Launch, packages: Sequence[str],
@@ -591,6 +621,7 @@ def _run_native(
     on_output: Optional[OutputCallback],
     tee_fd: int,
     containment: Optional[str] = None,
+    stop_signal: int = signal.SIGTERM,
 ) -> RunResult:
     assert _native is not None and _shepherd_path is not None
     plan, cgroup_path = _select_containment(containment)
@@ -611,6 +642,7 @@ def _run_native(
             tee_fd,
             None if cgroup_path is None else os.fsencode(cgroup_path),
             plan.required,
+            int(stop_signal),
         )
     except BaseException:
         if cgroup_path is not None:  # raised before the C side took the cgroup over
@@ -664,10 +696,16 @@ def _run_subprocess(
     capture_limit: int,
     on_output: Optional[OutputCallback],
     tee_fd: int,
+    stop_signal: Optional[int] = None,
+    grace_s: float = 0.0,
 ) -> RunResult:
-    """The prior path: ``subprocess.run(timeout=...)``; kills only the direct child."""
+    """The prior path: ``subprocess.run(timeout=...)``; kills only the direct child.
+
+    With a ``stop_signal`` (``retest run -s``), the deadline sends that signal (+ SIGCONT) to
+    the direct child instead of SIGKILL, and SIGKILL only if it outlives ``grace_s``.
+    """
     start = time.monotonic()
-    timed_out = False
+    timed_out = escalated = False
     before = _children_rusage()
     pid: Optional[int] = None
     try:
@@ -680,17 +718,20 @@ def _run_subprocess(
             try:
                 out, err = child.communicate(stdin_bytes, timeout=timeout)
             except subprocess.TimeoutExpired as exc:
-                # As subprocess.run: SIGKILL the direct child and reap it; grandchildren live on.
-                # The output so far is in the exception; reading on would wait for a grandchild
-                # that holds the pipes.
-                child.kill()
-                child.wait()
                 timed_out = True
                 out, err = exc.stdout or b"", exc.stderr or b""
+                if stop_signal is None:
+                    # As subprocess.run: SIGKILL the direct child and reap it; grandchildren live
+                    # on. The output so far is in the exception; reading on would wait for a
+                    # grandchild that holds the pipes.
+                    child.kill()
+                    child.wait()
+                else:
+                    out, err, escalated = _stop_child(child, stop_signal, grace_s, out, err)
             except BaseException:
                 child.kill()
                 raise
-        returncode: Optional[int] = -9 if timed_out else child.returncode
+        returncode: Optional[int] = -9 if timed_out and stop_signal is None else child.returncode
     except (OSError, subprocess.SubprocessError) as exc:
         duration = time.monotonic() - start
         spawn_errno = exc.errno if isinstance(exc, OSError) else None
@@ -718,12 +759,31 @@ def _run_subprocess(
         spawn_error=None,
         backend="subprocess",
         pid=pid,
+        escalated=escalated,
+        killed_at_deadline=1 if timed_out and stop_signal is not None else 0,
         stdout_dropped=out_dropped,
         stderr_dropped=err_dropped,
         user_cpu_s=max(after[0] - before[0], 0.0),
         sys_cpu_s=max(after[1] - before[1], 0.0),
         max_rss_kb=after[2],
     )
+
+
+def _stop_child(child: "subprocess.Popen[bytes]", stop_signal: int, grace_s: float,
+                out: bytes, err: bytes) -> tuple[bytes, bytes, bool]:
+    """GNU timeout's sequence for the direct child: SIG (+ SIGCONT), grace, SIGKILL. Returns
+    the output (what it prints while it stops is kept) and whether SIGKILL was needed."""
+    child.send_signal(stop_signal)
+    if stop_signal not in (signal.SIGKILL, signal.SIGCONT):
+        child.send_signal(signal.SIGCONT)  # a stopped child does not act on the signal
+    try:  # bounded: a grandchild holding the pipes must not hold us past the grace
+        more_out, more_err = child.communicate(timeout=grace_s)
+        return more_out or out, more_err or err, False
+    except subprocess.TimeoutExpired as exc:
+        escalated = child.poll() is None
+        child.kill()
+        child.wait()
+        return exc.stdout or out, exc.stderr or err, escalated
 
 
 def _children_rusage() -> tuple[float, float, int]:
