@@ -119,7 +119,10 @@ def test_an_unbalanced_command_holds_before_any_lock_or_worktree(
     doc = json.loads(proc.stdout)
     assert (doc["action"], doc["rule"], doc["alert"]) == ("hold", "other.invalid-command", True)
     assert "MERGE_RETEST_COMMAND" in doc["reason"] and "quotation" in doc["reason"]
-    assert logged(log) == []  # not one git process: no worktree, no rebase
+    # The command line's own check that the branch exists reads refs (rev-parse); nothing
+    # that writes ran: no worktree, no checkout, no rebase, no lock.
+    writes = {"worktree", "checkout", "rebase", "reset", "clean", "merge-file"}
+    assert [argv for argv in logged(log) if writes & set(argv)] == []
     assert not (repo.path / ".git" / "retest-gate.lock").exists()
 
 
@@ -128,6 +131,7 @@ def test_a_crash_of_the_cli_exits_125_never_1(repo: Repo, monkeypatch: pytest.Mo
     def crash(*args: Any, **kwargs: Any) -> Any:
         raise MemoryError("simulated")
 
+    repo.branch("feature", {"feature.py": "VALUE = 1\n"})  # else a usage error (2) comes first
     monkeypatch.setattr(merge_gate, "retest_branch", crash)
     monkeypatch.setenv("RETEST_LEDGER_PATH", repo.env["RETEST_LEDGER_PATH"])
     assert cli.main(["gate", "--repo", str(repo.path), "--branch", "feature"]) == cli.EXIT_INTERNAL
