@@ -9,9 +9,11 @@ kill-switches on) the same scenario kills the whole tree, requeues the task on
 deploy-staging, and the next attempt, on a free CPU, passes and merges.
 
 Scaled down, not simplified: a two-test suite run with ``-n 2`` (one test per worker), three
-helper services per test, 0.5 CPU-seconds of work per test and a 4.5 s deadline. On a free
-CPU the suite takes ~1.5 s; under the six spinning orphans (each in a session of its own,
-hence an autogroup of its own) it takes well over the deadline. The test asserts the causal
+helper services per test and per core (six per test on two cores), 1.25 CPU-seconds of work per
+test and a 7 s deadline. On a free CPU the suite takes ~3 s; under the spinning orphans it takes
+well over the deadline whether or not the kernel groups each session's CPU share (autogroup):
+with it, each orphan is a session of its own and the suite gets one share of many; without it,
+each worker gets about one sixth of a core (12 orphans and 2 workers on 2 cores). The test asserts the causal
 facts (the orphans are alive and consuming CPU before, none exists after, and the gate's
 decisions) and kills every orphan by its recorded pid in a ``finally``.
 """
@@ -52,8 +54,10 @@ pytest.importorskip("xdist", reason="pytest-xdist is part of the test extra")
 #: every worker and the two tests on a loaded 2-core machine (4.5 s was seen to run out).
 DEADLINE_S = 7.0
 TESTS = 2  # one per xdist worker
-HELPERS_PER_TEST = 3
-WORK_CPU_S = 0.5
+#: Enough spinning orphans to starve the suite on any core count (capped for large machines):
+#: without autogroup a worker's share is about cores / (orphans + workers).
+HELPERS_PER_TEST = min(24, 3 * len(os.sched_getaffinity(0)))
+WORK_CPU_S = 1.25
 #: Helper services spinning when both workers hang in their test: the would-be orphans.
 SPINNING = TESTS * HELPERS_PER_TEST
 
