@@ -401,3 +401,57 @@ class WorktreeSettings:
             _warn_once("MERGE_GATE_WORKTREE_DIR", root, "not an absolute path; using the temporary folder")
             root = ""
         return cls(keep_enabled=env_bool("MERGE_GATE_KEEP_WORKTREE_ENABLED", True, env), root=root)
+
+
+# --------------------------------------------------------------------------- forensics (issue 11)
+# One block, so that the settings layer's own work elsewhere merges without conflicts.
+
+DEFAULT_STARVED_PSI_SHARE = 0.5
+DEFAULT_STARVED_FOREIGN_SHARE = 0.5
+DEFAULT_IDLE_CORES = 0.05
+DEFAULT_HUNG_RUNNING_SHARE = 0.8
+DEFAULT_DIAGNOSE_S = 2.0
+
+
+def _env_share(name: str, default: float, environ: Mapping[str, str] | None) -> float:
+    """A fraction in (0, 1]; anything else warns once and falls back."""
+    value = env_float(name, default, environ)
+    if value > 1.0:
+        _warn_once(name, str(value), "above 1")
+        return default
+    return value
+
+
+@dataclass(frozen=True)
+class ForensicsSettings:
+    """Thresholds of the refined timeout rules and the diagnostic stage (docs/verdicts.md)."""
+
+    #: ``timeout.starved``: share of the run's wall time in which some task of the machine
+    #: waited for a CPU (PSI ``cpu`` ``some``, the ``total`` delta) at or above this.
+    starved_psi_share: float = DEFAULT_STARVED_PSI_SHARE
+    #: ``timeout.starved``: CPU used by processes outside the tree / (wall x cores) at or above.
+    starved_foreign_share: float = DEFAULT_STARVED_FOREIGN_SHARE
+    #: Below this many cores of CPU (tree CPU / wall) the tree counts as idle: idle is
+    #: ``timeout.hung`` material, never ``timeout.starved``.
+    idle_cores: float = DEFAULT_IDLE_CORES
+    #: ``timeout.hung``: a test had been running for at least this share of the budget.
+    hung_running_share: float = DEFAULT_HUNG_RUNNING_SHARE
+    #: Seconds the diagnostic stage may take at the deadline (stack dumps), taken out of the
+    #: grace and never more than half of it; 0: no diagnostic stage.
+    diagnose_s: float = DEFAULT_DIAGNOSE_S
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ForensicsSettings":
+        raw = (os.environ if environ is None else environ).get("RETEST_DIAGNOSE_S", "")
+        diagnose = 0.0 if raw.strip() in ("0", "0.0") else env_float("RETEST_DIAGNOSE_S",
+                                                                    DEFAULT_DIAGNOSE_S, environ)
+        return cls(
+            starved_psi_share=_env_share("RETEST_STARVED_PSI_SHARE", DEFAULT_STARVED_PSI_SHARE,
+                                         environ),
+            starved_foreign_share=_env_share("RETEST_STARVED_FOREIGN_SHARE",
+                                             DEFAULT_STARVED_FOREIGN_SHARE, environ),
+            idle_cores=env_float("RETEST_IDLE_CORES", DEFAULT_IDLE_CORES, environ),
+            hung_running_share=_env_share("RETEST_HUNG_RUNNING_SHARE", DEFAULT_HUNG_RUNNING_SHARE,
+                                          environ),
+            diagnose_s=diagnose,
+        )

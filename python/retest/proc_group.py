@@ -33,8 +33,9 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
-from . import cgroup as _cgroup, config, facts, oom as _oom, probe as _probe
+from . import cgroup as _cgroup, config, facts, oom as _oom, pressure as _pressure, probe as _probe
 from .oom import OomEvidence
+from .pressure import Pressure
 from .probe import EventCallback, ProbeReport
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ __all__ = [
     "OomEvidence",
     "Leak",
     "containment_status",
+    "Pressure",
 ]
 
 #: The five verdicts of DESIGN.md.
@@ -132,6 +134,11 @@ class RunResult:
     #: Peaks of the cgroup (cgroup mode, where the memory / pids controller is enabled).
     memory_peak_bytes: Optional[int] = None
     pids_peak: Optional[int] = None
+    #: The deadline the run was given, in seconds (``None``: none).
+    timeout_s: Optional[float] = None
+    #: How loaded the machine was during the run (``retest.pressure``): PSI, the tree's CPU
+    #: share, the foreign CPU hogs. ``None`` only when the run never started.
+    pressure: Optional[Pressure] = None
 
     @property
     def signal(self) -> Optional[int]:
@@ -175,6 +182,8 @@ class RunResult:
             "leaks": [{"pid": pid, "cmdline": cmdline, "age_s": age} for pid, cmdline, age in self.leaks],
             "memory_peak_bytes": self.memory_peak_bytes,
             "pids_peak": self.pids_peak,
+            "timeout_s": self.timeout_s,
+            "pressure": self.pressure.to_dict() if self.pressure is not None else None,
         }
         if with_output:
             out["stdout"] = self.stdout.decode("utf-8", "replace")
@@ -499,8 +508,23 @@ def run(
     if probe is None:
         probe = config.RunnerSettings.from_env().probe_enabled
     if not probe or not _probe.is_pytest_argv(args_text):
-        return _kill_cause(lambda: _dispatch(launch))
-    return _kill_cause(lambda: _run_probed(launch, probe_packages, on_event))
+        return _with_pressure(launch, lambda: _kill_cause(lambda: _dispatch(launch)))
+    return _with_pressure(launch, lambda: _kill_cause(
+        lambda: _run_probed(launch, probe_packages, on_event)))
+
+
+def _with_pressure(launch: "_Launch", run_backend: Callable[[], RunResult]) -> RunResult:
+    """``run_backend()`` between two readings of the machine's load (``retest.pressure``)."""
+    watch = _pressure.Watch()
+    result = run_backend()
+    result = dataclasses.replace(result, timeout_s=launch.timeout)
+    if result.pid is None:
+        return result
+    tree = {result.pid, *(result.probe.pids if result.probe is not None else ()),
+            *(pid for pid, _, _ in result.leaks)}
+    evidence = watch.finish(tree_cpu_s=result.user_cpu_s + result.sys_cpu_s, tree_pids=tree,
+                            wall_s=result.duration_s)
+    return dataclasses.replace(result, pressure=evidence)
 
 
 def _kill_cause(run_backend: Callable[[], RunResult]) -> RunResult:
@@ -768,6 +792,7 @@ def classify(result: RunResult, *, fail_on_leak: Optional[bool] = None) -> Verdi
     if oom_killed is not None:
         return oom_killed
     verdict = facts.decide(result, output, result.probe) if result.probe is not None else output
+    verdict = facts.timeout_cause(result, verdict)
     return _leak_verdict(result, verdict, fail_on_leak)
 
 

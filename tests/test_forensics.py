@@ -1,0 +1,149 @@
+"""Issue 11: a timeout that says why (machine pressure, starved / hung / deadline).
+
+Every test drives real processes: CPU hogs outside the tree are bounded busy loops the test
+kills in a ``finally``; suites sleep or spin inside the runner's tree, which the runner kills.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers_proc import PY, suite_env, write_suite
+from retest import pressure, proc_group
+
+pytestmark = pytest.mark.usefixtures("native")
+
+#: A busy loop that ends by itself after ``s`` seconds (a bound if the test's kill is missed).
+HOG = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end: pass\n"
+
+
+def _pytest(root: Path) -> list[str]:
+    return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root)]
+
+
+def _start_hogs(n: int, seconds: float) -> list[subprocess.Popen]:
+    return [subprocess.Popen([PY, "-c", HOG.format(s=seconds)]) for _ in range(n)]
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
+def test_every_run_has_pressure_evidence() -> None:
+    result = proc_group.run(["sh", "-c", "sleep 0.3"], timeout=5)
+    p = result.pressure
+    assert p is not None and p.cores >= 1 and p.wall_s >= 0.29
+    doc = result.to_dict()["pressure"]
+    assert set(doc) >= {"psi", "psi_source", "tree_share", "foreign", "foreign_cpu_s"}
+    if os.path.exists("/proc/pressure/cpu"):
+        assert p.psi_source == "machine" and p.psi["cpu"].some_share is not None
+
+
+def test_a_foreign_hog_is_named_with_its_cpu() -> None:
+    hogs = _start_hogs(1, 10)
+    try:
+        result = proc_group.run(["sh", "-c", "sleep 1.5"], timeout=5)
+    finally:
+        _stop(hogs)
+    named = {f.pid: f for f in result.pressure.foreign}
+    assert hogs[0].pid in named, result.pressure.to_dict()
+    assert named[hogs[0].pid].cpu_s >= 0.5 and "while time.monotonic()" in named[hogs[0].pid].cmdline
+    assert not named[hogs[0].pid].orphan  # its parent is this live test, not init
+
+
+def test_the_tree_itself_is_not_foreign() -> None:
+    result = proc_group.run([PY, "-c", HOG.format(s=1.0)], timeout=5)
+    assert result.pid not in {f.pid for f in result.pressure.foreign}
+    assert result.pressure.tree_cpu_s >= 0.5 and result.pressure.tree_share > 0.2
+
+
+def test_an_orphaned_pytest_is_marked(tmp_path: Path) -> None:
+    # A pytest-like busy loop whose parent exits at once: re-parented to init or a subreaper.
+    script = tmp_path / "pytest_orphan.py"
+    script.write_text(HOG.format(s=8))
+    pid_file = tmp_path / "pid"
+    launcher = subprocess.run(
+        ["sh", "-c", f"{PY} {script} -n 2 & echo $! > {pid_file}"], check=True)
+    assert launcher.returncode == 0
+    pid = int(pid_file.read_text())
+    try:
+        result = proc_group.run(["sh", "-c", "sleep 1"], timeout=5)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    named = {f.pid: f for f in result.pressure.foreign}
+    assert pid in named
+    ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) \
+        if os.path.exists(f"/proc/{pid}") else None
+    if ppid == 1:
+        assert named[pid].orphan and "re-parented" in named[pid].orphan_why
+
+
+def test_starved_by_cpu_hogs_outside_the_tree(tmp_path: Path) -> None:
+    suite = write_suite(tmp_path / "suite", {"test_spin.py": textwrap.dedent("""
+        import time
+        def test_spins():
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                pass
+    """)})
+    hogs = _start_hogs(2 * pressure.cores() + 1, 25)
+    try:
+        result = proc_group.run(_pytest(suite), timeout=4, grace=2, env=suite_env())
+    finally:
+        _stop(hogs)
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.infra) == ("timeout", "timeout.starved", True)
+    assert "the machine was starved" in verdict.reason
+    assert any(f"pid {h.pid} " in verdict.reason for h in hogs), verdict.reason
+
+
+def test_hung_test_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pytest's own start-up CPU weighs on a 3 s budget; on a real one (900 s) it is noise.
+    monkeypatch.setenv("RETEST_IDLE_CORES", "0.3")
+    suite = write_suite(tmp_path / "suite", {"test_h.py": textwrap.dedent("""
+        import time
+        def test_quick():
+            pass
+        def test_sleeps():
+            time.sleep(60)
+    """)})
+    result = proc_group.run(_pytest(suite), timeout=3, grace=2, env=suite_env())
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.infra) == ("timeout", "timeout.hung", True)
+    assert "hung: test_h.py::test_sleeps had been running" in verdict.reason
+
+
+def test_slow_but_working_suite_is_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETEST_IDLE_CORES", "0.3")
+    suite = write_suite(tmp_path / "suite", {"test_slow.py": textwrap.dedent("""
+        import time, pytest
+        @pytest.mark.parametrize("i", range(60))
+        def test_step(i):
+            time.sleep(0.1)
+    """)})
+    result = proc_group.run(_pytest(suite), timeout=3, grace=2, env=suite_env())
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.infra) == ("timeout", "timeout.deadline", True)
+    assert "neither starved nor hung" in verdict.reason and "cores" in verdict.reason
+    assert result.probe is not None and result.probe.done > 5
+
+
+def test_settings_fall_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from retest.config import ForensicsSettings
+
+    monkeypatch.setenv("RETEST_STARVED_PSI_SHARE", "7")
+    monkeypatch.setenv("RETEST_DIAGNOSE_S", "0")
+    s = ForensicsSettings.from_env()
+    assert s.starved_psi_share == 0.5 and s.diagnose_s == 0.0
