@@ -789,6 +789,8 @@ def _run_evidence(result: proc_group.RunResult, timeout_s: float) -> dict[str, A
         "spawn_error": result.spawn_error,
         "tests": result.probe.evidence() if result.probe is not None else None,
         "oom": result.oom.to_dict() if result.oom is not None else None,
+        # Issue 11: how loaded the machine was (PSI, the tree's CPU share, foreign hogs).
+        "pressure": result.pressure.to_dict() if result.pressure is not None else None,
         "output_tail": _tail(result.stdout, EVIDENCE_TAIL_CHARS)
         + ("\n[stderr]\n" + _tail(result.stderr, EVIDENCE_TAIL_CHARS // 2) if result.stderr else ""),
     }
@@ -969,6 +971,8 @@ def _alert_payload(decision: GateDecision, deduplicated: bool) -> dict[str, Any]
         "tree": (decision.evidence.get("tree") or {}).get("status"),
         # The kernel's OOM-kill evidence (victim, counter): the host ran out, not the branch.
         "oom": decision.evidence.get("oom"),
+        # Issue 11: the machine's load during the run, the evidence of timeout.starved.
+        "pressure": decision.evidence.get("pressure"),
     }, redact.FILTER.secrets())
 
 
