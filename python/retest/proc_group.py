@@ -33,8 +33,9 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
-from . import cgroup as _cgroup, config, facts, oom as _oom, pressure as _pressure, probe as _probe
+from . import cgroup as _cgroup, config, diagnose as _diagnose, facts, oom as _oom, pressure as _pressure, probe as _probe
 from .oom import OomEvidence
+from .diagnose import StackDump
 from .pressure import Pressure
 from .probe import EventCallback, ProbeReport
 
@@ -139,6 +140,9 @@ class RunResult:
     #: How loaded the machine was during the run (``retest.pressure``): PSI, the tree's CPU
     #: share, the foreign CPU hogs. ``None`` only when the run never started.
     pressure: Optional[Pressure] = None
+    #: Python stacks of the probe processes at the deadline (the diagnostic stage,
+    #: ``retest.diagnose``), each attributed to its pid, xdist worker and running test.
+    diagnostics: tuple[StackDump, ...] = ()
 
     @property
     def signal(self) -> Optional[int]:
@@ -184,6 +188,7 @@ class RunResult:
             "pids_peak": self.pids_peak,
             "timeout_s": self.timeout_s,
             "pressure": self.pressure.to_dict() if self.pressure is not None else None,
+            "diagnostics": [d.to_dict() for d in self.diagnostics],
         }
         if with_output:
             out["stdout"] = self.stdout.decode("utf-8", "replace")
@@ -579,18 +584,24 @@ def _run_probed(launch: _Launch, packages: Sequence[str],
         _log_fallback_once(f"probe disabled for this run: {err}", logging.WARNING)
         return _dispatch(launch)
     follower = _probe.Follower(channel, on_event) if on_event is not None else None
+    stage, timeout, grace_s = _diagnostic_stage(channel, launch.timeout, launch.grace_s)
     try:
         probed = dataclasses.replace(
             launch,
             argv=[os.fsencode(a) for a in _probe.inject([os.fsdecode(a) for a in launch.argv])],
             env=channel.environ(os.environ if launch.env is None else launch.env),
+            timeout=timeout, grace_s=grace_s,
         )
         started_wall = time.time()
         if follower is not None:
             follower.start()
+        if stage is not None:
+            stage.start()
         try:
             result = _dispatch(probed)
         finally:
+            if stage is not None:
+                stage.stop()
             if follower is not None:
                 follower.stop()
         channel.poll()
@@ -598,9 +609,35 @@ def _run_probed(launch: _Launch, packages: Sequence[str],
         ended = started_wall + launch.timeout if result.timed_out and launch.timeout is not None \
             else time.time()
         report = ProbeReport.from_events(channel.events, ended_at=ended)
+        dumps = _stage_dumps(stage, channel.events, report) if result.timed_out else ()
     finally:
         channel.close()
-    return dataclasses.replace(result, probe=report)
+    return dataclasses.replace(result, probe=report, diagnostics=dumps)
+
+
+def _diagnostic_stage(channel: _probe.Channel, timeout: Optional[float],
+                      grace_s: float) -> tuple[Optional[_diagnose.Stage], Optional[float], float]:
+    """The stage (``retest.diagnose``) and the native deadline and grace that make room for it:
+    ``d`` = ``RETEST_DIAGNOSE_S``, at most half the grace, moved from the grace to the deadline
+    so that SIGKILL comes when it would have without it."""
+    budget = min(config.ForensicsSettings.from_env().diagnose_s, grace_s / 2)
+    if timeout is None or budget <= 0 or _diagnose.DUMP_SIGNAL is None:
+        return None, timeout, grace_s
+
+    def probe_pids() -> list[int]:
+        channel.poll()
+        return [e["pid"] for e in list(channel.events) if isinstance(e.get("pid"), int)]
+
+    return _diagnose.Stage(channel.dir, timeout, budget, probe_pids), timeout + budget, grace_s - budget
+
+
+def _stage_dumps(stage: Optional[_diagnose.Stage], events: list[dict[str, Any]],
+                 report: ProbeReport) -> tuple[StackDump, ...]:
+    if stage is None or not stage.fired:
+        return ()
+    workers = {e["pid"]: e.get("worker") for e in events if isinstance(e.get("pid"), int)}
+    running = {r.worker: r.nodeid for r in sorted(report.running, key=lambda r: r.running_s)}
+    return stage.dumps(workers, running)
 
 
 def _run_native(
