@@ -215,6 +215,9 @@ def test_gate_lock_held_is_lock_busy_and_requeues(repo: Repo) -> None:
     assert (decision.action, decision.stage, decision.verdict) == ("requeue", "deploy-staging", "lock-busy")
     assert decision.rule == "lock-busy.gate-lock"
     assert proc_group.LOCK_BUSY_MESSAGE in decision.reason
+    # Issue 11: the holder is named (this test process holds the flock).
+    assert f"is held by pid {os.getpid()} " in decision.reason
+    assert decision.evidence["lock"]["pid"] == os.getpid()
     assert decision.infra and decision.infra_attempt == 1
     assert 0.3 <= waited < 5
     assert "suite_ran" not in decision.evidence

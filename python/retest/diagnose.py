@@ -31,6 +31,7 @@ STACK_FILE = "stacks-{pid}.txt"
 DUMP_BYTES_MAX = 16 * 1024
 DUMPS_MAX = 20
 _POLL_S = 0.02
+_SETTLE_S = 0.1
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -102,6 +103,7 @@ class Stage:
         self.took_s = 0.0
         self._stop = threading.Event()
         self._since = _uptime_ticks()
+        self._sizes: dict[int, tuple[int, float]] = {}
         self._thread = threading.Thread(target=self._run, name="retest-diagnose", daemon=True)
 
     def start(self) -> None:
@@ -132,18 +134,23 @@ class Stage:
         self.took_s = time.monotonic() - began
 
     def _all_dumped(self) -> bool:
-        """Every signalled process's file holds a whole stack (a blank line ends each thread;
-        the last thread's dump ends with its outermost frame, so allow one poll more)."""
+        """Every signalled process's file is non-empty and has not grown for ``_SETTLE_S``
+        (faulthandler writes a dump in many small writes, from a signal handler that may be
+        descheduled midway on a loaded machine)."""
+        now = time.monotonic()
+        settled = True
         for pid in self.signalled:
             try:
-                if os.path.getsize(self._path(pid)) == 0:
-                    return False
+                size = os.path.getsize(self._path(pid))
             except OSError:
-                return False
-        if not getattr(self, "_settling", False):
-            self._settling = True
-            return False
-        return True
+                size = 0
+            seen = self._sizes.get(pid)
+            if seen is None or seen[0] != size:
+                self._sizes[pid] = (size, now)
+                settled = False
+            elif size == 0 or now - seen[1] < _SETTLE_S:
+                settled = False
+        return settled
 
     def _path(self, pid: int) -> str:
         return os.path.join(self.run_dir, STACK_FILE.format(pid=pid))

@@ -21,7 +21,7 @@ from .probe import ProbeReport, RunningTest, TestFailure
 if TYPE_CHECKING:  # pragma: no cover
     from .proc_group import RunResult, Verdict
 
-__all__ = ["decide", "oom_killed", "timeout_cause", "failures_text", "running_text"]
+__all__ = ["decide", "oom_killed", "timeout_cause", "lock_holder", "failures_text", "running_text"]
 
 #: Test ids named in a reason (all of them, bounded, are in the evidence).
 REASON_IDS_MAX = 3
@@ -289,3 +289,18 @@ def _stack_of(result: "RunResult", test: "RunningTest") -> str:
         if dump.nodeid == test.nodeid:
             return dump.summary()
     return ""
+
+
+def lock_holder(result: "RunResult", verdict: "Verdict") -> "Verdict":
+    """A git lock-busy verdict names the lock's holder (pid, command line, age) or says the
+    lock is stale (no live process has it open: a dead run left it), read from /proc now."""
+    if verdict.rule != "lock-busy.git-lock":
+        return verdict
+    from dataclasses import replace
+
+    from . import lockholder
+
+    path = lockholder.lock_path_in(result.stderr) or lockholder.lock_path_in(result.stdout)
+    if path is None:
+        return verdict
+    return replace(verdict, reason=f"{verdict.reason}; {lockholder.describe(path).text()}")

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
-from . import config, gitops, layout, proc_group, redact
+from . import config, gitops, layout, lockholder, proc_group, redact
 from .ledger import LedgerBackend, LedgerBusy, LedgerError, open_ledger
 
 log = logging.getLogger(__name__)
@@ -586,10 +586,12 @@ def _retest(
 
     lock = gitops.GateLock(common)
     if not lock.acquire(settings.gate_lock_wait_s):
+        holder = lockholder.describe(lock.path, flock=True)
+        run.evidence["lock"] = holder.to_dict()
         verdict = proc_group.Verdict(
             "lock-busy", "lock-busy.gate-lock",
             f"{proc_group.LOCK_BUSY_MESSAGE}: another gate holds {lock.path} "
-            f"(waited {settings.gate_lock_wait_s:g}s)",
+            f"(waited {settings.gate_lock_wait_s:g}s); {holder.text()}",
             True,
         )
         return _route(run, _maybe_red(verdict, settings.classify_enabled))

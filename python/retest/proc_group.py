@@ -635,7 +635,10 @@ def _stage_dumps(stage: Optional[_diagnose.Stage], events: list[dict[str, Any]],
                  report: ProbeReport) -> tuple[StackDump, ...]:
     if stage is None or not stage.fired:
         return ()
-    workers = {e["pid"]: e.get("worker") for e in events if isinstance(e.get("pid"), int)}
+    # A worker says who it is in its own worker_start; the controller's events may carry a
+    # worker id too (the reports it relays), so only worker_start maps a pid to a worker.
+    workers = {e["pid"]: e.get("worker") for e in events
+               if e.get("ev") == "worker_start" and isinstance(e.get("pid"), int)}
     running = {r.worker: r.nodeid for r in sorted(report.running, key=lambda r: r.running_s)}
     return stage.dumps(workers, running)
 
@@ -829,7 +832,7 @@ def classify(result: RunResult, *, fail_on_leak: Optional[bool] = None) -> Verdi
     if oom_killed is not None:
         return oom_killed
     verdict = facts.decide(result, output, result.probe) if result.probe is not None else output
-    verdict = facts.timeout_cause(result, verdict)
+    verdict = facts.lock_holder(result, facts.timeout_cause(result, verdict))
     return _leak_verdict(result, verdict, fail_on_leak)
 
 

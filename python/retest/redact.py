@@ -75,8 +75,8 @@ _NOT_SECRETS = frozenset({"true", "false", "yes", "no", "on", "off", "none", "nu
 #: payload) that hold untrusted text. The others are vocabulary, numbers, shas and keys.
 DECISION_UNTRUSTED = ("reason", "branch", "onto", "task_id", "pressure")
 #: Fields of a decision's ``evidence`` that hold untrusted text.
-#: ``pressure`` quotes the command lines of processes outside the tree.
-EVIDENCE_UNTRUSTED = ("output_tail", "spawn_error", "worktree", "skip", "oom", "pressure")
+#: ``pressure`` and ``lock`` quote the command lines of other processes.
+EVIDENCE_UNTRUSTED = ("output_tail", "spawn_error", "worktree", "skip", "oom", "pressure", "lock")
 #: Fields of a ``RunResult`` that hold untrusted text (bytes or str).
 RESULT_UNTRUSTED = ("args", "stdout", "stderr", "spawn_error", "leaks")
 
