@@ -18,6 +18,7 @@ from helpers_proc import PY, suite_env, write_suite
 from retest import pressure, proc_group
 
 pytestmark = pytest.mark.usefixtures("native")
+REFINED_TIMEOUT_RULES = True
 
 #: A busy loop that ends by itself after ``s`` seconds (a bound if the test's kill is missed).
 HOG = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end: pass\n"

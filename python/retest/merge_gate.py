@@ -693,7 +693,46 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
             False, evidence="events")
     elif verdict.kind == "passed":
         verdict = _native_proof(run, worktree, report, verdict)
-    return _route(run, verdict, result=result)
+    return _route(run, _against_history(run, argv, timeout_s, verdict), result=result)
+
+
+#: Passing runs compared with the budget, and the share of it that earns a warning.
+HISTORY_RUNS = 10
+HISTORY_WARN_SHARE = 0.8
+
+
+def _against_history(run: _GateRun, argv: Sequence[str], timeout_s: float,
+                     verdict: proc_group.Verdict) -> proc_group.Verdict:
+    """Issue 11, item 5: this run against the last passing runs of the same (repository,
+    suite command) in the ledger; a timeout quotes it, and passing runs that approach the
+    budget warn (log and ``evidence["history"]["warning"]``)."""
+    import hashlib
+    import statistics
+
+    key = hashlib.sha256(f"{os.path.realpath(run.repo)}\0{shlex.join(argv)}".encode()).hexdigest()[:32]
+    run.evidence["suite_key"] = key
+    try:
+        history = run.ledger.suite_history(key, HISTORY_RUNS * 3)
+    except (LedgerError, AttributeError) as err:  # the history is evidence, never a failure
+        log.info("merge gate: no duration history: %s", err)
+        return verdict
+    passing = [s for v, s in history if v == "passed"][:HISTORY_RUNS]
+    if not passing:
+        run.evidence["history"] = {"passing_runs": 0, "budget_s": timeout_s}
+        return verdict
+    median = statistics.median(passing)
+    text = (f"passing runs took {median:.1f} s median over the last {len(passing)}; "
+            f"budget {timeout_s:g} s")
+    block: dict[str, Any] = {"passing_runs": len(passing), "median_s": round(median, 3),
+                             "max_s": round(max(passing), 3), "budget_s": timeout_s, "text": text}
+    if median >= HISTORY_WARN_SHARE * timeout_s:
+        block["warning"] = (f"passing runs approach the budget: {median:.1f} s median is "
+                            f"{median / timeout_s:.0%} of {timeout_s:g} s (MERGE_RETEST_TIMEOUT_S)")
+        log.warning("merge gate: %s", block["warning"])
+    run.evidence["history"] = block
+    if verdict.kind != "timeout":
+        return verdict
+    return dataclasses.replace(verdict, reason=f"{verdict.reason}; {text}")
 
 
 def _native_proof(run: _GateRun, worktree: str, report: Optional[proc_group.ProbeReport],
