@@ -153,6 +153,19 @@ def no_leftover_processes(request: pytest.FixtureRequest) -> Iterator[None]:
             pytest.fail("test left processes behind: " + "; ".join(described), pytrace=False)
 
 
+@pytest.fixture(autouse=True)
+def pinned_timeout_rules(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests written before issue 11 assert ``timeout.deadline`` on suites of a few seconds,
+    where pytest's start-up and the shared machine's load would make the refined rules
+    (starved, hung) fire by chance: thresholds of 1 switch them off there. A module that
+    tests the refined rules says ``REFINED_TIMEOUT_RULES = True``."""
+    if getattr(request.module, "REFINED_TIMEOUT_RULES", False):
+        return
+    for name in ("RETEST_STARVED_PSI_SHARE", "RETEST_STARVED_FOREIGN_SHARE",
+                 "RETEST_HUNG_RUNNING_SHARE"):
+        monkeypatch.setenv(name, "1")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "leaves_processes: the test knowingly leaves orphans (the guard kills them quietly)"

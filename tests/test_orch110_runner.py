@@ -67,7 +67,8 @@ def test_tc01_timed_out_xdist_retest_leaves_no_process_of_its_tree(native: str, 
         assert alive(everyone) == []
         assert [p for p in descendants() if pid_alive(p)] == []
         verdict = proc_group.classify(result)
-        assert (verdict.kind, verdict.rule, verdict.infra) == ("timeout", "timeout.deadline", True)
+        assert (verdict.kind, verdict.infra) == ("timeout", True)  # rule: starved / hung / deadline
+        assert verdict.rule in ("timeout.deadline", "timeout.hung", "timeout.starved")
         assert merge_gate.classify_retest_failure(result) == "timeout"
     finally:
         kill_recorded(recorded_pids(pids))
@@ -193,7 +194,8 @@ def test_tc03_timeout_from_a_real_pytest_run(backend: str, tmp_path: Path) -> No
 
     assert result.timed_out and result.backend == backend
     verdict = proc_group.classify(result)
-    assert (verdict.kind, verdict.rule, verdict.infra) == ("timeout", "timeout.deadline", True)
+    assert (verdict.kind, verdict.infra) == ("timeout", True)  # rule: starved / hung / deadline
+    assert verdict.rule in ("timeout.deadline", "timeout.hung", "timeout.starved")
     assert "deadline" in verdict.reason
     assert merge_gate.classify_retest_failure(result) == "timeout"
 

@@ -240,7 +240,9 @@ def test_a_deadline_names_the_tests_running_at_it(backend: str, tmp_path: Path) 
     result = pytest_run(write(tmp_path, {"test_h.py": suite}), backend, timeout=6)
     assert result.timed_out
     verdict = proc_group.classify(result)
-    assert (verdict.kind, verdict.rule, verdict.evidence) == ("timeout", "timeout.deadline", "runner")
+    # Which of the refined timeout rules (issue 11) depends on the machine: the kind does not.
+    assert (verdict.kind, verdict.evidence) == ("timeout", "runner")
+    assert verdict.rule in ("timeout.deadline", "timeout.hung", "timeout.starved")
     assert result.probe is not None
     assert [r.nodeid for r in result.probe.running] == ["test_h.py::test_hangs"]
     assert "test_h.py::test_hangs" in verdict.reason and "1 of 2 tests done" in verdict.reason

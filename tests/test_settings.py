@@ -74,7 +74,7 @@ def test_any_value_of_any_setting_is_one_warning_at_most_and_in_range(
     value, problem = setting.parse(raw)  # never raises
     assert in_range(setting, value, raw), (raw, value)
     if problem is None and raw.strip() and setting.kind in ("int", "float"):
-        assert float(raw) == value  # accepted as written
+        assert float(raw.strip()) == value  # accepted as written (str.strip's whitespace too)
 
     config._forget_warnings()
     caplog.clear()

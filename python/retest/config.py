@@ -101,6 +101,14 @@ def default_ledger_path(environ: Mapping[str, str] | None = None) -> str:
     return os.path.join(state, "retest", "ledger.sqlite3")
 
 
+#: Timeout forensics (issue 11): docs/verdicts.md.
+DEFAULT_STARVED_PSI_SHARE = 0.5
+DEFAULT_STARVED_FOREIGN_SHARE = 0.5
+DEFAULT_IDLE_CORES = 0.05
+DEFAULT_HUNG_RUNNING_SHARE = 0.8
+DEFAULT_DIAGNOSE_S = 2.0
+
+
 # --------------------------------------------------------------------------- the declarations
 
 
@@ -276,6 +284,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RETEST_FAIL_ON_LEAK", "bool", False,
             "A run that passed but left processes behind (killed by the sweep, named in "
             "RunResult.leaks) is other.leaked-processes (retest run --fail-on-leak).", "runner"),
+    Setting("RETEST_DIAGNOSE_S", "float", DEFAULT_DIAGNOSE_S,
+            "Seconds of the diagnostic stage at the deadline (every Python process's stacks), "
+            "taken out of RETEST_KILL_GRACE_S and never more than half of it; 0: none.",
+            "timeout forensics", 0.0, 60.0),
+    Setting("RETEST_STARVED_PSI_SHARE", "float", DEFAULT_STARVED_PSI_SHARE,
+            "timeout.starved: share of the run in which some task of the machine waited for a CPU "
+            "(PSI cpu some) at or above this, with the tree not idle.", "timeout forensics", 0.01, 1.0),
+    Setting("RETEST_STARVED_FOREIGN_SHARE", "float", DEFAULT_STARVED_FOREIGN_SHARE,
+            "timeout.starved: CPU used outside the tree / (wall x cores) at or above this "
+            "(either this or the PSI share suffices).", "timeout forensics", 0.01, 1.0),
+    Setting("RETEST_IDLE_CORES", "float", DEFAULT_IDLE_CORES,
+            "Below this many cores of CPU (tree CPU / wall) the tree was idle: hung material, "
+            "never starved.", "timeout forensics", 0.0, 1024.0),
+    Setting("RETEST_HUNG_RUNNING_SHARE", "float", DEFAULT_HUNG_RUNNING_SHARE,
+            "timeout.hung: a test had been running for at least this share of the budget while "
+            "the tree was idle.", "timeout forensics", 0.01, 1.0),
     Setting("RETEST_LOG_LEVEL", "choice", "WARNING", "Log level of the retest command line.",
             "runner", choices=LOG_LEVELS),
     Setting("MERGE_RETEST_COMMAND", "command", DEFAULT_RETEST_COMMAND,
@@ -391,7 +415,7 @@ def env_bool(name: str, default: bool, environ: Mapping[str, str] | None = None)
 
 # --------------------------------------------------------------------------- generated docs
 
-_GROUPS = ("kill-switches (each independent, default on)", "runner", "merge gate",
+_GROUPS = ("kill-switches (each independent, default on)", "runner", "timeout forensics", "merge gate",
            "coverage gate", "build time only")
 
 
@@ -656,3 +680,34 @@ class WorktreeSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "WorktreeSettings":
         return cls(keep_enabled=read("MERGE_GATE_KEEP_WORKTREE_ENABLED", environ),
                    root=read("MERGE_GATE_WORKTREE_DIR", environ) or "")
+
+
+# --------------------------------------------------------------------------- forensics (issue 11)
+
+
+
+@dataclass(frozen=True)
+class ForensicsSettings:
+    """Thresholds of the refined timeout rules and the diagnostic stage (docs/verdicts.md)."""
+
+    #: ``timeout.starved``: share of the run's wall time in which some task of the machine
+    #: waited for a CPU (PSI ``cpu`` ``some``, the ``total`` delta) at or above this.
+    starved_psi_share: float = DEFAULT_STARVED_PSI_SHARE
+    #: ``timeout.starved``: CPU used by processes outside the tree / (wall x cores) at or above.
+    starved_foreign_share: float = DEFAULT_STARVED_FOREIGN_SHARE
+    #: Below this many cores of CPU (tree CPU / wall) the tree counts as idle: idle is
+    #: ``timeout.hung`` material, never ``timeout.starved``.
+    idle_cores: float = DEFAULT_IDLE_CORES
+    #: ``timeout.hung``: a test had been running for at least this share of the budget.
+    hung_running_share: float = DEFAULT_HUNG_RUNNING_SHARE
+    #: Seconds the diagnostic stage may take at the deadline (stack dumps), taken out of the
+    #: grace and never more than half of it; 0: no diagnostic stage.
+    diagnose_s: float = DEFAULT_DIAGNOSE_S
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ForensicsSettings":
+        return cls(starved_psi_share=read("RETEST_STARVED_PSI_SHARE", environ),
+                   starved_foreign_share=read("RETEST_STARVED_FOREIGN_SHARE", environ),
+                   idle_cores=read("RETEST_IDLE_CORES", environ),
+                   hung_running_share=read("RETEST_HUNG_RUNNING_SHARE", environ),
+                   diagnose_s=read("RETEST_DIAGNOSE_S", environ))

@@ -16,12 +16,12 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Optional
 
-from .probe import ProbeReport, TestFailure
+from .probe import ProbeReport, RunningTest, TestFailure
 
 if TYPE_CHECKING:  # pragma: no cover
     from .proc_group import RunResult, Verdict
 
-__all__ = ["decide", "oom_killed", "failures_text", "running_text"]
+__all__ = ["decide", "oom_killed", "timeout_cause", "lock_holder", "failures_text", "running_text"]
 
 #: Test ids named in a reason (all of them, bounded, are in the evidence).
 REASON_IDS_MAX = 3
@@ -228,3 +228,79 @@ def _no_failure(result: "RunResult", report: ProbeReport) -> "Verdict":
     return _verdict("other", "other.exit-status",
                     f"{status} but the pytest session reported no failed test "
                     f"({report.counts_text()})")
+
+
+def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
+    """Why the runner's deadline fired: ``timeout.starved``, ``timeout.hung`` or
+    ``timeout.deadline`` (kind ``timeout``, infra), on the runner's facts (issue 11).
+
+    Starved first: the tree was not idle and the machine was overloaded (PSI cpu ``some``
+    over the run at or above ``RETEST_STARVED_PSI_SHARE``, or processes outside the tree used
+    ``RETEST_STARVED_FOREIGN_SHARE`` of the cores and more CPU than the tree). Then hung: a
+    test had been running for ``RETEST_HUNG_RUNNING_SHARE`` of the budget while the tree was
+    idle (below ``RETEST_IDLE_CORES``). A tree that is idle is never starved: it asked for no
+    CPU. Otherwise ``timeout.deadline``, with the pressure figures quoted all the same.
+    """
+    if verdict.kind != "timeout" or not result.timed_out or result.pressure is None:
+        return verdict
+    from dataclasses import replace
+
+    from .config import ForensicsSettings
+
+    settings = ForensicsSettings.from_env()
+    p = result.pressure
+    idle = p.tree_cores < settings.idle_cores
+    psi = p.cpu_some_share()
+    psi_starved = psi is not None and psi >= settings.starved_psi_share
+    foreign_starved = (p.foreign_share >= settings.starved_foreign_share
+                       and p.foreign_cpu_s > p.tree_cpu_s)
+    if not idle and (psi_starved or foreign_starved):
+        why = (f"PSI cpu some {psi:.0%} >= {settings.starved_psi_share:.0%}" if psi_starved else
+               f"processes outside the tree used {p.foreign_share:.0%} of the cores >= "
+               f"{settings.starved_foreign_share:.0%}")
+        return replace(verdict, rule="timeout.starved", evidence="runner",
+                       reason=f"{verdict.reason}; the machine was starved ({why}): {p.text()}; "
+                              f"top CPU users outside the tree: {p.hogs_text()}")
+    hung = _hung_test(result, settings.hung_running_share)
+    if idle and hung is not None:
+        stack = _stack_of(result, hung)
+        return replace(verdict, rule="timeout.hung", evidence="runner",
+                       reason=f"{verdict.reason}; hung: {hung.nodeid}"
+                              f"{' (' + hung.worker + ')' if hung.worker else ''} had been running "
+                              f"{hung.running_s:.1f} s of the {result.timeout_s:g} s budget while "
+                              f"the tree was idle ({p.tree_cores:.2f} cores)"
+                              f"{'; its stack: ' + stack if stack else ''}")
+    return replace(verdict, rule="timeout.deadline",
+                   reason=f"{verdict.reason}; neither starved nor hung: {p.text()}")
+
+
+def _hung_test(result: "RunResult", share: float) -> "Optional[RunningTest]":
+    report = result.probe
+    if report is None or not report.running or not result.timeout_s:
+        return None
+    longest = max(report.running, key=lambda r: r.running_s)
+    return longest if longest.running_s >= share * result.timeout_s else None
+
+
+def _stack_of(result: "RunResult", test: "RunningTest") -> str:
+    """The innermost frames of the dump of the process that ran ``test`` (the diagnostic
+    stage), one line: ``File "t.py", line 3 in test_x <- ...``; "" without a dump."""
+    for dump in getattr(result, "diagnostics", ()) or ():
+        if dump.nodeid == test.nodeid:
+            return dump.summary()
+    return ""
+
+
+def lock_holder(result: "RunResult", verdict: "Verdict") -> "Verdict":
+    """A git lock-busy verdict names the lock's holder (pid, command line, age) or says the
+    lock is stale (no live process has it open: a dead run left it), read from /proc now."""
+    if verdict.rule != "lock-busy.git-lock":
+        return verdict
+    from dataclasses import replace
+
+    from . import lockholder
+
+    path = lockholder.lock_path_in(result.stderr) or lockholder.lock_path_in(result.stdout)
+    if path is None:
+        return verdict
+    return replace(verdict, reason=f"{verdict.reason}; {lockholder.describe(path).text()}")

@@ -40,7 +40,7 @@ __all__ = ["LedgerBackend", "LedgerError", "LedgerBusy", "InfraAttempt", "SCHEMA
            "DECISIONS_KEPT", "DURATIONS_KEPT", "host_identity"]
 
 #: The schema this package writes; each backend migrates older ledgers up to it (``meta``).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 #: Decisions kept for ``recent_decisions()``; the totals live in ``counters`` and never shrink.
 DECISIONS_KEPT = 1000
@@ -357,12 +357,13 @@ class LedgerBackend(ABC):
             tx.execute("DELETE FROM decisions WHERE id <= (SELECT MAX(id) FROM decisions) - ?",
                        (max(keep, 1),))
             if isinstance(stored.get("duration_s"), (int, float)):
-                tx.execute("INSERT INTO durations (at, task, sha, action, verdict, gate_s, suite_s) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                tx.execute("INSERT INTO durations (at, task, sha, action, verdict, gate_s, suite_s, "
+                           "suite_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            (now, str(stored.get("task_id") or ""), str(stored.get("sha") or ""),
                             str(stored.get("action") or ""), str(stored.get("verdict") or ""),
                             float(stored["duration_s"]),
-                            float(suite_s) if isinstance(suite_s, (int, float)) else None))
+                            float(suite_s) if isinstance(suite_s, (int, float)) else None,
+                            str(evidence.get("suite_key") or "")))
                 tx.execute("DELETE FROM durations WHERE id <= (SELECT MAX(id) FROM durations) - ?",
                            (DURATIONS_KEPT,))
             if self._idempotent_writes:
@@ -394,3 +395,11 @@ class LedgerBackend(ABC):
         rows = self._run(lambda tx: tx.execute(query, params).fetchall(), write=False)
         keys = ("at", "task", "sha", "action", "verdict", "gate_s", "suite_s")
         return [dict(zip(keys, row)) for row in rows]
+
+    def suite_history(self, suite_key: str, limit: int = 10) -> list[tuple[str, float]]:
+        """``(verdict, suite seconds)`` of the last ``limit`` runs of one (repository, suite
+        command) that ran the suite, newest first (issue 11: a timeout against its history)."""
+        rows = self._run(lambda tx: tx.execute(
+            "SELECT verdict, suite_s FROM durations WHERE suite_key = ? AND suite_s IS NOT NULL "
+            "ORDER BY id DESC LIMIT ?", (suite_key, max(limit, 0))).fetchall(), write=False)
+        return [(str(v), float(s)) for v, s in rows]

@@ -73,6 +73,10 @@ MIGRATIONS: Mapping[int, Sequence[str]] = {
         "suite_s DOUBLE PRECISION)",
         "CREATE INDEX IF NOT EXISTS durations_task ON durations (task, id)",
     ),
+    3: (
+        "ALTER TABLE durations ADD COLUMN IF NOT EXISTS suite_key TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX IF NOT EXISTS durations_suite ON durations (suite_key, id)",
+    ),
 }
 
 #: SQLSTATE classes that mean "the connection or the server went away, try again":

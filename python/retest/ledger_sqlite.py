@@ -25,7 +25,8 @@ T = TypeVar("T")
 
 #: Schema history. Version 1 is the ledger of retest 0.1 (created with IF NOT EXISTS, so a
 #: ledger written before ``meta`` existed is adopted as it is); 2 adds the claimant's host and
-#: lease (claims taken over across hosts), write tokens and the duration history.
+#: lease (claims taken over across hosts), write tokens and the duration history; 3 keys
+#: durations by (repository, suite command).
 MIGRATIONS: Mapping[int, Sequence[str]] = {
     1: (
         "CREATE TABLE IF NOT EXISTS runs (task TEXT NOT NULL, sha TEXT NOT NULL, "
@@ -52,6 +53,11 @@ MIGRATIONS: Mapping[int, Sequence[str]] = {
         "at REAL NOT NULL, task TEXT NOT NULL, sha TEXT NOT NULL, action TEXT NOT NULL, "
         "verdict TEXT NOT NULL, gate_s REAL NOT NULL, suite_s REAL)",
         "CREATE INDEX IF NOT EXISTS durations_task ON durations (task, id)",
+    ),
+    # 3 (issue 11): the duration history per (repository, suite command), for timeouts.
+    3: (
+        "ALTER TABLE durations ADD COLUMN suite_key TEXT NOT NULL DEFAULT ''",
+        "CREATE INDEX IF NOT EXISTS durations_suite ON durations (suite_key, id)",
     ),
 }
 

@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
-from . import config, gitops, layout, proc_group, redact
+from . import config, gitops, layout, lockholder, proc_group, redact
 from .ledger import LedgerBackend, LedgerBusy, LedgerError, open_ledger
 
 log = logging.getLogger(__name__)
@@ -616,10 +616,12 @@ def _retest(
             f"cannot take the repository lock {lock.path}: {err.strerror or err}", False)
         return _route(run, _maybe_red(verdict, settings.classify_enabled))
     if not acquired:
+        holder = lockholder.describe(lock.path, flock=True)
+        run.evidence["lock"] = holder.to_dict()
         verdict = proc_group.Verdict(
             "lock-busy", "lock-busy.gate-lock",
             f"{proc_group.LOCK_BUSY_MESSAGE}: another gate holds {lock.path} "
-            f"(waited {settings.gate_lock_wait_s:g}s)",
+            f"(waited {settings.gate_lock_wait_s:g}s); {holder.text()}",
             True,
         )
         return _route(run, _maybe_red(verdict, settings.classify_enabled))
@@ -719,7 +721,46 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
             False, evidence="events")
     elif verdict.kind == "passed":
         verdict = _native_proof(run, worktree, report, verdict)
-    return _route(run, verdict, result=result)
+    return _route(run, _against_history(run, argv, timeout_s, verdict), result=result)
+
+
+#: Passing runs compared with the budget, and the share of it that earns a warning.
+HISTORY_RUNS = 10
+HISTORY_WARN_SHARE = 0.8
+
+
+def _against_history(run: _GateRun, argv: Sequence[str], timeout_s: float,
+                     verdict: proc_group.Verdict) -> proc_group.Verdict:
+    """Issue 11, item 5: this run against the last passing runs of the same (repository,
+    suite command) in the ledger; a timeout quotes it, and passing runs that approach the
+    budget warn (log and ``evidence["history"]["warning"]``)."""
+    import hashlib
+    import statistics
+
+    key = hashlib.sha256(f"{os.path.realpath(run.repo)}\0{shlex.join(argv)}".encode()).hexdigest()[:32]
+    run.evidence["suite_key"] = key
+    try:
+        history = run.ledger.suite_history(key, HISTORY_RUNS * 3)
+    except (LedgerError, AttributeError) as err:  # the history is evidence, never a failure
+        log.info("merge gate: no duration history: %s", err)
+        return verdict
+    passing = [s for v, s in history if v == "passed"][:HISTORY_RUNS]
+    if not passing:
+        run.evidence["history"] = {"passing_runs": 0, "budget_s": timeout_s}
+        return verdict
+    median = statistics.median(passing)
+    text = (f"passing runs took {median:.1f} s median over the last {len(passing)}; "
+            f"budget {timeout_s:g} s")
+    block: dict[str, Any] = {"passing_runs": len(passing), "median_s": round(median, 3),
+                             "max_s": round(max(passing), 3), "budget_s": timeout_s, "text": text}
+    if median >= HISTORY_WARN_SHARE * timeout_s:
+        block["warning"] = (f"passing runs approach the budget: {median:.1f} s median is "
+                            f"{median / timeout_s:.0%} of {timeout_s:g} s (MERGE_RETEST_TIMEOUT_S)")
+        log.warning("merge gate: %s", block["warning"])
+    run.evidence["history"] = block
+    if verdict.kind != "timeout":
+        return verdict
+    return dataclasses.replace(verdict, reason=f"{verdict.reason}; {text}")
 
 
 def _native_proof(run: _GateRun, worktree: str, report: Optional[proc_group.ProbeReport],
@@ -817,6 +858,8 @@ def _run_evidence(result: proc_group.RunResult, timeout_s: float) -> dict[str, A
         "spawn_error": result.spawn_error,
         "tests": result.probe.evidence() if result.probe is not None else None,
         "oom": result.oom.to_dict() if result.oom is not None else None,
+        # Issue 11: how loaded the machine was (PSI, the tree's CPU share, foreign hogs).
+        "pressure": result.pressure.to_dict() if result.pressure is not None else None,
         "output_tail": _tail(result.stdout, EVIDENCE_TAIL_CHARS)
         + ("\n[stderr]\n" + _tail(result.stderr, EVIDENCE_TAIL_CHARS // 2) if result.stderr else ""),
     }
@@ -1005,6 +1048,8 @@ def _alert_payload(decision: GateDecision, once: bool) -> dict[str, Any]:
         "tree": (decision.evidence.get("tree") or {}).get("status"),
         # The kernel's OOM-kill evidence (victim, counter): the host ran out, not the branch.
         "oom": decision.evidence.get("oom"),
+        # Issue 11: the machine's load during the run, the evidence of timeout.starved.
+        "pressure": decision.evidence.get("pressure"),
     }, redact.FILTER.secrets())
 
 

@@ -36,8 +36,10 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
-from . import cgroup as _cgroup, config, facts, oom as _oom, probe as _probe
+from . import cgroup as _cgroup, config, diagnose as _diagnose, facts, oom as _oom, pressure as _pressure, probe as _probe
 from .oom import OomEvidence
+from .diagnose import StackDump
+from .pressure import Pressure
 from .probe import EventCallback, ProbeReport
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ __all__ = [
     "OomEvidence",
     "Leak",
     "containment_status",
+    "Pressure",
 ]
 
 #: The five verdicts of DESIGN.md.
@@ -135,6 +138,14 @@ class RunResult:
     #: Peaks of the cgroup (cgroup mode, where the memory / pids controller is enabled).
     memory_peak_bytes: Optional[int] = None
     pids_peak: Optional[int] = None
+    #: The deadline the run was given, in seconds (``None``: none).
+    timeout_s: Optional[float] = None
+    #: How loaded the machine was during the run (``retest.pressure``): PSI, the tree's CPU
+    #: share, the foreign CPU hogs. ``None`` only when the run never started.
+    pressure: Optional[Pressure] = None
+    #: Python stacks of the probe processes at the deadline (the diagnostic stage,
+    #: ``retest.diagnose``), each attributed to its pid, xdist worker and running test.
+    diagnostics: tuple[StackDump, ...] = ()
 
     @property
     def signal(self) -> Optional[int]:
@@ -178,6 +189,9 @@ class RunResult:
             "leaks": [{"pid": pid, "cmdline": cmdline, "age_s": age} for pid, cmdline, age in self.leaks],
             "memory_peak_bytes": self.memory_peak_bytes,
             "pids_peak": self.pids_peak,
+            "timeout_s": self.timeout_s,
+            "pressure": self.pressure.to_dict() if self.pressure is not None else None,
+            "diagnostics": [d.to_dict() for d in self.diagnostics],
         }
         if with_output:
             out["stdout"] = self.stdout.decode("utf-8", "replace")
@@ -526,8 +540,23 @@ def run(
     if probe is None:
         probe = config.RunnerSettings.from_env().probe_enabled
     if not probe or not _probe.is_pytest_argv(args_text):
-        return _kill_cause(lambda: _dispatch(launch))
-    return _kill_cause(lambda: _run_probed(launch, probe_packages, on_event))
+        return _with_pressure(launch, lambda: _kill_cause(lambda: _dispatch(launch)))
+    return _with_pressure(launch, lambda: _kill_cause(
+        lambda: _run_probed(launch, probe_packages, on_event)))
+
+
+def _with_pressure(launch: "_Launch", run_backend: Callable[[], RunResult]) -> RunResult:
+    """``run_backend()`` between two readings of the machine's load (``retest.pressure``)."""
+    watch = _pressure.Watch()
+    result = run_backend()
+    result = dataclasses.replace(result, timeout_s=launch.timeout)
+    if result.pid is None:
+        return result
+    tree = {result.pid, *(result.probe.pids if result.probe is not None else ()),
+            *(pid for pid, _, _ in result.leaks)}
+    evidence = watch.finish(tree_cpu_s=result.user_cpu_s + result.sys_cpu_s, tree_pids=tree,
+                            wall_s=result.duration_s)
+    return dataclasses.replace(result, pressure=evidence)
 
 
 def _kill_cause(run_backend: Callable[[], RunResult]) -> RunResult:
@@ -585,18 +614,24 @@ def _run_probed(launch: _Launch, packages: Sequence[str],
         _log_fallback_once(f"probe disabled for this run: {err}", logging.WARNING)
         return _dispatch(launch)
     follower = _probe.Follower(channel, on_event) if on_event is not None else None
+    stage, timeout, grace_s = _diagnostic_stage(channel, launch.timeout, launch.grace_s)
     try:
         probed = dataclasses.replace(
             launch,
             argv=[os.fsencode(a) for a in _probe.inject([os.fsdecode(a) for a in launch.argv])],
             env=channel.environ(os.environ if launch.env is None else launch.env),
+            timeout=timeout, grace_s=grace_s,
         )
         started_wall = time.time()
         if follower is not None:
             follower.start()
+        if stage is not None:
+            stage.start()
         try:
             result = _dispatch(probed)
         finally:
+            if stage is not None:
+                stage.stop()
             if follower is not None:
                 follower.stop()
         channel.poll()
@@ -604,9 +639,38 @@ def _run_probed(launch: _Launch, packages: Sequence[str],
         ended = started_wall + launch.timeout if result.timed_out and launch.timeout is not None \
             else time.time()
         report = ProbeReport.from_events(channel.events, ended_at=ended)
+        dumps = _stage_dumps(stage, channel.events, report) if result.timed_out else ()
     finally:
         channel.close()
-    return dataclasses.replace(result, probe=report)
+    return dataclasses.replace(result, probe=report, diagnostics=dumps)
+
+
+def _diagnostic_stage(channel: _probe.Channel, timeout: Optional[float],
+                      grace_s: float) -> tuple[Optional[_diagnose.Stage], Optional[float], float]:
+    """The stage (``retest.diagnose``) and the native deadline and grace that make room for it:
+    ``d`` = ``RETEST_DIAGNOSE_S``, at most half the grace, moved from the grace to the deadline
+    so that SIGKILL comes when it would have without it."""
+    budget = min(config.ForensicsSettings.from_env().diagnose_s, grace_s / 2)
+    if timeout is None or budget <= 0 or _diagnose.DUMP_SIGNAL is None:
+        return None, timeout, grace_s
+
+    def probe_pids() -> list[int]:
+        channel.poll()
+        return [e["pid"] for e in list(channel.events) if isinstance(e.get("pid"), int)]
+
+    return _diagnose.Stage(channel.dir, timeout, budget, probe_pids), timeout + budget, grace_s - budget
+
+
+def _stage_dumps(stage: Optional[_diagnose.Stage], events: list[dict[str, Any]],
+                 report: ProbeReport) -> tuple[StackDump, ...]:
+    if stage is None or not stage.fired:
+        return ()
+    # A worker says who it is in its own worker_start; the controller's events may carry a
+    # worker id too (the reports it relays), so only worker_start maps a pid to a worker.
+    workers = {e["pid"]: e.get("worker") for e in events
+               if e.get("ev") == "worker_start" and isinstance(e.get("pid"), int)}
+    running = {r.worker: r.nodeid for r in sorted(report.running, key=lambda r: r.running_s)}
+    return stage.dumps(workers, running)
 
 
 def _run_native(
@@ -828,6 +892,7 @@ def classify(result: RunResult, *, fail_on_leak: Optional[bool] = None) -> Verdi
     if oom_killed is not None:
         return oom_killed
     verdict = facts.decide(result, output, result.probe) if result.probe is not None else output
+    verdict = facts.lock_holder(result, facts.timeout_cause(result, verdict))
     return _leak_verdict(result, verdict, fail_on_leak)
 
 

@@ -73,9 +73,10 @@ _NOT_SECRETS = frozenset({"true", "false", "yes", "no", "on", "off", "none", "nu
 
 #: Fields of a decision document (``GateDecision.to_dict()``, its ledger summary, the alert
 #: payload) that hold untrusted text. The others are vocabulary, numbers, shas and keys.
-DECISION_UNTRUSTED = ("reason", "branch", "onto", "task_id")
+DECISION_UNTRUSTED = ("reason", "branch", "onto", "task_id", "pressure")
 #: Fields of a decision's ``evidence`` that hold untrusted text.
-EVIDENCE_UNTRUSTED = ("output_tail", "spawn_error", "worktree", "skip", "oom")
+#: ``pressure`` and ``lock`` quote the command lines of other processes.
+EVIDENCE_UNTRUSTED = ("output_tail", "spawn_error", "worktree", "skip", "oom", "pressure", "lock")
 #: Fields of a ``RunResult`` that hold untrusted text (bytes or str).
 RESULT_UNTRUSTED = ("args", "stdout", "stderr", "spawn_error", "leaks")
 

@@ -175,6 +175,34 @@ def _module_origin(name: str) -> Optional[dict[str, Any]]:
     }
 
 
+#: The signal at which the probe dumps every thread's Python stack (the runner's diagnostic
+#: stage at the deadline, issue 11): SIGPWR, which pytest, xdist, execnet and test suites do
+#: not use (SIGUSR1/2 are commonly taken by servers under test). Linux only.
+DUMP_SIGNAL_NAME = "SIGPWR"
+#: The dump file, in the run's private directory: ``stacks-<pid>.txt``.
+STACK_FILE = "stacks-{pid}.txt"
+
+
+def _register_stack_dump(events_path: str) -> Any:
+    """Have ``faulthandler`` write all threads' stacks to this process's file in the run's
+    private directory at ``DUMP_SIGNAL_NAME``; return the open file (kept for the process's
+    life: faulthandler writes to its descriptor) or None."""
+    import faulthandler
+    import signal
+
+    signum = getattr(signal, DUMP_SIGNAL_NAME, None)
+    if signum is None:
+        return None
+    try:
+        path = os.path.join(os.path.dirname(events_path), STACK_FILE.format(pid=os.getpid()))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        f = os.fdopen(fd, "w")
+        faulthandler.register(signum, file=f, all_threads=True, chain=False)
+        return f
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
 class RetestProbe:
     """The plugin object: one per pytest process (controller, plain run or xdist worker)."""
 
@@ -191,6 +219,7 @@ class RetestProbe:
         #: xdist's controller: decided once the session starts (xdist registers ``dsession`` in
         #: ``pytest_configure``), read on every test.
         self.distributing = False
+        self.stack_file = _register_stack_dump(str(settings["path"]))
 
     # -- which process writes what: workers report their own starts and imports; the
     #    controller (or a plain run) owns the session, collection and every report.

@@ -1,0 +1,217 @@
+"""Issue 11: a timeout that says why (machine pressure, starved / hung / deadline).
+
+Every test drives real processes: CPU hogs outside the tree are bounded busy loops the test
+kills in a ``finally``; suites sleep or spin inside the runner's tree, which the runner kills.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers_proc import PY, suite_env, write_suite
+from retest import pressure, proc_group
+
+pytestmark = pytest.mark.usefixtures("native")
+REFINED_TIMEOUT_RULES = True
+
+#: A busy loop that ends by itself after ``s`` seconds (a bound if the test's kill is missed).
+HOG = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end: pass\n"
+
+
+def _pytest(root: Path) -> list[str]:
+    return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root)]
+
+
+def _start_hogs(n: int, seconds: float) -> list[subprocess.Popen]:
+    return [subprocess.Popen([PY, "-c", HOG.format(s=seconds)]) for _ in range(n)]
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
+def test_every_run_has_pressure_evidence() -> None:
+    result = proc_group.run(["sh", "-c", "sleep 0.3"], timeout=5)
+    p = result.pressure
+    assert p is not None and p.cores >= 1 and p.wall_s >= 0.29
+    doc = result.to_dict()["pressure"]
+    assert set(doc) >= {"psi", "psi_source", "tree_share", "foreign", "foreign_cpu_s"}
+    if os.path.exists("/proc/pressure/cpu"):
+        assert p.psi_source == "machine" and p.psi["cpu"].some_share is not None
+
+
+def test_a_foreign_hog_is_named_with_its_cpu() -> None:
+    hogs = _start_hogs(1, 10)
+    try:
+        result = proc_group.run(["sh", "-c", "sleep 1.5"], timeout=5)
+    finally:
+        _stop(hogs)
+    named = {f.pid: f for f in result.pressure.foreign}
+    assert hogs[0].pid in named, result.pressure.to_dict()
+    assert named[hogs[0].pid].cpu_s >= 0.5 and "while time.monotonic()" in named[hogs[0].pid].cmdline
+    assert not named[hogs[0].pid].orphan  # its parent is this live test, not init
+
+
+def test_the_tree_itself_is_not_foreign() -> None:
+    result = proc_group.run([PY, "-c", HOG.format(s=1.0)], timeout=5)
+    assert result.pid not in {f.pid for f in result.pressure.foreign}
+    assert result.pressure.tree_cpu_s >= 0.3 and result.pressure.tree_share > 0.1
+
+
+def test_an_orphaned_pytest_is_marked(tmp_path: Path) -> None:
+    # A pytest-like busy loop whose parent exits at once: re-parented to init or a subreaper.
+    script = tmp_path / "pytest_orphan.py"
+    script.write_text(HOG.format(s=8))
+    pid_file = tmp_path / "pid"
+    launcher = subprocess.run(
+        ["sh", "-c", f"{PY} {script} -n 2 & echo $! > {pid_file}"], check=True)
+    assert launcher.returncode == 0
+    pid = int(pid_file.read_text())
+    try:
+        result = proc_group.run(["sh", "-c", "sleep 1"], timeout=5)
+    finally:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    named = {f.pid: f for f in result.pressure.foreign}
+    assert pid in named
+    ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) \
+        if os.path.exists(f"/proc/{pid}") else None
+    if ppid == 1:
+        assert named[pid].orphan and "re-parented" in named[pid].orphan_why
+
+
+def test_starved_by_cpu_hogs_outside_the_tree(tmp_path: Path) -> None:
+    suite = write_suite(tmp_path / "suite", {"test_spin.py": textwrap.dedent("""
+        import time
+        def test_spins():
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                pass
+    """)})
+    hogs = _start_hogs(2 * pressure.cores() + 1, 25)
+    try:
+        result = proc_group.run(_pytest(suite), timeout=4, grace=2, env=suite_env())
+    finally:
+        _stop(hogs)
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.infra) == ("timeout", "timeout.starved", True), \
+        verdict.reason
+    assert "the machine was starved" in verdict.reason
+    assert any(f"pid {h.pid} " in verdict.reason for h in hogs), verdict.reason
+
+
+def test_hung_test_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pytest's own start-up (CPU and, on a loaded machine, seconds) weighs on a budget of a
+    # few seconds; on a real one (900 s) it is noise.
+    monkeypatch.setenv("RETEST_IDLE_CORES", "0.3")
+    monkeypatch.setenv("RETEST_HUNG_RUNNING_SHARE", "0.5")
+    suite = write_suite(tmp_path / "suite", {"test_h.py": textwrap.dedent("""
+        import time
+        def test_quick():
+            pass
+        def test_sleeps():
+            time.sleep(60)
+    """)})
+    result = proc_group.run(_pytest(suite), timeout=5, grace=2, env=suite_env())
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.infra) == ("timeout", "timeout.hung", True), \
+        verdict.reason
+    assert "hung: test_h.py::test_sleeps had been running" in verdict.reason
+    # The diagnostic stage's dump: the test's own frame, at the line that sleeps.
+    assert 'test_h.py", line 6 in test_sleeps' in verdict.reason
+    (dump,) = [d for d in result.diagnostics if d.nodeid == "test_h.py::test_sleeps"]
+    assert "time.sleep" not in dump.summary() and dump.pid in result.probe.pids
+
+
+def test_slow_but_working_suite_is_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETEST_IDLE_CORES", "0.3")
+    suite = write_suite(tmp_path / "suite", {"test_slow.py": textwrap.dedent("""
+        import time, pytest
+        @pytest.mark.parametrize("i", range(60))
+        def test_step(i):
+            time.sleep(0.1)
+    """)})
+    result = proc_group.run(_pytest(suite), timeout=3, grace=2, env=suite_env())
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.infra) == ("timeout", "timeout.deadline", True)
+    assert "neither starved nor hung" in verdict.reason and "cores" in verdict.reason
+    assert result.probe is not None and result.probe.done > 5
+
+
+def test_settings_clamp_and_fall_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from retest import config
+    from retest.config import ForensicsSettings
+
+    config._forget_warnings()
+    monkeypatch.setenv("RETEST_STARVED_PSI_SHARE", "7")  # a share above 1: clamped to 1
+    monkeypatch.setenv("RETEST_HUNG_RUNNING_SHARE", "most")  # not a number: the default
+    monkeypatch.setenv("RETEST_DIAGNOSE_S", "0")  # 0 is meaningful: no diagnostic stage
+    with caplog.at_level(logging.WARNING, logger="retest.config"):
+        s = ForensicsSettings.from_env()
+    assert (s.starved_psi_share, s.hung_running_share, s.diagnose_s) == (1.0, 0.8, 0.0)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "RETEST_STARVED_PSI_SHARE" in warned and "RETEST_HUNG_RUNNING_SHARE" in warned
+    assert "RETEST_DIAGNOSE_S" not in warned
+
+
+def test_xdist_one_worker_hangs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETEST_IDLE_CORES", "0.5")
+    monkeypatch.setenv("RETEST_HUNG_RUNNING_SHARE", "0.5")  # xdist's start-up, on a loaded machine
+    suite = write_suite(tmp_path / "suite", {"test_x.py": textwrap.dedent("""
+        import time, pytest
+        @pytest.mark.parametrize("i", range(6))
+        def test_fine(i):
+            pass
+        def test_wedged():
+            time.sleep(60)
+    """)})
+    argv = [PY, "-m", "pytest", "-q", "-p", "xdist", "-n", "2", "-p", "no:cacheprovider", str(suite)]
+    result = proc_group.run(argv, timeout=8, grace=2, env=suite_env())
+    verdict = proc_group.classify(result)
+    assert verdict.kind == "timeout" and result.timed_out
+    assert verdict.rule == "timeout.hung", verdict.reason
+    assert "test_x.py::test_wedged (gw" in verdict.reason
+    assert 'test_x.py", line 7 in test_wedged' in verdict.reason
+    # Every probe process dumped (the controller and both workers), each attributed.
+    (wedged,) = [d for d in result.diagnostics if d.nodeid == "test_x.py::test_wedged"]
+    assert wedged.worker is not None and wedged.worker.startswith("gw")
+    assert len(result.diagnostics) == 3
+
+
+def test_the_stage_never_delays_the_kill_beyond_its_bound(tmp_path: Path) -> None:
+    # The suite blocks the dump signal and ignores SIGTERM: no dump ever comes, SIGKILL must.
+    suite = write_suite(tmp_path / "suite", {"test_b.py": textwrap.dedent("""
+        import signal, time
+        def test_stubborn():
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGPWR})
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(60)
+    """)})
+    import time
+
+    began = time.monotonic()
+    result = proc_group.run(_pytest(suite), timeout=2, grace=2, env=suite_env(RETEST_DIAGNOSE_S="1"))
+    took = time.monotonic() - began
+    assert result.timed_out and result.escalated and result.returncode == -signal.SIGKILL
+    assert took < 2 + 2 + 1.0, took  # deadline + grace (the stage's second is inside the grace)
+    assert result.diagnostics == ()
+    assert not [pid for pid in result.probe.pids if os.path.exists(f"/proc/{pid}")]
+
+
+def test_no_stage_when_disabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETEST_DIAGNOSE_S", "0")
+    suite = write_suite(tmp_path / "suite", {"test_s.py": "import time\ndef test_s():\n    time.sleep(60)\n"})
+    result = proc_group.run(_pytest(suite), timeout=2, grace=1, env=suite_env())
+    assert result.timed_out and result.diagnostics == () and result.duration_s < 3.0
