@@ -287,7 +287,7 @@ def _stack_of(result: "RunResult", test: "RunningTest") -> str:
     stage), one line: ``File "t.py", line 3 in test_x <- ...``; "" without a dump."""
     for dump in getattr(result, "diagnostics", ()) or ():
         if dump.nodeid == test.nodeid:
-            return dump.summary()
+            return str(dump.summary())
     return ""
 
 

@@ -344,8 +344,9 @@ class LedgerBackend(ABC):
         """
         stored = redact.redact_decision(doc, redact.FILTER.secrets())
         text = json.dumps(stored, sort_keys=True, default=str)
-        evidence = stored.get("evidence") if isinstance(stored.get("evidence"), dict) else {}
-        suite_s = evidence.get("run_duration_s") if isinstance(evidence, dict) else None
+        raw_evidence = stored.get("evidence")
+        evidence: dict[str, Any] = raw_evidence if isinstance(raw_evidence, dict) else {}
+        suite_s = evidence.get("run_duration_s")
 
         def body(tx: Tx) -> None:
             now = tx.now()
