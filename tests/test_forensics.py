@@ -50,6 +50,55 @@ def test_every_run_has_pressure_evidence() -> None:
         assert p.psi_source == "machine" and p.psi["cpu"].some_share is not None
 
 
+def test_the_run_has_a_timeline_of_samples(containment: str) -> None:
+    """A busy 2 s child: the samples follow the run, and its tree's CPU shows in them (the
+    cgroup's cpu.stat in cgroup mode, the shepherd's descendants otherwise)."""
+    result = proc_group.run([PY, "-c", HOG.format(s=2.0)], timeout=20, probe=False)
+    p = result.pressure
+    assert p is not None and result.containment == containment
+    times = [x.t for x in p.samples]
+    assert len(times) >= 3 and times == sorted(times) and times[-1] <= p.wall_s + 0.1, times
+    busy = [x.tree_cores for x in p.samples[1:] if x.tree_cores is not None]
+    assert busy and max(busy) > 0.5, p.to_dict()["samples"]  # one core, busy-looping
+    assert all(x.busy_cores is None or x.busy_cores >= 0 for x in p.samples)
+    if containment == "cgroup" and os.path.exists("/proc/pressure/cpu"):
+        assert p.run_cpu is not None and p.run_cpu.some_share is not None
+    else:
+        assert containment == "cgroup" or p.run_cpu is None
+    doc = result.to_dict()["pressure"]["samples"]
+    assert set(doc[0]) == {"t", "cpu_some", "busy_cores", "tree_cores"}
+
+
+def test_an_idle_child_has_an_idle_timeline() -> None:
+    """Sleeping: the tree's cores stay near zero; the hog started by this test is not the tree."""
+    hogs = _start_hogs(1, 10)
+    try:
+        result = proc_group.run(["sleep", "1.5"], timeout=20, probe=False)
+    finally:
+        _stop(hogs)
+    trees = [x.tree_cores for x in result.pressure.samples if x.tree_cores is not None]
+    assert trees and max(trees) < 0.2, result.pressure.to_dict()["samples"]
+
+
+def test_the_timeline_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SAMPLES_MAX, pairs merge and the interval doubles: a long run keeps its whole span."""
+    monkeypatch.setattr(pressure, "SAMPLES_MAX", 4)
+    monkeypatch.setattr(pressure, "SAMPLE_S", 0.1)
+    monkeypatch.setattr(pressure, "FIRST_SAMPLE_S", 0.05)
+    result = proc_group.run(["sleep", "2"], timeout=20, probe=False)
+    samples = result.pressure.samples
+    assert 1 <= len(samples) <= 4 and samples[-1].t >= 1.0, [x.t for x in samples]
+
+
+def test_a_short_run_measures_foreign_cpu_without_naming() -> None:
+    """Shorter than the first sample: no process table was read, yet the CPU outside the tree
+    is measured (from /proc/stat) and nothing is named."""
+    result = proc_group.run(["true"], timeout=20, probe=False)
+    p = result.pressure
+    assert p is not None and p.samples == () and p.foreign == ()
+    assert p.foreign_cpu_s >= 0.0 and p.wall_s < pressure.FIRST_SAMPLE_S * 4
+
+
 def test_a_foreign_hog_is_named_with_its_cpu() -> None:
     hogs = _start_hogs(1, 10)
     try:
@@ -215,3 +264,29 @@ def test_no_stage_when_disabled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     suite = write_suite(tmp_path / "suite", {"test_s.py": "import time\ndef test_s():\n    time.sleep(60)\n"})
     result = proc_group.run(_pytest(suite), timeout=2, grace=1, env=suite_env())
     assert result.timed_out and result.diagnostics == () and result.duration_s < 3.0
+
+
+def test_a_suite_that_oversubscribes_itself_is_not_starved(tmp_path: Path) -> None:
+    """The tree's own processes make the machine's PSI high, but nothing outside it used the
+    CPU: that is a slow suite (``timeout.deadline``), not a starved machine."""
+    n = 2 * pressure.cores() + 1
+    suite = write_suite(tmp_path / "suite", {"test_self.py": textwrap.dedent(f"""
+        import subprocess, sys, time
+        HOG = "import time\\nend = time.monotonic() + 20\\nwhile time.monotonic() < end: pass\\n"
+        def test_spins_many():
+            procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range({n})]
+            try:
+                end = time.monotonic() + 20
+                while time.monotonic() < end:
+                    pass
+            finally:
+                for p in procs:
+                    p.kill()
+    """)})
+    result = proc_group.run(_pytest(suite), timeout=4, grace=2, env=suite_env())
+    verdict = proc_group.classify(result)
+    p = result.pressure
+    assert verdict.kind == "timeout" and p is not None
+    assert p.tree_cores > 0.5, p.text()  # the tree kept the machine busy
+    if p.foreign_share < 0.25:  # a quiet machine (other tests of a parallel run may load it)
+        assert verdict.rule == "timeout.deadline", verdict.reason

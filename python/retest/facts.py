@@ -234,9 +234,10 @@ def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
     """Why the runner's deadline fired: ``timeout.starved``, ``timeout.hung`` or
     ``timeout.deadline`` (kind ``timeout``, infra), on the runner's facts (issue 11).
 
-    Starved first: the tree was not idle and the machine was overloaded (PSI cpu ``some``
-    over the run at or above ``RETEST_STARVED_PSI_SHARE``, or processes outside the tree used
-    ``RETEST_STARVED_FOREIGN_SHARE`` of the cores and more CPU than the tree). Then hung: a
+    Starved first: the tree was not idle and the machine was overloaded by others (PSI cpu
+    ``some`` over the run at or above ``RETEST_STARVED_PSI_SHARE`` with processes outside the
+    tree using at least half of ``RETEST_STARVED_FOREIGN_SHARE`` of the cores, or those
+    processes using ``RETEST_STARVED_FOREIGN_SHARE`` of the cores and more CPU than the tree). Then hung: a
     test had been running for ``RETEST_HUNG_RUNNING_SHARE`` of the budget while the tree was
     idle (below ``RETEST_IDLE_CORES``). A tree that is idle is never starved: it asked for no
     CPU. Otherwise ``timeout.deadline``, with the pressure figures quoted all the same.
@@ -251,7 +252,10 @@ def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
     p = result.pressure
     idle = p.tree_cores < settings.idle_cores
     psi = p.cpu_some_share()
-    psi_starved = psi is not None and psi >= settings.starved_psi_share
+    # PSI shows that tasks waited; the CPU used outside the tree shows it was not the tree's own
+    # oversubscription (an xdist -n 8 on 2 cores waits for itself): at least half the threshold.
+    psi_starved = (psi is not None and psi >= settings.starved_psi_share
+                   and p.foreign_share >= settings.starved_foreign_share / 2)
     foreign_starved = (p.foreign_share >= settings.starved_foreign_share
                        and p.foreign_cpu_s > p.tree_cpu_s)
     if not idle and (psi_starved or foreign_starved):

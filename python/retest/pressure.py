@@ -1,12 +1,16 @@
 """Machine-pressure evidence for every run: PSI, the tree's CPU share, the foreign CPU hogs.
 
-``Watch`` reads the machine around one run, from the caller, and costs two passes over
-``/proc/*/stat`` and two reads of ``/proc/pressure/*`` (nothing while the run waits):
+``Watch`` reads the machine around one run, from the caller: four small reads at the start
+(PSI, ``/proc/stat``), then one process-wide sampler thread adds a ``Sample`` to the run's
+timeline each interval (the run's cgroup's ``cpu.stat``/``cpu.pressure`` in cgroup mode, its
+processes' CPU otherwise, the machine's PSI and busy cores), and the table of every process
+is read at the first sample and at the end (so a run shorter than one sample names no foreign
+process but still measures their CPU from ``/proc/stat``):
 
 * PSI (``/proc/pressure/{cpu,memory,io}``): ``some``/``full`` ``avg10`` at the end, and the
-  ``total`` stall microseconds accumulated during the run, as a share of its wall time. These
-  are the machine-wide files: the run's own ``cpu.pressure`` lives in its cgroup, which the
-  native runner removes before ``run()`` returns (docs/internals.md, "Pressure evidence").
+  ``total`` stall microseconds accumulated during the run, as a share of its wall time; in
+  cgroup mode also the run's own ``cpu.pressure``, read until the last sample before the
+  runner removes the cgroup (docs/internals.md, "Pressure evidence").
 * the tree's CPU share: its user + system CPU / (wall x the cores this process may use);
 * the processes outside the tree that used the most CPU during the run (a process alive at
   both ends, or started during the run and alive at its end), each with its pid, the head of
@@ -21,11 +25,12 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-__all__ = ["Pressure", "Psi", "ForeignProcess", "Watch", "read_psi", "cores"]
+__all__ = ["Pressure", "Psi", "ForeignProcess", "Sample", "Watch", "read_psi", "cores", "current"]
 
 PSI_DIR = "/proc/pressure"
 PSI_RESOURCES = ("cpu", "memory", "io")
@@ -33,6 +38,15 @@ PSI_RESOURCES = ("cpu", "memory", "io")
 FOREIGN_MAX = 5
 FOREIGN_MIN_CPU_S = 0.05
 CMDLINE_MAX = 160
+#: The timeline: the first sample after this long, then one each ``SAMPLE_S``, at most
+#: ``SAMPLES_MAX`` (past that, pairs are merged and the interval doubles).
+FIRST_SAMPLE_S = 0.25
+SAMPLE_S = 0.5
+SAMPLES_MAX = 240
+#: Processes of the tree walked per sample in subreaper mode (the cgroup mode reads one file).
+TREE_WALK_MAX = 512
+#: The sampler's thread ends after this long with no run in flight.
+IDLE_EXIT_S = 30.0
 #: The probe's marker in a process's environment (``retest.probe.ENV_EVENTS``).
 PROBE_MARKER = b"RETEST_PROBE_EVENTS="
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -182,6 +196,11 @@ class Pressure:
     #: CPU seconds of every process outside the tree alive at the end, and its share.
     foreign_cpu_s: float = 0.0
     foreign_share: float = 0.0
+    #: The run's own cgroup's ``cpu.pressure`` over the run (cgroup mode), read until its
+    #: last sample; ``None`` in subreaper mode, without PSI, or for a run shorter than a sample.
+    run_cpu: Optional[Psi] = None
+    #: The timeline: one sample each interval (``Sample``), at most ``SAMPLES_MAX``.
+    samples: tuple["Sample", ...] = ()
 
     @property
     def tree_cores(self) -> float:
@@ -189,6 +208,7 @@ class Pressure:
         return self.tree_cpu_s / self.wall_s if self.wall_s > 0 else 0.0
 
     def cpu_some_share(self) -> Optional[float]:
+        """The machine's PSI cpu ``some`` share of the run."""
         cpu = self.psi.get("cpu")
         return cpu.some_share if cpu is not None else None
 
@@ -201,6 +221,8 @@ class Pressure:
             parts.append(f"PSI cpu some {share:.0%} of the run (avg10 {cpu.some_avg10:.1f})")
         else:
             parts.append("no PSI on this kernel")
+        if self.run_cpu is not None and self.run_cpu.some_share is not None:
+            parts.append(f"the run's own cgroup waited for a CPU {self.run_cpu.some_share:.0%} of it")
         parts.append(f"the tree used {self.tree_cores:.2f} of {self.cores} cores "
                      f"({self.tree_cpu_s:.1f} CPU-s in {self.wall_s:.1f} s)")
         parts.append(f"processes outside it used {self.foreign_cpu_s / self.wall_s if self.wall_s else 0:.2f}"
@@ -218,6 +240,8 @@ class Pressure:
             "foreign_cpu_s": round(self.foreign_cpu_s, 3),
             "foreign_share": round(self.foreign_share, 4),
             "foreign": [p.to_dict() for p in self.foreign],
+            "run_cpu": self.run_cpu.to_dict() if self.run_cpu is not None else None,
+            "samples": [x.to_dict() for x in self.samples],
         }
 
 
@@ -238,50 +262,338 @@ def _orphan_why(pid: int, st: _Stat, table: dict[int, _Stat]) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One interval of the run's timeline (``Pressure.samples``)."""
+
+    #: Seconds since the run's start, at the interval's end.
+    t: float
+    #: Share of the interval in which some task waited for a CPU: the run's own cgroup's
+    #: ``cpu.pressure`` in cgroup mode, else the machine's; ``None`` without PSI.
+    cpu_some: Optional[float]
+    #: Cores busy on the CPUs this process may use (``/proc/stat``), the tree included.
+    busy_cores: Optional[float]
+    #: Cores used by the run's tree (its cgroup's ``cpu.stat``, else its processes).
+    tree_cores: Optional[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"t": round(self.t, 3), "cpu_some": _round(self.cpu_some),
+                "busy_cores": _round(self.busy_cores), "tree_cores": _round(self.tree_cores)}
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 4)
+
+
+def _cpu_busy_ticks(cpus: frozenset[int]) -> Optional[int]:
+    """Busy clock ticks (all but idle and iowait) of the CPUs in ``cpus``, from /proc/stat."""
+    data = _read("/proc/stat", 64 * 1024)
+    if not data:
+        return None
+    busy, seen = 0, False
+    for line in data.split(b"\n"):
+        name, _, rest = line.partition(b" ")
+        if not name.startswith(b"cpu"):
+            if seen:
+                break  # the cpuN lines come first, together
+            continue
+        if not name[3:].isdigit() or int(name[3:]) not in cpus:
+            continue  # the "cpu" total, or a CPU this process may not use
+        seen = True
+        fields = [int(f) for f in rest.split() if f.isdigit()]
+        if len(fields) >= 8:  # user nice system idle iowait irq softirq steal
+            busy += sum(fields[:8]) - fields[3] - fields[4]
+    return busy if seen else None
+
+
+def _tree_ticks(root_tid: int, skip: frozenset[int], limit: int = TREE_WALK_MAX) -> Optional[int]:
+    """CPU ticks of the live descendants of thread ``root_tid`` of this process (their own and
+    those of the children they reaped), but for its children in ``skip`` (there before the
+    run): the run's tree, walked through ``task/*/children``."""
+    total, seen, todo = 0, 0, [(os.getpid(), root_tid)]
+    while todo and seen < limit:
+        pid, tid = todo.pop()
+        children = _children(pid, tid)
+        if children is None:
+            return None if pid == os.getpid() else total
+        for child in children:
+            if pid == os.getpid() and child in skip:
+                continue
+            data = _read(f"/proc/{child}/stat", 1024)
+            if not data:
+                continue
+            fields = data[data.rfind(b")") + 2:].split()
+            try:
+                total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+            except ValueError:
+                continue
+            seen += 1
+            todo.append((child, 0))
+    return total
+
+
+def _children(pid: int, tid: int) -> Optional[list[int]]:
+    """Children of one thread (``tid``), or of every thread of ``pid`` (``tid`` 0)."""
+    tids = [tid] if tid else [int(t) for t in _listdir(f"/proc/{pid}/task") if t.isdigit()]
+    out: list[int] = []
+    for t in tids:
+        data = _read(f"/proc/{pid}/task/{t}/children", 64 * 1024)
+        if data is None:
+            if tid:
+                return None
+            continue
+        out.extend(int(c) for c in data.split())
+    return out
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _cgroup_values(path: str) -> tuple[Optional[int], Optional[float]]:
+    """``(cpu.stat usage_usec, cpu.pressure some total us)`` of a cgroup (``None`` each where absent)."""
+    usage: Optional[int] = None
+    for line in (_read(os.path.join(path, "cpu.stat")) or b"").splitlines():
+        if line.startswith(b"usage_usec "):
+            usage = int(line.split()[1])
+    some: Optional[float] = None
+    for line in (_read(os.path.join(path, "cpu.pressure")) or b"").splitlines():
+        if line.startswith(b"some "):
+            some = next((float(p[6:]) for p in line.split() if p.startswith(b"total=")), None)
+    return usage, some
+
+
+def _psi_cpu_some_total() -> Optional[float]:
+    for line in (_read(os.path.join(PSI_DIR, "cpu")) or b"").splitlines():
+        if line.startswith(b"some "):
+            return next((float(p[6:]) for p in line.split() if p.startswith(b"total=")), None)
+    return None
+
+
+class _Counters:
+    """The cumulative counters one sample is the delta of."""
+
+    def __init__(self, watch: "Watch") -> None:
+        self.at = time.monotonic()
+        self.busy = _cpu_busy_ticks(watch.cpus)
+        cgroup = watch.cgroup
+        self.run_usage, self.run_some = _cgroup_values(cgroup) if cgroup else (None, None)
+        self.machine_some = _psi_cpu_some_total()
+        self.tree = None if cgroup else _tree_ticks(watch.tid, watch.earlier_children)
+
+
 class Watch:
-    """Read the machine at a run's start; ``finish`` reads it again and sums up."""
+    """Read the machine at a run's start; the process-wide sampler (one thread for every run in
+    flight) adds a sample each interval; ``finish`` reads it again and sums up.
+
+    Cheap at the start (PSI and ``/proc/stat``: four small reads) so that a short run pays
+    little: the table of every process, which names the foreign CPU users, is read at the
+    first sample (``FIRST_SAMPLE_S``) and at the end, so a run shorter than that has its
+    foreign CPU measured (``/proc/stat`` less the tree's) but no process named.
+    """
 
     def __init__(self) -> None:
         self.started = time.monotonic()
+        self.tid = threading.get_native_id()
+        self.earlier_children = frozenset(_children(os.getpid(), self.tid) or ())
+        self.cpus = frozenset(_affinity())
+        self.cgroup: Optional[str] = None
         self.psi = read_psi()
-        self.procs = _proc_table()
-        self.uptime_ticks = _uptime_ticks()
+        self.busy0 = _cpu_busy_ticks(self.cpus)
+        self.self_cpu0 = _self_cpu_s()
+        self.procs: Optional[dict[int, _Stat]] = None
+        self.uptime_ticks: Optional[int] = None
+        self.samples: list[Sample] = []
+        self.interval = SAMPLE_S
+        self.run_some0: Optional[float] = None
+        self.last: Optional[_Counters] = None
+        self.next_due = self.started + FIRST_SAMPLE_S
+        _SAMPLER.add(self)
+        _CURRENT.watch = self
+
+    def attach_cgroup(self, path: str) -> None:
+        """The run's own cgroup (cgroup mode): its ``cpu.stat`` and ``cpu.pressure`` are read
+        while it lives (the runner removes it before ``run()`` returns)."""
+        self.cgroup = path
+        self.run_some0 = _cgroup_values(path)[1]
+
+    def _tick(self) -> None:
+        """One sample (the sampler's thread)."""
+        if self.procs is None:
+            self.procs = _proc_table()
+            self.uptime_ticks = _uptime_ticks()
+        now = _Counters(self)
+        prev, self.last = self.last, now
+        if prev is None:
+            self.next_due = now.at + self.interval
+            return
+        span = max(now.at - prev.at, 1e-6)
+        some = _delta(now.run_some, prev.run_some, 1e6 * span)
+        if some is None:
+            some = _delta(now.machine_some, prev.machine_some, 1e6 * span)
+        tree = (_delta(now.run_usage, prev.run_usage, 1e6 * span) if self.cgroup
+                else _delta(now.tree, prev.tree, _TICKS * span))
+        self.samples.append(Sample(now.at - self.started, None if some is None else min(some, 1.0),
+                                   _delta(now.busy, prev.busy, _TICKS * span), tree))
+        if len(self.samples) >= SAMPLES_MAX:  # keep the bound: halve the resolution
+            self.samples = [_merge(a, b) for a, b in zip(self.samples[::2], self.samples[1::2])]
+            self.interval *= 2
+        self.next_due = now.at + self.interval
 
     def finish(self, *, tree_cpu_s: float, tree_pids: Iterable[int] = (),
                wall_s: Optional[float] = None) -> Pressure:
+        self.close()
+        samples, procs, run_some = tuple(self.samples), self.procs, self.last
         wall = wall_s if wall_s is not None else time.monotonic() - self.started
         wall = max(wall, 1e-6)
-        ncores = cores()
+        ncores = max(len(self.cpus), 1)
         psi_end = read_psi()
-        end = _proc_table()
-        excluded = set(tree_pids) | {os.getpid()}
-        used: list[tuple[float, int, _Stat]] = []
-        total = 0.0
-        for pid, st in end.items():
-            if pid in excluded:
-                continue
-            before = self.procs.get(pid)
-            if before is not None and before.start_ticks == st.start_ticks:
-                ticks = st.cpu_ticks - before.cpu_ticks
-            elif before is None and self.uptime_ticks is not None \
-                    and st.start_ticks >= self.uptime_ticks:
-                ticks = st.cpu_ticks  # started during the run
-            else:
-                continue
-            if ticks > 0:
-                cpu_s = ticks / _TICKS
-                total += cpu_s
-                used.append((cpu_s, pid, st))
-        used.sort(key=lambda u: -u[0])
-        foreign = tuple(
-            ForeignProcess(pid, _cmdline(pid) or f"[{st.comm}]", cpu_s, bool(why), why)
-            for cpu_s, pid, st in used[:FOREIGN_MAX] if cpu_s >= FOREIGN_MIN_CPU_S
-            for why in (_orphan_why(pid, st, end),))
         psi = {r: _psi_delta(self.psi.get(r, {}), psi_end[r], wall) for r in psi_end}
+        foreign_cpu = self._foreign_cpu(tree_cpu_s)
+        foreign: tuple[ForeignProcess, ...] = ()
+        if procs is not None:
+            table_cpu, foreign = _foreign_named(procs, self.uptime_ticks, set(tree_pids))
+            if foreign_cpu is None:
+                foreign_cpu = table_cpu
+        run_psi = None
+        if self.run_some0 is not None and run_some is not None and run_some.run_some is not None:
+            run_psi = Psi(some_share=min(max((run_some.run_some - self.run_some0) / 1e6 / wall, 0.0), 1.0))
         return Pressure(wall_s=wall, cores=ncores, tree_cpu_s=tree_cpu_s,
                         tree_share=tree_cpu_s / (wall * ncores), psi=psi,
                         psi_source="machine" if psi else "none", foreign=foreign,
-                        foreign_cpu_s=total, foreign_share=total / (wall * ncores))
+                        foreign_cpu_s=foreign_cpu or 0.0,
+                        foreign_share=(foreign_cpu or 0.0) / (wall * ncores),
+                        run_cpu=run_psi, samples=samples)
+
+    def close(self) -> None:
+        """Stop sampling (``finish`` does; call it when the run raised instead)."""
+        _SAMPLER.remove(self)  # waits for a tick in flight
+        if current() is self:
+            _CURRENT.watch = None
+
+    def _foreign_cpu(self, tree_cpu_s: float) -> Optional[float]:
+        """CPU seconds on this process's CPUs that were neither the tree's nor this process's."""
+        busy = _cpu_busy_ticks(self.cpus)
+        if busy is None or self.busy0 is None:
+            return None
+        own = _self_cpu_s() - self.self_cpu0
+        return max((busy - self.busy0) / _TICKS - tree_cpu_s - own, 0.0)
+
+
+def _foreign_named(before: dict[int, _Stat], uptime_ticks: Optional[int],
+                   excluded: set[int]) -> tuple[float, tuple[ForeignProcess, ...]]:
+    """The CPU of the processes outside the tree between the first sample and now, and the
+    top ones named (``FOREIGN_MAX``)."""
+    end = _proc_table()
+    excluded = excluded | {os.getpid()}
+    used: list[tuple[float, int, _Stat]] = []
+    total = 0.0
+    for pid, st in end.items():
+        if pid in excluded:
+            continue
+        prior = before.get(pid)
+        if prior is not None and prior.start_ticks == st.start_ticks:
+            ticks = st.cpu_ticks - prior.cpu_ticks
+        elif prior is None and uptime_ticks is not None and st.start_ticks >= uptime_ticks:
+            ticks = st.cpu_ticks  # started since
+        else:
+            continue
+        if ticks > 0:
+            total += ticks / _TICKS
+            used.append((ticks / _TICKS, pid, st))
+    used.sort(key=lambda u: -u[0])
+    return total, tuple(
+        ForeignProcess(pid, _cmdline(pid) or f"[{st.comm}]", cpu_s, bool(why), why)
+        for cpu_s, pid, st in used[:FOREIGN_MAX] if cpu_s >= FOREIGN_MIN_CPU_S
+        for why in (_orphan_why(pid, st, end),))
+
+
+def _delta(now: Optional[float], prev: Optional[float], scale: float) -> Optional[float]:
+    if now is None or prev is None:
+        return None
+    return max(now - prev, 0) / scale
+
+
+def _merge(a: Sample, b: Sample) -> Sample:
+    def mean(x: Optional[float], y: Optional[float]) -> Optional[float]:
+        return None if x is None or y is None else (x + y) / 2
+
+    return Sample(b.t, mean(a.cpu_some, b.cpu_some), mean(a.busy_cores, b.busy_cores),
+                  mean(a.tree_cores, b.tree_cores))
+
+
+def _affinity() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return list(range(os.cpu_count() or 1))
+
+
+def _self_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class _Sampler:
+    """One daemon thread that samples every run in flight when its turn comes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.runs: set[Watch] = set()
+        self.thread: Optional[threading.Thread] = None
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        """A forked child has none of the parent's threads, and maybe a lock taken by one."""
+        self.lock = threading.Lock()
+        self.wake = threading.Condition(self.lock)
+        self.runs = set()
+        self.thread = None
+
+    def add(self, watch: Watch) -> None:
+        with self.lock:
+            self.runs.add(watch)
+            self.wake.notify()
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="retest-pressure", daemon=True)
+                self.thread.start()
+
+    def remove(self, watch: Watch) -> None:
+        with self.lock:
+            self.runs.discard(watch)
+        # the add of a run is also its wake-up: the loop recomputes the next due time
+
+    def _loop(self) -> None:
+        with self.lock:
+            while True:
+                if not self.runs:
+                    if not self.wake.wait(IDLE_EXIT_S) and not self.runs:
+                        self.thread = None  # idle: end; the next run starts another
+                        return
+                    continue
+                now = time.monotonic()
+                due = min(w.next_due for w in self.runs)
+                if due > now:
+                    self.wake.wait(due - now)
+                    continue
+                for watch in [w for w in self.runs if w.next_due <= now]:
+                    try:
+                        watch._tick()
+                    except Exception:  # evidence is best effort: a run never fails for it
+                        watch.next_due = now + watch.interval
+
+
+_SAMPLER = _Sampler()
+_CURRENT = threading.local()
+
+
+def current() -> Optional[Watch]:
+    """The watch of the run in flight on this thread (``attach_cgroup`` from the runner)."""
+    return getattr(_CURRENT, "watch", None)
 
 
 def _psi_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]],

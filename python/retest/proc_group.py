@@ -361,6 +361,9 @@ def _select_containment(requested: Optional[str]) -> tuple[_Containment, Optiona
         except _cgroup.Unavailable as err:
             plan = _refuse_or_fall_back("cgroup" if plan.required else "auto", str(err), plan.parent)
         else:
+            watch = _pressure.current()
+            if watch is not None:  # its cpu.stat and cpu.pressure, while the run lives
+                watch.attach_cgroup(path)
             _log_containment_once("cgroup", logging.INFO, "retest: containment: cgroup (%s)", plan.why)
             return plan, path
     if not plan.refused:
@@ -548,9 +551,14 @@ def run(
 def _with_pressure(launch: "_Launch", run_backend: Callable[[], RunResult]) -> RunResult:
     """``run_backend()`` between two readings of the machine's load (``retest.pressure``)."""
     watch = _pressure.Watch()
-    result = run_backend()
+    try:
+        result = run_backend()
+    except BaseException:
+        watch.close()
+        raise
     result = dataclasses.replace(result, timeout_s=launch.timeout)
     if result.pid is None:
+        watch.close()
         return result
     tree = {result.pid, *(result.probe.pids if result.probe is not None else ()),
             *(pid for pid, _, _ in result.leaks)}
@@ -716,7 +724,7 @@ def _run_native(
     if tee_errno is not None:  # the tee stopped at its first error, as the subprocess one does
         log.warning("tee write failed: %s", OSError(tee_errno, os.strerror(tee_errno)))
     cgroup_errno = raw.pop("cgroup_errno")
-    if cgroup_errno is not None:
+    if cgroup_errno:  # 0: not placed, but no placement failed (the command never started)
         _cgroup_fallback(plan, cgroup_errno)
     if cgroup_path is not None and not raw.pop("cgroup_removed"):
         log.warning("retest: cgroup %s could not be removed (a process in it survived SIGKILL?)",
