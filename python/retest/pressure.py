@@ -559,8 +559,12 @@ class _Sampler:
             self.runs.add(watch)
             self.wake.notify()
             if self.thread is None:
-                self.thread = threading.Thread(target=self._loop, name="retest-pressure", daemon=True)
-                self.thread.start()
+                thread = threading.Thread(target=self._loop, name="retest-pressure", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread to be had (RLIMIT_NPROC): no timeline, the run goes on
+                    return
+                self.thread = thread
 
     def remove(self, watch: Watch) -> None:
         with self.lock:
