@@ -59,7 +59,7 @@ def test_the_run_has_a_timeline_of_samples(containment: str) -> None:
     times = [x.t for x in p.samples]
     assert len(times) >= 3 and times == sorted(times) and times[-1] <= p.wall_s + 0.1, times
     busy = [x.tree_cores for x in p.samples[1:] if x.tree_cores is not None]
-    assert busy and max(busy) > 0.5, p.to_dict()["samples"]  # one core, busy-looping
+    assert busy and max(busy) > 0.15, p.to_dict()["samples"]  # busy-looping (a loaded machine shares)
     assert all(x.busy_cores is None or x.busy_cores >= 0 for x in p.samples)
     if containment == "cgroup" and os.path.exists("/proc/pressure/cpu"):
         assert p.run_cpu is not None and p.run_cpu.some_share is not None

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Optional
 from .probe import ProbeReport, RunningTest, TestFailure
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .config import ForensicsSettings
+    from .pressure import Pressure
     from .proc_group import RunResult, Verdict
 
 __all__ = ["decide", "oom_killed", "timeout_cause", "lock_holder", "failures_text", "running_text"]
@@ -231,16 +233,18 @@ def _no_failure(result: "RunResult", report: ProbeReport) -> "Verdict":
 
 
 def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
-    """Why the runner's deadline fired: ``timeout.starved``, ``timeout.hung`` or
+    """Why the runner's deadline fired: ``timeout.hung``, ``timeout.starved`` or
     ``timeout.deadline`` (kind ``timeout``, infra), on the runner's facts (issue 11).
 
-    Starved first: the tree was not idle and the machine was overloaded by others (PSI cpu
-    ``some`` over the run at or above ``RETEST_STARVED_PSI_SHARE`` with processes outside the
-    tree using at least half of ``RETEST_STARVED_FOREIGN_SHARE`` of the cores, or those
-    processes using ``RETEST_STARVED_FOREIGN_SHARE`` of the cores and more CPU than the tree). Then hung: a
-    test had been running for ``RETEST_HUNG_RUNNING_SHARE`` of the budget while the tree was
-    idle (below ``RETEST_IDLE_CORES``). A tree that is idle is never starved: it asked for no
-    CPU. Otherwise ``timeout.deadline``, with the pressure figures quoted all the same.
+    Hung first: a test had been running for ``RETEST_HUNG_RUNNING_SHARE`` of the budget while
+    the tree was idle (below ``RETEST_IDLE_CORES``) over that test's time, judged on the run's
+    timeline where it has samples there (a busy start-up before the hang does not hide it),
+    else over the whole run. An idle tree asked for no CPU, so it is never starved. Then
+    starved: the tree was not idle and the machine was overloaded by others (PSI cpu ``some``
+    over the run at or above ``RETEST_STARVED_PSI_SHARE`` with processes outside the tree
+    using at least half of ``RETEST_STARVED_FOREIGN_SHARE`` of the cores, or those processes
+    using ``RETEST_STARVED_FOREIGN_SHARE`` of the cores and more CPU than the tree).
+    Otherwise ``timeout.deadline``, with the pressure figures quoted all the same.
     """
     if verdict.kind != "timeout" or not result.timed_out or result.pressure is None:
         return verdict
@@ -250,32 +254,57 @@ def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
 
     settings = ForensicsSettings.from_env()
     p = result.pressure
-    idle = p.tree_cores < settings.idle_cores
+    hung = _hung_test(result, settings.hung_running_share)
+    if hung is not None:
+        cores, where = _tree_cores_while(result, hung)
+        if cores < settings.idle_cores:
+            stack = _stack_of(result, hung)
+            return replace(verdict, rule="timeout.hung", evidence="runner",
+                           reason=f"{verdict.reason}; hung: {hung.nodeid}"
+                                  f"{' (' + hung.worker + ')' if hung.worker else ''} had been "
+                                  f"running {hung.running_s:.1f} s of the {result.timeout_s:g} s "
+                                  f"budget while the tree was idle ({cores:.2f} cores {where})"
+                                  f"{'; its stack: ' + stack if stack else ''}")
+    starved = _starved_why(p, settings) if p.tree_cores >= settings.idle_cores else None
+    if starved is not None:
+        return replace(verdict, rule="timeout.starved", evidence="runner",
+                       reason=f"{verdict.reason}; the machine was starved ({starved}): {p.text()}; "
+                              f"top CPU users outside the tree: {p.hogs_text()}")
+    return replace(verdict, rule="timeout.deadline",
+                   reason=f"{verdict.reason}; neither starved nor hung: {p.text()}")
+
+
+def _starved_why(p: "Pressure", settings: "ForensicsSettings") -> Optional[str]:
+    """Why the machine counts as starved by others during the run, or ``None``."""
     psi = p.cpu_some_share()
     # PSI shows that tasks waited; the CPU used outside the tree shows it was not the tree's own
     # oversubscription (an xdist -n 8 on 2 cores waits for itself): at least half the threshold.
-    psi_starved = (psi is not None and psi >= settings.starved_psi_share
-                   and p.foreign_share >= settings.starved_foreign_share / 2)
-    foreign_starved = (p.foreign_share >= settings.starved_foreign_share
-                       and p.foreign_cpu_s > p.tree_cpu_s)
-    if not idle and (psi_starved or foreign_starved):
-        why = (f"PSI cpu some {psi:.0%} >= {settings.starved_psi_share:.0%}" if psi_starved else
-               f"processes outside the tree used {p.foreign_share:.0%} of the cores >= "
-               f"{settings.starved_foreign_share:.0%}")
-        return replace(verdict, rule="timeout.starved", evidence="runner",
-                       reason=f"{verdict.reason}; the machine was starved ({why}): {p.text()}; "
-                              f"top CPU users outside the tree: {p.hogs_text()}")
-    hung = _hung_test(result, settings.hung_running_share)
-    if idle and hung is not None:
-        stack = _stack_of(result, hung)
-        return replace(verdict, rule="timeout.hung", evidence="runner",
-                       reason=f"{verdict.reason}; hung: {hung.nodeid}"
-                              f"{' (' + hung.worker + ')' if hung.worker else ''} had been running "
-                              f"{hung.running_s:.1f} s of the {result.timeout_s:g} s budget while "
-                              f"the tree was idle ({p.tree_cores:.2f} cores)"
-                              f"{'; its stack: ' + stack if stack else ''}")
-    return replace(verdict, rule="timeout.deadline",
-                   reason=f"{verdict.reason}; neither starved nor hung: {p.text()}")
+    if (psi is not None and psi >= settings.starved_psi_share
+            and p.foreign_share >= settings.starved_foreign_share / 2):
+        return f"PSI cpu some {psi:.0%} >= {settings.starved_psi_share:.0%}"
+    if p.foreign_share >= settings.starved_foreign_share and p.foreign_cpu_s > p.tree_cpu_s:
+        return (f"processes outside the tree used {p.foreign_share:.0%} of the cores >= "
+                f"{settings.starved_foreign_share:.0%}")
+    return None
+
+
+def _tree_cores_while(result: "RunResult", test: "RunningTest") -> tuple[float, str]:
+    """The tree's mean cores while ``test`` ran up to the deadline (the timeline's samples
+    inside that span), and where that came from; the whole run's without such samples."""
+    p = result.pressure
+    assert p is not None and result.timeout_s is not None
+    since = result.timeout_s - test.running_s
+    inside = [x.tree_cores for x in p.samples
+              if x.tree_cores is not None and since + _sample_step(p) <= x.t <= result.timeout_s]
+    if inside:
+        return sum(inside) / len(inside), f"over its last {result.timeout_s - since:.1f} s"
+    return p.tree_cores, "over the run"
+
+
+def _sample_step(p: "Pressure") -> float:
+    """The timeline's interval (the first sample's span is shorter: skip one step's worth)."""
+    times = [x.t for x in p.samples]
+    return min((b - a for a, b in zip(times, times[1:])), default=0.5)
 
 
 def _hung_test(result: "RunResult", share: float) -> "Optional[RunningTest]":

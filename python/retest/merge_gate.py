@@ -1048,9 +1048,16 @@ def _alert_payload(decision: GateDecision, once: bool) -> dict[str, Any]:
         "tree": (decision.evidence.get("tree") or {}).get("status"),
         # The kernel's OOM-kill evidence (victim, counter): the host ran out, not the branch.
         "oom": decision.evidence.get("oom"),
-        # Issue 11: the machine's load during the run, the evidence of timeout.starved.
-        "pressure": decision.evidence.get("pressure"),
+        # Issue 11: the machine's load during the run, the evidence of timeout.starved (its
+        # timeline of samples stays in the ledger's decision: an alert is read, not plotted).
+        "pressure": _without_samples(decision.evidence.get("pressure")),
     }, redact.FILTER.secrets())
+
+
+def _without_samples(pressure: Any) -> Any:
+    if not isinstance(pressure, dict):
+        return pressure
+    return {k: v for k, v in pressure.items() if k != "samples"}
 
 
 def _alert_tests(tests: Any) -> Optional[dict[str, Any]]:
