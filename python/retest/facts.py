@@ -14,6 +14,7 @@ docs/verdicts.md.
 from __future__ import annotations
 
 import re
+import statistics
 from typing import TYPE_CHECKING, Optional
 
 from .probe import ProbeReport, RunningTest, TestFailure
@@ -237,9 +238,9 @@ def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
     ``timeout.deadline`` (kind ``timeout``, infra), on the runner's facts (issue 11).
 
     Hung first: a test had been running for ``RETEST_HUNG_RUNNING_SHARE`` of the budget while
-    the tree was idle (below ``RETEST_IDLE_CORES``) over that test's time, judged on the run's
-    timeline where it has samples there (a busy start-up before the hang does not hide it),
-    else over the whole run. An idle tree asked for no CPU, so it is never starved. Then
+    the tree was idle (below ``RETEST_IDLE_CORES``) most of that test's time: the median of the
+    run's timeline samples in that span (a busy start-up before the hang does not hide it),
+    else the whole run's mean. An idle tree asked for no CPU, so it is never starved. Then
     starved: the tree was not idle and the machine was overloaded by others (PSI cpu ``some``
     over the run at or above ``RETEST_STARVED_PSI_SHARE`` with processes outside the tree
     using at least half of ``RETEST_STARVED_FOREIGN_SHARE`` of the cores, or those processes
@@ -289,15 +290,15 @@ def _starved_why(p: "Pressure", settings: "ForensicsSettings") -> Optional[str]:
 
 
 def _tree_cores_while(result: "RunResult", test: "RunningTest") -> tuple[float, str]:
-    """The tree's mean cores while ``test`` ran up to the deadline (the timeline's samples
-    inside that span), and where that came from; the whole run's without such samples."""
+    """The tree's median cores while ``test`` ran up to the deadline (the timeline's samples
+    inside that span), and where that came from; the whole run's mean without such samples."""
     p = result.pressure
     assert p is not None and result.timeout_s is not None
     since = result.timeout_s - test.running_s
     inside = [x.tree_cores for x in p.samples
               if x.tree_cores is not None and since + _sample_step(p) <= x.t <= result.timeout_s]
-    if inside:
-        return sum(inside) / len(inside), f"over its last {result.timeout_s - since:.1f} s"
+    if inside:  # the median: idle most of that time (xdist's start-up may fall inside it)
+        return statistics.median(inside), f"median over its last {result.timeout_s - since:.1f} s"
     return p.tree_cores, "over the run"
 
 
