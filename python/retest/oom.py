@@ -107,16 +107,27 @@ def _merge(kills: Iterable[OomKill]) -> list[OomKill]:
 def read_counter(path: str) -> Optional[tuple[int, int]]:
     """``(oom_kill, oom_group_kill)`` from /proc/vmstat, memory.events or memory.oom_control."""
     try:
-        with open(path, "rb") as handle:
-            text = handle.read().decode("ascii", "replace")
+        with open(path, "rb", buffering=0) as handle:
+            data = b"\n" + handle.read(1 << 16)
     except OSError as err:
         _note_once(path, err)
         return None
-    values = dict(line.split(None, 1) for line in text.splitlines() if " " in line)
-    if "oom_kill" not in values:
+    # Two lookups, not a dict of /proc/vmstat's 170 lines: this runs twice per run.
+    kills, groups = _field(data, b"oom_kill"), _field(data, b"oom_group_kill")
+    if kills is None:
         return None
+    return kills, groups or 0
+
+
+def _field(data: bytes, name: bytes) -> Optional[int]:
+    """The integer after ``\nNAME `` in ``data`` (a ``key value`` per line file)."""
+    at = data.find(b"\n" + name + b" ")
+    if at < 0:
+        return None
+    start = at + len(name) + 2
+    end = data.find(b"\n", start)
     try:
-        return int(values["oom_kill"]), int(values.get("oom_group_kill", "0"))
+        return int(data[start:end if end >= 0 else len(data)])
     except ValueError:
         return None
 
