@@ -11,11 +11,13 @@ import os
 import signal
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
 from helpers_proc import PY, suite_env, write_suite
+from orch110_helpers import cpu_ticks
 from retest import pressure, proc_group
 
 pytestmark = pytest.mark.usefixtures("native")
@@ -58,8 +60,14 @@ def test_the_run_has_a_timeline_of_samples(containment: str) -> None:
     assert p is not None and result.containment == containment
     times = [x.t for x in p.samples]
     assert len(times) >= 3 and times == sorted(times) and times[-1] <= p.wall_s + 0.1, times
-    busy = [x.tree_cores for x in p.samples[1:] if x.tree_cores is not None]
-    assert busy and max(busy) > 0.15, p.to_dict()["samples"]  # busy-looping (a loaded machine shares)
+    # The samples add up to the tree's CPU (from the kernel's accounting at the end) over the
+    # span they cover, whatever the machine's load: a busy loop's CPU is in them.
+    spans = list(zip([0.0, *times], p.samples))[1:]
+    sampled = sum((x.t - t0) * x.tree_cores for t0, x in spans if x.tree_cores is not None)
+    covered = times[-1] - times[0]
+    expected = p.tree_cpu_s * covered / p.wall_s
+    assert expected > 0.05 and 0.4 * expected <= sampled <= 1.6 * expected + 0.05, \
+        (sampled, expected, p.to_dict()["samples"])
     assert all(x.busy_cores is None or x.busy_cores >= 0 for x in p.samples)
     if containment == "cgroup" and os.path.exists("/proc/pressure/cpu"):
         assert p.run_cpu is not None and p.run_cpu.some_share is not None
@@ -99,16 +107,28 @@ def test_a_short_run_measures_foreign_cpu_without_naming() -> None:
     assert p.foreign_cpu_s >= 0.0 and p.wall_s < pressure.FIRST_SAMPLE_S * 4
 
 
+def _named_or_outranked(p: pressure.Pressure, pid: int, cpu_s: float) -> bool:
+    """``pid`` is named, or the evidence is full of processes that used at least as much CPU
+    (a loaded machine: other tests of a parallel run may burn more than this test's hog)."""
+    if pid in {f.pid for f in p.foreign}:
+        return True
+    return len(p.foreign) == pressure.FOREIGN_MAX and min(f.cpu_s for f in p.foreign) >= cpu_s - 0.02
+
+
 def test_a_foreign_hog_is_named_with_its_cpu() -> None:
     hogs = _start_hogs(1, 10)
     try:
+        time.sleep(0.1)
         result = proc_group.run(["sh", "-c", "sleep 1.5"], timeout=5)
+        hog_cpu = cpu_ticks(hogs[0].pid) / os.sysconf("SC_CLK_TCK")
     finally:
         _stop(hogs)
     named = {f.pid: f for f in result.pressure.foreign}
-    assert hogs[0].pid in named, result.pressure.to_dict()
-    assert named[hogs[0].pid].cpu_s >= 0.5 and "while time.monotonic()" in named[hogs[0].pid].cmdline
-    assert not named[hogs[0].pid].orphan  # its parent is this live test, not init
+    assert _named_or_outranked(result.pressure, hogs[0].pid, 0.1), result.pressure.to_dict()
+    if hogs[0].pid in named:
+        hog = named[hogs[0].pid]
+        assert 0.05 <= hog.cpu_s <= hog_cpu + 0.02 and "while time.monotonic()" in hog.cmdline
+        assert not hog.orphan  # its parent is this live test, not init
 
 
 def test_the_tree_itself_is_not_foreign() -> None:
@@ -134,7 +154,9 @@ def test_an_orphaned_pytest_is_marked(tmp_path: Path) -> None:
         except ProcessLookupError:
             pass
     named = {f.pid: f for f in result.pressure.foreign}
-    assert pid in named
+    assert _named_or_outranked(result.pressure, pid, 0.1), result.pressure.to_dict()
+    if pid not in named:
+        return
     ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]) \
         if os.path.exists(f"/proc/{pid}") else None
     if ppid == 1:
@@ -179,9 +201,11 @@ def test_hung_test_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         verdict.reason
     assert "hung: test_h.py::test_sleeps had been running" in verdict.reason
     # The diagnostic stage's dump: the test's own frame, at the line that sleeps.
-    assert 'test_h.py", line 6 in test_sleeps' in verdict.reason
+    assert 'test_h.py", line 6 in test_sleeps: time.sleep(60)' in verdict.reason
     (dump,) = [d for d in result.diagnostics if d.nodeid == "test_h.py::test_sleeps"]
-    assert "time.sleep" not in dump.summary() and dump.pid in result.probe.pids
+    # time.sleep is C: the innermost Python frame is the test's own, quoted with its source line
+    assert dump.summary().startswith('File "') and dump.summary().endswith("in test_sleeps: time.sleep(60)")
+    assert dump.pid in result.probe.pids
 
 
 def test_slow_but_working_suite_is_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -216,7 +240,8 @@ def test_settings_clamp_and_fall_back(monkeypatch: pytest.MonkeyPatch, caplog: p
 
 
 def test_xdist_one_worker_hangs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("RETEST_IDLE_CORES", "0.5")
+    # The default idle threshold: the median of the tree's cores over the hung test's span
+    # is what counts, so xdist's busy start-up inside that span does not hide the hang.
     monkeypatch.setenv("RETEST_HUNG_RUNNING_SHARE", "0.5")  # xdist's start-up, on a loaded machine
     suite = write_suite(tmp_path / "suite", {"test_x.py": textwrap.dedent("""
         import time, pytest
@@ -232,7 +257,7 @@ def test_xdist_one_worker_hangs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert verdict.kind == "timeout" and result.timed_out
     assert verdict.rule == "timeout.hung", verdict.reason
     assert "test_x.py::test_wedged (gw" in verdict.reason
-    assert 'test_x.py", line 7 in test_wedged' in verdict.reason
+    assert 'test_x.py", line 7 in test_wedged: time.sleep(60)' in verdict.reason
     # Every probe process dumped (the controller and both workers), each attributed.
     (wedged,) = [d for d in result.diagnostics if d.nodeid == "test_x.py::test_wedged"]
     assert wedged.worker is not None and wedged.worker.startswith("gw")

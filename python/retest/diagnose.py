@@ -16,7 +16,9 @@ were quick (never later), and a suite that ends inside those ``d`` seconds is no
 
 from __future__ import annotations
 
+import linecache
 import os
+import re
 import signal
 import threading
 import time
@@ -65,11 +67,28 @@ class StackDump:
             chosen = threads[0] if threads else []
         else:  # start at the test's own frame's callees: keep what it was doing
             chosen = chosen[:max(i for i, ln in enumerate(chosen) if ln.endswith(f" in {function}")) + 1]
-        return " <- ".join(chosen[:frames])
+        shown = chosen[:frames]
+        if shown:  # the innermost frame's source line: what it was doing (e.g. time.sleep(60))
+            shown[0] += _source_of(shown[0])
+        return " <- ".join(shown)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pid": self.pid, "worker": self.worker, "nodeid": self.nodeid,
                 "text": self.text, "truncated": self.truncated}
+
+
+_FRAME = re.compile(r'File "(?P<path>[^"]+)", line (?P<line>\d+) in ')
+SOURCE_MAX = 120
+
+
+def _source_of(frame: str) -> str:
+    """``: <the source line>`` of a faulthandler frame line, or "" where it cannot be read."""
+    match = _FRAME.match(frame)
+    if match is None:
+        return ""
+    text = linecache.getline(match["path"], int(match["line"])).strip()
+    linecache.clearcache()  # a worktree's files change from run to run
+    return f": {text[:SOURCE_MAX]}" if text else ""
 
 
 def _uptime_ticks() -> Optional[int]:
