@@ -28,7 +28,8 @@ HOG = "import time\nend = time.monotonic() + {s}\nwhile time.monotonic() < end: 
 
 
 def _pytest(root: Path) -> list[str]:
-    return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(root)]
+    # --rootdir: node ids relative to the suite wherever the tests run from (CI: a temp dir)
+    return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(root), str(root)]
 
 
 def _start_hogs(n: int, seconds: float) -> list[subprocess.Popen]:
@@ -251,7 +252,8 @@ def test_xdist_one_worker_hangs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         def test_wedged():
             time.sleep(60)
     """)})
-    argv = [PY, "-m", "pytest", "-q", "-p", "xdist", "-n", "2", "-p", "no:cacheprovider", str(suite)]
+    argv = [PY, "-m", "pytest", "-q", "-p", "xdist", "-n", "2", "-p", "no:cacheprovider",
+            "--rootdir", str(suite), str(suite)]
     result = proc_group.run(argv, timeout=8, grace=2, env=suite_env())
     verdict = proc_group.classify(result)
     assert verdict.kind == "timeout" and result.timed_out
