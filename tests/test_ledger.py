@@ -158,7 +158,7 @@ def test_default_path_follows_xdg_state_home(tmp_path: Path) -> None:
 
 
 def test_a_new_ledger_is_at_the_current_schema_version(ledger: LedgerBackend) -> None:
-    assert ledger.schema_version() == SCHEMA_VERSION == 3
+    assert ledger.schema_version() == SCHEMA_VERSION == 4
 
 
 def test_a_ledger_from_a_newer_retest_is_refused(ledger_place: LedgerPlace) -> None:

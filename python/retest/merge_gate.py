@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
-from . import config, gitops, layout, lockholder, proc_group, redact
+from . import config, gitops, layout, lockholder, proc_group, redact, timeline
 from .ledger import LedgerBackend, LedgerBusy, LedgerError, open_ledger
 
 log = logging.getLogger(__name__)
@@ -464,6 +464,8 @@ class _GateRun:
     #: Stands in for the sha when none was resolved (bad repository, unknown branch):
     #: ``unknown:<digest of rule and reason>``, so different failures alert separately.
     failure_key: Optional[str] = None
+    #: The suite's run as ``retest serve``'s decision page draws it (``retest.timeline``).
+    timeline: Optional[dict[str, Any]] = None
 
     @property
     def key_sha(self) -> str:
@@ -707,6 +709,9 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
         backend=None if settings.tree_kill_enabled else "subprocess",
         probe=settings.probe_enabled, probe_packages=packages), run.secrets)
     run.evidence.update(_run_evidence(result, timeout_s))
+    run.timeline = timeline.from_result(
+        result, grace_s=settings.grace_s,
+        max_bytes=config.TimelineSettings.from_env(run.base_env).max_bytes)
     report = result.probe
     proof = layout.prove(worktree, roots, packages, report.imports if report else None,
                          report.rootdir if report else None)
@@ -1141,7 +1146,9 @@ def _record(run: Optional[_GateRun], decision: GateDecision) -> None:
             return
         run.metrics.record(decision)
         try:
-            run.ledger.record_decision(_summary(decision), counter_increments(decision))
+            run.ledger.record_decision(
+                _summary(decision), counter_increments(decision), timeline=run.timeline,
+                timelines_kept=config.TimelineSettings.from_env(run.base_env).kept)
         except LedgerError as err:
             log.warning("merge gate: decision not recorded in the ledger: %s", err)
     except Exception:
