@@ -5,8 +5,9 @@ The ledger holds what gates decided on a real repository: a merge, a red branch 
 hostile HTML (``x"><script>alert(1)</script>``), and a timeout of a pytest-xdist suite whose
 two workers hang in a test each. The browser tests skip only where no Chromium or no
 chromedriver can be found (``RETEST_REQUIRE_BROWSER=1``, set by ``.ci/run``, makes that a
-failure). Screenshots are kept in the test's tmp folder (a CI artifact);
-``RETEST_UPDATE_SCREENSHOTS=1`` also writes them to ``docs/`` for the README.
+failure). Screenshots are kept in the test's tmp folder, copied to ``RETEST_ARTIFACTS_DIR``
+where set (``.ci/run``: ``ci-artifacts/``); ``RETEST_UPDATE_SCREENSHOTS=1`` also writes them
+to ``docs/`` for the README.
 """
 
 from __future__ import annotations
@@ -216,6 +217,10 @@ def _screenshot(driver: Any, tmp_path: Path, name: str, max_height: int = 2200) 
     driver.set_window_size(1200, min(max(int(height), 600), max_height))
     shot = tmp_path / name
     assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    artifacts = os.environ.get("RETEST_ARTIFACTS_DIR", "").strip()
+    if artifacts:  # CI keeps them past the run's temp dir
+        os.makedirs(artifacts, exist_ok=True)
+        shutil.copyfile(shot, os.path.join(artifacts, name))
     if os.environ.get("RETEST_UPDATE_SCREENSHOTS") == "1":
         shutil.copyfile(shot, DOCS / name)
     return shot
