@@ -3,7 +3,8 @@
 Starts ``python -m retest serve`` on a loopback port with a ledger of recorded decisions,
 opens ``--slow`` connections that each send one byte of a request head every
 ``--slow-interval`` seconds (reconnecting when the server drops them, as a real slow client
-would), then sends ``--requests`` GETs (``/metrics`` and ``/queue`` in turn) from
+would), then sends ``--requests`` GETs (``--paths`` in turn: ``/metrics``, ``/queue``, the
+queue page ``/`` and a decision's page with its timeline, by default) from
 ``--concurrency`` concurrent loopback clients, each on a new connection, and reports the
 latency of each GET (connect to the last byte), the throughput, the errors, how many slow
 clients were dropped and how many held a connection at the end, and the server's threads.
@@ -13,6 +14,7 @@ server is stopped (SIGTERM, then SIGKILL) on every path.
 
     python3 bench/status_load.py              # the goal: 2,000 GETs, 50 clients, 200 slow
     python3 bench/status_load.py --smoke      # a quick pass for CI
+    python3 bench/status_load.py --paths /metrics,/queue   # the mix before the pages (issue 13.3)
 """
 
 from __future__ import annotations
@@ -31,18 +33,28 @@ from pathlib import Path
 from typing import Any
 
 GOAL_P99_MS = 100.0
+#: The GETs of the mix, in turn: a dashboard's scrapes and a person's pages (issue 16).
+DEFAULT_PATHS = ("/metrics", "/queue", "/", "/decision/200")
 
 
 def make_ledger(path: Path, decisions: int = 200) -> None:
     from retest.ledger import Ledger
 
     ledger = Ledger(str(path), busy_timeout_s=5)
+    # A timeline of an xdist run's size: 400 tests on 2 workers, 120 pressure samples.
+    tests = [{"nodeid": f"tests/test_m{i // 20}.py::test_{i}", "worker": f"gw{i % 2}",
+              "start_s": i * 0.1, "duration_s": 0.09, "outcome": "passed"} for i in range(400)]
+    samples = [{"t": t * 0.5, "cpu_some": 0.2, "busy_cores": 1.5, "tree_cores": 1.2} for t in range(120)]
+    timeline = {"version": 1, "duration_s": 41.0, "timeout_s": 60.0, "timed_out": False, "grace_s": 5.0,
+                "tests": tests, "workers": ["gw0", "gw1"], "stages": [{"name": "end", "t": 41.0}],
+                "pressure": {"samples": samples, "cores": 2, "foreign_share": 0.05},
+                "foreign": [], "sweep": {}, "diagnostics": []}
     for i in range(decisions):
         ledger.record_decision(
             {"action": "merge", "stage": "main", "verdict": "passed", "rule": "passed.exit-0",
              "reason": f"exit 0: {i} passed", "task_id": f"T-{i}", "branch": f"feature/{i}",
              "sha": f"{i:040x}", "evidence": {"backend": "native", "returncode": 0}},
-            {"decisions": 1, "merges": 1, "retests_run": 1, "verdict_passed": 1})
+            {"decisions": 1, "merges": 1, "retests_run": 1, "verdict_passed": 1}, timeline=timeline)
 
 
 def start_server(ledger: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
@@ -141,10 +153,11 @@ async def one_get(port: int, path: str) -> tuple[float, bool]:
     return (time.perf_counter() - started) * 1000.0, ok
 
 
-async def scrape(port: int, requests: int, concurrency: int) -> tuple[list[float], int, float]:
+async def scrape(port: int, requests: int, concurrency: int,
+                 paths: tuple[str, ...] = DEFAULT_PATHS) -> tuple[list[float], int, float]:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for i in range(requests):
-        queue.put_nowait("/metrics" if i % 2 == 0 else "/queue")
+        queue.put_nowait(paths[i % len(paths)])
     latencies: list[float] = []
     errors = 0
 
@@ -167,14 +180,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def _measure(port: int, pid: int, requests: int, concurrency: int, slow_clients: int,
-                   slow_interval_s: float) -> dict[str, Any]:
+                   slow_interval_s: float, paths: tuple[str, ...]) -> dict[str, Any]:
     slow = SlowClients(port, slow_clients, slow_interval_s)
     tasks = [asyncio.ensure_future(slow.one()) for _ in range(slow_clients)]
     try:
         await slow.started()
         held_before = slow.open
         threads_loaded = threads_of(pid)
-        latencies, errors, elapsed = await scrape(port, requests, concurrency)
+        latencies, errors, elapsed = await scrape(port, requests, concurrency, paths)
         held_after = slow.open
         # Then how long the server lets a trickling client hold a connection.
         deadline = time.monotonic() + 30
@@ -187,6 +200,7 @@ async def _measure(port: int, pid: int, requests: int, concurrency: int, slow_cl
             task.cancel()
     return {
         "requests": requests, "concurrency": concurrency, "slow_clients": slow_clients,
+        "paths": list(paths),
         "slow_interval_s": slow_interval_s,
         "p50_ms": round(statistics.median(latencies), 2),
         "p90_ms": round(percentile(latencies, 90), 2),
@@ -204,7 +218,7 @@ async def _measure(port: int, pid: int, requests: int, concurrency: int, slow_cl
 
 def measure(requests: int = 2000, concurrency: int = 50, slow_clients: int = 200, *,
             ledger_dir: Path | None = None, slow_interval_s: float = 5.0,
-            max_seconds: float = 120.0) -> dict[str, Any]:
+            max_seconds: float = 120.0, paths: tuple[str, ...] = DEFAULT_PATHS) -> dict[str, Any]:
     """Run the load once against a fresh server; return the figures (see the module doc)."""
     with tempfile.TemporaryDirectory(prefix="retest-status-load-") as scratch:
         workdir = Path(ledger_dir or scratch)
@@ -213,7 +227,7 @@ def measure(requests: int = 2000, concurrency: int = 50, slow_clients: int = 200
         proc, port, stderr_path = start_server(ledger, workdir)
         try:
             figures = asyncio.run(asyncio.wait_for(
-                _measure(port, proc.pid, requests, concurrency, slow_clients, slow_interval_s),
+                _measure(port, proc.pid, requests, concurrency, slow_clients, slow_interval_s, paths),
                 max_seconds))
         finally:
             stop_server(proc)
@@ -230,14 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slow", type=int, default=200)
     parser.add_argument("--slow-interval", type=float, default=5.0)
     parser.add_argument("--max-seconds", type=float, default=120.0)
+    parser.add_argument("--paths", default=",".join(DEFAULT_PATHS),
+                        help="the GETs of the mix, comma-separated, in turn (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.requests, args.concurrency, args.slow, args.slow_interval = 200, 20, 20, 1.0
+    paths = tuple(p for p in args.paths.split(",") if p)
     figures = measure(args.requests, args.concurrency, args.slow, slow_interval_s=args.slow_interval,
-                      max_seconds=args.max_seconds)
+                      max_seconds=args.max_seconds, paths=paths)
     print(json.dumps(figures, sort_keys=True))
     met = figures["errors"] == 0 and figures["p99_ms"] < GOAL_P99_MS
-    print(f"| {figures['requests']} GETs, {figures['concurrency']} clients, "
+    print(f"| {' '.join(paths)} | {figures['requests']} GETs, {figures['concurrency']} clients, "
           f"{figures['slow_clients']} slow | p50 {figures['p50_ms']} ms | p99 {figures['p99_ms']} ms "
           f"| max {figures['max_ms']} ms | {figures['requests_per_s']} req/s | errors "
           f"{figures['errors']} | slow held {figures['slow_still_open_at_end']}/"

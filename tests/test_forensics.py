@@ -317,3 +317,16 @@ def test_a_suite_that_oversubscribes_itself_is_not_starved(tmp_path: Path) -> No
     assert p.tree_cores > 0.5, p.text()  # the tree kept the machine busy
     if p.foreign_share < 0.25:  # a quiet machine (other tests of a parallel run may load it)
         assert verdict.rule == "timeout.deadline", verdict.reason
+
+
+def test_the_gate_keeps_the_rules_evidence(tmp_path: Path) -> None:
+    """A requeued or held timeout still says its verdict rests on the runner's facts."""
+    from gitrepo import make_repo, sleeping_test
+    from retest.merge_gate import GateMetrics, retest_branch
+
+    repo = make_repo(tmp_path)
+    repo.branch("slow", {"tests/test_slow.py": sleeping_test(60)})
+    decision = retest_branch(repo.path, "slow", env=repo.env, metrics=GateMetrics(), task_id="EV-1",
+                             timeout=2)
+    assert (decision.verdict, decision.action) == ("timeout", "requeue")
+    assert decision.evidence["verdict_evidence"] == "runner"

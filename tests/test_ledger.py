@@ -158,7 +158,7 @@ def test_default_path_follows_xdg_state_home(tmp_path: Path) -> None:
 
 
 def test_a_new_ledger_is_at_the_current_schema_version(ledger: LedgerBackend) -> None:
-    assert ledger.schema_version() == SCHEMA_VERSION == 3
+    assert ledger.schema_version() == SCHEMA_VERSION == 4
 
 
 def test_a_ledger_from_a_newer_retest_is_refused(ledger_place: LedgerPlace) -> None:
@@ -267,3 +267,29 @@ def test_a_url_that_is_not_postgresql_falls_back_to_sqlite_without_echoing_it(
            "RETEST_LEDGER_PATH": str(tmp_path / "l.sqlite3")}
     assert open_ledger(env).backend == "sqlite"
     assert "hunter2" not in caplog.text
+
+
+def test_timelines_are_kept_beside_their_decision_bounded_in_number(ledger: LedgerBackend) -> None:
+    """Issue 16.3: the newest ``timelines_kept`` timelines stay, masked, found by decision id."""
+    from retest import redact
+
+    secret = "s3cr3t-value-of-the-suite"
+    ids = []
+    with redact.FILTER.covering(frozenset({secret})):
+        for i in range(4):
+            ids.append(ledger.record_decision(
+                {"action": "merge", "verdict": "passed", "branch": f"b{i}"}, {"decisions": 1},
+                timeline={"version": 1, "tests": [{"nodeid": f"t.py::test_{i}[{secret}]"}]},
+                timelines_kept=2))
+    assert ids == sorted(ids) and len(set(ids)) == 4
+    assert [d["id"] for d in ledger.recent_decisions(10)] == ids[::-1]
+    kept = [ledger.decision(i) for i in ids]
+    assert all(found is not None for found in kept)
+    assert [found[1] is not None for found in kept if found is not None] == [False, False, True, True]
+    doc, timeline = ledger.decision(ids[-1])  # type: ignore[misc]
+    assert doc["branch"] == "b3" and doc["id"] == ids[-1]
+    assert timeline == {"version": 1, "tests": [{"nodeid": "t.py::test_3[***]"}]}
+    assert ledger.decision(ids[-1] + 1000) is None
+    ledger.record_decision({"action": "merge"}, {"decisions": 1}, timeline={"version": 1}, timelines_kept=0)
+    assert ledger.recent_decisions(1)[0]["id"] > ids[-1]
+    assert ledger.decision(ledger.recent_decisions(1)[0]["id"])[1] is None  # type: ignore[index]

@@ -331,3 +331,28 @@ def test_to_dict_carries_the_tests(tmp_path: Path, backend: str) -> None:
     doc = json.loads(json.dumps(result.to_dict()))
     assert doc["tests"]["failures"][0]["nodeid"] == "test_a.py::test_locked"
     assert doc["tests"]["counts"] == {"failed": 1, "passed": 1}
+
+
+def test_intervals_record_each_finished_test_bounded_and_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: when each test ran, on which worker, and how it ended; the last N only."""
+    from retest import probe as probe_module
+
+    events = [{"ev": "session_start", "t": 100.0}]
+    for i in range(5):
+        worker = f"gw{i % 2}"
+        events += [{"ev": "test_start", "t": 100.0 + i, "worker": worker, "nodeid": f"t.py::test_{i}"},
+                   {"ev": "report", "t": 100.5 + i, "worker": worker, "nodeid": f"t.py::test_{i}",
+                    "when": "call", "outcome": "failed" if i == 3 else "passed", "duration": 0.4},
+                   {"ev": "report", "t": 100.6 + i, "worker": worker, "nodeid": f"t.py::test_{i}",
+                    "when": "teardown", "outcome": "passed"}]
+    events.append({"ev": "test_start", "t": 106.0, "worker": "gw1", "nodeid": "t.py::test_hangs"})
+    monkeypatch.setattr(probe_module, "INTERVALS_MAX", 3)
+    report = probe_module.ProbeReport.from_events(events, ended_at=110.0)
+    assert [(i.nodeid, i.worker, i.started_at, i.duration_s, i.outcome) for i in report.intervals] == [
+        ("t.py::test_2", "gw0", 102.0, 0.5, "passed"), ("t.py::test_3", "gw1", 103.0, 0.5, "failed"),
+        ("t.py::test_4", "gw0", 104.0, 0.5, "passed")]
+    assert report.intervals_dropped == 2 and report.ended_at == 110.0
+    assert [r.nodeid for r in report.running] == ["t.py::test_hangs"]
+    masked = report.redacted(lambda text: text.replace("test_3", "***"))
+    assert masked.intervals[1].nodeid == "t.py::***"
+    assert "intervals" not in report.to_dict()  # the decision's evidence is unchanged

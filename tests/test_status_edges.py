@@ -130,6 +130,11 @@ def test_metrics_is_503_when_the_ledger_cannot_be_read(tmp_path: Path) -> None:
         answer, _ = exchange(address, b"GET /queue HTTP/1.1\r\nHost: x\r\n\r\n")
         assert answer.startswith(b"HTTP/1.1 503 ")
         assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["merge_gate"]["error"] == "ledger unavailable"
+        # The pages (issue 16) say so too, never an empty queue with a 200.
+        answer, _ = exchange(address, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"The ledger cannot be read" in answer
+        answer, _ = exchange(address, b"GET /decision/1.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503 ")
 
 
 class CountingLedger(Ledger):

@@ -103,10 +103,15 @@ def test_serve_shows_what_gate_processes_decided(repo: Repo, tmp_path: Path) -> 
             assert code == 405, method
             assert headers["Allow"] == "GET, HEAD"
 
-        for path in ("/nope", "/", "/queue/x", "/../etc/passwd"):
+        for path in ("/nope", "/queue/x", "/../etc/passwd", "/decisions"):
             code, _, body = fetch(base + path)
             assert code == 404, path
             assert SECRET.encode() not in body
+
+        # The pages (issue 16) mask what they show as /queue does.
+        code, headers, body = fetch(base + "/")
+        assert code == 200 and headers["Content-Type"].startswith("text/html")
+        assert SECRET.encode() not in body
 
         code, _, _ = fetch(base + "/queue?x=1")
         assert code == 200

@@ -390,8 +390,11 @@ def _port(text: str) -> int:
 def _add_serve_parser(sub: "argparse._SubParsersAction[_Parser]") -> None:
     p = sub.add_parser(
         "serve",
-        help="serve the read-only merge-gate status: GET /queue (JSON), GET /metrics (Prometheus)",
-        description="Serve GET /queue and GET /metrics from the shared ledger until SIGTERM/SIGINT.",
+        help="serve the read-only merge-gate status: GET / and /decision/ID (pages), GET /queue "
+             "(JSON), GET /metrics (Prometheus)",
+        description="Serve the queue page (GET /), each decision's page with its timeline "
+                    "(GET /decision/ID, .json for JSON), GET /queue and GET /metrics from the "
+                    "shared ledger until SIGTERM/SIGINT.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8765, help="port (default: 8765; 0: any free port)")
@@ -419,7 +422,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     bound = server.server_address
     host = bound[0] if isinstance(bound[0], str) else bound[0].decode()
     port = int(bound[1])
-    print(f"retest serve: listening on http://{host}:{port} (GET /queue, GET /metrics)",
+    print(f"retest serve: listening on http://{host}:{port} (GET / for people, GET /queue, GET /metrics)",
           file=sys.stderr, flush=True)
     if args.port_file:
         tmp = f"{args.port_file}.tmp.{os.getpid()}"

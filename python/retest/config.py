@@ -108,6 +108,10 @@ DEFAULT_IDLE_CORES = 0.05
 DEFAULT_HUNG_RUNNING_SHARE = 0.8
 DEFAULT_DIAGNOSE_S = 2.0
 
+#: The run timelines the ledger keeps for ``retest serve``'s pages (issue 16).
+DEFAULT_TIMELINE_MAX_BYTES = 256 * 1024
+DEFAULT_TIMELINES_KEPT = 200
+
 
 # --------------------------------------------------------------------------- the declarations
 
@@ -339,6 +343,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MERGE_GATE_RECENT_DECISIONS", "int", DEFAULT_RECENT_DECISIONS,
             "Decisions listed in the \"recent\" part of GET /queue (the ledger keeps 1000).",
             "merge gate", 1, 1000),
+    Setting("RETEST_TIMELINE_MAX_BYTES", "int", DEFAULT_TIMELINE_MAX_BYTES,
+            "Largest run timeline (tests per worker, pressure, kill stages, stacks; JSON bytes) "
+            "kept in the ledger per decision for retest serve's pages; larger ones are cut down "
+            "(passing tests first, then stack text) and say so.", "merge gate", 4096, 16 * MiB),
+    Setting("RETEST_TIMELINES_KEPT", "int", DEFAULT_TIMELINES_KEPT,
+            "Run timelines kept in the ledger (the newest); 0: none recorded.",
+            "merge gate", 0, 1000),
     Setting("RETEST_LEDGER_PATH", "path", None,
             "The ledger (retry budgets, alerts, decisions); shared by every gate, so absolute.",
             "merge gate", default_text="$XDG_STATE_HOME/retest/ledger.sqlite3 (~/.local/state/...)"),
@@ -711,3 +722,21 @@ class ForensicsSettings:
                    idle_cores=read("RETEST_IDLE_CORES", environ),
                    hung_running_share=read("RETEST_HUNG_RUNNING_SHARE", environ),
                    diagnose_s=read("RETEST_DIAGNOSE_S", environ))
+
+
+# --------------------------------------------------------------------------- run timelines (issue 16)
+
+
+@dataclass(frozen=True)
+class TimelineSettings:
+    """How much of each run's timeline the ledger keeps (``retest.timeline``)."""
+
+    #: JSON bytes of one decision's timeline at most (``timeline.bounded``).
+    max_bytes: int = DEFAULT_TIMELINE_MAX_BYTES
+    #: Timelines kept, the newest; 0: none recorded.
+    kept: int = DEFAULT_TIMELINES_KEPT
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "TimelineSettings":
+        return cls(max_bytes=read("RETEST_TIMELINE_MAX_BYTES", environ),
+                   kept=read("RETEST_TIMELINES_KEPT", environ))

@@ -17,14 +17,14 @@ import threading
 from typing import Callable, Mapping, Optional, TypeVar
 
 from . import config
-from .ledger_base import (DECISIONS_KEPT, DURATIONS_KEPT, SCHEMA_VERSION, InfraAttempt, LedgerBackend,
-                          LedgerBusy, LedgerError, Tx, host_identity)
+from .ledger_base import (DECISIONS_KEPT, DURATIONS_KEPT, SCHEMA_VERSION, TIMELINES_KEPT, InfraAttempt,
+                          LedgerBackend, LedgerBusy, LedgerError, Tx, host_identity)
 from .ledger_sqlite import SqliteLedger
 
 log = logging.getLogger("retest.ledger")
 
 __all__ = ["Ledger", "LedgerBackend", "SqliteLedger", "LedgerError", "LedgerBusy", "InfraAttempt",
-           "SCHEMA_VERSION", "DECISIONS_KEPT", "DURATIONS_KEPT", "open_ledger", "host_identity",
+           "SCHEMA_VERSION", "DECISIONS_KEPT", "DURATIONS_KEPT", "TIMELINES_KEPT", "open_ledger", "host_identity",
            "BACKENDS", "UnavailableLedger"]
 
 #: The backend names ``open_ledger`` can return (``LedgerBackend.backend``).

@@ -32,20 +32,22 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, TypeVar
 
-from . import redact
+from . import config, redact
 
 log = logging.getLogger("retest.ledger")
 
 __all__ = ["LedgerBackend", "LedgerError", "LedgerBusy", "InfraAttempt", "SCHEMA_VERSION",
-           "DECISIONS_KEPT", "DURATIONS_KEPT", "host_identity"]
+           "DECISIONS_KEPT", "DURATIONS_KEPT", "TIMELINES_KEPT", "host_identity"]
 
 #: The schema this package writes; each backend migrates older ledgers up to it (``meta``).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 #: Decisions kept for ``recent_decisions()``; the totals live in ``counters`` and never shrink.
 DECISIONS_KEPT = 1000
 #: Duration rows kept for ``durations()``.
 DURATIONS_KEPT = 10000
+#: Run timelines kept (``RETEST_TIMELINES_KEPT``'s default): the newest, for ``retest serve``.
+TIMELINES_KEPT = config.DEFAULT_TIMELINES_KEPT
 #: Write tokens kept (seconds): far longer than any retry of the write they protect.
 OPS_KEPT_S = 86400.0
 
@@ -151,6 +153,15 @@ def migrate(tx: Tx, migrations: Mapping[int, Sequence[str]], where: str) -> int:
         if found:
             log.warning("ledger %s: schema migrated from version %d to %d", where, found, SCHEMA_VERSION)
     return found
+
+
+def _load(text: str) -> Optional[dict[str, Any]]:
+    """A stored JSON object, or ``None`` for a row that is not one."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 class LedgerBackend(ABC):
@@ -336,21 +347,37 @@ class LedgerBackend(ABC):
     # ----------------------------------------------------------------- decisions, totals, durations
 
     def record_decision(self, doc: Mapping[str, Any], counter_increments: Mapping[str, int],
-                        keep: int = DECISIONS_KEPT) -> None:
-        """Append a decision, add to the totals and to the duration history, in one transaction.
+                        keep: int = DECISIONS_KEPT, *, timeline: Optional[Mapping[str, Any]] = None,
+                        timelines_kept: int = TIMELINES_KEPT) -> int:
+        """Append a decision, add to the totals and to the duration history, in one transaction;
+        return the decision's id (``decision(id)``).
 
         The decision is stored with its untrusted fields masked (branch, task id, reason...,
         ``redact.redact_decision``), whoever records it: ``retest serve`` shows these rows.
+        ``timeline`` (``retest.timeline``, already bounded in size) is stored beside it, every
+        string masked (test ids, stacks, command lines are the suite's), and only the newest
+        ``timelines_kept`` are kept (0: none is stored).
         """
-        stored = redact.redact_decision(doc, redact.FILTER.secrets())
+        secrets = redact.FILTER.secrets()
+        stored = redact.redact_decision(doc, secrets)
         text = json.dumps(stored, sort_keys=True, default=str)
+        timeline_text = json.dumps(redact.redact_obj(dict(timeline), secrets), sort_keys=True,
+                                   default=str) if timeline is not None and timelines_kept > 0 else None
         raw_evidence = stored.get("evidence")
         evidence: dict[str, Any] = raw_evidence if isinstance(raw_evidence, dict) else {}
         suite_s = evidence.get("run_duration_s")
 
-        def body(tx: Tx) -> None:
+        def body(tx: Tx) -> int:
             now = tx.now()
-            tx.execute("INSERT INTO decisions (at, doc) VALUES (?, ?)", (now, text))
+            row = tx.execute("INSERT INTO decisions (at, doc) VALUES (?, ?) RETURNING id",
+                             (now, text)).fetchone()
+            assert row is not None
+            decision_id = int(row[0])
+            if timeline_text is not None:
+                tx.execute("INSERT INTO timelines (decision_id, at, doc) VALUES (?, ?, ?)",
+                           (decision_id, now, timeline_text))
+                tx.execute("DELETE FROM timelines WHERE decision_id NOT IN (SELECT decision_id "
+                           "FROM timelines ORDER BY decision_id DESC LIMIT ?)", (timelines_kept,))
             for name, delta in counter_increments.items():
                 if delta:
                     tx.execute("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) "
@@ -369,24 +396,40 @@ class LedgerBackend(ABC):
                            (DURATIONS_KEPT,))
             if self._idempotent_writes:
                 tx.execute("DELETE FROM ops WHERE at < ?", (now - OPS_KEPT_S,))
-        self._write(body)
+            return decision_id
+        return self._write(body, int)
 
     def totals(self) -> dict[str, int]:
         rows = self._run(lambda tx: tx.execute("SELECT name, value FROM counters").fetchall(), write=False)
         return {str(name): int(value) for name, value in rows}
 
     def recent_decisions(self, limit: int) -> list[dict[str, Any]]:
-        """The last ``limit`` decisions, newest first."""
+        """The last ``limit`` decisions, newest first, each with its ``id``."""
         rows = self._run(lambda tx: tx.execute(
-            "SELECT doc FROM decisions ORDER BY id DESC LIMIT ?", (max(limit, 0),)).fetchall(),
+            "SELECT id, doc FROM decisions ORDER BY id DESC LIMIT ?", (max(limit, 0),)).fetchall(),
             write=False)
         out: list[dict[str, Any]] = []
-        for (doc,) in rows:
-            try:
-                out.append(json.loads(doc))
-            except ValueError:
-                continue
+        for decision_id, doc in rows:
+            loaded = _load(doc)
+            if loaded is not None:
+                out.append(dict(loaded, id=int(decision_id)))
         return out
+
+    def decision(self, decision_id: int) -> Optional[tuple[dict[str, Any], Optional[dict[str, Any]]]]:
+        """``(decision, timeline)`` of one recorded decision (timeline ``None`` when none was
+        kept), or ``None`` when the ledger has no such decision (any more)."""
+        def body(tx: Tx) -> tuple[Any, Any]:
+            row = tx.execute("SELECT doc FROM decisions WHERE id = ?", (decision_id,)).fetchone()
+            if row is None:
+                return None, None
+            kept = tx.execute("SELECT doc FROM timelines WHERE decision_id = ?",
+                              (decision_id,)).fetchone()
+            return row[0], kept[0] if kept is not None else None
+        doc, timeline = self._run(body, write=False)
+        loaded = _load(doc) if doc is not None else None
+        if loaded is None:
+            return None
+        return dict(loaded, id=decision_id), _load(timeline) if timeline is not None else None
 
     def durations(self, task: Optional[str] = None, limit: int = 100) -> list[dict[str, Any]]:
         """Gate and suite wall times of the last ``limit`` decisions (one task's, or all), newest first."""

@@ -77,6 +77,10 @@ MIGRATIONS: Mapping[int, Sequence[str]] = {
         "ALTER TABLE durations ADD COLUMN IF NOT EXISTS suite_key TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX IF NOT EXISTS durations_suite ON durations (suite_key, id)",
     ),
+    4: (
+        "CREATE TABLE IF NOT EXISTS timelines (decision_id BIGINT PRIMARY KEY, "
+        "at DOUBLE PRECISION NOT NULL, doc TEXT NOT NULL)",
+    ),
 }
 
 #: SQLSTATE classes that mean "the connection or the server went away, try again":

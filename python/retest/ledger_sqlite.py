@@ -26,7 +26,7 @@ T = TypeVar("T")
 #: Schema history. Version 1 is the ledger of retest 0.1 (created with IF NOT EXISTS, so a
 #: ledger written before ``meta`` existed is adopted as it is); 2 adds the claimant's host and
 #: lease (claims taken over across hosts), write tokens and the duration history; 3 keys
-#: durations by (repository, suite command).
+#: durations by (repository, suite command); 4 keeps each run's timeline (issue 16).
 MIGRATIONS: Mapping[int, Sequence[str]] = {
     1: (
         "CREATE TABLE IF NOT EXISTS runs (task TEXT NOT NULL, sha TEXT NOT NULL, "
@@ -58,6 +58,12 @@ MIGRATIONS: Mapping[int, Sequence[str]] = {
     3: (
         "ALTER TABLE durations ADD COLUMN suite_key TEXT NOT NULL DEFAULT ''",
         "CREATE INDEX IF NOT EXISTS durations_suite ON durations (suite_key, id)",
+    ),
+    # 4 (issue 16): each run's timeline, for retest serve's decision pages (bounded in size
+    # by RETEST_TIMELINE_MAX_BYTES, in number by RETEST_TIMELINES_KEPT).
+    4: (
+        "CREATE TABLE IF NOT EXISTS timelines (decision_id INTEGER PRIMARY KEY, "
+        "at REAL NOT NULL, doc TEXT NOT NULL)",
     ),
 }
 

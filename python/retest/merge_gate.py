@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
-from . import config, gitops, layout, lockholder, proc_group, redact
+from . import config, gitops, layout, lockholder, proc_group, redact, timeline
 from .ledger import LedgerBackend, LedgerBusy, LedgerError, open_ledger
 
 log = logging.getLogger(__name__)
@@ -464,6 +464,8 @@ class _GateRun:
     #: Stands in for the sha when none was resolved (bad repository, unknown branch):
     #: ``unknown:<digest of rule and reason>``, so different failures alert separately.
     failure_key: Optional[str] = None
+    #: The suite's run as ``retest serve``'s decision page draws it (``retest.timeline``).
+    timeline: Optional[dict[str, Any]] = None
 
     @property
     def key_sha(self) -> str:
@@ -707,6 +709,9 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
         backend=None if settings.tree_kill_enabled else "subprocess",
         probe=settings.probe_enabled, probe_packages=packages), run.secrets)
     run.evidence.update(_run_evidence(result, timeout_s))
+    run.timeline = timeline.from_result(
+        result, grace_s=settings.grace_s,
+        max_bytes=config.TimelineSettings.from_env(run.base_env).max_bytes)
     report = result.probe
     proof = layout.prove(worktree, roots, packages, report.imports if report else None,
                          report.rootdir if report else None)
@@ -790,8 +795,7 @@ def _git_verdict(err: gitops.GitError, settings: config.GateSettings) -> proc_gr
     if err.result is not None:
         verdict = proc_group.classify(err.result)
         if verdict.kind in INFRA_VERDICTS:
-            verdict = proc_group.Verdict(verdict.kind, verdict.rule,
-                                         f"{err} [{verdict.reason}]", True)
+            verdict = dataclasses.replace(verdict, reason=f"{err} [{verdict.reason}]", infra=True)
             return _maybe_red(verdict, settings.classify_enabled)
     return _maybe_red(proc_group.Verdict("other", "other.git-error", str(err), False),
                       settings.classify_enabled)
@@ -859,7 +863,8 @@ def _run_evidence(result: proc_group.RunResult, timeout_s: float) -> dict[str, A
         "tests": result.probe.evidence() if result.probe is not None else None,
         "oom": result.oom.to_dict() if result.oom is not None else None,
         # Issue 11: how loaded the machine was (PSI, the tree's CPU share, foreign hogs).
-        "pressure": result.pressure.to_dict() if result.pressure is not None else None,
+        # the timeline's samples go to the decision's timeline (run.timeline), not its evidence
+        "pressure": _without_samples(result.pressure.to_dict()) if result.pressure is not None else None,
         "output_tail": _tail(result.stdout, EVIDENCE_TAIL_CHARS)
         + ("\n[stderr]\n" + _tail(result.stderr, EVIDENCE_TAIL_CHARS // 2) if result.stderr else ""),
     }
@@ -971,15 +976,12 @@ def _handle_merge_gate_infra_retry(
     budget = f"infra retry {recorded.attempt} of {settings.infra_retry_max}"
     if not recorded.exhausted:
         delay = _backoff_s(settings, recorded.attempt)
-        requeued = proc_group.Verdict(verdict.kind, verdict.rule,
-                                      f"{verdict.reason} ({budget}; next in {delay:g}s)", verdict.infra)
+        requeued = dataclasses.replace(verdict, reason=f"{verdict.reason} ({budget}; next in {delay:g}s)")
         return _decision(run, requeued, "requeue", STAGE_DEPLOY_STAGING, infra_attempt=recorded.attempt,
                          next_attempt_at=time.time() + delay, processes_killed=processes_killed)
-    held = proc_group.Verdict(
-        verdict.kind, verdict.rule,
-        f"{verdict.reason} (infra retries spent: {min(recorded.attempt - 1, settings.infra_retry_max)} of {settings.infra_retry_max}; held)",
-        verdict.infra,
-    )
+    spent = min(recorded.attempt - 1, settings.infra_retry_max)
+    held = dataclasses.replace(  # the rule's evidence (runner, events, output) is kept
+        verdict, reason=f"{verdict.reason} (infra retries spent: {spent} of {settings.infra_retry_max}; held)")
     decision = _decision(run, held, "hold", STAGE_DEPLOY_STAGING, infra_attempt=recorded.attempt,
                          processes_killed=processes_killed)
     if recorded.alert_claimed:
@@ -1049,8 +1051,8 @@ def _alert_payload(decision: GateDecision, once: bool) -> dict[str, Any]:
         # The kernel's OOM-kill evidence (victim, counter): the host ran out, not the branch.
         "oom": decision.evidence.get("oom"),
         # Issue 11: the machine's load during the run, the evidence of timeout.starved (its
-        # timeline of samples stays in the ledger's decision: an alert is read, not plotted).
-        "pressure": _without_samples(decision.evidence.get("pressure")),
+        # samples are in the decision's timeline, for retest serve: an alert is read, not plotted).
+        "pressure": decision.evidence.get("pressure"),
     }, redact.FILTER.secrets())
 
 
@@ -1148,7 +1150,9 @@ def _record(run: Optional[_GateRun], decision: GateDecision) -> None:
             return
         run.metrics.record(decision)
         try:
-            run.ledger.record_decision(_summary(decision), counter_increments(decision))
+            run.ledger.record_decision(
+                _summary(decision), counter_increments(decision), timeline=run.timeline,
+                timelines_kept=config.TimelineSettings.from_env(run.base_env).kept)
         except LedgerError as err:
             log.warning("merge gate: decision not recorded in the ledger: %s", err)
     except Exception:

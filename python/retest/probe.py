@@ -23,6 +23,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -33,6 +34,7 @@ __all__ = [
     "ProbeReport",
     "TestFailure",
     "RunningTest",
+    "TestInterval",
     "Channel",
     "EventCallback",
     "is_pytest_argv",
@@ -51,6 +53,8 @@ ENV_MAX_BYTES = "RETEST_PROBE_MAX_BYTES"
 FAILURES_MAX = 300
 #: Running tests and collection errors kept.
 LIST_MAX = 100
+#: Finished tests whose interval a report keeps (the last ones: a timeout's story is at the end).
+INTERVALS_MAX = 2000
 
 #: Failures whose traceback head a decision's evidence keeps (all are named).
 EVIDENCE_TRACEBACKS = 5
@@ -273,6 +277,25 @@ class RunningTest:
 
 
 @dataclass(frozen=True)
+class TestInterval:
+    """When one test ran: from its start event to the report that ended it (issue 16)."""
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    nodeid: str
+    worker: Optional[str]
+    #: Wall-clock time (epoch seconds, the probe's clock) of the test's start event.
+    started_at: float
+    duration_s: float
+    #: The outcome of the report that ended it (``passed | failed | skipped | error``).
+    outcome: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"nodeid": self.nodeid, "worker": self.worker, "started_at": round(self.started_at, 6),
+                "duration_s": round(self.duration_s, 6), "outcome": self.outcome}
+
+
+@dataclass(frozen=True)
 class ProbeReport:
     """What the suite itself reported through the probe."""
 
@@ -311,6 +334,13 @@ class ProbeReport:
     #: Every pid that wrote an event (controller, xdist workers): the run's own processes,
     #: which an OOM kill's victim is matched against (``retest.oom``).
     pids: frozenset[int] = frozenset()
+    #: The last ``INTERVALS_MAX`` finished tests, in the order they finished (the timeline).
+    intervals: tuple[TestInterval, ...] = ()
+    #: Finished tests left out of ``intervals``.
+    intervals_dropped: int = 0
+    #: The time the report was summed up to (the deadline for a run that timed out): a
+    #: running test's start is ``ended_at - running_s``.
+    ended_at: Optional[float] = None
 
     def redacted(self, mask: Callable[[str], str]) -> "ProbeReport":
         """A copy with every string the suite wrote passed through ``mask`` (never the keys,
@@ -322,6 +352,7 @@ class ProbeReport:
             failures=tuple(f.redacted(mask) for f in self.failures),
             collection_errors=tuple(f.redacted(mask) for f in self.collection_errors),
             running=tuple(replace(r, nodeid=mask(r.nodeid)) for r in self.running),
+            intervals=tuple(replace(i, nodeid=mask(i.nodeid)) for i in self.intervals),
             imports={name: [mask(p) for p in places] for name, places in self.imports.items()},
             compiled={name: [mask(p) for p in files] for name, files in self.compiled.items()},
         )
@@ -408,6 +439,8 @@ class _Tally:
         self.workers: set[str] = set()
         self.pids: set[int] = set()
         self.events = 0
+        self.intervals: deque[TestInterval] = deque(maxlen=INTERVALS_MAX)
+        self.intervals_seen = 0
 
     def feed(self, events: Iterable[Mapping[str, Any]]) -> "_Tally":
         for event in events:
@@ -448,12 +481,22 @@ class _Tally:
         worker = e.get("worker")
         self.running[(worker, str(e["nodeid"]))] = float(e.get("t") or self.ended_at)
 
-    def _finish(self, worker: Optional[str], nodeid: str) -> None:
-        if self.running.pop((worker, nodeid), None) is None:
+    def _finish(self, worker: Optional[str], nodeid: str, e: Mapping[str, Any]) -> None:
+        started = self.running.pop((worker, nodeid), None)
+        if started is None:
             # A controller-side report can lack the worker its start named (or vice versa).
             for key in [k for k in self.running if k[1] == nodeid]:
-                del self.running[key]
+                started = self.running.pop(key)
+                worker = worker or key[0]
                 break
+        if started is None:
+            return
+        ended = e.get("t")
+        if not isinstance(ended, (int, float)) or isinstance(ended, bool):
+            ended = started + float(e.get("duration") or 0.0)
+        self.intervals_seen += 1
+        self.intervals.append(TestInterval(nodeid, worker, started, max(float(ended) - started, 0.0),
+                                           str(e.get("outcome"))))
 
     def _on_report(self, e: Mapping[str, Any]) -> None:
         nodeid, when, outcome = str(e["nodeid"]), str(e.get("when")), str(e.get("outcome"))
@@ -468,9 +511,9 @@ class _Tally:
             self.done += 1
         if (call or when == "setup") and outcome != "rerun" and not subtest:
             if call or outcome != "passed":
-                self._finish(worker, nodeid)
+                self._finish(worker, nodeid, e)
         if when == "teardown":
-            self._finish(worker, nodeid)
+            self._finish(worker, nodeid, e)
         if outcome not in _FAILED_OUTCOMES:
             return
         if outcome == "error":
@@ -524,7 +567,9 @@ class _Tally:
             error_count=self.error_count, collection_errors=tuple(self.collection_errors),
             running=tuple(running[:LIST_MAX]), imports=self.imports, compiled=self.compiled,
             workers=len(self.workers),
-            events=self.events, pids=frozenset(self.pids), **fields,
+            events=self.events, pids=frozenset(self.pids), intervals=tuple(self.intervals),
+            intervals_dropped=self.intervals_seen - len(self.intervals), ended_at=self.ended_at,
+            **fields,
         )
 
     def _own_counts(self) -> dict[str, int]:

@@ -2,6 +2,10 @@
 
 * ``GET /queue``   -> ``{"merge_gate": queue_block()}`` as JSON.
 * ``GET /metrics`` -> the counters in the Prometheus text format (``retest_merge_gate_*_total``).
+* ``GET /``        -> the queue as a page for a person (``retest.pages``), ``?verdict=V`` to
+  filter; ``GET /decision/<id>`` one decision's page with its timeline, ``.json`` the same
+  data as JSON; 400 for a malformed id or filter, 404 for an id the ledger does not have.
+  Pages carry a strict ``Content-Security-Policy`` (no script, nothing external).
 * ``HEAD`` of either: the same status and headers, no body. Any other method: 405 with
   ``Allow: GET, HEAD``. Any other path: 404. The ledger cannot be read: 503 (never zeros a
   scraper would read as a counter reset).
@@ -39,15 +43,17 @@ import asyncio
 import concurrent.futures
 import json
 import logging
+import re
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Awaitable, Callable, Optional
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
-from . import config, merge_gate, redact
+from . import config, merge_gate, pages, redact
 from .ledger import LedgerBackend, LedgerError, open_ledger
 
 log = logging.getLogger(__name__)
@@ -84,6 +90,13 @@ _METRICS: tuple[tuple[str, str, str], ...] = (
     ("alerts", "alerts", "Alerts sent."),
     ("processes_killed", "processes_killed", "Processes of re-test trees killed at the deadline or swept."),
 )
+
+#: Decisions the queue page reads (then filters by verdict).
+PAGE_DECISIONS = 200
+_DECISION_PATH = re.compile(r"/decision/([0-9]{1,18})(\.json)?")
+#: Headers of every page: nothing but the page itself may load or run (pages.CSP).
+_PAGE_HEADERS = (("Content-Security-Policy", pages.CSP), ("X-Frame-Options", "DENY"),
+                 ("Referrer-Policy", "no-referrer"))
 
 JSON = "application/json"
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -125,6 +138,21 @@ def _error(status: HTTPStatus, **extra: str) -> Response:
     return Response(status, body, JSON, tuple(extra.items()))
 
 
+def _page_error(status: HTTPStatus, detail: str, as_json: bool) -> Response:
+    """An error of a page route: JSON for ``.json``, else a small page (with the CSP)."""
+    if as_json:
+        body = json.dumps({"error": status.phrase.lower(), "detail": detail}).encode() + b"\n"
+        return Response(status, body, JSON, _PAGE_HEADERS)
+    return Response(status, pages.error_page(status.value, status.phrase, detail).encode(),
+                    pages.HTML_TYPE, _PAGE_HEADERS)
+
+
+def _constant(response: Response) -> Callable[[], Awaitable[Response]]:
+    async def route() -> Response:
+        return response
+    return route
+
+
 class _Refused(Exception):
     """The request head is refused with ``response`` (the connection then closes)."""
 
@@ -138,6 +166,7 @@ class Request:
     method: str
     path: str
     version: str
+    query: str = ""
 
 
 def parse_head(head: bytes) -> Request:
@@ -174,7 +203,8 @@ def parse_head(head: bytes) -> Request:
     length = fields.get("content-length", "0") or "0"
     if "transfer-encoding" in fields or not length.isdigit() or int(length) != 0:
         raise _Refused(Response(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, b'{"error": "no body allowed"}\n'))
-    return Request(method, urlsplit(target).path, version)
+    parts_of_target = urlsplit(target)
+    return Request(method, parts_of_target.path, version, parts_of_target.query)
 
 
 def _encode(response: Response, with_body: bool) -> bytes:
@@ -237,10 +267,10 @@ class StatusServer:
     def _settings(self) -> config.GateSettings:
         return self.settings or config.GateSettings.from_env()
 
-    def _read_block(self) -> dict[str, Any]:
+    def _read_block(self, recent: Optional[int] = None) -> dict[str, Any]:
         # Gates mask secrets before they record a decision; masking this server's own again
         # covers ledgers written by older versions. Only the decisions' untrusted fields.
-        block = merge_gate.queue_block(ledger=self.ledger, settings=self._settings())
+        block = merge_gate.queue_block(ledger=self.ledger, settings=self._settings(), recent=recent)
         if "recent" in block:
             secrets = redact.FILTER.secrets()
             block["recent"] = [redact.redact_decision(doc, secrets) for doc in block["recent"]]
@@ -271,6 +301,60 @@ class StatusServer:
                             b"# the ledger cannot be read: no counters (not zeros)\n", METRICS_TYPE)
         return Response(HTTPStatus.OK, render_metrics(block).encode(), METRICS_TYPE)
 
+    def _index_response(self, verdict: Optional[str]) -> Response:
+        block = self._read_block(PAGE_DECISIONS)
+        body = pages.index(block, verdict=verdict, now=time.time()).encode()
+        status = HTTPStatus.SERVICE_UNAVAILABLE if "error" in block else HTTPStatus.OK
+        return Response(status, body, pages.HTML_TYPE, _PAGE_HEADERS)
+
+    def _decision_response(self, decision_id: int, as_json: bool) -> Response:
+        try:
+            found = self.ledger.decision(decision_id) if self.ledger is not None else None
+        except LedgerError as err:
+            log.warning("retest serve: decision %d: the ledger cannot be read: %s", decision_id, err)
+            return _page_error(HTTPStatus.SERVICE_UNAVAILABLE, "the ledger cannot be read", as_json)
+        if found is None:
+            return _page_error(HTTPStatus.NOT_FOUND, f"no decision {decision_id} in the ledger "
+                               "(never recorded, or older than it keeps)", as_json)
+        secrets = redact.FILTER.secrets()
+        doc = redact.redact_decision(found[0], secrets)
+        timeline = redact.redact_obj(found[1], secrets) if found[1] is not None else None
+        if as_json:
+            body = json.dumps({"decision": doc, "timeline": timeline}, sort_keys=True,
+                              default=str).encode() + b"\n"
+            return Response(HTTPStatus.OK, body, JSON, _PAGE_HEADERS)
+        return Response(HTTPStatus.OK, pages.decision(doc, timeline).encode(), pages.HTML_TYPE,
+                        _PAGE_HEADERS)
+
+    def _page_route(self, request: Request) -> Optional[Callable[[], Awaitable[Response]]]:
+        """The page ``request`` asks for (``/``, ``/decision/<id>[.json]``), or None."""
+        if request.path == "/":
+            query = parse_qs(request.query, keep_blank_values=True)
+            verdict = (query.pop("verdict", [""]) or [""])[-1] or None
+            if query or (verdict is not None and verdict not in pages.VERDICT_FILTERS):
+                return _constant(_page_error(HTTPStatus.BAD_REQUEST, "the only filter is verdict="
+                                             + "|".join(pages.VERDICT_FILTERS), False))
+
+            async def index() -> Response:
+                response: Response = await self._flights.get(
+                    f"index:{verdict}", lambda: self._index_response(verdict))
+                return response
+            return index
+        if not request.path.startswith("/decision/"):
+            return None
+        match = _DECISION_PATH.fullmatch(request.path)
+        as_json = request.path.endswith(".json")
+        if match is None:
+            return _constant(_page_error(HTTPStatus.BAD_REQUEST, "a decision id is a number: "
+                                         "/decision/<id> or /decision/<id>.json", as_json))
+        decision_id = int(match.group(1))
+
+        async def one() -> Response:
+            response: Response = await self._flights.get(
+                f"decision:{decision_id}:{as_json}", lambda: self._decision_response(decision_id, as_json))
+            return response
+        return one
+
     # Read, render and encode in a ledger thread, once per flight: the event loop only writes.
     async def _queue(self) -> Response:
         response: Response = await self._flights.get("queue", self._queue_response)
@@ -295,7 +379,7 @@ class StatusServer:
             request = parse_head(head)
         except _Refused as refused:
             return refused.response, True
-        route = self.routes.get(request.path)
+        route = self.routes.get(request.path) or self._page_route(request)
         if route is None:
             return _error(HTTPStatus.NOT_FOUND), request.method != "HEAD"
         try:
