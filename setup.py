@@ -55,7 +55,7 @@ SHEPHERD_SOURCES = ["ext/shepherd.c", "ext/cgroup.c"]
 NOLIBC_SOURCES = [*SHEPHERD_SOURCES, "ext/nolibc.c"]
 NOLIBC_FLAGS = ["-ffreestanding", "-fno-builtin", "-fno-tree-loop-distribute-patterns",
                 "-fno-stack-protector", "-fno-pie", "-no-pie", "-fno-asynchronous-unwind-tables",
-                "-U_FORTIFY_SOURCE", "-static", "-nostdlib", "-DPG_NOLIBC"]
+                "-U_FORTIFY_SOURCE", "-static", "-nostdlib"]
 NOLIBC_MACHINES = ("x86_64", "aarch64")
 
 
