@@ -5,6 +5,12 @@ Python headers) or how to do without (issue 14). ``RETEST_PURE_PYTHON=1`` opts o
 native runner explicitly: the package then installs without it and ``run()`` uses the
 ``subprocess`` backend (logged once at ERROR when it is first used).
 
+The shepherd is built without any libc by default (issue 15): ``ext/nolibc.c`` gives it its
+own ``_start`` and system-call layer, so a run pays no libc start-up (a static glibc spends
+~0.6 ms per start in CPU-feature probing on a VM). ``RETEST_SHEPHERD_LIBC`` picks another
+build (``musl`` when musl-gcc is installed, ``glibc``); sanitizer builds always link the
+shepherd against glibc, dynamically, since the sanitizer runtimes need a libc.
+
 The shepherd is linked stripped (``-s``): it ships in every wheel, and its symbols only
 matter to a debugger. ``RETEST_STRIP=0`` keeps them; sanitizer builds always do.
 """
@@ -41,8 +47,16 @@ def native_build_failed(why):
     """Stop the build with ``why`` and what to do about it."""
     sys.exit(f"retest: {why}\n{HOW_TO_FIX}")
 
-EXT_SOURCES = ["ext/_proc_group.c", "ext/run.c", "ext/classify.c", "ext/cgroup.c"]
+EXT_SOURCES = ["ext/_proc_group.c", "ext/run.c", "ext/capture.c", "ext/classify.c", "ext/cgroup.c"]
 SHEPHERD_SOURCES = ["ext/shepherd.c", "ext/cgroup.c"]
+#: The no-libc shepherd: its own runtime, nothing from the system but the headers. No stack
+#: protector or fortify wrappers (they call into libc), no PIE (no self-relocation needed),
+#: no builtins in nolibc.c (gcc would turn its memcpy loop into a call to memcpy).
+NOLIBC_SOURCES = [*SHEPHERD_SOURCES, "ext/nolibc.c"]
+NOLIBC_FLAGS = ["-ffreestanding", "-fno-builtin", "-fno-tree-loop-distribute-patterns",
+                "-fno-stack-protector", "-fno-pie", "-no-pie", "-fno-asynchronous-unwind-tables",
+                "-U_FORTIFY_SOURCE", "-static", "-nostdlib"]
+NOLIBC_MACHINES = ("x86_64", "aarch64")
 
 
 class BuildWithShepherd(build_ext):
@@ -75,7 +89,10 @@ class BuildWithShepherd(build_ext):
         out_dir = os.path.dirname(os.path.abspath(ext_path))
         os.makedirs(out_dir, exist_ok=True)
         target = os.path.join(out_dir, "_retest_shepherd")
-        if not SANITIZE and self._build_shepherd_with_musl(target):
+        libc = _setting("RETEST_SHEPHERD_LIBC")
+        if not SANITIZE and libc == "none" and self._build_shepherd_without_libc(target):
+            return
+        if not SANITIZE and libc in ("none", "musl") and self._build_shepherd_with_musl(target):
             os.chmod(target, 0o755)
             return
         try:
@@ -96,16 +113,47 @@ class BuildWithShepherd(build_ext):
                 self.compiler.link_executable(objects, target, extra_postargs=STRIP)
         os.chmod(target, 0o755)
 
+    def _build_shepherd_without_libc(self, target):
+        """Link the shepherd with its own runtime (ext/nolibc.c) and no libc; return success.
+
+        Checked before it is used: run without its control socket, a working shepherd exits
+        125 at once. On another architecture, or with a compiler that cannot do it, the libc
+        build is used instead (said on the build's output).
+        """
+        machine = os.uname().machine
+        if machine not in NOLIBC_MACHINES:
+            self.announce(f"no-libc shepherd: not written for {machine}; linking a libc", 2)
+            return False
+        compiler = (getattr(self.compiler, "compiler_so", None) or ["cc"])[0]
+        cmd = [compiler, *CFLAGS, *NOLIBC_FLAGS, *STRIP, "-Iext", "-o", target, *NOLIBC_SOURCES,
+               "-lgcc"]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+            os.chmod(target, 0o755)
+            check = subprocess.run([target], capture_output=True, timeout=30)
+        except (OSError, subprocess.SubprocessError) as err:
+            detail = getattr(err, "stderr", b"") or b""
+            self.announce(f"no-libc build of the shepherd failed ({err}: {detail[-500:]!r}); "
+                          "linking a libc", 2)
+            return False
+        if check.returncode != 125:
+            self.announce(f"no-libc shepherd failed its check (exit {check.returncode}); "
+                          "linking a libc", 2)
+            return False
+        self.announce("shepherd linked without libc (ext/nolibc.c)", 2)
+        return True
+
     def _build_shepherd_with_musl(self, target):
         """Link the shepherd statically against musl when musl-gcc is installed.
 
         A static glibc binary spends ~0.4 ms of every start in CPU-feature detection (CPUID,
         which traps to the hypervisor on a VM); musl's start-up does not: measured 1.45x
         instead of 1.9x the posix_spawn floor per run. Optional: without musl-gcc, or if it
-        fails, the glibc build is used. RETEST_SHEPHERD_LIBC=glibc skips it.
+        fails, the glibc build is used. Tried when RETEST_SHEPHERD_LIBC is musl, or when the
+        default no-libc build is impossible here.
         """
         musl = shutil.which("musl-gcc")
-        if not musl or os.environ.get("RETEST_SHEPHERD_LIBC") == "glibc":
+        if not musl:
             return False
         cmd = [musl, "-static", *STRIP, *CFLAGS, "-Iext", "-o", target, *SHEPHERD_SOURCES]
         try:
@@ -144,7 +192,7 @@ def extensions():
         Extension(
             "retest._proc_group",
             sources=EXT_SOURCES,
-            depends=["ext/proc_group.h", "ext/protocol.h", "ext/cgroup.h"],
+            depends=["ext/proc_group.h", "ext/protocol.h", "ext/cgroup.h", "ext/capture.h"],
             extra_compile_args=CFLAGS,
             extra_link_args=[f"-fsanitize={SANITIZE}"] if SANITIZE else STRIP,
         )

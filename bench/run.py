@@ -376,11 +376,22 @@ def check_ok(result: subprocess.CompletedProcess | proc_group.RunResult) -> None
         raise RuntimeError(f"/bin/true failed: {result!r}")
 
 
+def runner_only(argv: list[str]) -> proc_group.RunResult:
+    """The native runner without ``run()``'s per-run evidence (pressure and OOM readings,
+    issue 11): containment choice, the extension, the shepherd, ``RunResult``. Issue 15's
+    targets are about this part; the rows that use it say so."""
+    return proc_group._run_native([os.fsencode(a) for a in argv], tuple(argv), None, None, None,
+                                  10.0, 1.0, 8 * MiB, None, -1)
+
+
 def spawn_variants(with_fork: bool) -> list[tuple[str, Callable[[], Metrics]]]:
     true = ["/bin/true"]
 
     def retest_native() -> None:
         check_ok(run(true, timeout=10, grace=1, backend="native"))
+
+    def retest_runner() -> None:
+        check_ok(runner_only(true))
 
     def subprocess_run() -> None:
         check_ok(subprocess.run(true, capture_output=True, start_new_session=True, timeout=10))
@@ -405,7 +416,8 @@ def spawn_variants(with_fork: bool) -> list[tuple[str, Callable[[], Metrics]]]:
         if status != 0:
             raise RuntimeError(f"/bin/true: wait status {status}")
 
-    variants = [("retest", retest_native), ("subprocess", subprocess_run), ("floor", floor),
+    variants = [("retest", retest_native), ("runner", retest_runner), ("subprocess", subprocess_run),
+                ("floor", floor),
                 ("timeout", gnu_timeout)]
     if with_fork:
         variants.append(("fork", fork_exec))
@@ -423,8 +435,12 @@ def item_spawn(plan: Plan, rows: list[Row], context: dict[str, Any]) -> None:
                     "retest", s["retest"], "timeout -k", s["timeout"], "us", "≤ 0.8x",
                     ratio_at_most(0.8), n))
     rows.append(Row("1c. `/bin/true`, per run: retest vs the os.posix_spawn + waitpid floor",
-                    "retest", s["retest"], "posix_spawn", s["floor"], "us", "≤ 1.6x",
-                    ratio_at_most(1.6), n))
+                    "retest", s["retest"], "posix_spawn", s["floor"], "us",
+                    "≤ 1.3x (issue 15; stretch 1.15x)", ratio_at_most(1.3), n))
+    rows.append(Row("1d. `/bin/true`, per run: the native runner alone (no pressure/OOM evidence) "
+                    "vs the floor", "runner", s["runner"], "posix_spawn", s["floor"], "us",
+                    "≤ 1.3x (issue 15; stretch 1.15x)", ratio_at_most(1.3),
+                    f"{n}; proc_group._run_native: containment, extension, shepherd, RunResult"))
 
 
 # A small Python that runs retest on request and reports the elapsed time: the "empty caller" that
@@ -512,8 +528,11 @@ def item_big_caller(plan: Plan, rows: list[Row], ledger: "Ledger", context: dict
                     "retest", s["retest"], "subprocess.run", s["subprocess"], "us", "≤ 1.2x",
                     ratio_at_most(1.2), n))
     rows.append(Row(f"2b. `/bin/true` from a {label} caller: retest vs the posix_spawn floor",
-                    "retest", s["retest"], "posix_spawn", s["floor"], "us", "(≤ 1.6x, as 1c)",
-                    ratio_at_most(1.6), n))
+                    "retest", s["retest"], "posix_spawn", s["floor"], "us", "≤ 1.3x, as 1c",
+                    ratio_at_most(1.3), n))
+    rows.append(Row(f"2e. `/bin/true` from a {label} caller: the native runner alone vs the floor",
+                    "runner", s["runner"], "posix_spawn", s["floor"], "us", "≤ 1.3x, as 1d",
+                    ratio_at_most(1.3), n))
     rows.append(Row(f"2c. retest per run: from the {label} caller vs from a small Python (flat?)",
                     f"retest, {label} caller", s["retest"], "retest, small caller", s["small"], "us",
                     "≈ 1.0x (≤ 1.2x)", ratio_at_most(1.2),
@@ -820,11 +839,12 @@ def item_capture(plan: Plan, rows: list[Row], context: dict[str, Any]) -> None:
     rows.append(Row(f"6a. capture {what} of stdout: wall time", "retest", Stats(a["wall"]),
                     "subprocess.run", Stats(b["wall"]), "s", "(no goal)", None, n))
     rows.append(Row(f"6b. capture {what}: throughput", "retest", Stats(a["gbps"]), "subprocess.run",
-                    Stats(b["gbps"]), "GB/s", "≥ 1 GB/s", lambda a_, b_, r: a_.median >= 1.0, n))
+                    Stats(b["gbps"]), "GB/s", "≥ 2.5 GB/s (issue 15)",
+                    lambda a_, b_, r: a_.median >= 2.5, n))
     rows.append(Row(f"6c. capture {what}: caller peak RSS growth, capture_limit {limit / MiB:g} MiB",
                     "retest", Stats(a["growth"]), "subprocess.run", Stats(b["growth"]), "MiB",
-                    f"≤ limit + 4 MiB = {limit / MiB + 4:g} MiB",
-                    lambda a_, b_, r, lim=limit: a_.median <= lim / MiB + 4,
+                    f"≤ limit + 2 MiB = {limit / MiB + 2:g} MiB",
+                    lambda a_, b_, r, lim=limit: a_.median <= lim / MiB + 2,
                     "peak RSS (VmHWM) after the run minus before it, in a fresh caller process"))
     res_big = paired([("big", lambda: capture_in_fresh_python("retest", size, big)),
                       ("default", lambda: capture_in_fresh_python("retest", size, limit))],
@@ -832,8 +852,8 @@ def item_capture(plan: Plan, rows: list[Row], context: dict[str, Any]) -> None:
     rows.append(Row(f"6d. capture {what}: retest peak RSS growth, capture_limit {big / MiB:g} MiB vs "
                     f"{limit / MiB:g} MiB", f"limit {big / MiB:g} MiB", Stats(res_big["big"]["growth"]),
                     f"limit {limit / MiB:g} MiB", Stats(res_big["default"]["growth"]), "MiB",
-                    f"≤ limit + 4 MiB = {big / MiB + 4:g} MiB",
-                    lambda a_, b_, r, lim=big: a_.median <= lim / MiB + 4,
+                    f"≤ limit + 2 MiB = {big / MiB + 2:g} MiB",
+                    lambda a_, b_, r, lim=big: a_.median <= lim / MiB + 2,
                     "does the growth scale as 1x the limit or more?"))
 
 
@@ -921,6 +941,9 @@ def item_concurrency(plan: Plan, rows: list[Row], context: dict[str, Any]) -> No
     def retest_native() -> None:
         check_ok(run(true, timeout=10, grace=1, backend="native"))
 
+    def retest_runner() -> None:
+        check_ok(runner_only(true))
+
     def subprocess_run() -> None:
         check_ok(subprocess.run(true, capture_output=True, start_new_session=True, timeout=10))
 
@@ -951,15 +974,21 @@ def item_concurrency(plan: Plan, rows: list[Row], context: dict[str, Any]) -> No
             return {"rate": threads * per_thread / elapsed, "cpu": cpu / (threads * per_thread)}
         return go
 
-    res = paired([("retest", trial(retest_native)), ("subprocess", trial(subprocess_run))],
-                 plan.thread_trials, warmup=1)
+    res = paired([("retest", trial(retest_native)), ("runner", trial(retest_runner)),
+                  ("subprocess", trial(subprocess_run))], plan.thread_trials, warmup=1)
     rows.append(Row(f"8. runs/s, {threads} threads running `/bin/true`: retest vs subprocess.run",
                     "retest", Stats(res["retest"]["rate"]), "subprocess.run",
                     Stats(res["subprocess"]["rate"]), "runs/s",
-                    "≥ 0.83x (the 1.2x spawn goal, under load)", ratio_at_least(1 / 1.2),
+                    "≥ 1.0x (issue 15)", ratio_at_least(1.0),
                     f"{plan.thread_trials} trials each of {threads} x {per_thread} runs; CPU per run "
                     f"(caller + reaped children): retest {statistics.median(res['retest']['cpu']) * 1e6:.0f} µs, "
                     f"subprocess.run {statistics.median(res['subprocess']['cpu']) * 1e6:.0f} µs"))
+    rows.append(Row(f"8b. runs/s, {threads} threads: the native runner alone vs subprocess.run",
+                    "runner", Stats(res["runner"]["rate"]), "subprocess.run",
+                    Stats(res["subprocess"]["rate"]), "runs/s", "≥ 1.0x (issue 15)",
+                    ratio_at_least(1.0),
+                    f"same trials as 8; CPU per run: runner "
+                    f"{statistics.median(res['runner']['cpu']) * 1e6:.0f} µs"))
 
 
 # --------------------------------------------------------------------------- report

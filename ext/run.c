@@ -12,6 +12,7 @@
  * that raised) and keeps a backstop in case the shepherd itself is stopped or lost.
  */
 #include "proc_group.h"
+#include "capture.h"
 #include "cgroup.h"
 #include "protocol.h"
 
@@ -32,8 +33,10 @@
 extern char **environ;
 
 #define NS_PER_S 1000000000LL
-#define READ_CHUNK (1 << 20)
 #define PIPE_SIZE (1 << 20)
+/* A read this long means the pipe was full at its default size (64 KiB): a chatty stream,
+ * whose pipe is then enlarged (fewer wake-ups and copies). Quiet runs skip the two fcntl. */
+#define PIPE_DEFAULT_SIZE (64 * 1024)
 /* Poll at least this often so that Ctrl-C is seen even when the kernel delivered SIGINT
  * to another thread (Python's handler only flags it; our poll would not see EINTR). */
 #define SIGNAL_CHECK_MS 200
@@ -46,169 +49,6 @@ extern char **environ;
 /* cgroup mode, shepherd lost: after cgroup.kill, how long to wait for the cgroup to empty
  * before leaving it (a member in uninterruptible sleep; the shepherd's own give-up bound). */
 #define CGROUP_EMPTY_WAIT_NS (10 * NS_PER_S)
-
-static const char OMITTED_FMT[] = "\n[retest: %llu bytes omitted]\n";
-
-/* ---------------------------------------------------------------- bounded capture */
-
-struct capture {
-    char *head;          /* first head_cap bytes, grown geometrically */
-    size_t head_len, head_cap, head_alloc;
-    char *ring;          /* last ring_cap bytes, allocated when the head is full */
-    size_t ring_cap, ring_pos, ring_fill;
-    unsigned long long total;
-};
-
-/* Set up a capture keeping at most limit bytes (half head, half tail). */
-static void capture_init(struct capture *c, size_t limit)
-{
-    memset(c, 0, sizeof(*c));
-    c->head_cap = limit / 2;
-    c->ring_cap = limit - c->head_cap;
-}
-
-static void capture_free(struct capture *c)
-{
-    PyMem_RawFree(c->head);
-    PyMem_RawFree(c->ring);
-    c->head = c->ring = NULL;
-}
-
-/* Reads go straight into the capture when at least this much contiguous room is there;
- * otherwise into the scratch buffer and are copied. Small direct reads would turn a tiny
- * capture_limit into millions of tiny reads (and callbacks) for a chatty command. */
-#define DIRECT_READ_MIN (256 * 1024)
-
-/* Return where the next read should land and how much it may take: straight into the head
- * (grown geometrically) or the ring when there is room for a big read, else the scratch buffer
- * (1 MiB), whose bytes capture_commit then copies. Never fails: without memory for the
- * capture, reads land in scratch and what cannot be kept is counted as dropped. */
-static char *capture_slot(struct capture *c, char *scratch, size_t *room)
-{
-    if (c->head_len < c->head_cap) {
-        if (c->head_alloc < c->head_cap && c->head_alloc - c->head_len < DIRECT_READ_MIN) {
-            size_t grow = c->head_alloc ? c->head_alloc * 2 : 64 * 1024;
-            char *p;
-            if (grow < c->head_len + READ_CHUNK)
-                grow = c->head_len + READ_CHUNK;
-            if (grow > c->head_cap)
-                grow = c->head_cap;
-            p = PyMem_RawRealloc(c->head, grow);
-            if (p) {
-                c->head = p;
-                c->head_alloc = grow;
-            }
-        }
-        *room = c->head_alloc - c->head_len;
-        if (*room >= DIRECT_READ_MIN) {
-            if (*room > READ_CHUNK)
-                *room = READ_CHUNK;
-            return c->head + c->head_len;
-        }
-    } else if (c->ring_cap > 0) {
-        if (!c->ring)
-            c->ring = PyMem_RawMalloc(c->ring_cap);
-        if (c->ring && c->ring_cap - c->ring_pos >= DIRECT_READ_MIN) {
-            *room = c->ring_cap - c->ring_pos;
-            if (*room > READ_CHUNK)
-                *room = READ_CHUNK;
-            return c->ring + c->ring_pos;
-        }
-    }
-    *room = READ_CHUNK;
-    return scratch;
-}
-
-/* Keep the n bytes at p in the ring (the tail), wrapping; only the last ring_cap bytes matter. */
-static void ring_append(struct capture *c, const char *p, size_t n)
-{
-    if (n >= c->ring_cap) {
-        memcpy(c->ring, p + n - c->ring_cap, c->ring_cap);
-        c->ring_pos = 0;
-        c->ring_fill = c->ring_cap;
-        return;
-    }
-    while (n > 0) {
-        size_t part = c->ring_cap - c->ring_pos;
-        if (part > n)
-            part = n;
-        memcpy(c->ring + c->ring_pos, p, part);
-        c->ring_pos = (c->ring_pos + part) % c->ring_cap;
-        c->ring_fill = c->ring_fill + part > c->ring_cap ? c->ring_cap : c->ring_fill + part;
-        p += part;
-        n -= part;
-    }
-}
-
-/* Account for n bytes just read into slot (from capture_slot): a direct read only moves the
- * counters; bytes in scratch are copied into the head, then into the ring. */
-static void capture_commit(struct capture *c, const char *slot, const char *scratch, size_t n)
-{
-    c->total += n;
-    if (slot != scratch) {
-        if (c->head_len < c->head_cap) {
-            c->head_len += n;
-            return;
-        }
-        c->ring_pos += n;
-        c->ring_fill = c->ring_fill + n > c->ring_cap ? c->ring_cap : c->ring_fill + n;
-        if (c->ring_pos == c->ring_cap)
-            c->ring_pos = 0;
-        return;
-    }
-    if (c->head_len < c->head_cap) {
-        size_t part = c->head_alloc - c->head_len;  /* less than head_cap - head_len on ENOMEM */
-        if (part > n)
-            part = n;
-        if (part)
-            memcpy(c->head + c->head_len, slot, part);
-        c->head_len += part;
-        slot += part;
-        n -= part;
-        if (c->head_len < c->head_cap)
-            return;  /* the head could not grow (ENOMEM): the rest is dropped, and counted */
-    }
-    if (n > 0 && c->ring_cap > 0) {
-        if (!c->ring)
-            c->ring = PyMem_RawMalloc(c->ring_cap);
-        if (c->ring)
-            ring_append(c, slot, n);
-    }
-}
-
-/* Return the kept bytes as a new bytes object: head, a marker with the count of bytes
- * left out when there were any, then the tail in order. Sets *dropped. */
-static PyObject *capture_bytes(struct capture *c, unsigned long long *dropped)
-{
-    char marker[96];
-    size_t marker_len = 0, size;
-    PyObject *out;
-    char *p;
-
-    *dropped = c->total - c->head_len - c->ring_fill;
-    if (*dropped)
-        marker_len = (size_t)snprintf(marker, sizeof(marker), OMITTED_FMT, *dropped);
-    size = c->head_len + marker_len + c->ring_fill;
-    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
-    if (!out)
-        return NULL;
-    p = PyBytes_AS_STRING(out);
-    if (c->head_len)
-        memcpy(p, c->head, c->head_len);
-    p += c->head_len;
-    memcpy(p, marker, marker_len);
-    p += marker_len;
-    if (c->ring_fill < c->ring_cap || c->ring_pos == 0) {
-        /* never wrapped (or wrapped exactly at the end): the tail is in order */
-        if (c->ring_fill)
-            memcpy(p, c->ring, c->ring_fill);
-    } else {
-        size_t older = c->ring_cap - c->ring_pos;
-        memcpy(p, c->ring + c->ring_pos, older);
-        memcpy(p + older, c->ring, c->ring_pos);
-    }
-    return out;
-}
 
 /* ---------------------------------------------------------------- helpers */
 
@@ -267,6 +107,9 @@ static int tee_write(int fd, const char *buf, size_t len)
 
 struct run {
     /* inputs, copied out of Python objects so the GIL can be released */
+    char *shepherd_path;
+    char *cwd_arg;         /* "C<cwd>", or NULL */
+    char *cg_arg;          /* "G<cgroup>" or "g<cgroup>", or NULL */
     char **shepherd_argv;
     char **envp;
     const char *input;
@@ -282,7 +125,9 @@ struct run {
     pid_t shepherd;
 
     struct capture cap[2];
-    char *scratch;
+    char *scratch;         /* shared by both streams, allocated on first use (capture.h) */
+    char scratch_fallback[4096];
+    int pipe_grown[2];
 
     /* the report */
     struct pg_record rec_buf;
@@ -502,9 +347,12 @@ static void read_reports(struct run *r)
             r->have_spawn_failure = 1;
             break;
         case PG_REC_FINAL:
+            /* The last record: the shepherd exits right after it. Hang up now rather than
+             * wait for its EOF, a second wake-up per run (issue 15); it is reaped at the end. */
             r->final = r->rec_buf;
             r->have_final = 1;
-            break;
+            close_fd(&r->ctl);
+            return;
         case PG_REC_LEAK:
             if (r->n_leaks < PG_MAX_LEAKS)
                 r->leaks[r->n_leaks++] = r->rec_buf;
@@ -515,12 +363,14 @@ static void read_reports(struct run *r)
     }
 }
 
-/* Read once from stream i (0 stdout, 1 stderr) into its capture; tee it. Return the number
- * of bytes read (their start in *chunk), 0 at EOF/error (fd closed), -1 on EAGAIN. */
-static ssize_t read_stream(struct run *r, int i, int *fd, const char **chunk)
+/* Read once from stream i (0 stdout, 1 stderr) into its capture; tee it. Called without the
+ * GIL (*ts: the released thread state, taken back briefly when the capture grows). Return the
+ * number of bytes read (their start in *chunk), 0 at EOF/error (fd closed), -1 on EAGAIN. */
+static ssize_t read_stream(struct run *r, int i, int *fd, const char **chunk, PyThreadState **ts)
 {
     size_t room;
-    char *slot = capture_slot(&r->cap[i], r->scratch, &room);
+    char *slot = capture_slot(&r->cap[i], &r->scratch, r->scratch_fallback,
+                              sizeof(r->scratch_fallback), &room, ts);
     ssize_t n;
     do {
         n = read(*fd, slot, room);
@@ -531,7 +381,11 @@ static ssize_t read_stream(struct run *r, int i, int *fd, const char **chunk)
         close_fd(fd);
         return 0;
     }
-    capture_commit(&r->cap[i], slot, r->scratch, (size_t)n);
+    capture_commit(&r->cap[i], slot, (size_t)n);
+    if (n >= PIPE_DEFAULT_SIZE && !r->pipe_grown[i]) {
+        r->pipe_grown[i] = 1;
+        fcntl(*fd, F_SETPIPE_SZ, PIPE_SIZE);  /* best effort: pipe-max-size may refuse */
+    }
     if (r->tee_fd >= 0 && !r->tee_errno)
         r->tee_errno = tee_write(r->tee_fd, slot, (size_t)n);
     *chunk = slot;
@@ -596,7 +450,7 @@ static ssize_t pump_stream(struct run *r, struct pump_state *ps, int s)
 {
     int *fd = s == 0 ? &r->out_r : &r->err_r;
     const char *chunk;
-    ssize_t n = read_stream(r, s, fd, &chunk);
+    ssize_t n = read_stream(r, s, fd, &chunk, &ps->ts);
     if (n > 0 && r->on_output && !ps->exc_type) {
         PyEval_RestoreThread(ps->ts);
         if (call_on_output(r, s, chunk, n) < 0) {
@@ -666,9 +520,13 @@ static int pump(struct run *r)
             fds[nfds++].events = POLLIN;
         }
         if (r->ctl >= 0) {
+            /* While the output pipes are open, only the shepherd's death (POLLHUP, always
+             * reported) matters on the socket: STARTED and LEAK records wait in its buffer,
+             * and FINAL comes after the tree, and so the pipes' writers, are gone. One
+             * wake-up per run fewer (issue 15). */
             idx_ctl = nfds;
             fds[nfds].fd = r->ctl;
-            fds[nfds++].events = POLLIN;
+            fds[nfds++].events = r->out_r >= 0 || r->err_r >= 0 ? 0 : POLLIN;
         }
         if (r->in_w >= 0) {
             idx_in = nfds;
@@ -876,8 +734,8 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
         set_item(d, "proc_foreign", PyBool_FromLong(r->final.proc_foreign)) < 0 ||
         set_item(d, "tee_errno", r->tee_errno ? PyLong_FromLong(r->tee_errno)
                                               : (Py_INCREF(Py_None), Py_None)) < 0 ||
-        set_item(d, "stdout", capture_bytes(&r->cap[0], &dropped[0])) < 0 ||
-        set_item(d, "stderr", capture_bytes(&r->cap[1], &dropped[1])) < 0 ||
+        set_item(d, "stdout", capture_finish(&r->cap[0], &dropped[0])) < 0 ||
+        set_item(d, "stderr", capture_finish(&r->cap[1], &dropped[1])) < 0 ||
         set_item(d, "stdout_dropped", PyLong_FromUnsignedLongLong(dropped[0])) < 0 ||
         set_item(d, "stderr_dropped", PyLong_FromUnsignedLongLong(dropped[1])) < 0 ||
         set_item(d, "timed_out", PyBool_FromLong(r->final.timed_out)) < 0 ||
@@ -892,7 +750,7 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
         set_item(d, "containment", PyUnicode_FromString(in_cgroup ? "cgroup" : "subreaper")) < 0 ||
         set_item(d, "cgroup", in_cgroup ? PyUnicode_DecodeFSDefault(r->cg_path)
                                         : (Py_INCREF(Py_None), Py_None)) < 0 ||
-        set_item(d, "cgroup_errno", int_or_none(r->cg_path && !in_cgroup ? cg_err : -1)) < 0 ||
+        set_item(d, "cgroup_errno", int_or_none(r->cg_path && !in_cgroup && cg_err > 0 ? cg_err : -1)) < 0 ||
         set_item(d, "cgroup_removed", PyBool_FromLong(r->cg_removed)) < 0 ||
         set_item(d, "leaks", leaks_tuple(r)) < 0 ||
         set_item(d, "leak_count", PyLong_FromLong(r->final.leak_count)) < 0 ||
@@ -913,13 +771,6 @@ static int64_t seconds_to_ns(double s)
         return (int64_t)1000000000 * NS_PER_S;
     return (int64_t)(s * 1e9);
 }
-
-/* Errors while starting: keep errno before any clean-up call can clobber it. */
-#define SPAWN_FAIL()                                                                          \
-    do {                                                                                      \
-        spawn_err = errno;                                                                    \
-        goto spawn_failed;                                                                    \
-    } while (0)
 
 /* Copy the process environment while we hold the GIL: Python's os.environ writes (putenv)
  * happen under it, and posix_spawn runs without it. NULL with an exception on ENOMEM. */
@@ -947,6 +798,237 @@ static char **copy_environ(void)
     return v;
 }
 
+/* pg_run's arguments that stay Python objects until copy_inputs. */
+struct run_args {
+    PyObject *shepherd, *argv, *envp, *cwd, *input, *cgroup;
+    long stop_signal;
+    int cgroup_required;
+};
+
+/* Check pg_run's arguments and fill the scalar settings of r. Return 0, or -1 with an
+ * exception (TypeError, ValueError: programming errors of the caller, proc_group.py). */
+static int parse_run_args(struct run *r, struct run_args *a, PyObject *const *args,
+                          Py_ssize_t nargs)
+{
+    double timeout_s, grace_s;
+    Py_ssize_t capture_limit;
+    long tee_fd;
+    PyObject *on_output;
+
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "run() takes exactly 13 arguments");
+        return -1;
+    }
+    a->shepherd = args[0];
+    a->argv = args[1];
+    a->envp = args[2];
+    a->cwd = args[3];
+    a->input = args[4];
+    on_output = args[8];
+    a->cgroup = args[10];
+    if ((a->cgroup != Py_None && !PyBytes_Check(a->cgroup)) || !PyBytes_Check(a->shepherd) ||
+        !PyList_Check(a->argv) || PyList_GET_SIZE(a->argv) < 1 ||
+        (a->envp != Py_None && !PyList_Check(a->envp)) ||
+        (a->cwd != Py_None && !PyBytes_Check(a->cwd)) ||
+        (a->input != Py_None && !PyBytes_Check(a->input)) ||
+        (on_output != Py_None && !PyCallable_Check(on_output))) {
+        PyErr_SetString(PyExc_TypeError, "run(): bad argument types (use retest.proc_group.run)");
+        return -1;
+    }
+    timeout_s = PyFloat_AsDouble(args[5]);
+    grace_s = PyFloat_AsDouble(args[6]);
+    /* Saturating: a limit beyond any buffer means "keep everything" (2**63 is not an error) */
+    capture_limit = PyNumber_AsSsize_t(args[7], NULL);
+    tee_fd = PyLong_AsLong(args[9]);
+    a->cgroup_required = PyObject_IsTrue(args[11]);
+    a->stop_signal = PyLong_AsLong(args[12]);
+    if (PyErr_Occurred())
+        return -1;
+    if (a->stop_signal < 1 || a->stop_signal >= NSIG) {
+        PyErr_SetString(PyExc_ValueError, "run(): bad stop signal");
+        return -1;
+    }
+    if (tee_fd < -1 || tee_fd > INT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "run(): bad tee fd");
+        return -1;
+    }
+    if (capture_limit < 0 || grace_s < 0 || grace_s != grace_s || timeout_s != timeout_s) {
+        PyErr_SetString(PyExc_ValueError, "run(): capture_limit, grace and timeout must be valid");
+        return -1;
+    }
+    r->timeout_ns = seconds_to_ns(timeout_s);
+    r->grace_ns = seconds_to_ns(grace_s);
+    r->capture_limit = (size_t)capture_limit;
+    r->tee_fd = (int)tee_fd;
+    r->on_output = on_output == Py_None ? NULL : on_output;
+    return 0;
+}
+
+/* Copy every input out of Python objects into r (the GIL is released while they are in use):
+ * the shepherd's argv (protocol.h), the environment, the input bytes. Return 0, or -1 with
+ * an exception (MemoryError, embedded NUL). */
+static int copy_inputs(struct run *r, const struct run_args *a)
+{
+    char nbuf[3][32];
+    const char *prefix[PG_ARGV_CMD];
+
+    /* The deadline travels as an absolute CLOCK_MONOTONIC time: starting the shepherd and
+     * the command is part of the run, and must not push the deadline back. */
+    snprintf(nbuf[0], sizeof(nbuf[0]), "%lld",
+             (long long)(r->timeout_ns < 0 ? -1 : r->start_ns + r->timeout_ns));
+    snprintf(nbuf[1], sizeof(nbuf[1]), "%lld", (long long)r->grace_ns);
+    snprintf(nbuf[2], sizeof(nbuf[2]), "%ld", a->stop_signal);
+    if (!(r->shepherd_path = dup_bytes(a->shepherd)))
+        return -1;
+    if (a->cwd != Py_None && !(r->cwd_arg = dup_prefixed('C', a->cwd)))
+        return -1;
+    if (a->cgroup != Py_None) {
+        /* "G<path>": the command must run in that cgroup; "g<path>": fall back if it cannot */
+        if (!(r->cg_arg = dup_prefixed(a->cgroup_required ? 'G' : 'g', a->cgroup)))
+            return -1;
+        r->cg_path = r->cg_arg + 1;
+    }
+    prefix[0] = r->shepherd_path;
+    prefix[PG_ARGV_DEADLINE] = nbuf[0];
+    prefix[PG_ARGV_GRACE] = nbuf[1];
+    prefix[PG_ARGV_STOP_SIGNAL] = nbuf[2];
+    prefix[PG_ARGV_CWD] = r->cwd_arg ? r->cwd_arg : "-";
+    prefix[PG_ARGV_CGROUP] = r->cg_arg ? r->cg_arg : "-";
+    if (!(r->shepherd_argv = build_strv(prefix, PG_ARGV_CMD, a->argv)))
+        return -1;
+    if (a->envp != Py_None ? !(r->envp = build_strv(NULL, 0, a->envp)) : !(r->envp = copy_environ()))
+        return -1;
+    if (a->input != Py_None) {
+        r->input_len = (size_t)PyBytes_GET_SIZE(a->input);
+        r->input = PyMem_RawMalloc(r->input_len ? r->input_len : 1);
+        if (!r->input) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        memcpy((char *)r->input, PyBytes_AS_STRING(a->input), r->input_len);
+    }
+    return 0;
+}
+
+/* The shepherd's ends of its fds 0..3, open in the caller until the spawn. */
+struct child_fds {
+    int in_r, out_w, err_w, ctl;
+};
+
+/* Close the shepherd's ends in the caller. */
+static void close_child_fds(struct child_fds *cf)
+{
+    close_fd(&cf->ctl);
+    close_fd(&cf->in_r);
+    close_fd(&cf->out_w);
+    close_fd(&cf->err_w);
+}
+
+/* Make the pipes and the control socket: our ends in r, the shepherd's in cf. All
+ * close-on-exec from birth: a concurrent spawn from another thread must not inherit them, or
+ * our EOF would wait for an unrelated process. Return 0 or an errno. */
+static int open_run_fds(struct run *r, struct child_fds *cf)
+{
+    int pipes[2], sv[2];
+    if (pipe2(pipes, O_CLOEXEC) < 0)
+        return errno;
+    r->out_r = pipes[0];
+    cf->out_w = pipes[1];
+    if (pipe2(pipes, O_CLOEXEC) < 0)
+        return errno;
+    r->err_r = pipes[0];
+    cf->err_w = pipes[1];
+    if (r->input) {
+        if (pipe2(pipes, O_CLOEXEC) < 0)
+            return errno;
+        cf->in_r = pipes[0];
+        r->in_w = pipes[1];
+    } else if ((cf->in_r = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) {
+        return errno;
+    }
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        return errno;
+    r->ctl = sv[0];
+    cf->ctl = sv[1];
+    if (raise_fd(&cf->in_r) || raise_fd(&cf->out_w) || raise_fd(&cf->err_w) ||
+        raise_fd(&cf->ctl) || raise_fd(&r->out_r) || raise_fd(&r->err_r) || raise_fd(&r->ctl) ||
+        (r->in_w >= 0 && raise_fd(&r->in_w)))
+        return errno;
+    if (fcntl(r->out_r, F_SETFL, O_NONBLOCK) < 0 || fcntl(r->err_r, F_SETFL, O_NONBLOCK) < 0 ||
+        (r->in_w >= 0 && fcntl(r->in_w, F_SETFL, O_NONBLOCK) < 0))
+        return errno;
+    return 0;
+}
+
+/* The shepherd could not be started (EMFILE, EAGAIN under RLIMIT_NPROC, ENOMEM; or, broken
+ * set, our own executable is missing or not runnable): a runtime fault, reported in the
+ * result, never raised. Return the result dict, or NULL with an exception. */
+static PyObject *spawn_failure_result(struct run *r, int err, int broken)
+{
+    close_fd(&r->out_r);
+    close_fd(&r->err_r);
+    close_fd(&r->in_w);
+    close_fd(&r->ctl);
+    r->shepherd = -1;
+    r->have_spawn_failure = 1;
+    r->spawn_failure.stage = broken ? PG_STAGE_SHEPHERD : PG_STAGE_SPAWN;
+    r->spawn_failure.err = err;
+    r->have_final = 1;
+    r->final.wait_status = -1;
+    r->end_ns = now_ns();
+    if (r->cg_path) {
+        r->cg_removed = cg_remove(r->cg_path) == 0;  /* the shepherd never ran: empty */
+        r->cg_path_released = 1;
+    }
+    return build_result(r, broken ? r->shepherd_path : r->shepherd_argv[PG_ARGV_CMD], "");
+}
+
+/* Start the shepherd, stream the run, collect the report. Return the result dict, or NULL
+ * with an exception (from on_output, or KeyboardInterrupt: the tree is down by then). */
+static PyObject *start_and_wait(struct run *r)
+{
+    struct child_fds cf = {-1, -1, -1, -1};
+    int err = open_run_fds(r, &cf), rc;
+    if (err) {
+        close_child_fds(&cf);
+        return spawn_failure_result(r, err, 0);
+    }
+    Py_BEGIN_ALLOW_THREADS
+    err = spawn_shepherd(r, cf.in_r, cf.out_w, cf.err_w, cf.ctl);
+    Py_END_ALLOW_THREADS
+    close_child_fds(&cf);
+    if (err)  /* ENOENT/EACCES/ENOEXEC: our shepherd executable is missing or broken */
+        return spawn_failure_result(r, err, err == ENOENT || err == EACCES || err == ENOEXEC);
+    if (r->in_w >= 0 && r->input_len == 0)
+        close_fd(&r->in_w);
+    rc = pump(r);  /* -1: an exception is pending; the cgroup is released all the same */
+    if (r->cg_path) {
+        Py_BEGIN_ALLOW_THREADS
+        r->cg_removed = release_cgroup(r);
+        Py_END_ALLOW_THREADS
+        r->cg_path_released = 1;
+    }
+    if (rc < 0)
+        return NULL;
+    return build_result(r, r->shepherd_argv[PG_ARGV_CMD], r->cwd_arg ? r->cwd_arg + 1 : "");
+}
+
+/* Free everything r owns (GIL held). */
+static void free_run(struct run *r)
+{
+    if (r->cg_path && !r->cg_path_released)
+        cg_remove(r->cg_path);  /* failed before the spawn (MemoryError): nothing is in it */
+    capture_free(&r->cap[0]);
+    capture_free(&r->cap[1]);
+    PyMem_RawFree(r->scratch);
+    PyMem_RawFree((char *)r->input);
+    free_strv(r->shepherd_argv);
+    free_strv(r->envp);
+    PyMem_RawFree(r->cwd_arg);
+    PyMem_RawFree(r->cg_arg);
+    PyMem_RawFree(r->shepherd_path);
+}
+
 const char pg_run_doc[] =
     "run(shepherd, argv, envp, cwd, input, timeout_s, grace_s, capture_limit, on_output, tee_fd,"
     " cgroup, cgroup_required, stop_signal)"
@@ -958,214 +1040,21 @@ const char pg_run_doc[] =
 PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     struct run r;
-    PyObject *shepherd_b, *argv_l, *envp_o, *cwd_o, *input_o, *on_output, *result = NULL;
-    double timeout_s, grace_s;
-    Py_ssize_t capture_limit;
-    long tee_fd_l, stop_signal;
-    int tee_fd, rc;
-    int in_r = -1, out_w = -1, err_w = -1, ctl_child = -1, pipes[2], sv[2];
-    int spawn_err = 0, shepherd_broken = 0;
-    char nbuf[3][32], *cwd_arg = NULL, *shepherd_path = NULL, *cg_arg = NULL;
-    const char *prefix[PG_ARGV_CMD];
-    PyObject *cgroup_o;
-    int cgroup_required;
-    PyObject **names = (PyObject **)PyModule_GetState(module);
+    struct run_args a;
+    PyObject **names = (PyObject **)PyModule_GetState(module), *result = NULL;
 
     memset(&r, 0, sizeof(r));
     r.out_r = r.err_r = r.in_w = r.ctl = r.tee_fd = -1;
     r.shepherd = -1;
-    if (nargs != 13) {
-        PyErr_SetString(PyExc_TypeError, "run() takes exactly 13 arguments");
-        return NULL;
-    }
-    shepherd_b = args[0];
-    argv_l = args[1];
-    envp_o = args[2];
-    cwd_o = args[3];
-    input_o = args[4];
-    on_output = args[8];
-    cgroup_o = args[10];
-    if ((cgroup_o != Py_None && !PyBytes_Check(cgroup_o)) || !PyBytes_Check(shepherd_b) || !PyList_Check(argv_l) || PyList_GET_SIZE(argv_l) < 1 ||
-        (envp_o != Py_None && !PyList_Check(envp_o)) || (cwd_o != Py_None && !PyBytes_Check(cwd_o)) ||
-        (input_o != Py_None && !PyBytes_Check(input_o)) ||
-        (on_output != Py_None && !PyCallable_Check(on_output))) {
-        PyErr_SetString(PyExc_TypeError, "run(): bad argument types (use retest.proc_group.run)");
-        return NULL;
-    }
-    timeout_s = PyFloat_AsDouble(args[5]);
-    grace_s = PyFloat_AsDouble(args[6]);
-    /* Saturating: a limit beyond any buffer means "keep everything" (2**63 is not an error) */
-    capture_limit = PyNumber_AsSsize_t(args[7], NULL);
-    tee_fd_l = PyLong_AsLong(args[9]);
-    cgroup_required = PyObject_IsTrue(args[11]);
-    stop_signal = PyLong_AsLong(args[12]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (stop_signal < 1 || stop_signal >= NSIG) {
-        PyErr_SetString(PyExc_ValueError, "run(): bad stop signal");
-        return NULL;
-    }
-    if (tee_fd_l < -1 || tee_fd_l > INT_MAX) {
-        PyErr_SetString(PyExc_ValueError, "run(): bad tee fd");
-        return NULL;
-    }
-    tee_fd = (int)tee_fd_l;
-    if (capture_limit < 0 || grace_s < 0 || grace_s != grace_s || timeout_s != timeout_s) {
-        PyErr_SetString(PyExc_ValueError, "run(): capture_limit, grace and timeout must be valid");
-        return NULL;
-    }
-    r.timeout_ns = seconds_to_ns(timeout_s);
-    r.grace_ns = seconds_to_ns(grace_s);
-    r.capture_limit = (size_t)capture_limit;
-    r.tee_fd = tee_fd;
-    r.on_output = on_output == Py_None ? NULL : on_output;
     r.names[0] = names[0];
     r.names[1] = names[1];
-
-    /* Copy every input out of Python objects: the GIL is released while they are in use. */
-    /* The deadline travels as an absolute CLOCK_MONOTONIC time: starting the shepherd and
-     * the command is part of the run, and must not push the deadline back. */
-    r.start_ns = now_ns();
-    snprintf(nbuf[0], sizeof(nbuf[0]), "%lld",
-             (long long)(r.timeout_ns < 0 ? -1 : r.start_ns + r.timeout_ns));
-    snprintf(nbuf[1], sizeof(nbuf[1]), "%lld", (long long)r.grace_ns);
-    snprintf(nbuf[2], sizeof(nbuf[2]), "%ld", stop_signal);
-    if (!(shepherd_path = dup_bytes(shepherd_b)))
-        goto cleanup;
-    if (cwd_o != Py_None && !(cwd_arg = dup_prefixed('C', cwd_o)))
-        goto cleanup;
-    prefix[0] = shepherd_path;
-    prefix[PG_ARGV_DEADLINE] = nbuf[0];
-    prefix[PG_ARGV_GRACE] = nbuf[1];
-    prefix[PG_ARGV_STOP_SIGNAL] = nbuf[2];
-    prefix[PG_ARGV_CWD] = cwd_arg ? cwd_arg : "-";
-    if (cgroup_o != Py_None) {
-        /* "G<path>": the command must run in that cgroup; "g<path>": fall back if it cannot */
-        if (!(cg_arg = dup_prefixed(cgroup_required ? 'G' : 'g', cgroup_o)))
-            goto cleanup;
-        r.cg_path = cg_arg + 1;
-    }
-    prefix[PG_ARGV_CGROUP] = cg_arg ? cg_arg : "-";
-    if (!(r.shepherd_argv = build_strv(prefix, PG_ARGV_CMD, argv_l)))
-        goto cleanup;
-    if (envp_o != Py_None ? !(r.envp = build_strv(NULL, 0, envp_o)) : !(r.envp = copy_environ()))
-        goto cleanup;
-    if (input_o != Py_None) {
-        r.input_len = (size_t)PyBytes_GET_SIZE(input_o);
-        r.input = PyMem_RawMalloc(r.input_len ? r.input_len : 1);
-        if (!r.input) {
-            PyErr_NoMemory();
-            goto cleanup;
-        }
-        memcpy((char *)r.input, PyBytes_AS_STRING(input_o), r.input_len);
-    }
-    r.scratch = PyMem_RawMalloc(READ_CHUNK);
-    if (!r.scratch) {
-        PyErr_NoMemory();
-        goto cleanup;
-    }
+    if (parse_run_args(&r, &a, args, nargs) < 0)
+        return NULL;
     capture_init(&r.cap[0], r.capture_limit);
     capture_init(&r.cap[1], r.capture_limit);
-
-    /* All fds close-on-exec from birth: a concurrent spawn from another thread must not
-     * inherit them, or our EOF would wait for an unrelated process. */
-    rc = 0;
-    if (pipe2(pipes, O_CLOEXEC) < 0)
-        SPAWN_FAIL();
-    r.out_r = pipes[0];
-    out_w = pipes[1];
-    if (pipe2(pipes, O_CLOEXEC) < 0)
-        SPAWN_FAIL();
-    r.err_r = pipes[0];
-    err_w = pipes[1];
-    if (r.input) {
-        if (pipe2(pipes, O_CLOEXEC) < 0)
-            SPAWN_FAIL();
-        in_r = pipes[0];
-        r.in_w = pipes[1];
-    } else if ((in_r = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) {
-        SPAWN_FAIL();
-    }
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-        SPAWN_FAIL();
-    r.ctl = sv[0];
-    ctl_child = sv[1];
-    if (raise_fd(&in_r) || raise_fd(&out_w) || raise_fd(&err_w) || raise_fd(&ctl_child) ||
-        raise_fd(&r.out_r) || raise_fd(&r.err_r) || raise_fd(&r.ctl) ||
-        (r.in_w >= 0 && raise_fd(&r.in_w))) {
-        SPAWN_FAIL();
-    }
-    /* Bigger pipes: fewer wake-ups and copies for chatty suites (best effort). */
-    fcntl(r.out_r, F_SETPIPE_SZ, PIPE_SIZE);
-    fcntl(r.err_r, F_SETPIPE_SZ, PIPE_SIZE);
-    if (fcntl(r.out_r, F_SETFL, O_NONBLOCK) < 0 || fcntl(r.err_r, F_SETFL, O_NONBLOCK) < 0 ||
-        (r.in_w >= 0 && fcntl(r.in_w, F_SETFL, O_NONBLOCK) < 0)) {
-        SPAWN_FAIL();
-    }
-    Py_BEGIN_ALLOW_THREADS
-    rc = spawn_shepherd(&r, in_r, out_w, err_w, ctl_child);
-    Py_END_ALLOW_THREADS
-    close_fd(&ctl_child);
-    close_fd(&in_r);
-    close_fd(&out_w);
-    close_fd(&err_w);
-    if (rc) {
-        /* posix_spawn itself failed: EAGAIN/ENOMEM are the machine's state; ENOENT/EACCES/
-         * ENOEXEC mean our own shepherd executable is missing or broken. */
-        r.shepherd = -1;
-        spawn_err = rc;
-        shepherd_broken = rc == ENOENT || rc == EACCES || rc == ENOEXEC;
-        goto spawn_failed;
-    }
-    if (r.in_w >= 0 && r.input_len == 0)
-        close_fd(&r.in_w);
-    rc = pump(&r);  /* -1: an exception is pending; the cgroup is released all the same */
-    if (r.cg_path) {
-        Py_BEGIN_ALLOW_THREADS
-        r.cg_removed = release_cgroup(&r);
-        Py_END_ALLOW_THREADS
-        r.cg_path_released = 1;
-    }
-    if (rc < 0)
-        goto cleanup;
-    result = build_result(&r, r.shepherd_argv[PG_ARGV_CMD], cwd_arg ? cwd_arg + 1 : "");
-    goto cleanup;
-
-spawn_failed:
-    /* The shepherd could not be started (EMFILE, EAGAIN under RLIMIT_NPROC, ENOMEM...):
-     * a runtime fault, reported in the result, never raised. */
-    {
-        close_fd(&ctl_child);
-        close_fd(&in_r);
-        close_fd(&out_w);
-        close_fd(&err_w);
-        close_fd(&r.out_r);
-        close_fd(&r.err_r);
-        close_fd(&r.in_w);
-        close_fd(&r.ctl);
-        r.have_spawn_failure = 1;
-        r.spawn_failure.stage = shepherd_broken ? PG_STAGE_SHEPHERD : PG_STAGE_SPAWN;
-        r.spawn_failure.err = spawn_err;
-        r.have_final = 1;
-        r.final.wait_status = -1;
-        r.end_ns = now_ns();
-        if (r.cg_path) {
-            r.cg_removed = cg_remove(r.cg_path) == 0;  /* the shepherd never ran: empty */
-            r.cg_path_released = 1;
-        }
-        result = build_result(&r, shepherd_broken ? shepherd_path : r.shepherd_argv[PG_ARGV_CMD], "");
-    }
-cleanup:
-    if (r.cg_path && !r.cg_path_released)
-        cg_remove(r.cg_path);  /* failed before the spawn (MemoryError): nothing is in it */
-    capture_free(&r.cap[0]);
-    capture_free(&r.cap[1]);
-    PyMem_RawFree(r.scratch);
-    PyMem_RawFree((char *)r.input);
-    free_strv(r.shepherd_argv);
-    free_strv(r.envp);
-    PyMem_RawFree(cwd_arg);
-    PyMem_RawFree(cg_arg);
-    PyMem_RawFree(shepherd_path);
+    r.start_ns = now_ns();
+    if (copy_inputs(&r, &a) == 0)
+        result = start_and_wait(&r);
+    free_run(&r);
     return result;
 }

@@ -24,6 +24,11 @@
  * nothing is left.
  *
  * The shepherd itself is single-threaded, so fork()/vfork() here is cheap and safe.
+ *
+ * Its default build has no libc (issue 15): nolibc.c supplies _start and the handful of
+ * functions used here, on raw system calls, so a run pays no libc start-up (glibc's static
+ * one costs ~0.6 ms on a VM). The code here is the same in every build and uses no stdio;
+ * sanitizer builds (and RETEST_SHEPHERD_LIBC=glibc/musl) link it against a libc instead.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -33,7 +38,6 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
@@ -151,6 +155,40 @@ static int parse_i64(const char *s, int64_t *out)
     return 0;
 }
 
+/* Build "<a><number><b>" into buf (size bytes, enough for any /proc path we make): the
+ * shepherd uses no stdio, so that it links without a libc (nolibc.c). Return buf. */
+static char *proc_path(char *buf, size_t size, const char *a, long number, const char *b)
+{
+    char digits[24];
+    size_t n = 0, len = 0;
+    unsigned long v = number < 0 ? 0 : (unsigned long)number;
+    do {
+        digits[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v && n < sizeof(digits));
+    for (const char *p = a; *p && len + 1 < size; p++)
+        buf[len++] = *p;
+    while (n > 0 && len + 1 < size)
+        buf[len++] = digits[--n];
+    for (const char *p = b; *p && len + 1 < size; p++)
+        buf[len++] = *p;
+    buf[len] = '\0';
+    return buf;
+}
+
+/* Parse a decimal number at s after optional spaces into *out. Return the end, or NULL if
+ * there is no number there. */
+static const char *scan_long(const char *s, long *out)
+{
+    char *end;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    if ((*s < '0' || *s > '9') && *s != '-')
+        return NULL;  /* strtol would skip a newline: a number must be on this line */
+    *out = strtol(s, &end, 10);
+    return end == s ? NULL : end;
+}
+
 /* ---------------------------------------------------------------- signal dispositions */
 
 /* A kernel signal set, for rt_sigprocmask called directly: libc drops its reserved signals
@@ -158,13 +196,6 @@ static int parse_i64(const char *s, int64_t *out)
 struct ksigset {
     unsigned long w[(NSIG - 1 + 8 * sizeof(unsigned long) - 1) / (8 * sizeof(unsigned long))];
 };
-
-/* Add sig to set. */
-static void ksig_add(struct ksigset *set, int sig)
-{
-    size_t bits = 8 * sizeof(unsigned long);
-    set->w[(size_t)(sig - 1) / bits] |= 1UL << ((size_t)(sig - 1) % bits);
-}
 
 /* rt_sigprocmask(how, set) without libc's filtering. Async-signal-safe. Return 0 or -1. */
 static int ksig_setmask(int how, const struct ksigset *set)
@@ -181,49 +212,36 @@ static int ksig_default(int sig)
     return (int)syscall(SYS_rt_sigaction, sig, zero, NULL, sizeof(struct ksigset));
 }
 
-/* Make the shepherd deaf to every signal it does not read from its signalfd (read, which
- * stays blocked and SIG_DFL): an orphan re-parented to us that signals its new parent (X
- * servers send SIGUSR1 when ready; anything may send SIGTSTP) must not kill or stop us
- * (issue 10). Ignored where libc allows, blocked where it does not. Return 0 or -1. */
-static int shield_signals(const sigset_t *read)
-{
-    struct ksigset block;
-    struct sigaction ignore;
+/* The signals posix_spawn cannot reset: libc reserves 32 to 34 (glibc 32 and 33, musl 32 to
+ * 34), and its posix_spawn leaves them ignored in the child whatever POSIX_SPAWN_SETSIGDEF
+ * asks. Every other signal reaches us SIG_DFL: run.c spawns us with SETSIGDEF over the full
+ * set (protocol.h). */
+#define LIBC_RESERVED_FIRST 32
+#define LIBC_RESERVED_LAST 34
 
-    memset(&block, 0, sizeof(block));
-    memset(&ignore, 0, sizeof(ignore));
-    ignore.sa_handler = SIG_IGN;
-    for (int sig = 1; sig < NSIG; sig++) {
-        if (sig == SIGKILL || sig == SIGSTOP)
-            continue;
-        /* SIGCHLD must stay SIG_DFL, never SIG_IGN: that would auto-reap the tree and lose
-         * the leader's status (a caller may have ignored it) */
-        if (sigismember(read, sig)) {
-            struct sigaction dfl;
-            memset(&dfl, 0, sizeof(dfl));
-            dfl.sa_handler = SIG_DFL;
-            if (sigaction(sig, &dfl, NULL) < 0)
-                return -1;
-            ksig_add(&block, sig);
-        } else if (sigaction(sig, &ignore, NULL) < 0) {
-            if (errno != EINVAL)
-                return -1;
-            ksig_add(&block, sig);  /* reserved by libc */
-        }
-    }
-    return ksig_setmask(SIG_BLOCK, &block);
+/* Make the shepherd deaf to every signal (issue 10: an orphan re-parented to us that signals
+ * its new parent, X servers send SIGUSR1 when ready, anything may send SIGTSTP, must not kill
+ * or stop us), with dispositions left SIG_DFL: the ones in read arrive through the signalfd,
+ * the rest stay pending and are discarded with us. Blocking instead of ignoring (issue 15)
+ * costs one call here and one in the child, where 64 sigaction calls each were made before:
+ * exec keeps ignored signals ignored, so each had to be reset, but it keeps SIG_DFL as it is
+ * and the child only has to clear the mask. SIGCHLD must stay SIG_DFL, never SIG_IGN: that
+ * would auto-reap the tree and lose the leader's status. Return 0 or -1. */
+static int shield_signals(void)
+{
+    struct ksigset all;
+    for (int sig = LIBC_RESERVED_FIRST; sig <= LIBC_RESERVED_LAST; sig++)
+        if (ksig_default(sig) < 0)
+            return -1;
+    memset(&all, 0xff, sizeof(all));  /* SIGKILL and SIGSTOP: the kernel drops them itself */
+    return ksig_setmask(SIG_SETMASK, &all);
 }
 
-/* In the child before exec: every signal SIG_DFL, none blocked, whatever the shepherd (or
- * posix_spawn's internals, which leave 32 and 33 ignored) set up. Async-signal-safe. Return
- * 0, or -1 with errno. */
+/* In the child before exec: no signal blocked. Every disposition is SIG_DFL already (see
+ * shield_signals), which exec keeps. Async-signal-safe. Return 0, or -1 with errno. */
 static int reset_signals_for_exec(void)
 {
     struct ksigset none;
-    for (int sig = 1; sig < NSIG; sig++) {
-        if (sig != SIGKILL && sig != SIGSTOP && ksig_default(sig) < 0)
-            return -1;
-    }
     memset(&none, 0, sizeof(none));
     return ksig_setmask(SIG_SETMASK, &none);
 }
@@ -332,14 +350,19 @@ static int add_children(pid_t pid, struct pidset *set)
     struct dirent *de;
     int found_file = 0;
 
-    snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
-    dir = opendir(path);
+    dir = opendir(proc_path(path, sizeof(path), "/proc/", pid, "/task"));
     if (!dir)
         return 0;  /* already gone */
     while ((de = readdir(dir)) != NULL) {
         if (de->d_name[0] < '0' || de->d_name[0] > '9')
             continue;
-        snprintf(path, sizeof(path), "/proc/%d/task/%s/children", (int)pid, de->d_name);
+        size_t len;
+        proc_path(path, sizeof(path), "/proc/", pid, "/task/");
+        len = strlen(path);
+        if (len + strlen(de->d_name) + sizeof("/children") > sizeof(path))
+            continue;  /* a thread id has at most 10 digits: never */
+        memcpy(path + len, de->d_name, strlen(de->d_name));
+        memcpy(path + len + strlen(de->d_name), "/children", sizeof("/children"));
         if (add_children_file(path, set) < 0) {
             if (errno != ENOENT && errno != ESRCH)
                 found_file = 1;
@@ -364,15 +387,17 @@ static void add_descendants_by_scan(pid_t root, struct pidset *set)
     if (!dir)
         return;
     while ((de = readdir(dir)) != NULL) {
-        char path[320], buf[512], *close_paren;
-        int p, pp;
+        char path[64], buf[512], *close_paren;
+        long p, pp;
         if (de->d_name[0] < '1' || de->d_name[0] > '9')
             continue;
-        snprintf(path, sizeof(path), "/proc/%s/stat", de->d_name);
-        if (read_small(path, buf, sizeof(buf)) < 0)
+        p = strtol(de->d_name, NULL, 10);
+        if (read_small(proc_path(path, sizeof(path), "/proc/", p, "/stat"), buf, sizeof(buf)) < 0)
             continue;
         close_paren = strrchr(buf, ')');  /* comm may contain spaces and parens */
-        if (!close_paren || sscanf(buf, "%d", &p) != 1 || sscanf(close_paren + 2, "%*c %d", &pp) != 1)
+        /* ") S 1234": the state, then the parent's pid */
+        if (!close_paren || close_paren[1] != ' ' || !close_paren[2] ||
+            !scan_long(close_paren + 3, &pp))
             continue;
         if (n == cap) {
             size_t ncap = cap ? cap * 2 : 256;
@@ -386,8 +411,8 @@ static void add_descendants_by_scan(pid_t root, struct pidset *set)
             ppid = b;
             cap = ncap;
         }
-        pid[n] = p;
-        ppid[n] = pp;
+        pid[n] = (pid_t)p;
+        ppid[n] = (pid_t)pp;
         n++;
     }
     closedir(dir);
@@ -431,8 +456,9 @@ static int proc_is_ours(pid_t self)
         return 0;  /* no /proc, or we are not in it at all */
     line = strstr(buf, "\nNSpid:");
     if (line) {
-        int fields = sscanf(line + 7, "%ld %ld", &first, &second);
-        return fields == 1 && first == self;
+        const char *rest = scan_long(line + 7, &first);
+        /* exactly one entry: a second number on the line means a nested namespace */
+        return rest && !scan_long(rest, &second) && first == self;
     }
     n = readlink("/proc/self", buf, sizeof(buf) - 1);
     if (n < 0)
@@ -480,14 +506,14 @@ struct proc_stat {
 static int read_proc_stat(pid_t pid, struct proc_stat *ps)
 {
     char path[64], buf[1024], *p;
-    int ppid;
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    if (read_small(path, buf, sizeof(buf)) < 0)
+    long ppid;
+    if (read_small(proc_path(path, sizeof(path), "/proc/", pid, "/stat"), buf, sizeof(buf)) < 0)
         return -1;
-    p = strrchr(buf, ')');  /* comm may contain spaces and parens */
-    if (!p || sscanf(p + 1, " %c %d", &ps->state, &ppid) != 2)
+    p = strrchr(buf, ')');  /* comm may contain spaces and parens: ") S 1234 ..." */
+    if (!p || p[1] != ' ' || !p[2] || !scan_long(p + 3, &ppid))
         return -1;
-    ps->ppid = ppid;
+    ps->state = p[2];
+    ps->ppid = (pid_t)ppid;
     /* num_threads is field 20; p is on the ')' that ends field 2, and each space found
      * starts the next field */
     for (int field = 2; field < 20 && p; field++)
@@ -501,18 +527,19 @@ static int read_proc_stat(pid_t pid, struct proc_stat *ps)
 static int64_t process_age_us(pid_t pid)
 {
     char path[64], buf[1024], *p;
-    unsigned long long start_ticks;
+    long start_ticks;
     long hz = sysconf(_SC_CLK_TCK);
     struct timespec boot;
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    if (hz <= 0 || read_small(path, buf, sizeof(buf)) < 0 || !(p = strrchr(buf, ')')))
+    if (hz <= 0 || read_small(proc_path(path, sizeof(path), "/proc/", pid, "/stat"), buf,
+                              sizeof(buf)) < 0 || !(p = strrchr(buf, ')')))
         return -1;
     for (int field = 2; field < 22 && p; field++)  /* as in read_proc_stat: p ends field 2 */
         p = strchr(p + 1, ' ');
-    if (!p || sscanf(p + 1, "%llu", &start_ticks) != 1 || clock_gettime(CLOCK_BOOTTIME, &boot) < 0)
+    if (!p || !scan_long(p + 1, &start_ticks) || start_ticks < 0 ||
+        clock_gettime(CLOCK_BOOTTIME, &boot) < 0)
         return -1;
     return ((int64_t)boot.tv_sec * 1000000 + boot.tv_nsec / 1000) -
-           (int64_t)(start_ticks * 1000000ULL / (unsigned long long)hz);
+           (int64_t)((unsigned long long)start_ticks * 1000000ULL / (unsigned long long)hz);
 }
 
 /* Return 1 if ps describes a dead process that only waits to be reaped. A thread group
@@ -722,8 +749,8 @@ static void report_leaks(struct state *st, const pid_t *pids, size_t n)
         rec.age_us = -1;
         if (proc_walkable(st)) {
             char text[PG_LEAK_TEXT + 1];
-            snprintf(path, sizeof(path), "/proc/%d/cmdline", (int)pids[i]);
-            len = read_small(path, text, sizeof(text));
+            len = read_small(proc_path(path, sizeof(path), "/proc/", pids[i], "/cmdline"), text,
+                             sizeof(text));
             for (ssize_t j = 0; j < len; j++)
                 if (text[j] == '\0')
                     text[j] = ' ';
@@ -830,7 +857,7 @@ static void close_inherited_fds(void)
         return;
     }
     while ((de = readdir(dir)) != NULL) {
-        int fd = atoi(de->d_name);
+        int fd = (int)strtol(de->d_name, NULL, 10);
         if (fd > PG_CONTROL_FD && fd != dirfd(dir))
             close(fd);
     }
@@ -1223,174 +1250,208 @@ static void on_control(struct state *st, short revents)
     }
 }
 
+/* Read the shepherd's argv (protocol.h: pg_argv_field) into st and *cwd; a malformed one
+ * fails the start (EINVAL): we were started by something other than run.c. */
+static void parse_args(struct state *st, int argc, char **argv, const char **cwd)
+{
+    int64_t deadline_ns, grace_ns, stop_signal;
+    *cwd = NULL;
+    if (argc <= PG_ARGV_CMD || parse_i64(argv[PG_ARGV_DEADLINE], &deadline_ns) ||
+        parse_i64(argv[PG_ARGV_GRACE], &grace_ns) || grace_ns < 0 ||
+        parse_i64(argv[PG_ARGV_STOP_SIGNAL], &stop_signal) || stop_signal < 1 || stop_signal >= NSIG)
+        fail_start(st, PG_STAGE_SHEPHERD, EINVAL);
+    if (argv[PG_ARGV_CWD][0] == 'C')
+        *cwd = argv[PG_ARGV_CWD] + 1;
+    else if (strcmp(argv[PG_ARGV_CWD], "-") != 0)
+        fail_start(st, PG_STAGE_SHEPHERD, EINVAL);
+    if (open_cgroup(st, argv[PG_ARGV_CGROUP]) < 0)
+        fail_start(st, PG_STAGE_SHEPHERD, EINVAL);
+    st->deadline_ns = deadline_ns < 0 ? -1 : deadline_ns;
+    st->grace_ns = grace_ns;
+    st->stop_signal = (int)stop_signal;
+}
+
+/* Shield the shepherd from signals and return a signalfd for the ones it acts on; on
+ * failure report it and exit. Signals arrive through the signalfd, never asynchronously:
+ * no handlers, no races. */
+static int open_signalfd(struct state *st)
+{
+    sigset_t mask;
+    int sfd;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGCHLD);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    sigaddset(&mask, SIGHUP);
+    if (shield_signals() < 0)
+        fail_start(st, PG_STAGE_SHEPHERD, errno);
+    sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (sfd < 0)
+        fail_start(st, PG_STAGE_SHEPHERD, errno);
+    return sfd;
+}
+
+/* Stop the run on request (the caller, a signal to the shepherd, a failed poll): the stop
+ * sequence for the whole tree, once. */
+static void request_stop(struct state *st)
+{
+    if (st->phase == RUNNING) {
+        st->final.terminated = 1;
+        begin_terminate(st, 0);
+    }
+}
+
+/* RUNNING: decide what the state of the tree calls for. Return 1 if the phase changed (look
+ * again at once), else 0 with *wake set to when to look again (-1: on events only). */
+static int step_running(struct state *st, int children_left, int64_t now, int64_t *wake)
+{
+    if (st->caller_gone && st->leader_alive) {
+        /* The caller went away (even before it heard that we started): nobody will ever
+         * read the output or ask us to stop, so the tree must not live on. */
+        request_stop(st);
+        return 1;
+    }
+    if (!st->leader_alive) {
+        if (!children_left)
+            st->phase = DONE;
+        else  /* the leader is gone but something of its tree is not: sweep it */
+            st->final.swept_after_exit = begin_terminate(st, 1);
+        return 1;
+    }
+    if (st->deadline_ns >= 0 && now >= st->deadline_ns) {
+        st->final.timed_out = 1;
+        st->final.killed_at_deadline = begin_terminate(st, 0);
+        return 1;
+    }
+    *wake = st->deadline_ns;
+    return 0;
+}
+
+/* TERMINATING and KILLING: as step_running, for the stop sequence. */
+static int step_stopping(struct state *st, int children_left, int64_t now, int64_t *wake)
+{
+    if (!children_left) {
+        st->phase = DONE;
+        return 1;
+    }
+    if (now >= st->phase_deadline_ns) {
+        if (st->phase == TERMINATING)
+            begin_kill(st);
+        else {  /* the give-up bound: what is left is reported, not waited for */
+            st->final.unkillable = signal_tree(st, 0, 0);
+            st->phase = DONE;
+        }
+        return 1;
+    }
+    if (st->phase == TERMINATING) {
+        *wake = st->phase_deadline_ns;
+        return 0;
+    }
+    /* Something forked between the walk and the kill, or is slow to die: repeat. */
+    kill_tree(st);
+    *wake = now + 5 * NS_PER_MS;
+    return 0;
+}
+
+/* Return the poll() timeout in ms from now until wake (-1: none). */
+static int poll_timeout_ms(int64_t wake, int64_t now)
+{
+    int64_t left, ms;
+    if (wake < 0)
+        return -1;
+    left = wake - now;
+    ms = left <= 0 ? 0 : (left + NS_PER_MS - 1) / NS_PER_MS;
+    return ms > INT_MAX ? INT_MAX : (int)ms;  /* deadlines beyond 24.8 days */
+}
+
+/* Sleep until a signal, the caller, the cgroup or wake (-1: none), and react. */
+static void wait_events(struct state *st, int sfd, int64_t wake, int64_t now)
+{
+    struct pollfd fds[3];
+    int ready;
+    fds[0].fd = sfd;
+    fds[0].events = POLLIN;
+    fds[1].fd = st->caller_gone ? -1 : PG_CONTROL_FD;
+    fds[1].events = POLLIN;
+    fds[2].fd = st->in_cgroup ? st->cg_events : -1;  /* POLLPRI: populated changed */
+    fds[2].events = POLLPRI;
+    ready = poll(fds, 3, poll_timeout_ms(wake, now));
+    if (ready < 0) {
+        if (errno != EINTR)
+            request_stop(st);  /* poll itself failing (ENOMEM) must not leave the tree */
+        return;
+    }
+    if (fds[0].revents & POLLIN) {
+        struct signalfd_siginfo si;
+        while (read(sfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
+            if (si.ssi_signo != SIGCHLD)
+                request_stop(st);  /* someone asked us to stop: the tree goes down with us */
+        }
+    }
+    if (fds[1].fd >= 0 && fds[1].revents)
+        on_control(st, fds[1].revents);
+}
+
+/* Watch the tree until it is gone (or out of reach), driving the stop sequence. */
+static void supervise(struct state *st, int sfd)
+{
+    st->phase = RUNNING;
+    while (st->phase != DONE) {
+        int64_t wake = -1, now;
+        int children_left = tree_left(st, reap(st)), changed;
+
+        now = now_ns();
+        if (children_left && !tree_reachable(st)) {
+            /* /proc is not ours and the leader is reaped: what is left cannot be found, and
+             * signalling numbers blindly could hit bystanders. Reported as proc_foreign. */
+            st->phase = DONE;
+            break;
+        }
+        changed = st->phase == RUNNING ? step_running(st, children_left, now, &wake)
+                                       : step_stopping(st, children_left, now, &wake);
+        if (!changed)
+            wait_events(st, sfd, wake, now);
+    }
+}
+
+/* Everything is dead and reaped (or given up on): account for it and tell the caller. */
+static void send_final(struct state *st)
+{
+    struct rusage ru;
+    finish_cgroup(st);
+    if (getrusage(RUSAGE_CHILDREN, &ru) == 0) {
+        st->final.utime_us = (int64_t)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
+        st->final.stime_us = (int64_t)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
+        st->final.maxrss_kb = ru.ru_maxrss;
+    }
+    st->final.pid = st->leader;
+    /* A leader that outlived the give-up bound has SIGKILL pending: that is how it will end. */
+    st->final.wait_status = st->leader_alive ? SIGKILL : st->leader_status;
+    send_record(st, &st->final);
+}
+
 int main(int argc, char **argv)
 {
     struct state st;
-    int64_t deadline_ns, grace_ns, stop_signal;
-    const char *cwd = NULL;
-    sigset_t mask;
+    const char *cwd;
     int sfd;
 
     memset(&st, 0, sizeof(st));
     st.self = getpid();
     st.final.kind = PG_REC_FINAL;
     st.final.wait_status = -1;
+    st.cg_dfd = st.cg_events = -1;
 
     if (fcntl(PG_CONTROL_FD, F_SETFD, FD_CLOEXEC) < 0)
         return 125;  /* no control socket: started by something other than run.c */
     close_inherited_fds();
-    st.cg_dfd = st.cg_events = -1;
-    if (argc <= PG_ARGV_CMD || parse_i64(argv[PG_ARGV_DEADLINE], &deadline_ns) ||
-        parse_i64(argv[PG_ARGV_GRACE], &grace_ns) || grace_ns < 0 ||
-        parse_i64(argv[PG_ARGV_STOP_SIGNAL], &stop_signal) || stop_signal < 1 || stop_signal >= NSIG)
-        fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
-    if (argv[PG_ARGV_CWD][0] == 'C')
-        cwd = argv[PG_ARGV_CWD] + 1;
-    else if (strcmp(argv[PG_ARGV_CWD], "-") != 0)
-        fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
-    if (open_cgroup(&st, argv[PG_ARGV_CGROUP]) < 0)
-        fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
-    st.grace_ns = grace_ns;
-    st.stop_signal = (int)stop_signal;
-
+    parse_args(&st, argc, argv, &cwd);
     /* Without the subreaper bit escapees would go to init; containment then degrades to the
      * process group, which is still what subprocess.run offers at best. */
     prctl(PR_SET_CHILD_SUBREAPER, 1);
-
-    /* Signals arrive through a signalfd, never asynchronously: no handlers, no races. Every
-     * other catchable signal is ignored or blocked (shield_signals). */
-    sigemptyset(&mask);
-    sigaddset(&mask, SIGCHLD);
-    sigaddset(&mask, SIGTERM);
-    sigaddset(&mask, SIGINT);
-    sigaddset(&mask, SIGHUP);
-    if (shield_signals(&mask) < 0)
-        fail_start(&st, PG_STAGE_SHEPHERD, errno);
-    sfd = signalfd(-1, &mask, SFD_CLOEXEC | SFD_NONBLOCK);
-    if (sfd < 0)
-        fail_start(&st, PG_STAGE_SHEPHERD, errno);
-
+    sfd = open_signalfd(&st);
     start_command(&st, cwd, argv + PG_ARGV_CMD);
-    st.deadline_ns = deadline_ns < 0 ? -1 : deadline_ns;
-    st.phase = RUNNING;
-
-    while (st.phase != DONE) {
-        struct pollfd fds[3];
-        int64_t wake = -1, now;
-        int timeout_ms, ready, children_left;
-
-        children_left = tree_left(&st, reap(&st));
-        now = now_ns();
-        if (children_left && !tree_reachable(&st)) {
-            /* /proc is not ours and the leader is reaped: what is left cannot be found, and
-             * signalling numbers blindly could hit bystanders. Reported as proc_foreign. */
-            st.phase = DONE;
-            continue;
-        }
-        switch (st.phase) {
-        case RUNNING:
-            if (st.caller_gone && st.leader_alive) {
-                /* The caller went away (even before it heard that we started): nobody will
-                 * ever read the output or ask us to stop, so the tree must not live on. */
-                st.final.terminated = 1;
-                begin_terminate(&st, 0);
-                continue;
-            }
-            if (!st.leader_alive) {
-                if (!children_left) {
-                    st.phase = DONE;
-                    continue;
-                }
-                /* The leader is gone but something of its tree is not: sweep it. */
-                st.final.swept_after_exit = begin_terminate(&st, 1);
-                continue;
-            }
-            if (st.deadline_ns >= 0 && now >= st.deadline_ns) {
-                st.final.timed_out = 1;
-                st.final.killed_at_deadline = begin_terminate(&st, 0);
-                continue;
-            }
-            wake = st.deadline_ns;
-            break;
-        case TERMINATING:
-            if (!children_left) {
-                st.phase = DONE;
-                continue;
-            }
-            if (now >= st.phase_deadline_ns) {
-                begin_kill(&st);
-                continue;
-            }
-            wake = st.phase_deadline_ns;
-            break;
-        case KILLING:
-            if (!children_left) {
-                st.phase = DONE;
-                continue;
-            }
-            if (now >= st.phase_deadline_ns) {
-                st.final.unkillable = signal_tree(&st, 0, 0);
-                st.phase = DONE;
-                continue;
-            }
-            /* Something forked between the walk and the kill, or is slow to die: repeat. */
-            kill_tree(&st);
-            wake = now + 5 * NS_PER_MS;
-            break;
-        case DONE:
-            continue;
-        }
-
-        fds[0].fd = sfd;
-        fds[0].events = POLLIN;
-        fds[1].fd = st.caller_gone ? -1 : PG_CONTROL_FD;
-        fds[1].events = POLLIN;
-        fds[2].fd = st.in_cgroup ? st.cg_events : -1;  /* POLLPRI: populated changed */
-        fds[2].events = POLLPRI;
-        if (wake < 0) {
-            timeout_ms = -1;
-        } else {
-            int64_t left = wake - now;
-            int64_t ms = left <= 0 ? 0 : (left + NS_PER_MS - 1) / NS_PER_MS;
-            timeout_ms = ms > INT_MAX ? INT_MAX : (int)ms;  /* deadlines beyond 24.8 days */
-        }
-        ready = poll(fds, 3, timeout_ms);
-        if (ready < 0) {
-            if (errno == EINTR)
-                continue;
-            /* poll itself failing (ENOMEM) must not leave the tree: terminate it */
-            if (st.phase == RUNNING) {
-                st.final.terminated = 1;
-                begin_terminate(&st, 0);
-            }
-            continue;
-        }
-        if (fds[0].revents & POLLIN) {
-            struct signalfd_siginfo si;
-            while (read(sfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
-                if (si.ssi_signo != SIGCHLD && st.phase == RUNNING) {
-                    /* someone asked the shepherd to stop: take the tree down with us */
-                    st.final.terminated = 1;
-                    begin_terminate(&st, 0);
-                }
-            }
-        }
-        if (fds[1].fd >= 0 && fds[1].revents)
-            on_control(&st, fds[1].revents);
-    }
-
-    finish_cgroup(&st);
-    {
-        struct rusage ru;
-        if (getrusage(RUSAGE_CHILDREN, &ru) == 0) {
-            st.final.utime_us = (int64_t)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
-            st.final.stime_us = (int64_t)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
-            st.final.maxrss_kb = ru.ru_maxrss;
-        }
-    }
-    st.final.pid = st.leader;
-    /* A leader that outlived the give-up bound has SIGKILL pending: that is how it will end. */
-    st.final.wait_status = st.leader_alive ? SIGKILL : st.leader_status;
-    send_record(&st, &st.final);
+    supervise(&st, sfd);
+    send_final(&st);
     return 0;
 }

@@ -395,9 +395,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RETEST_STRIP", "bool", True,
             "The extension and the shepherd are linked stripped (-s); 0 keeps their symbols for a "
             "debugger (sanitizer builds always keep them).", "build time only"),
-    Setting("RETEST_SHEPHERD_LIBC", "choice", "musl",
-            "The shepherd is linked statically against musl when musl-gcc is installed (faster "
-            "start-up); glibc forces the glibc build.", "build time only", choices=("musl", "glibc")),
+    Setting("RETEST_SHEPHERD_LIBC", "choice", "none",
+            "How the shepherd is linked: none (default) gives it its own start-up and system-call "
+            "layer, no libc (fastest start; x86_64 and aarch64, else musl or glibc); musl links "
+            "it statically against musl when musl-gcc is installed; glibc against glibc. "
+            "Sanitizer builds always use glibc.", "build time only",
+            choices=("none", "musl", "glibc")),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

@@ -1,0 +1,216 @@
+"""Issue 15: the no-libc shepherd, the capture built in place, one wake-up less per run.
+
+The capture tests run against both backends (one contract) at the in-place buffer's
+boundaries: no output, exactly the limit, one byte over, the head/tail split, a tail ring that
+wraps (direct reads, limit >= 512 KiB) and a small one (filled through the scratch buffer).
+The shepherd tests check what the default build is (no libc, no dynamic loader) and that it
+still reports every way a start can fail, in both containment modes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import platform
+import threading
+from pathlib import Path
+
+import pytest
+
+from helpers_proc import payload, py, write_payload
+from retest import proc_group
+from retest.proc_group import run
+
+MARKER = b"\n[retest: %d bytes omitted]\n"
+
+
+def expected_capture(data: bytes, limit: int) -> tuple[bytes, int]:
+    """Half head, half tail, a marker in between (the contract, written out independently)."""
+    if len(data) <= limit:
+        return data, 0
+    head = limit // 2
+    dropped = len(data) - limit
+    return data[:head] + MARKER % dropped + data[len(data) - (limit - head):], dropped
+
+
+# ----------------------------------------------------------------------------- capture boundaries
+
+
+def test_no_output_is_empty_bytes(backend: str) -> None:
+    result = run(["true"], backend=backend, timeout=10, capture_limit=1 << 20)
+
+    assert (result.stdout, result.stdout_dropped) == (b"", 0)
+    assert (result.stderr, result.stderr_dropped) == (b"", 0)
+    assert type(result.stdout) is bytes
+
+
+@pytest.mark.parametrize("limit, size", [
+    (1000, 1000),            # exactly the limit: all kept, no marker
+    (1000, 1001),            # one over: one byte dropped from the middle
+    (1001, 5000),            # odd limit: the head is the smaller half
+    (0, 10),                 # nothing kept: only the marker
+    (1, 10),                 # a one-byte ring
+    (64 * 1024, 200_000),    # a small ring, filled through the scratch buffer
+])
+def test_capture_boundaries(backend: str, limit: int, size: int) -> None:
+    data = payload(limit + size, size)
+
+    result = run(write_payload(limit + size, size), backend=backend, timeout=30,
+                 capture_limit=limit)
+
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stdout_dropped) == expected_capture(data, limit)
+
+
+@pytest.mark.parametrize("size", [
+    1 << 20,                 # head and tail exactly full: the limit, nothing dropped
+    (1 << 20) + 1,           # one over, the ring wrapped by one byte
+    5 * (1 << 20) + 12345,   # the ring wraps many times at odd offsets
+])
+def test_capture_with_a_wrapping_tail_ring(backend: str, size: int) -> None:
+    limit = 1 << 20  # a 512 KiB tail: reads land in it directly
+    data = payload(size, size)
+
+    result = run(write_payload(size, size), backend=backend, timeout=60, capture_limit=limit)
+
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stdout_dropped) == expected_capture(data, limit)
+
+
+def test_capture_of_both_streams_at_once(backend: str) -> None:
+    out, err = payload(1, 300_000), payload(2, 900_000)
+    code = """
+        import random, sys
+        out = random.Random(1).randbytes(300_000)
+        err = random.Random(2).randbytes(900_000)
+        for i in range(0, 900_000, 4096):
+            sys.stderr.buffer.write(err[i:i + 4096]); sys.stderr.buffer.flush()
+            if i < 300_000:
+                sys.stdout.buffer.write(out[i:i + 4096]); sys.stdout.buffer.flush()
+    """
+
+    result = run(py(code), backend=backend, timeout=60, capture_limit=600_000)
+
+    assert result.returncode == 0
+    assert (result.stdout, result.stdout_dropped) == expected_capture(out, 600_000)
+    assert (result.stderr, result.stderr_dropped) == expected_capture(err, 600_000)
+
+
+def test_callback_sees_every_byte_while_the_capture_stays_bounded(backend: str) -> None:
+    size, limit = 3_000_000, 700_000
+    data = payload(7, size)
+    seen: list[bytes] = []
+
+    result = run(write_payload(7, size), backend=backend, timeout=60, capture_limit=limit,
+                 on_output=lambda stream, chunk: seen.append(chunk) if stream == "stdout" else None)
+
+    assert b"".join(seen) == data
+    assert (result.stdout, result.stdout_dropped) == expected_capture(data, limit)
+
+
+def test_threads_capture_independently(native: str) -> None:
+    """In-place buffers are per run: 4 threads, each its own seed, none sees another's bytes."""
+    results: dict[int, proc_group.RunResult] = {}
+
+    def one(seed: int) -> None:
+        results[seed] = run(write_payload(seed, 1_500_000), timeout=60, capture_limit=1 << 20)
+
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in range(10, 14)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    for seed in range(10, 14):
+        r = results[seed]
+        assert (r.stdout, r.stdout_dropped) == expected_capture(payload(seed, 1_500_000), 1 << 20)
+
+
+# ----------------------------------------------------------------------------- the shepherd build
+
+
+def shepherd_path() -> str:
+    proc_group._load_native()
+    assert proc_group._shepherd_path is not None
+    return proc_group._shepherd_path
+
+
+def test_default_shepherd_has_no_libc_and_no_loader(native: str) -> None:
+    """Issue 15: the default build links no libc (ext/nolibc.c) and so has no PT_INTERP."""
+    if os.environ.get("RETEST_SHEPHERD_LIBC", "none").lower() != "none" or \
+            os.environ.get("RETEST_SANITIZE") or platform.machine() not in ("x86_64", "aarch64"):
+        pytest.skip("a libc shepherd was asked for, or this machine has no no-libc build")
+    binary = Path(shepherd_path()).read_bytes()
+
+    assert binary[:4] == b"\x7fELF"
+    assert b"ld-linux" not in binary and b"/lib64/" not in binary  # no dynamic loader
+    assert b"GNU C Library" not in binary and b"GLIBC_" not in binary
+    assert len(binary) < 200_000  # a static glibc build is ~800 kB
+
+
+def test_shepherd_run_by_hand_exits_125(native: str) -> None:
+    """Without its control socket (fd 3) the shepherd refuses at once: its own start-up works."""
+    result = run([shepherd_path(), "1", "2"], backend="subprocess", timeout=10)
+
+    assert result.returncode == 125
+
+
+@pytest.mark.parametrize("case", ["missing", "not-executable", "directory", "garbage", "empty"])
+def test_every_exec_failure_is_reported(containment: str, tmp_path: Path, case: str) -> None:
+    target = tmp_path / "prog"
+    expected = {"missing": errno.ENOENT, "not-executable": errno.EACCES,
+                "directory": errno.EACCES, "garbage": errno.ENOEXEC, "empty": errno.ENOENT}[case]
+    if case == "not-executable":
+        target.write_text("#!/bin/sh\necho ran\n")
+        target.chmod(0o644)
+    elif case == "directory":
+        target.mkdir()
+    elif case == "garbage":
+        target.write_bytes(b"\x00\x01 no format")
+        target.chmod(0o755)
+    argv0 = "" if case == "empty" else str(target)
+
+    result = run([argv0], timeout=10)
+
+    assert result.returncode is None and result.pid is None
+    assert result.spawn_errno == expected
+    assert result.spawn_error is not None and result.spawn_error.startswith("exec ")
+    assert result.stdout == b""
+
+
+def test_bad_cwd_is_reported(containment: str, tmp_path: Path) -> None:
+    result = run(["true"], cwd=tmp_path / "gone", timeout=10)
+
+    assert result.returncode is None
+    assert result.spawn_errno == errno.ENOENT
+    assert result.spawn_error is not None and result.spawn_error.startswith("chdir ")
+
+
+def test_path_search_goes_on_past_a_non_enoent_failure(containment: str, tmp_path: Path) -> None:
+    """As execvp and _posixsubprocess: an unrunnable match (EACCES) does not stop the search;
+    when nothing runs, that first real error is the one reported, not ENOENT."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    (first / "retest-probe").write_text("#!/bin/sh\necho wrong\n")
+    (first / "retest-probe").chmod(0o644)
+    (second / "retest-probe").write_text("#!/bin/sh\necho right\n")
+    (second / "retest-probe").chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'none'}:{first}:{second}")
+
+    found = run(["retest-probe"], env=env, timeout=10)
+    (second / "retest-probe").unlink()
+    refused = run(["retest-probe"], env=env, timeout=10)
+
+    assert found.returncode == 0 and found.stdout == b"right\n"
+    assert refused.returncode is None and refused.spawn_errno == errno.EACCES
+
+
+def test_the_command_starts_with_no_signal_blocked_or_ignored(containment: str) -> None:
+    """The shepherd blocks every signal and ignores none (issue 15); the command gets neither."""
+    result = run(["cat", "/proc/self/status"], timeout=10)
+
+    fields = dict(line.split(":\t", 1) for line in result.stdout.decode().splitlines()
+                  if line.startswith(("SigBlk", "SigIgn")))
+    assert result.returncode == 0
+    assert {k: int(v, 16) for k, v in fields.items()} == {"SigBlk": 0, "SigIgn": 0}
