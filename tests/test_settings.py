@@ -198,3 +198,19 @@ def test_setup_py_honours_pure_python_true() -> None:
                           capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert b"building without the native runner" in proc.stderr
+
+
+def test_runner_settings_are_cached_only_while_their_variables_stay(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache key holds every variable RunnerSettings reads, and a change is seen at once."""
+    seen: list[str] = []
+    real = config.read
+    monkeypatch.setattr(config, "read", lambda name, environ=None: seen.append(name) or real(name, environ))
+    config.RunnerSettings._read(None)
+    assert sorted(seen) == sorted(config._RUNNER_NAMES)
+    monkeypatch.setattr(config, "read", real)
+    monkeypatch.setenv("RETEST_KILL_GRACE_S", "3")
+    assert config.RunnerSettings.from_env().grace_s == 3.0
+    assert config.RunnerSettings.from_env() is config.RunnerSettings.from_env()  # cached
+    monkeypatch.setenv("RETEST_KILL_GRACE_S", "4")
+    assert config.RunnerSettings.from_env().grace_s == 4.0
+    assert config.RunnerSettings.from_env({"RETEST_KILL_GRACE_S": "6"}).grace_s == 6.0
