@@ -135,7 +135,8 @@ def test_a_foreign_hog_is_named_with_its_cpu() -> None:
 def test_the_tree_itself_is_not_foreign() -> None:
     result = proc_group.run([PY, "-c", HOG.format(s=1.0)], timeout=5)
     assert result.pid not in {f.pid for f in result.pressure.foreign}
-    assert result.pressure.tree_cpu_s >= 0.3 and result.pressure.tree_share > 0.1
+    # its CPU is the tree's (a loaded machine gives a busy loop less than a core: no absolute figure)
+    assert result.pressure.tree_cpu_s >= 0.05 and result.pressure.tree_cpu_s <= result.duration_s * result.pressure.cores
 
 
 def test_an_orphaned_pytest_is_marked(tmp_path: Path) -> None:
@@ -314,9 +315,11 @@ def test_a_suite_that_oversubscribes_itself_is_not_starved(tmp_path: Path) -> No
     verdict = proc_group.classify(result)
     p = result.pressure
     assert verdict.kind == "timeout" and p is not None
-    assert p.tree_cores > 0.5, p.text()  # the tree kept the machine busy
     if p.foreign_share < 0.25:  # a quiet machine (other tests of a parallel run may load it)
+        assert p.tree_cores > 0.5, p.text()  # the tree kept the machine busy
         assert verdict.rule == "timeout.deadline", verdict.reason
+    else:  # others did load it: then starved is the truth, and the reason must say by whom
+        assert verdict.rule in ("timeout.deadline", "timeout.starved"), verdict.reason
 
 
 def test_the_gate_keeps_the_rules_evidence(tmp_path: Path) -> None:
