@@ -14,6 +14,7 @@
 #include "proc_group.h"
 #include "capture.h"
 #include "cgroup.h"
+#include "evidence.h"
 #include "protocol.h"
 
 #include <errno.h>
@@ -146,6 +147,12 @@ struct run {
     int n_leaks;
     int shepherd_status;
     int64_t start_ns, end_ns;
+
+    /* the machine's counters around the run (evidence.h), when asked for */
+    int evidence;
+    int have_evidence;     /* ev0 and the kmsg cursor were taken: ev1 is due at the end */
+    struct ev_machine ev0, ev1;
+    struct ev_kmsg kmsg;
 };
 
 /* Free every C copy of the inputs. */
@@ -661,6 +668,67 @@ static const char *stage_name(int stage)
     }
 }
 
+/* One ev_machine reading as a tuple of ints (-1: absent), in proc_group.py's order. */
+static PyObject *machine_tuple(const struct ev_machine *m)
+{
+    const int64_t *psi[4] = {m->psi_some_total, m->psi_full_total, m->psi_some_avg10,
+                             m->psi_full_avg10};
+    int64_t v[5 + 4 * EV_PSI_RESOURCES];
+    int n = 0;
+    PyObject *t;
+    v[n++] = m->at_ns;
+    for (int k = 0; k < 4; k++)
+        for (int i = 0; i < EV_PSI_RESOURCES; i++)
+            v[n++] = psi[k][i];
+    v[n++] = m->busy_ticks;
+    v[n++] = m->self_cpu_us;
+    v[n++] = m->oom_kill;
+    v[n++] = m->oom_group_kill;
+    if (!(t = PyTuple_New(n)))
+        return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *x = PyLong_FromLongLong(v[i]);
+        if (!x) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, x);
+    }
+    return t;
+}
+
+/* The evidence of the run: (before, after, kmsg records or None, kmsg complete, kmsg errno),
+ * or None when it was not asked for or the command never started. */
+static PyObject *evidence_tuple(const struct run *r)
+{
+    PyObject *before, *after, *kept = Py_None, *t;
+    if (!r->have_evidence)
+        Py_RETURN_NONE;
+    if (r->kmsg.open_errno == 0) {
+        if (!(kept = PyTuple_New(r->kmsg.n_kept)))
+            return NULL;
+        for (int i = 0; i < r->kmsg.n_kept; i++) {
+            PyObject *line = PyBytes_FromString(r->kmsg.kept[i]);
+            if (!line) {
+                Py_DECREF(kept);
+                return NULL;
+            }
+            PyTuple_SET_ITEM(kept, i, line);
+        }
+    } else {
+        Py_INCREF(kept);
+    }
+    before = machine_tuple(&r->ev0);
+    after = machine_tuple(&r->ev1);
+    t = before && after ? Py_BuildValue("(OOOOi)", before, after, kept,
+                                        r->kmsg.complete ? Py_True : Py_False, r->kmsg.open_errno)
+                        : NULL;
+    Py_XDECREF(before);
+    Py_XDECREF(after);
+    Py_DECREF(kept);
+    return t;
+}
+
 /* Set d[key] = value, stealing the reference to value. Return 0 or -1. */
 static int set_item(PyObject *d, const char *key, PyObject *value)
 {
@@ -755,7 +823,8 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
         set_item(d, "leaks", leaks_tuple(r)) < 0 ||
         set_item(d, "leak_count", PyLong_FromLong(r->final.leak_count)) < 0 ||
         set_item(d, "memory_peak_bytes", int_or_none(in_cgroup ? r->final.cg_memory_peak : -1)) < 0 ||
-        set_item(d, "pids_peak", int_or_none(in_cgroup ? r->final.cg_pids_peak : -1)) < 0) {
+        set_item(d, "pids_peak", int_or_none(in_cgroup ? r->final.cg_pids_peak : -1)) < 0 ||
+        set_item(d, "evidence", evidence_tuple(r)) < 0) {
         Py_DECREF(d);
         return NULL;
     }
@@ -815,8 +884,8 @@ static int parse_run_args(struct run *r, struct run_args *a, PyObject *const *ar
     long tee_fd;
     PyObject *on_output;
 
-    if (nargs != 13) {
-        PyErr_SetString(PyExc_TypeError, "run() takes exactly 13 arguments");
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "run() takes exactly 14 arguments");
         return -1;
     }
     a->shepherd = args[0];
@@ -842,6 +911,7 @@ static int parse_run_args(struct run *r, struct run_args *a, PyObject *const *ar
     tee_fd = PyLong_AsLong(args[9]);
     a->cgroup_required = PyObject_IsTrue(args[11]);
     a->stop_signal = PyLong_AsLong(args[12]);
+    r->evidence = PyObject_IsTrue(args[13]);
     if (PyErr_Occurred())
         return -1;
     if (a->stop_signal < 1 || a->stop_signal >= NSIG) {
@@ -983,6 +1053,18 @@ static PyObject *spawn_failure_result(struct run *r, int err, int broken)
     return build_result(r, broken ? r->shepherd_path : r->shepherd_argv[PG_ARGV_CMD], "");
 }
 
+/* The closing reading (no GIL): the kernel log since the cursor, and the machine's counters;
+ * /proc/vmstat only when the OOM killer may have been at work (a record in the log, or the
+ * leader killed by a SIGKILL that was not the deadline's): the rest of the time its 25 us
+ * would buy nothing (retest.oom uses its delta in those cases only). */
+static void read_evidence_after(struct run *r)
+{
+    int st = r->have_final ? r->final.wait_status : -1;
+    int sigkilled = st >= 0 && WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL && !r->final.timed_out;
+    ev_kmsg_collect(&r->kmsg);
+    ev_machine_read(&r->ev1, r->kmsg.n_kept > 0 || sigkilled);
+}
+
 /* Start the shepherd, stream the run, collect the report. Return the result dict, or NULL
  * with an exception (from on_output, or KeyboardInterrupt: the tree is down by then). */
 static PyObject *start_and_wait(struct run *r)
@@ -995,6 +1077,14 @@ static PyObject *start_and_wait(struct run *r)
     }
     Py_BEGIN_ALLOW_THREADS
     err = spawn_shepherd(r, cf.in_r, cf.out_w, cf.err_w, cf.ctl);
+    if (!err && r->evidence) {
+        /* While the shepherd starts the command, which takes longer than these reads: the
+         * caller would sleep in poll meanwhile. Nothing of the command ran yet that the OOM
+         * killer could take (it must first exec and allocate). */
+        ev_kmsg_open(&r->kmsg);
+        ev_machine_read(&r->ev0, 1);
+        r->have_evidence = 1;
+    }
     Py_END_ALLOW_THREADS
     close_child_fds(&cf);
     if (err)  /* ENOENT/EACCES/ENOEXEC: our shepherd executable is missing or broken */
@@ -1002,12 +1092,13 @@ static PyObject *start_and_wait(struct run *r)
     if (r->in_w >= 0 && r->input_len == 0)
         close_fd(&r->in_w);
     rc = pump(r);  /* -1: an exception is pending; the cgroup is released all the same */
-    if (r->cg_path) {
-        Py_BEGIN_ALLOW_THREADS
+    Py_BEGIN_ALLOW_THREADS
+    if (r->cg_path)
         r->cg_removed = release_cgroup(r);
-        Py_END_ALLOW_THREADS
-        r->cg_path_released = 1;
-    }
+    if (rc == 0 && r->have_evidence)
+        read_evidence_after(r);
+    Py_END_ALLOW_THREADS
+    r->cg_path_released = r->cg_path != NULL;
     if (rc < 0)
         return NULL;
     return build_result(r, r->shepherd_argv[PG_ARGV_CMD], r->cwd_arg ? r->cwd_arg + 1 : "");
@@ -1018,6 +1109,7 @@ static void free_run(struct run *r)
 {
     if (r->cg_path && !r->cg_path_released)
         cg_remove(r->cg_path);  /* failed before the spawn (MemoryError): nothing is in it */
+    ev_kmsg_free(&r->kmsg);
     capture_free(&r->cap[0]);
     capture_free(&r->cap[1]);
     PyMem_RawFree(r->scratch);
@@ -1031,7 +1123,7 @@ static void free_run(struct run *r)
 
 const char pg_run_doc[] =
     "run(shepherd, argv, envp, cwd, input, timeout_s, grace_s, capture_limit, on_output, tee_fd,"
-    " cgroup, cgroup_required, stop_signal)"
+    " cgroup, cgroup_required, stop_signal, evidence)"
     " -> dict\n\nPrivate: use retest.proc_group.run().";
 
 /* run(...) -> dict of RunResult fields. Raises only for programming errors (TypeError,
@@ -1044,7 +1136,7 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject **names = (PyObject **)PyModule_GetState(module), *result = NULL;
 
     memset(&r, 0, sizeof(r));
-    r.out_r = r.err_r = r.in_w = r.ctl = r.tee_fd = -1;
+    r.out_r = r.err_r = r.in_w = r.ctl = r.tee_fd = r.kmsg.fd = -1;
     r.shepherd = -1;
     r.names[0] = names[0];
     r.names[1] = names[1];

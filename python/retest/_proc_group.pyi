@@ -18,6 +18,7 @@ def run(
     cgroup: Optional[bytes],
     cgroup_required: bool,
     stop_signal: int,
+    evidence: bool,
     /,
 ) -> dict[str, Any]: ...
 def classify(

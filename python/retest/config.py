@@ -512,8 +512,11 @@ class RunnerSettings:
         """The settings of ``environ`` (default ``os.environ``). ``run()`` asks several times per
         run: the last answer is kept for as long as the variables it was read from are the same
         (11 lookups instead of parsing 11 settings)."""
-        env = os.environ if environ is None else environ
-        key = tuple(env.get(name) for name in _RUNNER_NAMES)
+        if environ is None and _ENVIRON_DATA is not None:  # bytes lookups: no encode/decode
+            key: tuple[object, ...] = tuple(map(_ENVIRON_DATA.get, _RUNNER_NAMES_B))
+        else:
+            env = os.environ if environ is None else environ
+            key = tuple(env.get(name) for name in _RUNNER_NAMES)
         cached = _RUNNER_CACHE.get("last")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -544,7 +547,12 @@ _RUNNER_NAMES = ("SUBPROCESS_TREE_KILL_ENABLED", "RETEST_KILL_GRACE_S", "RETEST_
                  "RETEST_CGROUP_CPU_MAX", "RETEST_FAIL_ON_LEAK")
 #: The last ``RunnerSettings`` read, with the values it was read from (a dict: one atomic
 #: store, safe to share between threads).
-_RUNNER_CACHE: dict[str, tuple[tuple[Optional[str], ...], "RunnerSettings"]] = {}
+_RUNNER_CACHE: dict[str, tuple[tuple[object, ...], "RunnerSettings"]] = {}
+#: os.environ's own store (CPython on POSIX: bytes keys and values), read directly by
+#: ``RunnerSettings.from_env`` to compare the variables at ~0.1 us each instead of ~2 us.
+_ENVIRON_DATA: Optional[Mapping[bytes, bytes]] = (
+    getattr(os.environ, "_data", None) if os.name == "posix" else None)
+_RUNNER_NAMES_B = tuple(os.fsencode(name) for name in _RUNNER_NAMES)
 
 
 # --------------------------------------------------------------------------- merge gate

@@ -28,7 +28,8 @@ from typing import Any, Iterable, Optional
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OomEvidence", "OomKill", "Watch", "parse_kmsg_record", "read_counter"]
+__all__ = ["OomEvidence", "OomKill", "Watch", "decide", "kills_from_records", "parse_kmsg_record",
+           "read_counter"]
 
 VMSTAT = "/proc/vmstat"
 KMSG = "/dev/kmsg"
@@ -260,41 +261,16 @@ class Watch:
         constructor was made for the run, so its counter started at zero.
         """
         kills, log_complete = self.kmsg.kills()
-        own = set(pids) | ({leader} if leader is not None else set())
         cgroup = cgroup or self.cgroup
         moved = self._cgroup_delta(cgroup) if cgroup else None
-        counter, delta, group_delta = VMSTAT, 0, 0
-        if moved is not None:
-            counter, delta, group_delta = moved
-        else:
+        delta = 0
+        if moved is None:
             after = read_counter(VMSTAT)
             if after is not None and self.vmstat is not None:
                 delta = max(after[0] - self.vmstat[0], 0)
-        counted = moved is not None and (delta > 0 or group_delta > 0)
-        victims = [k for k in kills if k.pid in own]
-        if counted and not victims:  # every kill in the run's own cgroup is the run's
-            victims = [k for k in kills if _same_cgroup(k.memcg, cgroup)]
-        if counted:
-            source = "memory.events"
-        elif victims:
-            source = "kmsg"
-        elif (moved is None and returncode == -9 and not timed_out and delta > 0
-              and not (log_complete and len(kills) >= delta)):
-            # The machine-wide counter alone: another process's OOM kill during the run looks
-            # the same, so only a leader SIGKILLed by nobody we know of is attributed, and not
-            # when the kernel log named every victim of the run's time and none was ours.
-            source = "vmstat"
-        else:
-            return None
-        victim = next((k for k in victims if k.pid == leader), victims[0] if victims else None)
-        return OomEvidence(
-            source=source, oom_kill_delta=delta, oom_group_kill_delta=group_delta,
-            counter=counter,
-            victim_pid=victim.pid if victim else None, victim_comm=victim.comm if victim else None,
-            victim_memcg=victim.memcg if victim else None,
-            constraint=victim.constraint if victim else None,
-            victim_is_leader=victim is not None and victim.pid == leader,
-        )
+        return decide(kills=kills, log_complete=log_complete, leader=leader, pids=pids,
+                      returncode=returncode, timed_out=timed_out, cgroup=cgroup, moved=moved,
+                      vmstat_delta=delta)
 
     def _cgroup_delta(self, cgroup: str) -> Optional[tuple[str, int, int]]:
         """``(counter path, oom_kill delta, oom_group_kill delta)`` of the run's cgroup."""
@@ -304,6 +280,60 @@ class Watch:
             return None
         before = self.cgroup_before if cgroup == self.cgroup and self.cgroup_before else (0, 0)
         return path, max(after[0] - before[0], 0), max(after[1] - before[1], 0)
+
+
+def decide(*, kills: list[OomKill], log_complete: bool, leader: Optional[int],
+           pids: Iterable[int], returncode: Optional[int], timed_out: bool,
+           cgroup: Optional[str], moved: Optional[tuple[str, int, int]],
+           vmstat_delta: int) -> Optional[OomEvidence]:
+    """Whether the OOM evidence read around a run is the run's (``Watch.attribute``; the
+    native runner reads the same evidence in C and comes here with it).
+
+    ``kills``: the victims the kernel log named during the run (``log_complete``: every record
+    was read); ``moved``: ``(counter, oom_kill delta, oom_group_kill delta)`` of the run's own
+    cgroup, ``None`` without one; ``vmstat_delta``: the machine-wide counter's move (used only
+    without ``moved``).
+    """
+    own = set(pids) | ({leader} if leader is not None else set())
+    counter, delta, group_delta = VMSTAT, vmstat_delta, 0
+    if moved is not None:
+        counter, delta, group_delta = moved
+    counted = moved is not None and (delta > 0 or group_delta > 0)
+    victims = [k for k in kills if k.pid in own]
+    if counted and not victims:  # every kill in the run's own cgroup is the run's
+        victims = [k for k in kills if _same_cgroup(k.memcg, cgroup)]
+    if counted:
+        source = "memory.events"
+    elif victims:
+        source = "kmsg"
+    elif (moved is None and returncode == -9 and not timed_out and delta > 0
+          and not (log_complete and len(kills) >= delta)):
+        # The machine-wide counter alone: another process's OOM kill during the run looks
+        # the same, so only a leader SIGKILLed by nobody we know of is attributed, and not
+        # when the kernel log named every victim of the run's time and none was ours.
+        source = "vmstat"
+    else:
+        return None
+    victim = next((k for k in victims if k.pid == leader), victims[0] if victims else None)
+    return OomEvidence(
+        source=source, oom_kill_delta=delta, oom_group_kill_delta=group_delta,
+        counter=counter,
+        victim_pid=victim.pid if victim else None, victim_comm=victim.comm if victim else None,
+        victim_memcg=victim.memcg if victim else None,
+        constraint=victim.constraint if victim else None,
+        victim_is_leader=victim is not None and victim.pid == leader,
+    )
+
+
+def kills_from_records(records: Iterable[bytes]) -> list[OomKill]:
+    """The victims named by kernel log records (the native runner's, read in C)."""
+    found = (parse_kmsg_record(r.decode("utf-8", "replace")) for r in records)
+    return _merge(k for k in found if k is not None)
+
+
+def note_unreadable_log(err: int) -> None:
+    """The native runner could not open the kernel log: say so once, as ``Watch`` does."""
+    _note_once(KMSG, OSError(err, os.strerror(err)))
 
 
 def _same_cgroup(memcg: Optional[str], cgroup: Optional[str]) -> bool:

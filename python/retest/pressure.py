@@ -382,7 +382,7 @@ class _Counters:
         cgroup = watch.cgroup
         self.run_usage, self.run_some = _cgroup_values(cgroup) if cgroup else (None, None)
         self.machine_some = _psi_cpu_some_total()
-        self.tree = None if cgroup else _tree_ticks(watch.tid, watch.earlier_children)
+        self.tree = None if cgroup else _tree_ticks(watch.tid, watch.earlier_children or frozenset())
 
 
 class Watch:
@@ -395,15 +395,19 @@ class Watch:
     foreign CPU measured (``/proc/stat`` less the tree's) but no process named.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, read: bool = True) -> None:
+        """``read=False``: the caller reads the start itself (the native runner does, in C,
+        while the shepherd starts the command) and hands both readings to ``finish``."""
         self.started = time.monotonic()
         self.tid = threading.get_native_id()
-        self.earlier_children = frozenset(_children(os.getpid(), self.tid) or ())
+        self.earlier_children: Optional[frozenset[int]] = None
         self.cpus = frozenset(_affinity())
         self.cgroup: Optional[str] = None
-        self.psi = read_psi()
-        self.busy0 = _cpu_busy_ticks(self.cpus)
-        self.self_cpu0 = _self_cpu_s()
+        self.psi = read_psi() if read else {}
+        self.busy0 = _cpu_busy_ticks(self.cpus) if read else None
+        self.self_cpu0 = _self_cpu_s() if read else 0.0
+        if read:
+            self.note_children()
         self.procs: Optional[dict[int, _Stat]] = None
         self.uptime_ticks: Optional[int] = None
         self.samples: list[Sample] = []
@@ -414,11 +418,17 @@ class Watch:
         _SAMPLER.add(self)
         _CURRENT.watch = self
 
-    def attach_cgroup(self, path: str) -> None:
+    def note_children(self) -> None:
+        """Remember this thread's children now, before the run's tree exists: the samples of
+        a run without a cgroup walk the children of this thread but these."""
+        self.earlier_children = frozenset(_children(os.getpid(), self.tid) or ())
+
+    def attach_cgroup(self, path: str, *, fresh: bool = False) -> None:
         """The run's own cgroup (cgroup mode): its ``cpu.stat`` and ``cpu.pressure`` are read
-        while it lives (the runner removes it before ``run()`` returns)."""
+        while it lives (the runner removes it before ``run()`` returns). ``fresh``: made for
+        this run and still empty, so its stall counter starts at 0 (no read)."""
         self.cgroup = path
-        self.run_some0 = _cgroup_values(path)[1]
+        self.run_some0 = 0.0 if fresh else _cgroup_values(path)[1]
 
     def _tick(self) -> None:
         """One sample (the sampler's thread)."""
@@ -444,15 +454,22 @@ class Watch:
         self.next_due = now.at + self.interval
 
     def finish(self, *, tree_cpu_s: float, tree_pids: Iterable[int] = (),
-               wall_s: Optional[float] = None) -> Pressure:
+               wall_s: Optional[float] = None,
+               readings: Optional[tuple[Reading, Reading]] = None) -> Pressure:
+        """Sum the run up. ``readings``: the machine at the start and at the end as the native
+        runner read them (``Reading``); without them this reads the end now."""
         self.close()
         samples, procs, run_some = tuple(self.samples), self.procs, self.last
         wall = wall_s if wall_s is not None else time.monotonic() - self.started
         wall = max(wall, 1e-6)
         ncores = max(len(self.cpus), 1)
-        psi_end = read_psi()
-        psi = {r: _psi_delta(self.psi.get(r, {}), psi_end[r], wall) for r in psi_end}
-        foreign_cpu = self._foreign_cpu(tree_cpu_s)
+        if readings is not None:
+            psi = _psi_between(readings[0], readings[1], wall)
+            foreign_cpu = _foreign_between(readings[0], readings[1], tree_cpu_s)
+        else:
+            psi_end = read_psi()
+            psi = {r: _psi_delta(self.psi.get(r, {}), psi_end[r], wall) for r in psi_end}
+            foreign_cpu = self._foreign_cpu(tree_cpu_s)
         foreign: tuple[ForeignProcess, ...] = ()
         if procs is not None:
             table_cpu, foreign = _foreign_named(procs, self.uptime_ticks, set(tree_pids))
@@ -511,6 +528,42 @@ def _foreign_named(before: dict[int, _Stat], uptime_ticks: Optional[int],
         for why in (_orphan_why(pid, st, end),))
 
 
+#: One reading of the machine by the native runner (``ext/evidence.c``), a tuple of ints,
+#: -1 where absent: [0] CLOCK_MONOTONIC ns; [1:4] PSI ``some`` totals (us) of cpu, memory,
+#: io; [4:7] ``full`` totals; [7:10] ``some`` avg10 x 100; [10:13] ``full`` avg10 x 100;
+#: [13] busy ticks of this thread's CPUs (/proc/stat); [14] this process's CPU (us);
+#: [15] /proc/vmstat ``oom_kill``, [16] ``oom_group_kill`` (-1: not read).
+Reading = tuple[int, ...]
+
+
+def _psi_between(before: Reading, after: Reading, wall_s: float) -> dict[str, Psi]:
+    """``Pressure.psi`` from two native readings (as ``_psi_delta`` from two ``read_psi``)."""
+    out: dict[str, Psi] = {}
+    for i, resource in enumerate(PSI_RESOURCES):
+        some_total, full_total = after[1 + i], after[4 + i]
+        if some_total < 0 and full_total < 0:
+            continue  # no such file: the kernel has no PSI (or not for this resource)
+
+        def share(t0: int, t1: int) -> Optional[float]:
+            if t0 < 0 or t1 < 0:
+                return None
+            return min(max((t1 - t0) / 1e6 / wall_s, 0.0), 1.0)
+
+        out[resource] = Psi(
+            some_avg10=after[7 + i] / 100 if after[7 + i] >= 0 else None,
+            full_avg10=after[10 + i] / 100 if after[10 + i] >= 0 else None,
+            some_share=share(before[1 + i], some_total), full_share=share(before[4 + i], full_total))
+    return out
+
+
+def _foreign_between(before: Reading, after: Reading, tree_cpu_s: float) -> Optional[float]:
+    """As ``Watch._foreign_cpu``, from two native readings."""
+    if before[13] < 0 or after[13] < 0 or before[14] < 0 or after[14] < 0:
+        return None
+    own = (after[14] - before[14]) / 1e6
+    return max((after[13] - before[13]) / _TICKS - tree_cpu_s - own, 0.0)
+
+
 def _delta(now: Optional[float], prev: Optional[float], scale: float) -> Optional[float]:
     if now is None or prev is None:
         return None
@@ -545,6 +598,9 @@ class _Sampler:
         self.wake = threading.Condition(self.lock)
         self.runs: set[Watch] = set()
         self.thread: Optional[threading.Thread] = None
+        #: When the loop will look again (monotonic): an added run due later needs no wake-up,
+        #: which spares a thread switch per run (most runs end before their first sample).
+        self.wakes_at = float("inf")
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
@@ -553,11 +609,14 @@ class _Sampler:
         self.wake = threading.Condition(self.lock)
         self.runs = set()
         self.thread = None
+        self.wakes_at = float("inf")
 
     def add(self, watch: Watch) -> None:
         with self.lock:
             self.runs.add(watch)
-            self.wake.notify()
+            if watch.next_due < self.wakes_at:
+                self.wakes_at = watch.next_due
+                self.wake.notify()
             if self.thread is None:
                 thread = threading.Thread(target=self._loop, name="retest-pressure", daemon=True)
                 try:
@@ -575,15 +634,19 @@ class _Sampler:
         with self.lock:
             while True:
                 if not self.runs:
+                    self.wakes_at = time.monotonic() + IDLE_EXIT_S
                     if not self.wake.wait(IDLE_EXIT_S) and not self.runs:
                         self.thread = None  # idle: end; the next run starts another
+                        self.wakes_at = float("inf")
                         return
                     continue
                 now = time.monotonic()
                 due = min(w.next_due for w in self.runs)
                 if due > now:
+                    self.wakes_at = due
                     self.wake.wait(due - now)
                     continue
+                self.wakes_at = now
                 for watch in [w for w in self.runs if w.next_due <= now]:
                     try:
                         watch._tick()

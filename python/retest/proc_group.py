@@ -346,11 +346,13 @@ def _refuse_or_fall_back(mode: str, why: str, parent: Optional[str] = None) -> _
     return _Containment("subreaper", f"cgroup mode unavailable: {why}", False, parent)
 
 
-def _select_containment(requested: Optional[str]) -> tuple[_Containment, Optional[str]]:
+def _select_containment(requested: Optional[str], settings: Optional[config.RunnerSettings] = None
+                        ) -> tuple[_Containment, Optional[str]]:
     """The one place where containment is chosen: make the run's cgroup when the plan says
     cgroup. Return the plan (``refused`` when cgroup was required and is impossible) and the
     cgroup's path. The choice and why are logged once."""
-    settings = config.RunnerSettings.from_env()
+    if settings is None:
+        settings = config.RunnerSettings.from_env()
     plan = _plan_containment(requested, settings)
     if plan.mode == "cgroup" and not plan.refused:
         assert plan.parent is not None
@@ -363,7 +365,7 @@ def _select_containment(requested: Optional[str]) -> tuple[_Containment, Optiona
         else:
             watch = _pressure.current()
             if watch is not None:  # its cpu.stat and cpu.pressure, while the run lives
-                watch.attach_cgroup(path)
+                watch.attach_cgroup(path, fresh=True)
             _log_containment_once("cgroup", logging.INFO, "retest: containment: cgroup (%s)", plan.why)
             return plan, path
     if not plan.refused:
@@ -507,15 +509,16 @@ def run(
     (native); the subprocess backend keeps its prior SIGKILL at once unless one is given, and
     then sends it to the direct child only, SIGKILL after ``grace``.
     """
+    settings = config.RunnerSettings.from_env()
     argv, args_text = _check_args(args)
-    _check_env(env)
+    envp = _check_env(env)
     deadline = _check_timeout(timeout)
-    grace_s = _check_grace(grace)
+    grace_s = settings.grace_s if grace is None else _check_grace(grace)
     stop_signo = _check_stop_signal(stop_signal)
     if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
         raise TypeError("input must be bytes or None")
     if capture_limit is None:
-        capture_limit = config.RunnerSettings.from_env().capture_limit_bytes
+        capture_limit = settings.capture_limit_bytes
     if isinstance(capture_limit, bool) or not isinstance(capture_limit, int):
         raise TypeError("capture_limit must be an int")
     if capture_limit < 0:
@@ -539,46 +542,91 @@ def run(
         raise ValueError(f"containment must be one of {', '.join(config.CONTAINMENTS)}, "
                          f"not {containment!r}")
     launch = _Launch(chosen, argv, args_text, env, bcwd, stdin_bytes, deadline, grace_s,
-                     capture_limit, on_output, tee_fd, containment, stop_signo)
+                     capture_limit, on_output, tee_fd, containment, stop_signo, envp, settings)
     if probe is None:
-        probe = config.RunnerSettings.from_env().probe_enabled
-    if not probe or not _probe.is_pytest_argv(args_text):
-        return _with_pressure(launch, lambda: _kill_cause(lambda: _dispatch(launch)))
-    return _with_pressure(launch, lambda: _kill_cause(
-        lambda: _run_probed(launch, probe_packages, on_event)))
-
-
-def _with_pressure(launch: "_Launch", run_backend: Callable[[], RunResult]) -> RunResult:
-    """``run_backend()`` between two readings of the machine's load (``retest.pressure``)."""
-    watch = _pressure.Watch()
+        probe = settings.probe_enabled
+    evidence = _Evidence(native=chosen == "native")
     try:
-        result = run_backend()
+        if not probe or not _probe.is_pytest_argv(args_text):
+            result = _dispatch(launch, evidence)
+        else:
+            result = _run_probed(launch, probe_packages, on_event, evidence)
     except BaseException:
-        watch.close()
+        evidence.close()
         raise
-    result = dataclasses.replace(result, timeout_s=launch.timeout)
-    if result.pid is None:
-        watch.close()
-        return result
-    tree = {result.pid, *(result.probe.pids if result.probe is not None else ()),
-            *(pid for pid, _, _ in result.leaks)}
-    evidence = watch.finish(tree_cpu_s=result.user_cpu_s + result.sys_cpu_s, tree_pids=tree,
-                            wall_s=result.duration_s)
-    return dataclasses.replace(result, pressure=evidence)
+    return evidence.finish(result, launch.timeout)
 
 
-def _kill_cause(run_backend: Callable[[], RunResult]) -> RunResult:
-    """``run_backend()`` between two readings of the kernel's OOM-kill evidence (``retest.oom``)."""
-    watch = _oom.Watch()
-    try:
-        result = run_backend()
-        evidence = watch.attribute(
-            leader=result.pid, pids=result.probe.pids if result.probe is not None else (),
-            returncode=result.returncode, timed_out=result.timed_out,
-            cgroup=getattr(result, "cgroup", None))
-    finally:
-        watch.close()
-    return result if evidence is None else dataclasses.replace(result, oom=evidence)
+def _set_fields(result: RunResult, **fields: Any) -> RunResult:
+    """Fill fields of a result that nobody else holds yet (made by this run, not returned): in
+    place, as its own ``__init__`` would, instead of ``dataclasses.replace``'s copy of every
+    field (~20 us a run)."""
+    for name, value in fields.items():
+        object.__setattr__(result, name, value)
+    return result
+
+
+class _Evidence:
+    """The evidence of one run in the making: the machine's load (``retest.pressure``) and
+    the kernel's OOM kills (``retest.oom``).
+
+    Native backend: the runner reads both in C without the GIL (``ext/evidence.c``: the start
+    while the shepherd starts the command, the end after the tree is gone) and hands them
+    over in ``native``; the sampler's timeline runs as for every run. Subprocess backend:
+    read here, before and after, in Python.
+    """
+
+    def __init__(self, *, native: bool) -> None:
+        self.watch = _pressure.Watch(read=not native)
+        self.oom = None if native else _oom.Watch()
+        #: The native runner's readings: (before, after, kernel log records or None,
+        #: log complete, log errno); None until it ran (or when it never started).
+        self.native: Optional[tuple[Any, ...]] = None
+        #: The run's own cgroup's memory.events ``oom_kill`` and ``oom_group_kill``, read by
+        #: the shepherd before it removed the cgroup (``None``: no cgroup, or no such file).
+        self.cgroup_oom: tuple[Optional[int], Optional[int]] = (None, None)
+
+    def close(self) -> None:
+        self.watch.close()
+        if self.oom is not None:
+            self.oom.close()
+
+    def finish(self, result: RunResult, timeout: Optional[float]) -> RunResult:
+        """``result`` with its ``timeout_s``, ``pressure`` and ``oom``."""
+        if result.pid is None:
+            self.close()
+            return _set_fields(result, timeout_s=timeout)
+        probe_pids = result.probe.pids if result.probe is not None else ()
+        tree = {result.pid, *probe_pids, *(pid for pid, _, _ in result.leaks)}
+        readings = None if self.native is None else (self.native[0], self.native[1])
+        pressure = self.watch.finish(tree_cpu_s=result.user_cpu_s + result.sys_cpu_s,
+                                     tree_pids=tree, wall_s=result.duration_s, readings=readings)
+        try:
+            oom = self._oom(result, probe_pids)
+        finally:
+            if self.oom is not None:
+                self.oom.close()
+        return _set_fields(result, timeout_s=timeout, pressure=pressure, oom=oom)
+
+    def _oom(self, result: RunResult, probe_pids: Sequence[int]) -> Optional[OomEvidence]:
+        if self.oom is not None:
+            return self.oom.attribute(leader=result.pid, pids=probe_pids,
+                                      returncode=result.returncode, timed_out=result.timed_out,
+                                      cgroup=result.cgroup)
+        if self.native is None:  # the native runner without its readings: nothing to go on
+            return None
+        before, after, records, complete, log_errno = self.native
+        if records is None:
+            _oom.note_unreadable_log(log_errno)
+        moved = None
+        kills, group_kills = self.cgroup_oom
+        if kills is not None and result.cgroup is not None:  # its own cgroup, fresh: from 0
+            moved = (os.path.join(result.cgroup, "memory.events"), kills, group_kills or 0)
+        vmstat = max(after[15] - before[15], 0) if after[15] >= 0 and before[15] >= 0 else 0
+        return _oom.decide(kills=_oom.kills_from_records(records or ()),
+                           log_complete=bool(complete), leader=result.pid, pids=probe_pids,
+                           returncode=result.returncode, timed_out=result.timed_out,
+                           cgroup=result.cgroup, moved=moved, vmstat_delta=vmstat)
 
 
 @dataclass(frozen=True)
@@ -599,36 +647,40 @@ class _Launch:
     containment: Optional[str] = None
     #: ``None``: the backend's default (SIGTERM native, the prior SIGKILL subprocess).
     stop_signal: Optional[int] = None
+    #: ``env`` checked and encoded (``_check_env``), and the settings the run was called with.
+    envp: Optional[list[bytes]] = None
+    settings: Optional[config.RunnerSettings] = None
 
 
-def _dispatch(launch: _Launch) -> RunResult:
+def _dispatch(launch: _Launch, evidence: Optional[_Evidence] = None) -> RunResult:
     """Run ``launch`` on its backend."""
     x = launch
     if x.backend == "native":
-        return _run_native(x.argv, x.args_text, _check_env(x.env), x.cwd, x.stdin_bytes, x.timeout,
+        return _run_native(x.argv, x.args_text, x.envp, x.cwd, x.stdin_bytes, x.timeout,
                            x.grace_s, x.capture_limit, x.on_output, x.tee_fd, x.containment,
-                           signal.SIGTERM if x.stop_signal is None else x.stop_signal)
+                           signal.SIGTERM if x.stop_signal is None else x.stop_signal,
+                           evidence, x.settings)
     return _run_subprocess(x.argv, x.args_text, x.env, x.cwd, x.stdin_bytes, x.timeout,
                            x.capture_limit, x.on_output, x.tee_fd, x.stop_signal, x.grace_s)
 
 
 def _run_probed(launch: _Launch, packages: Sequence[str],
-                on_event: Optional[EventCallback]) -> RunResult:
+                on_event: Optional[EventCallback], evidence: Optional[_Evidence] = None) -> RunResult:
     """Run pytest with the probe: a private events file, followed live if asked, summed up."""
-    settings = config.RunnerSettings.from_env()
+    settings = launch.settings or config.RunnerSettings.from_env()
     try:
         channel = _probe.Channel(packages=packages, max_bytes=settings.probe_max_bytes)
     except OSError as err:  # no temporary directory: run without the probe, say so once
         _log_fallback_once(f"probe disabled for this run: {err}", logging.WARNING)
-        return _dispatch(launch)
+        return _dispatch(launch, evidence)
     follower = _probe.Follower(channel, on_event) if on_event is not None else None
     stage, timeout, grace_s = _diagnostic_stage(channel, launch.timeout, launch.grace_s)
     try:
+        probe_env = channel.environ(os.environ if launch.env is None else launch.env)
         probed = dataclasses.replace(
             launch,
             argv=[os.fsencode(a) for a in _probe.inject([os.fsdecode(a) for a in launch.argv])],
-            env=channel.environ(os.environ if launch.env is None else launch.env),
-            timeout=timeout, grace_s=grace_s,
+            env=probe_env, envp=_check_env(probe_env), timeout=timeout, grace_s=grace_s,
         )
         started_wall = time.time()
         if follower is not None:
@@ -636,7 +688,7 @@ def _run_probed(launch: _Launch, packages: Sequence[str],
         if stage is not None:
             stage.start()
         try:
-            result = _dispatch(probed)
+            result = _dispatch(probed, evidence)
         finally:
             if stage is not None:
                 stage.stop()
@@ -694,12 +746,16 @@ def _run_native(
     tee_fd: int,
     containment: Optional[str] = None,
     stop_signal: int = signal.SIGTERM,
+    evidence: Optional[_Evidence] = None,
+    settings: Optional[config.RunnerSettings] = None,
 ) -> RunResult:
     assert _native is not None and _shepherd_path is not None
-    plan, cgroup_path = _select_containment(containment)
+    plan, cgroup_path = _select_containment(containment, settings)
     if plan.refused:  # cgroup demanded, impossible: say so rather than contain less
         return RunResult(args=args_text, returncode=None, stdout=b"", stderr=b"", timed_out=False,
                          duration_s=0.0, spawn_error=plan.why, backend="native")
+    if evidence is not None and cgroup_path is None:
+        evidence.watch.note_children()  # the samples walk the tree: these are not of it
     try:
         raw = _native.run(
             os.fsencode(_shepherd_path),
@@ -715,11 +771,16 @@ def _run_native(
             None if cgroup_path is None else os.fsencode(cgroup_path),
             plan.required,
             int(stop_signal),
+            evidence is not None and evidence.oom is None,
         )
     except BaseException:
         if cgroup_path is not None:  # raised before the C side took the cgroup over
             _remove_quietly(cgroup_path)
         raise
+    readings = raw.pop("evidence")
+    oom_counts = (raw.pop("cgroup_oom_kill", None), raw.pop("cgroup_oom_group_kill", None))
+    if evidence is not None and readings is not None:
+        evidence.native, evidence.cgroup_oom = readings, oom_counts
     tee_errno = raw.pop("tee_errno")
     if tee_errno is not None:  # the tee stopped at its first error, as the subprocess one does
         log.warning("tee write failed: %s", OSError(tee_errno, os.strerror(tee_errno)))

@@ -1,0 +1,276 @@
+/* The machine's counters around one run, read without the GIL (evidence.h). */
+#define _GNU_SOURCE
+#include "evidence.h"
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>  /* PyMem_Raw*: allowed without the GIL, seen by tracemalloc */
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SMALL_FILE 512          /* a PSI file: two lines of ~100 bytes */
+#define PROC_STAT_MAX (64 * 1024)
+#define VMSTAT_MAX (16 * 1024)
+#define KMSG_RECORD_MAX (16 * 1024)
+
+static const char *const psi_paths[EV_PSI_RESOURCES] = {
+    "/proc/pressure/cpu", "/proc/pressure/memory", "/proc/pressure/io",
+};
+
+/* Read at most cap - 1 bytes of path into buf, NUL-terminated. Return the length, or -1. */
+static ssize_t read_file(const char *path, char *buf, size_t cap)
+{
+    size_t got = 0;
+    int fd;
+    do
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return -1;
+    while (got + 1 < cap) {
+        ssize_t n = read(fd, buf + got, cap - 1 - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            if (n < 0)
+                got = (size_t)-1;
+            break;
+        }
+        got += (size_t)n;
+    }
+    close(fd);
+    if (got == (size_t)-1)
+        return -1;
+    buf[got] = '\0';
+    return (ssize_t)got;
+}
+
+/* The decimal integer at s; *end after it. -1 when s has no digit. */
+static int64_t parse_int(const char *s, const char **end)
+{
+    int64_t v = 0;
+    const char *p = s;
+    while (*p >= '0' && *p <= '9' && v < INT64_MAX / 10) {
+        v = v * 10 + (*p - '0');
+        p++;
+    }
+    if (end)
+        *end = p;
+    return p == s ? -1 : v;
+}
+
+/* "12.34" as 1234 (hundredths); -1 if malformed. */
+static int64_t parse_centi(const char *s)
+{
+    const char *p;
+    int64_t whole = parse_int(s, &p), frac = 0;
+    if (whole < 0)
+        return -1;
+    if (*p == '.' && p[1] >= '0' && p[1] <= '9') {
+        frac = (p[1] - '0') * 10;
+        if (p[2] >= '0' && p[2] <= '9')
+            frac += p[2] - '0';
+    }
+    return whole * 100 + frac;
+}
+
+/* In a "KIND avg10=.. avg60=.. avg300=.. total=.." line starting at line, the value of key
+ * (as "key="), before the line's end. NULL if absent. */
+static const char *psi_field(const char *line, const char *key)
+{
+    size_t klen = strlen(key);
+    const char *eol = strchr(line, '\n');
+    for (const char *p = line; (p = strstr(p, key)) != NULL && (!eol || p < eol); p += klen)
+        if (p == line || p[-1] == ' ')
+            return p + klen;
+    return NULL;
+}
+
+/* One PSI file: the some/full lines' avg10 and total. */
+static void read_psi(struct ev_machine *m, int i)
+{
+    char buf[SMALL_FILE];
+    const char *line;
+    m->psi_some_total[i] = m->psi_full_total[i] = -1;
+    m->psi_some_avg10[i] = m->psi_full_avg10[i] = -1;
+    if (read_file(psi_paths[i], buf, sizeof(buf)) <= 0)
+        return;
+    for (line = buf; *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : "") {
+        int64_t *total, *avg;
+        const char *v;
+        if (strncmp(line, "some ", 5) == 0) {
+            total = &m->psi_some_total[i];
+            avg = &m->psi_some_avg10[i];
+        } else if (strncmp(line, "full ", 5) == 0) {
+            total = &m->psi_full_total[i];
+            avg = &m->psi_full_avg10[i];
+        } else {
+            continue;
+        }
+        if ((v = psi_field(line, "avg10=")) != NULL)
+            *avg = parse_centi(v);
+        if ((v = psi_field(line, "total=")) != NULL)
+            *total = parse_int(v, NULL);
+    }
+}
+
+/* Busy ticks (all but idle and iowait) of the CPUs in cpus, from /proc/stat; -1 if unread. */
+static int64_t busy_ticks(const cpu_set_t *cpus)
+{
+    char *buf = PyMem_RawMalloc(PROC_STAT_MAX);
+    int64_t busy = -1;
+    const char *line;
+    if (!buf)
+        return -1;
+    if (read_file("/proc/stat", buf, PROC_STAT_MAX) <= 0)
+        goto out;
+    for (line = buf; strncmp(line, "cpu", 3) == 0; line = strchr(line, '\n') + 1) {
+        const char *p;
+        int64_t cpu = parse_int(line + 3, &p), f[8], sum = 0;
+        int n = 0;
+        if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET((int)cpu, cpus)) {
+            for (; n < 8; n++) {  /* user nice system idle iowait irq softirq steal */
+                while (*p == ' ')
+                    p++;
+                if ((f[n] = parse_int(p, &p)) < 0)
+                    break;
+                sum += f[n];
+            }
+            if (n == 8)
+                busy = (busy < 0 ? 0 : busy) + sum - f[3] - f[4];
+        }
+        if (!strchr(line, '\n'))
+            break;
+    }
+out:
+    PyMem_RawFree(buf);
+    return busy;
+}
+
+/* The integer after "\nname " in a "key value" per line file read into buf. -1 if absent. */
+static int64_t key_value(const char *buf, const char *name)
+{
+    size_t len = strlen(name);
+    for (const char *p = buf; (p = strstr(p, name)) != NULL; p += len)
+        if ((p == buf || p[-1] == '\n') && p[len] == ' ')
+            return parse_int(p + len + 1, NULL);
+    return -1;
+}
+
+static void read_vmstat(struct ev_machine *m)
+{
+    char *buf = PyMem_RawMalloc(VMSTAT_MAX);
+    m->oom_kill = m->oom_group_kill = -1;
+    if (!buf)
+        return;
+    if (read_file("/proc/vmstat", buf, VMSTAT_MAX) > 0) {
+        m->oom_kill = key_value(buf, "oom_kill");
+        m->oom_group_kill = key_value(buf, "oom_group_kill");
+    }
+    PyMem_RawFree(buf);
+}
+
+void ev_machine_read(struct ev_machine *m, int with_vmstat)
+{
+    struct timespec ts;
+    struct rusage ru;
+    cpu_set_t cpus;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    m->at_ns = (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    for (int i = 0; i < EV_PSI_RESOURCES; i++)
+        read_psi(m, i);
+    CPU_ZERO(&cpus);
+    m->busy_ticks = sched_getaffinity(0, sizeof(cpus), &cpus) == 0 ? busy_ticks(&cpus) : -1;
+    m->self_cpu_us = getrusage(RUSAGE_SELF, &ru) == 0
+        ? (int64_t)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) * 1000000 + ru.ru_utime.tv_usec +
+              ru.ru_stime.tv_usec
+        : -1;
+    if (with_vmstat)
+        read_vmstat(m);
+    else
+        m->oom_kill = m->oom_group_kill = -1;
+}
+
+void ev_kmsg_open(struct ev_kmsg *k)
+{
+    memset(k, 0, sizeof(*k));
+    do
+        k->fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    while (k->fd < 0 && errno == EINTR);
+    if (k->fd < 0) {  /* not root with kernel.dmesg_restrict=1; a container without it */
+        k->open_errno = errno;
+        return;
+    }
+    if (lseek(k->fd, 0, SEEK_END) < 0) {
+        k->open_errno = errno;
+        close(k->fd);
+        k->fd = -1;
+    }
+}
+
+/* Keep the first line of an OOM-looking record (Python parses it: retest.oom). */
+static void keep_record(struct ev_kmsg *k, const char *rec, size_t len)
+{
+    const char *eol = memchr(rec, '\n', len);
+    size_t line = eol ? (size_t)(eol - rec) : len;
+    char *copy;
+    if (line > EV_KMSG_LINE_MAX)
+        line = EV_KMSG_LINE_MAX;
+    if (!memmem(rec, line, "Killed process ", 15) && !memmem(rec, line, "oom-kill:", 9))
+        return;
+    if (k->n_kept == EV_KMSG_KEEP_MAX || !(copy = PyMem_RawMalloc(line + 1))) {
+        k->complete = 0;
+        return;
+    }
+    memcpy(copy, rec, line);
+    copy[line] = '\0';
+    k->kept[k->n_kept++] = copy;
+}
+
+void ev_kmsg_collect(struct ev_kmsg *k)
+{
+    char *buf;
+    int i;
+    k->complete = 0;
+    if (k->fd < 0 || !(buf = PyMem_RawMalloc(KMSG_RECORD_MAX))) {
+        ev_kmsg_free(k);
+        return;
+    }
+    k->complete = 1;
+    for (i = 0; i < EV_KMSG_READ_MAX; i++) {
+        ssize_t n = read(k->fd, buf, KMSG_RECORD_MAX);  /* one record per read */
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EPIPE) {  /* the ring overwrote records we had not read */
+            k->complete = 0;
+            continue;
+        }
+        if (n <= 0) {
+            if (n < 0 && errno != EAGAIN)
+                k->complete = 0;
+            break;
+        }
+        keep_record(k, buf, (size_t)n);
+    }
+    if (i == EV_KMSG_READ_MAX)
+        k->complete = 0;  /* a flood of records: gave up */
+    PyMem_RawFree(buf);
+    close(k->fd);
+    k->fd = -1;
+}
+
+void ev_kmsg_free(struct ev_kmsg *k)
+{
+    for (int i = 0; i < k->n_kept; i++)
+        PyMem_RawFree(k->kept[i]);
+    k->n_kept = 0;
+    if (k->fd >= 0) {
+        close(k->fd);
+        k->fd = -1;
+    }
+}
