@@ -236,12 +236,13 @@ void ev_kmsg_collect(struct ev_kmsg *k)
 {
     char *buf;
     int i;
-    k->complete = 0;
     if (k->fd < 0 || !(buf = PyMem_RawMalloc(KMSG_RECORD_MAX))) {
-        ev_kmsg_free(k);
+        k->complete = 0;
         return;
     }
-    k->complete = 1;
+    if (!k->collected)
+        k->complete = 1;  /* a second collect goes on from where the first stopped */
+    k->collected = 1;
     for (i = 0; i < EV_KMSG_READ_MAX; i++) {
         ssize_t n = read(k->fd, buf, KMSG_RECORD_MAX);  /* one record per read */
         if (n < 0 && errno == EINTR)
@@ -260,8 +261,6 @@ void ev_kmsg_collect(struct ev_kmsg *k)
     if (i == EV_KMSG_READ_MAX)
         k->complete = 0;  /* a flood of records: gave up */
     PyMem_RawFree(buf);
-    close(k->fd);
-    k->fd = -1;
 }
 
 void ev_kmsg_free(struct ev_kmsg *k)

@@ -36,6 +36,7 @@ struct ev_kmsg {
     int fd;                /* -1: no cursor */
     int open_errno;        /* why there is none (0: there is) */
     int complete;          /* every record since the cursor was read (no overrun, no cap) */
+    int collected;         /* collect ran (it may run again: it reads on from there) */
     int n_kept;
     char *kept[EV_KMSG_KEEP_MAX];  /* malloc'd first lines, NUL-terminated */
 };
@@ -45,7 +46,7 @@ void ev_machine_read(struct ev_machine *m, int with_vmstat);
 
 /* Place a cursor at the end of the kernel log; never fails (k->fd -1, open_errno set). */
 void ev_kmsg_open(struct ev_kmsg *k);
-/* Read what was logged since the cursor, keep the OOM records, close the cursor. */
+/* Read what was logged since the cursor (or since the last collect), keep the OOM records. */
 void ev_kmsg_collect(struct ev_kmsg *k);
 /* Free what collect kept and close the cursor if it is still open. */
 void ev_kmsg_free(struct ev_kmsg *k);

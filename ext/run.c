@@ -26,6 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -151,8 +152,13 @@ struct run {
     /* the machine's counters around the run (evidence.h), when asked for */
     int evidence;
     int have_evidence;     /* ev0 and the kmsg cursor were taken: ev1 is due at the end */
+    int early_evidence;    /* ev1 was read when the pipes closed, before FINAL arrived */
     struct ev_machine ev0, ev1;
     struct ev_kmsg kmsg;
+
+    /* cgroup mode: the next run's cgroup, made while this one's shepherd starts its command */
+    char *prepare_path;    /* NULL: none asked for */
+    int prepare_tried, prepare_errno;  /* mkdir ran; 0: it made it */
 };
 
 /* Free every C copy of the inputs. */
@@ -485,6 +491,8 @@ static void final_drain(struct run *r, struct pump_state *ps)
     }
 }
 
+static void read_evidence_after(struct run *r);
+
 /* The poll loop. Entered and left with the GIL held; releases it while waiting and
  * reading. Return 0, or -1 with a pending exception (already handled: the tree is down). */
 static int pump(struct run *r)
@@ -582,6 +590,13 @@ static int pump(struct run *r)
             pump_stream(r, &ps, 0);
         if (idx_err >= 0 && fds[idx_err].revents && r->err_r >= 0)
             pump_stream(r, &ps, 1);
+        if (r->have_evidence && !r->early_evidence && r->out_r < 0 && r->err_r < 0 &&
+            !r->have_final) {
+            /* The command closed its output (it exited, in the common case): read the end
+             * now, while the shepherd reaps, checks and removes the cgroup before FINAL. */
+            read_evidence_after(r);
+            r->early_evidence = 1;
+        }
     }
     close_fd(&r->in_w);
     close_fd(&r->ctl);
@@ -824,7 +839,9 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
         set_item(d, "leak_count", PyLong_FromLong(r->final.leak_count)) < 0 ||
         set_item(d, "memory_peak_bytes", int_or_none(in_cgroup ? r->final.cg_memory_peak : -1)) < 0 ||
         set_item(d, "pids_peak", int_or_none(in_cgroup ? r->final.cg_pids_peak : -1)) < 0 ||
-        set_item(d, "evidence", evidence_tuple(r)) < 0) {
+        set_item(d, "evidence", evidence_tuple(r)) < 0 ||
+        set_item(d, "prepared", r->prepare_tried ? PyLong_FromLong(r->prepare_errno)
+                                                 : (Py_INCREF(Py_None), Py_None)) < 0) {
         Py_DECREF(d);
         return NULL;
     }
@@ -869,7 +886,7 @@ static char **copy_environ(void)
 
 /* pg_run's arguments that stay Python objects until copy_inputs. */
 struct run_args {
-    PyObject *shepherd, *argv, *envp, *cwd, *input, *cgroup;
+    PyObject *shepherd, *argv, *envp, *cwd, *input, *cgroup, *prepare;
     long stop_signal;
     int cgroup_required;
 };
@@ -884,8 +901,8 @@ static int parse_run_args(struct run *r, struct run_args *a, PyObject *const *ar
     long tee_fd;
     PyObject *on_output;
 
-    if (nargs != 14) {
-        PyErr_SetString(PyExc_TypeError, "run() takes exactly 14 arguments");
+    if (nargs != 15) {
+        PyErr_SetString(PyExc_TypeError, "run() takes exactly 15 arguments");
         return -1;
     }
     a->shepherd = args[0];
@@ -895,7 +912,9 @@ static int parse_run_args(struct run *r, struct run_args *a, PyObject *const *ar
     a->input = args[4];
     on_output = args[8];
     a->cgroup = args[10];
+    a->prepare = args[14];
     if ((a->cgroup != Py_None && !PyBytes_Check(a->cgroup)) || !PyBytes_Check(a->shepherd) ||
+        (a->prepare != Py_None && !PyBytes_Check(a->prepare)) ||
         !PyList_Check(a->argv) || PyList_GET_SIZE(a->argv) < 1 ||
         (a->envp != Py_None && !PyList_Check(a->envp)) ||
         (a->cwd != Py_None && !PyBytes_Check(a->cwd)) ||
@@ -949,6 +968,8 @@ static int copy_inputs(struct run *r, const struct run_args *a)
     snprintf(nbuf[1], sizeof(nbuf[1]), "%lld", (long long)r->grace_ns);
     snprintf(nbuf[2], sizeof(nbuf[2]), "%ld", a->stop_signal);
     if (!(r->shepherd_path = dup_bytes(a->shepherd)))
+        return -1;
+    if (a->prepare != Py_None && !(r->prepare_path = dup_bytes(a->prepare)))
         return -1;
     if (a->cwd != Py_None && !(r->cwd_arg = dup_prefixed('C', a->cwd)))
         return -1;
@@ -1065,6 +1086,18 @@ static void read_evidence_after(struct run *r)
     ev_machine_read(&r->ev1, r->kmsg.n_kept > 0 || sigkilled);
 }
 
+/* The early reading (taken when the pipes closed) stands for the end when the run ended as
+ * plainly as it can: the command exited by itself, nothing was left, nothing was killed.
+ * Otherwise the tree's last moments came after it (a sweep, a kill, an OOM victim among the
+ * leftovers) and the end is read again. */
+static int early_evidence_stands(const struct run *r)
+{
+    const struct pg_record *f = &r->final;
+    return r->early_evidence && r->have_final && !r->shepherd_lost && f->wait_status >= 0 &&
+           WIFEXITED(f->wait_status) && !f->timed_out && !f->terminated && !f->escalated &&
+           f->leak_count == 0 && f->swept_after_exit == 0 && f->unkillable == 0;
+}
+
 /* Start the shepherd, stream the run, collect the report. Return the result dict, or NULL
  * with an exception (from on_output, or KeyboardInterrupt: the tree is down by then). */
 static PyObject *start_and_wait(struct run *r)
@@ -1085,6 +1118,10 @@ static PyObject *start_and_wait(struct run *r)
         ev_machine_read(&r->ev0, 1);
         r->have_evidence = 1;
     }
+    if (!err && r->prepare_path) {  /* mkdir costs ~45 us under cgroup_mutex: not the next run's */
+        r->prepare_errno = mkdir(r->prepare_path, 0777) == 0 ? 0 : errno;
+        r->prepare_tried = 1;
+    }
     Py_END_ALLOW_THREADS
     close_child_fds(&cf);
     if (err)  /* ENOENT/EACCES/ENOEXEC: our shepherd executable is missing or broken */
@@ -1095,7 +1132,7 @@ static PyObject *start_and_wait(struct run *r)
     Py_BEGIN_ALLOW_THREADS
     if (r->cg_path)
         r->cg_removed = release_cgroup(r);
-    if (rc == 0 && r->have_evidence)
+    if (rc == 0 && r->have_evidence && !early_evidence_stands(r))
         read_evidence_after(r);
     Py_END_ALLOW_THREADS
     r->cg_path_released = r->cg_path != NULL;
@@ -1119,11 +1156,12 @@ static void free_run(struct run *r)
     PyMem_RawFree(r->cwd_arg);
     PyMem_RawFree(r->cg_arg);
     PyMem_RawFree(r->shepherd_path);
+    PyMem_RawFree(r->prepare_path);
 }
 
 const char pg_run_doc[] =
     "run(shepherd, argv, envp, cwd, input, timeout_s, grace_s, capture_limit, on_output, tee_fd,"
-    " cgroup, cgroup_required, stop_signal, evidence)"
+    " cgroup, cgroup_required, stop_signal, evidence, prepare)"
     " -> dict\n\nPrivate: use retest.proc_group.run().";
 
 /* run(...) -> dict of RunResult fields. Raises only for programming errors (TypeError,
@@ -1147,6 +1185,8 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     r.start_ns = now_ns();
     if (copy_inputs(&r, &a) == 0)
         result = start_and_wait(&r);
+    if (!result && r.prepare_tried && r.prepare_errno == 0)
+        rmdir(r.prepare_path);  /* made ahead, but nobody will hear of it: not left behind */
     free_run(&r);
     return result;
 }

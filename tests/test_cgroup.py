@@ -289,3 +289,75 @@ def test_leaks_do_not_fail_a_run_by_default_nor_override_other_verdicts() -> Non
     assert "4242 'sleep 60' (1.5s)" in leaked.reason
     assert proc_group.classify(timed_out, fail_on_leak=True).rule == "timeout.deadline"
     assert proc_group.classify(failed, fail_on_leak=True).rule == "other.exit-status"
+
+
+# ----------------------------------------------------------------------------- made ahead
+
+
+def _spares(parent: str) -> set[str]:
+    return {n for n in os.listdir(parent) if re.fullmatch(rf"retest-{os.getpid()}-\d+", n)}
+
+
+def test_the_next_runs_cgroup_is_made_ahead_taken_and_removed_at_exit(cgroup_mode: str) -> None:
+    """Issue 15: each cgroup-mode run makes the next one's cgroup while its command starts;
+    the next run takes that one, and what no run took is removed (at exit)."""
+    from retest import cgroup as cg
+
+    cg.remove_spares()
+    first = run(["true"], backend="native")
+    assert first.containment == "cgroup" and first.cgroup is not None
+    parent = os.path.dirname(first.cgroup)
+    (spare,) = _spares(parent)  # the run's own is gone; the next run's waits, empty
+    assert not Path(parent, spare, "cgroup.procs").read_text().split()
+    second = run(["cat", "/proc/self/cgroup"], backend="native")
+    assert second.cgroup == os.path.join(parent, spare)  # taken, not made again
+    assert spare.encode() in second.stdout
+    assert not os.path.exists(second.cgroup)
+    (after,) = _spares(parent)
+    assert after != spare
+    cg.remove_spares()
+    assert _spares(parent) == set()
+
+
+def test_a_spare_swept_away_is_not_handed_to_a_run(cgroup_mode: str) -> None:
+    """A spare that disappeared (a process in another pid namespace took us for dead) is
+    skipped: the run gets a cgroup that exists."""
+    from retest import cgroup as cg
+
+    cg.remove_spares()
+    first = run(["true"], backend="native")
+    assert first.cgroup is not None
+    parent = os.path.dirname(first.cgroup)
+    (spare,) = _spares(parent)
+    os.rmdir(os.path.join(parent, spare))
+    second = run(["true"], backend="native")
+    assert second.returncode == 0 and second.containment == "cgroup"
+    assert second.cgroup != os.path.join(parent, spare)
+    cg.remove_spares()
+
+
+def test_stale_spares_of_a_dead_caller_are_swept_and_a_live_ones_are_kept(cgroup_mode: str,
+                                                                           tmp_path: Path) -> None:
+    """A caller SIGKILLed with a spare waiting leaves an empty cgroup; the first run of a
+    later process under that parent removes it, and never one of a live process."""
+    from retest import cgroup as cg
+
+    parent = cg.parent_dir("")
+    code = ("from retest.proc_group import run; import os, signal\n"
+            "r = run(['true'], backend='native'); assert r.containment == 'cgroup'\n"
+            "print(os.getpid(), flush=True); os.kill(os.getpid(), signal.SIGKILL)\n")
+    dead = subprocess.run([PY, "-c", code], capture_output=True, env=child_env(), timeout=60)
+    dead_pid = int(dead.stdout.split()[0])
+    stale = [n for n in os.listdir(parent) if n.startswith(f"retest-{dead_pid}-")]
+    assert stale, "the killed caller left no spare to sweep"
+    live = Path(parent, f"retest-1-{os.getpid()}")  # pid 1 is alive: never swept
+    live.mkdir()
+    try:
+        cg._swept.discard(parent)
+        cg.remove_spares()
+        assert run(["true"], backend="native").containment == "cgroup"
+        assert not [n for n in os.listdir(parent) if n.startswith(f"retest-{dead_pid}-")]
+        assert live.is_dir()
+    finally:
+        live.rmdir()
+        cg.remove_spares()

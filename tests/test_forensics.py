@@ -108,6 +108,24 @@ def test_a_short_run_measures_foreign_cpu_without_naming() -> None:
     assert p.foreign_cpu_s >= 0.0 and p.wall_s < pressure.FIRST_SAMPLE_S * 4
 
 
+def test_a_short_run_counts_a_foreign_hogs_cpu(backend: str) -> None:
+    """Both backends read /proc/stat, PSI and their own CPU around the run (the native one in
+    C, issue 15): a hog busy through a 0.2 s run shows as CPU outside the tree."""
+    hogs = _start_hogs(1, 10)
+    try:
+        time.sleep(0.1)
+        result = proc_group.run(["sleep", "0.2"], timeout=20, probe=False, backend=backend)
+    finally:
+        _stop(hogs)
+    p = result.pressure
+    assert p is not None and p.wall_s >= 0.19
+    assert 0.08 <= p.foreign_cpu_s <= p.wall_s * p.cores + 0.05, p.to_dict()
+    if os.path.exists("/proc/pressure/cpu"):
+        cpu = p.psi["cpu"]
+        assert cpu.some_share is not None and 0.0 <= cpu.some_share <= 1.0
+        assert cpu.some_avg10 is not None and 0.0 <= cpu.some_avg10 <= 100.0
+
+
 def _named_or_outranked(p: pressure.Pressure, pid: int, cpu_s: float) -> bool:
     """``pid`` is named, or the evidence is full of processes that used at least as much CPU
     (a loaded machine: other tests of a parallel run may burn more than this test's hog)."""

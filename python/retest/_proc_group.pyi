@@ -19,6 +19,7 @@ def run(
     cgroup_required: bool,
     stop_signal: int,
     evidence: bool,
+    prepare: Optional[bytes],
     /,
 ) -> dict[str, Any]: ...
 def classify(

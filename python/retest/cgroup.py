@@ -6,6 +6,12 @@ in the cgroup at spawn, signals and kills it as a whole, waits for it to empty a
 ``<parent>/retest-<pid>-<n>``, made fresh for each run and never reused: once ``cgroup.kill``
 was written to a cgroup the kernel kills every process later placed in it.
 
+Making one costs ~45 us of ``mkdir`` (kernel work under ``cgroup_mutex``); the runner makes
+the next run's cgroup ahead, in C, while the current run's shepherd starts its command (the
+caller would sleep in poll then): ``next_name`` names it, ``add_spare`` keeps it, ``create``
+takes it. At most ``SPARES_MAX`` wait per parent; they are removed at exit, and a later
+process removes the empty ones of a caller that died (``_sweep_stale``).
+
 The parent is ``RETEST_CGROUP_PARENT`` or the caller's own cgroup (the ``0::`` line of
 ``/proc/self/cgroup`` under the cgroup2 mount found in ``/proc/self/mountinfo``). Whether a
 child cgroup can be made there (root, a delegated subtree, a container with its own cgroup
@@ -14,6 +20,7 @@ namespace) is found out by trying, once per parent.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import itertools
 import logging
@@ -24,10 +31,20 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Limits", "Unavailable", "parent_dir", "create", "mark_unusable", "unusable_reason"]
+__all__ = ["Limits", "Unavailable", "parent_dir", "create", "mark_unusable", "unusable_reason",
+           "next_name", "add_spare", "remove_spares"]
+
+#: Cgroups made ahead and waiting for a run, per parent (one per thread running in a steady
+#: stream; more would only sit there).
+SPARES_MAX = 8
 
 _names = itertools.count(1)
 _lock = threading.Lock()
+#: parent -> cgroups made ahead for this process's next runs (empty, no limits written yet).
+_spares: dict[str, list[str]] = {}
+#: Parents whose stale cgroups of dead callers were swept by this process.
+_swept: set[str] = set()
+_exit_hook = False
 #: Parents where a run's cgroup could not be made or used, with why (tried once each).
 _unusable: dict[str, str] = {}
 _warned: set[str] = set()
@@ -137,13 +154,34 @@ def create(parent: str, limits: Limits) -> str:
     known = _unusable.get(parent)
     if known is not None:
         raise Unavailable(known)
+    path = _take_spare(parent)
+    if path is None:
+        path = _make(parent)
+    for name, value, setting in limits.items():
+        _apply_limit(path, name, value, setting, parent)
+    return path
+
+
+def _take_spare(parent: str) -> Optional[str]:
+    while True:
+        with _lock:
+            waiting = _spares.get(parent)
+            path = waiting.pop() if waiting else None
+        if path is None or os.path.isdir(path):  # not swept by a process that took us for dead
+            return path
+
+
+def _make(parent: str) -> str:
+    """mkdir a new run cgroup under ``parent`` now; raise Unavailable (and remember it)."""
+    if parent not in _swept:
+        _sweep_stale(parent)
     path = os.path.join(parent, f"retest-{os.getpid()}-{next(_names)}")
     try:
         os.mkdir(path)
     except OSError as err:
         why = f"cannot create a cgroup in {parent}: {os.strerror(err.errno or 0)}"
         if err.errno in (errno.EEXIST,):  # a stale one of a dead caller with our pid: once more
-            return create(parent, limits)
+            return _make(parent)
         mark_unusable(parent, why)
         raise Unavailable(why) from err
     if not os.path.exists(os.path.join(path, "cgroup.events")):
@@ -151,9 +189,71 @@ def create(parent: str, limits: Limits) -> str:
         why = f"{parent} is not a cgroup v2 directory"
         mark_unusable(parent, why)
         raise Unavailable(why)
-    for name, value, setting in limits.items():
-        _apply_limit(path, name, value, setting, parent)
     return path
+
+
+def next_name(parent: str) -> Optional[str]:
+    """A path for a cgroup to be made ahead under ``parent`` (the runner makes it while its
+    command starts), or None when enough wait already or ``parent`` is not usable."""
+    with _lock:
+        if parent in _unusable or len(_spares.get(parent, ())) >= SPARES_MAX:
+            return None
+    return os.path.join(parent, f"retest-{os.getpid()}-{next(_names)}")
+
+
+def add_spare(parent: str, path: str) -> None:
+    """Keep ``path``, made ahead under ``parent``, for a later run of this process."""
+    global _exit_hook
+    with _lock:
+        _spares.setdefault(parent, []).append(path)
+        if not _exit_hook:
+            _exit_hook = True
+            atexit.register(remove_spares)
+
+
+def remove_spares() -> None:
+    """Remove the cgroups made ahead that no run took (at exit; tests)."""
+    with _lock:
+        waiting = [p for paths in _spares.values() for p in paths]
+        _spares.clear()
+    for path in waiting:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+def _forget_spares_in_child() -> None:
+    """A forked child's runs make their own: the parent's spares are the parent's to use."""
+    global _lock, _exit_hook
+    _lock = threading.Lock()
+    _spares.clear()
+    _exit_hook = False
+
+
+os.register_at_fork(after_in_child=_forget_spares_in_child)
+
+
+def _sweep_stale(parent: str) -> None:
+    """Remove the empty run cgroups (``retest-<pid>-<n>``) that a dead caller left under
+    ``parent`` (its spares, when it was SIGKILLed). Only empty ones go (rmdir refuses the
+    rest), and never those of a live process."""
+    _swept.add(parent)
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        fields = name.split("-")
+        if len(fields) != 3 or fields[0] != "retest" or not fields[1].isdigit():
+            continue
+        pid = int(fields[1])
+        if pid == os.getpid() or os.path.exists(f"/proc/{pid}"):
+            continue
+        try:
+            os.rmdir(os.path.join(parent, name))
+        except OSError:
+            pass
 
 
 def _apply_limit(path: str, name: str, value: str, setting: str, parent: str) -> None:

@@ -382,7 +382,7 @@ class _Counters:
         cgroup = watch.cgroup
         self.run_usage, self.run_some = _cgroup_values(cgroup) if cgroup else (None, None)
         self.machine_some = _psi_cpu_some_total()
-        self.tree = None if cgroup else _tree_ticks(watch.tid, watch.earlier_children or frozenset())
+        self.tree = None if cgroup else _tree_ticks(watch.tid, watch.children_before())
 
 
 class Watch:
@@ -400,14 +400,15 @@ class Watch:
         while the shepherd starts the command) and hands both readings to ``finish``."""
         self.started = time.monotonic()
         self.tid = threading.get_native_id()
+        #: When the run started, on the clock of /proc/PID/stat's ``starttime`` (boot time).
+        self.started_boot = _boottime()
         self.earlier_children: Optional[frozenset[int]] = None
         self.cpus = frozenset(_affinity())
         self.cgroup: Optional[str] = None
         self.psi = read_psi() if read else {}
         self.busy0 = _cpu_busy_ticks(self.cpus) if read else None
         self.self_cpu0 = _self_cpu_s() if read else 0.0
-        if read:
-            self.note_children()
+
         self.procs: Optional[dict[int, _Stat]] = None
         self.uptime_ticks: Optional[int] = None
         self.samples: list[Sample] = []
@@ -418,10 +419,19 @@ class Watch:
         _SAMPLER.add(self)
         _CURRENT.watch = self
 
-    def note_children(self) -> None:
-        """Remember this thread's children now, before the run's tree exists: the samples of
-        a run without a cgroup walk the children of this thread but these."""
-        self.earlier_children = frozenset(_children(os.getpid(), self.tid) or ())
+    def children_before(self) -> frozenset[int]:
+        """This thread's children that were there before the run (the samples of a run without
+        a cgroup walk the children of this thread but these), found at the first sample by
+        their start time rather than read at every run's start (most runs never get one): a
+        child started less than a clock tick before the run counts as the run's."""
+        if self.earlier_children is None:
+            earlier = set()
+            for child in _children(os.getpid(), self.tid) or ():
+                st = _stat(child)
+                if st is not None and st.start_ticks / _TICKS < self.started_boot - 1 / _TICKS:
+                    earlier.add(child)
+            self.earlier_children = frozenset(earlier)
+        return self.earlier_children
 
     def attach_cgroup(self, path: str, *, fresh: bool = False) -> None:
         """The run's own cgroup (cgroup mode): its ``cpu.stat`` and ``cpu.pressure`` are read
@@ -583,6 +593,14 @@ def _affinity() -> list[int]:
         return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return list(range(os.cpu_count() or 1))
+
+
+def _boottime() -> float:
+    """Seconds since boot, as /proc/PID/stat's ``starttime`` counts them (CLOCK_BOOTTIME)."""
+    try:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):
+        return time.monotonic()
 
 
 def _self_cpu_s() -> float:

@@ -754,8 +754,8 @@ def _run_native(
     if plan.refused:  # cgroup demanded, impossible: say so rather than contain less
         return RunResult(args=args_text, returncode=None, stdout=b"", stderr=b"", timed_out=False,
                          duration_s=0.0, spawn_error=plan.why, backend="native")
-    if evidence is not None and cgroup_path is None:
-        evidence.watch.note_children()  # the samples walk the tree: these are not of it
+    # The next run's cgroup, made by the C side while this run's command starts.
+    spare = _cgroup.next_name(plan.parent) if cgroup_path is not None and plan.parent else None
     try:
         raw = _native.run(
             os.fsencode(_shepherd_path),
@@ -772,11 +772,14 @@ def _run_native(
             plan.required,
             int(stop_signal),
             evidence is not None and evidence.oom is None,
+            None if spare is None else os.fsencode(spare),
         )
     except BaseException:
         if cgroup_path is not None:  # raised before the C side took the cgroup over
             _remove_quietly(cgroup_path)
         raise
+    if raw.pop("prepared") == 0 and spare is not None and plan.parent is not None:
+        _cgroup.add_spare(plan.parent, spare)
     readings = raw.pop("evidence")
     oom_counts = (raw.pop("cgroup_oom_kill", None), raw.pop("cgroup_oom_group_kill", None))
     if evidence is not None and readings is not None:
