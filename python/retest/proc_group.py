@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Literal, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 from . import cgroup as _cgroup, config, diagnose as _diagnose, facts, oom as _oom, pressure as _pressure, probe as _probe
 from .oom import OomEvidence
@@ -608,7 +608,7 @@ class _Evidence:
                 self.oom.close()
         return _set_fields(result, timeout_s=timeout, pressure=pressure, oom=oom)
 
-    def _oom(self, result: RunResult, probe_pids: Sequence[int]) -> Optional[OomEvidence]:
+    def _oom(self, result: RunResult, probe_pids: Iterable[int]) -> Optional[OomEvidence]:
         if self.oom is not None:
             return self.oom.attribute(leader=result.pid, pids=probe_pids,
                                       returncode=result.returncode, timed_out=result.timed_out,
