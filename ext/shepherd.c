@@ -36,6 +36,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -915,9 +916,10 @@ struct child_failure {
     int32_t err;
 };
 
-/* The child between vfork and exec. Only async-signal-safe calls: no allocation, no stdio,
- * no locks; the parent is suspended until we exec or _exit, and we share its memory, so
- * nothing here may modify memory the parent relies on besides the failure report. */
+/* The child between vfork (or clone3) and exec. Only async-signal-safe calls: no
+ * allocation, no stdio, no locks; the parent is suspended until we exec or _exit, and we
+ * share its memory, so nothing here may modify memory the parent relies on besides the
+ * failure report. */
 static void child_exec(pid_t shepherd_pid, int err_fd, int procs_fd, const char *cwd,
                        char **candidates, char **argv)
 {
@@ -998,11 +1000,38 @@ struct pg_clone_args {  /* struct clone_args, CLONE_ARGS_SIZE_VER2 */
         set_tid, set_tid_size, cgroup;
 };
 
+/* The no-libc build's clone3 trampoline (nolibc.c, x86_64 only). Weak: aarch64 and the libc
+ * builds lack it, see NULL here, and use the fork-like clone3 below. */
+extern long nolibc_clone3_run(void *args, size_t size, void (*fn)(void *), void *arg)
+    __attribute__((weak));
+
+/* child_exec's arguments, for a child started through a function pointer. */
+struct child_args {
+    pid_t self;
+    int err_fd;
+    const char *cwd;
+    char **candidates, **argv;
+};
+
+/* The trampoline's child: child_exec on its own stack. Never returns. */
+static void clone_child(void *p)
+{
+    const struct child_args *a = p;
+    child_exec(a->self, a->err_fd, -1, a->cwd, a->candidates, a->argv);
+}
+
+/* The stack of the vfork-like clone3 child: child_exec and the calls it makes use about 100
+ * bytes (gcc -fstack-usage); .bss, so only the page it touches is ever made. 16-byte aligned
+ * top, as the trampoline needs. */
+static char clone_stack[64 * 1024] __attribute__((aligned(16)));
+
 /* Start the child directly in cgroup cg_dfd with clone3(CLONE_INTO_CGROUP): no moment outside
- * it, and cheaper than a write to cgroup.procs (the kernel skips the migration). Fork-like
- * (no CLONE_VM: sharing our stack would need a stack of its own, set up in assembly); the
- * shepherd is small and single-threaded, so the copy is cheap and safe. Return the pid, or
- * -1 with errno (ENOSYS/E2BIG/EINVAL: no clone3 or no CLONE_INTO_CGROUP here). */
+ * it, and cheaper than a write to cgroup.procs (the kernel skips the migration). In the
+ * no-libc build on x86_64 vfork-like (CLONE_VM | CLONE_VFORK, on clone_stack; issue 15: the
+ * copy of our memory a fork makes and exec throws away cost 30-50 us a run on a VM);
+ * elsewhere fork-like: the shepherd is small and single-threaded, so the copy is cheap and
+ * safe. Return the pid, or -1 with errno (ENOSYS/E2BIG/EINVAL: no clone3 or no
+ * CLONE_INTO_CGROUP here). */
 static __attribute__((noinline)) pid_t clone_into_cgroup_exec(int cg_dfd, pid_t self, int err_fd,
                                                               const char *cwd, char **candidates,
                                                               char **argv)
@@ -1013,6 +1042,14 @@ static __attribute__((noinline)) pid_t clone_into_cgroup_exec(int cg_dfd, pid_t 
     ca.flags = PG_CLONE_INTO_CGROUP;
     ca.exit_signal = SIGCHLD;
     ca.cgroup = (uint64_t)cg_dfd;
+    if (nolibc_clone3_run) {
+        /* the child reads a and runs on clone_stack while we are suspended (CLONE_VFORK) */
+        struct child_args a = {self, err_fd, cwd, candidates, argv};
+        ca.flags |= CLONE_VM | CLONE_VFORK;
+        ca.stack = (uint64_t)(uintptr_t)clone_stack;
+        ca.stack_size = sizeof(clone_stack);
+        return (pid_t)nolibc_clone3_run(&ca, sizeof(ca), clone_child, &a);
+    }
     pid = syscall(SYS_clone3, &ca, sizeof(ca));
     if (pid == 0)
         child_exec(self, err_fd, -1, cwd, candidates, argv);
