@@ -95,6 +95,8 @@ struct state {
     int cg_dfd;                 /* that cgroup's directory, -1 if none */
     int cg_events;              /* its cgroup.events, polled for POLLPRI, -1 if none */
     int in_cgroup;              /* the command runs in it: the tree is its members */
+    int cg_empty;               /* the last read of cgroup.events said "populated 0" */
+    int children_left;          /* the last reap() left children of ours unreaped */
     int leaks_sent;
     struct pg_record final;
 };
@@ -1203,12 +1205,25 @@ static void begin_kill(struct state *st)
     st->phase_deadline_ns = now_ns() + GIVE_UP_AFTER_KILL_NS;
 }
 
-/* Return 1 if something of the tree may still be alive: the cgroup is populated (cgroup
- * mode), or the shepherd still has children (children_left, from reap()). */
-static int tree_left(const struct state *st, int children_left)
+/* Return 1 if cgroup.events matters now: cgroup mode, and not RUNNING with the leader alive,
+ * where step_running decides by the leader alone (its SIGCHLD wakes us). Issue 15: reading it
+ * then was one wasted read per wake-up; it is not polled then either, since an unread change
+ * keeps it POLLPRI (kernfs clears that on read) and poll would return at once, every time. */
+static int watching_cgroup(const struct state *st)
 {
-    if (st->in_cgroup) {
+    return st->in_cgroup && !(st->phase == RUNNING && st->leader_alive);
+}
+
+/* Return 1 if something of the tree may still be alive: the cgroup is populated (cgroup
+ * mode, when watched), or the shepherd still has children (children_left, from reap()).
+ * Both answers are kept for finish_cgroup. The read comes before each poll of cgroup.events
+ * (supervise), so that a change after it is a fresh POLLPRI and none is missed. */
+static int tree_left(struct state *st, int children_left)
+{
+    st->children_left = children_left;
+    if (watching_cgroup(st)) {
         int populated = cg_populated(st->cg_dfd, st->cg_events);
+        st->cg_empty = populated == 0;
         if (populated >= 0)
             return populated;
     }
@@ -1217,15 +1232,18 @@ static int tree_left(const struct state *st, int children_left)
 
 /* cgroup mode, once the tree is gone: reap the last members (they leave the cgroup a moment
  * before they are zombies; bounded, in case one moved itself to another cgroup), take the
- * cgroup's accounting, remove it. */
+ * cgroup's accounting, remove it. supervise has just seen the cgroup empty, and whether
+ * children were left, in a normal end: neither is asked again (issue 15). */
 static void finish_cgroup(struct state *st)
 {
     struct cg_usage u;
-    if (!st->in_cgroup || cg_populated(st->cg_dfd, st->cg_events) != 0)
+    if (!st->in_cgroup || !(st->cg_empty || cg_populated(st->cg_dfd, st->cg_events) == 0))
         return;  /* a member survived SIGKILL (unkillable): the caller tries rmdir later */
-    for (int i = 0; i < 200 && reap(st); i++) {
+    for (int i = 0; i < 200 && st->children_left; i++) {
         struct timespec pause = {0, NS_PER_MS};
-        nanosleep(&pause, NULL);
+        st->children_left = reap(st);
+        if (st->children_left)
+            nanosleep(&pause, NULL);
     }
     cg_read_usage(st->cg_dfd, &u);
     st->final.cg_usage_us = u.usage_us;
@@ -1410,7 +1428,7 @@ static void wait_events(struct state *st, int sfd, int64_t wake, int64_t now)
     fds[0].events = POLLIN;
     fds[1].fd = st->caller_gone ? -1 : PG_CONTROL_FD;
     fds[1].events = POLLIN;
-    fds[2].fd = st->in_cgroup ? st->cg_events : -1;  /* POLLPRI: populated changed */
+    fds[2].fd = watching_cgroup(st) ? st->cg_events : -1;  /* POLLPRI: populated changed */
     fds[2].events = POLLPRI;
     ready = poll(fds, 3, poll_timeout_ms(wake, now));
     if (ready < 0) {
