@@ -867,8 +867,8 @@ static void close_inherited_fds(void)
     closedir(dir);
 }
 
-/* Build the list of paths to try for cmd, as execvp would, from the command's own PATH.
- * Done before vfork: the child must not allocate. */
+/* Build the list of paths to try for cmd (a name without '/'), as execvp would, from the
+ * command's own PATH. Done before vfork: the child must not allocate. */
 static __attribute__((noinline)) char **exec_candidates(const char *cmd)
 {
     const char *path, *p;
@@ -876,13 +876,6 @@ static __attribute__((noinline)) char **exec_candidates(const char *cmd)
     char **list;
     size_t i = 0;
 
-    if (strchr(cmd, '/')) {
-        list = calloc(2, sizeof(char *));
-        if (!list)
-            return NULL;
-        list[0] = strdup(cmd);
-        return list[0] ? list : NULL;
-    }
     path = getenv("PATH");
     if (!path)
         path = "/bin:/usr/bin";  /* os.defpath */
@@ -1101,7 +1094,10 @@ static void drop_cgroup(struct state *st, int err)
 static void start_command(struct state *st, const char *cwd, char **argv)
 {
     int err_pipe[2];
-    char **candidates = exec_candidates(argv[0]);
+    /* a path is tried as given: no list to build (issue 15: two mmap and two munmap calls of
+     * nolibc's allocator per run) */
+    char *as_given[2] = {argv[0], NULL};
+    char **candidates = strchr(argv[0], '/') ? as_given : exec_candidates(argv[0]);
     struct child_failure f;
     ssize_t n;
     pid_t pid;
@@ -1138,9 +1134,11 @@ static void start_command(struct state *st, const char *cwd, char **argv)
         }
         break;
     }
-    for (char **c = candidates; *c; c++)
-        free(*c);
-    free(candidates);
+    if (candidates != as_given) {
+        for (char **c = candidates; *c; c++)
+            free(*c);
+        free(candidates);
+    }
     st->leader = pid;
     st->leader_alive = 1;
     st->in_cgroup = placed;
@@ -1437,11 +1435,16 @@ static void wait_events(struct state *st, int sfd, int64_t wake, int64_t now)
         return;
     }
     if (fds[0].revents & POLLIN) {
-        struct signalfd_siginfo si;
-        while (read(sfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
-            if (si.ssi_signo != SIGCHLD)
-                request_stop(st);  /* someone asked us to stop: the tree goes down with us */
-        }
+        /* several per read: a read short of the buffer has emptied the queue, so the read
+         * that would fail with EAGAIN is saved (issue 15) */
+        struct signalfd_siginfo si[8];
+        ssize_t n;
+        do {
+            n = read(sfd, si, sizeof(si));
+            for (ssize_t i = 0; i < n / (ssize_t)sizeof(si[0]); i++)
+                if (si[i].ssi_signo != SIGCHLD)
+                    request_stop(st);  /* someone asked us to stop: the tree goes down with us */
+        } while (n == (ssize_t)sizeof(si));
     }
     if (fds[1].fd >= 0 && fds[1].revents)
         on_control(st, fds[1].revents);
