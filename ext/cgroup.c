@@ -202,13 +202,21 @@ void cg_read_usage(int dfd, struct cg_usage *u)
 {
     char buf[1024];
     u->usage_us = u->user_us = u->system_us = u->memory_peak = u->pids_peak = -1;
+    u->oom_kill = u->oom_group_kill = -1;
     if (cg_read(dfd, -1, "cpu.stat", buf, sizeof(buf)) >= 0) {
         u->usage_us = cg_field(buf, "usage_usec");
         u->user_us = cg_field(buf, "user_usec");
         u->system_us = cg_field(buf, "system_usec");
     }
-    if (cg_read(dfd, -1, "memory.peak", buf, sizeof(buf)) > 0)
-        u->memory_peak = strtoll(buf, NULL, 10);
+    /* memory.events is there whenever the memory controller is (every cgroup v2 kernel);
+     * memory.peak only with it, and only since 5.19: without the first, the second is not
+     * looked for, so a cgroup without the controller costs one failed open, not two. */
+    if (cg_read(dfd, -1, "memory.events", buf, sizeof(buf)) > 0) {
+        u->oom_kill = cg_field(buf, "oom_kill");
+        u->oom_group_kill = cg_field(buf, "oom_group_kill");
+        if (cg_read(dfd, -1, "memory.peak", buf, sizeof(buf)) > 0)
+            u->memory_peak = strtoll(buf, NULL, 10);
+    }
     if (cg_read(dfd, -1, "pids.peak", buf, sizeof(buf)) > 0)
         u->pids_peak = strtoll(buf, NULL, 10);
 }

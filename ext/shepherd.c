@@ -1249,6 +1249,8 @@ static void finish_cgroup(struct state *st)
     st->final.cg_system_us = u.system_us;
     st->final.cg_memory_peak = u.memory_peak;
     st->final.cg_pids_peak = u.pids_peak;
+    st->final.cg_oom_kill = u.oom_kill;
+    st->final.cg_oom_group_kill = u.oom_group_kill;
     close(st->cg_events);
     close(st->cg_dfd);
     st->cg_events = st->cg_dfd = -1;
@@ -1498,6 +1500,11 @@ int main(int argc, char **argv)
     st.self = getpid();
     st.final.kind = PG_REC_FINAL;
     st.final.wait_status = -1;
+    /* the cgroup's accounting is absent until finish_cgroup reads it: a run whose cgroup
+     * never empties reports none, not zeros */
+    st.final.cg_usage_us = st.final.cg_user_us = st.final.cg_system_us = -1;
+    st.final.cg_memory_peak = st.final.cg_pids_peak = -1;
+    st.final.cg_oom_kill = st.final.cg_oom_group_kill = -1;
     st.cg_dfd = st.cg_events = -1;
 
     if (fcntl(PG_CONTROL_FD, F_SETFD, FD_CLOEXEC) < 0)
