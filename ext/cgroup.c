@@ -59,8 +59,8 @@ int cg_write(int dfd, const char *file, const char *text)
     return n == (ssize_t)len ? 0 : -1;
 }
 
-/* Read file of cgroup dfd (or the open fd, from offset 0) into buf, NUL-terminated. Return
- * its length or -1 with errno. */
+/* Read file of cgroup dfd (or the open fd, from offset 0) into buf, NUL-terminated; a text
+ * longer than size - 1 is cut. Return its length or -1 with errno. */
 static ssize_t cg_read(int dfd, int fd, const char *file, char *buf, size_t size)
 {
     int own = fd < 0, saved;
@@ -68,20 +68,22 @@ static ssize_t cg_read(int dfd, int fd, const char *file, char *buf, size_t size
     if (own && (fd = cg_open_file(dfd, file, O_RDONLY)) < 0)
         return -1;
     while (got + 1 < size) {
-        ssize_t n = pread(fd, buf + got, size - 1 - got, (off_t)got);
+        size_t room = size - 1 - got;
+        ssize_t n = pread(fd, buf + got, room, (off_t)got);
         if (n < 0 && errno == EINTR)
             continue;
-        if (n <= 0) {
-            if (n < 0) {
-                saved = errno;
-                if (own)
-                    close(fd);
-                errno = saved;
-                return -1;
-            }
-            break;
+        if (n < 0) {
+            saved = errno;
+            if (own)
+                close(fd);
+            errno = saved;
+            return -1;
         }
         got += (size_t)n;
+        /* A cgroup file is a seq_file: one read gets as much of its text as fits, so a read
+         * short of the room is the end; the read that would return 0 is saved (issue 15). */
+        if ((size_t)n < room)
+            break;
     }
     if (own)
         close(fd);
@@ -200,13 +202,21 @@ void cg_read_usage(int dfd, struct cg_usage *u)
 {
     char buf[1024];
     u->usage_us = u->user_us = u->system_us = u->memory_peak = u->pids_peak = -1;
+    u->oom_kill = u->oom_group_kill = -1;
     if (cg_read(dfd, -1, "cpu.stat", buf, sizeof(buf)) >= 0) {
         u->usage_us = cg_field(buf, "usage_usec");
         u->user_us = cg_field(buf, "user_usec");
         u->system_us = cg_field(buf, "system_usec");
     }
-    if (cg_read(dfd, -1, "memory.peak", buf, sizeof(buf)) > 0)
-        u->memory_peak = strtoll(buf, NULL, 10);
+    /* memory.events is there whenever the memory controller is (every cgroup v2 kernel);
+     * memory.peak only with it, and only since 5.19: without the first, the second is not
+     * looked for, so a cgroup without the controller costs one failed open, not two. */
+    if (cg_read(dfd, -1, "memory.events", buf, sizeof(buf)) > 0) {
+        u->oom_kill = cg_field(buf, "oom_kill");
+        u->oom_group_kill = cg_field(buf, "oom_group_kill");
+        if (cg_read(dfd, -1, "memory.peak", buf, sizeof(buf)) > 0)
+            u->memory_peak = strtoll(buf, NULL, 10);
+    }
     if (cg_read(dfd, -1, "pids.peak", buf, sizeof(buf)) > 0)
         u->pids_peak = strtoll(buf, NULL, 10);
 }

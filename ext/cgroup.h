@@ -15,6 +15,8 @@ struct cg_usage {
     int64_t system_us;   /* cpu.stat system_usec */
     int64_t memory_peak; /* memory.peak, bytes (the memory controller) */
     int64_t pids_peak;   /* pids.peak (the pids controller) */
+    int64_t oom_kill;    /* memory.events oom_kill: processes the OOM killer killed */
+    int64_t oom_group_kill; /* memory.events oom_group_kill (5.17): memory.oom.group kills */
 };
 
 /* Open the cgroup directory at path (O_DIRECTORY, close-on-exec). Return the fd or -1. */

@@ -140,6 +140,39 @@ __asm__(".text\n"
         ".size vfork, .-vfork\n");
 #endif
 
+/* clone3 for a vfork-like child on a stack of its own: the caller's args carry CLONE_VM,
+ * CLONE_VFORK and the stack (issue 15: the shepherd's cgroup mode, where CLONE_INTO_CGROUP
+ * needs clone3, which has no vfork form). The child starts on an empty stack with no frame
+ * to return through, so it cannot come back into C: it calls fn(arg) from here and exits
+ * 127 if fn returns. fn and arg wait in r8 and r9, which the syscall instruction keeps (it
+ * clobbers rcx and r11 only), and the kernel sets the child's rsp to stack + stack_size:
+ * with a 16-byte aligned top, the call leaves fn's frame aligned as the ABI wants. Returns
+ * the child's pid in the parent, or -1 with errno. x86_64 only: shepherd.c finds the symbol
+ * absent (weak) on aarch64 and in the libc builds and uses a fork-like clone3 there. */
+#if defined(__x86_64__)
+__asm__(".text\n"
+        ".global nolibc_clone3_run\n"
+        ".type nolibc_clone3_run,@function\n"
+        "nolibc_clone3_run:\n"
+        "  mov %rdx, %r8\n"
+        "  mov %rcx, %r9\n"
+        "  mov $435, %eax\n"   /* SYS_clone3: args in rdi, size in rsi */
+        "  syscall\n"
+        "  test %rax, %rax\n"
+        "  jz 1f\n"
+        "  mov %rax, %rdi\n"   /* the parent: a pid, or -errno */
+        "  jmp nolibc_ret\n"
+        "1:\n"
+        "  xor %ebp, %ebp\n"   /* the child: the end of the frame chain */
+        "  mov %r9, %rdi\n"
+        "  call *%r8\n"
+        "  mov $127, %edi\n"
+        "  mov $231, %eax\n"   /* SYS_exit_group */
+        "  syscall\n"
+        "  hlt\n"
+        ".size nolibc_clone3_run, .-nolibc_clone3_run\n");
+#endif
+
 int main(int argc, char **argv);
 
 /* Entry from _start with the initial stack: argc, argv..., NULL, envp..., NULL, auxv. */

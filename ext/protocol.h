@@ -72,6 +72,8 @@ struct pg_record {
     int64_t cg_system_us;
     int64_t cg_memory_peak;
     int64_t cg_pids_peak;
+    int64_t cg_oom_kill;      /* FINAL, cgroup mode: memory.events oom_kill and oom_group_kill, */
+    int64_t cg_oom_group_kill;/* read just before the cgroup is removed; -1: absent */
     int64_t age_us;           /* LEAK: how long the process had been running */
     int32_t text_len;         /* LEAK: bytes of text used */
     char text[PG_LEAK_TEXT];  /* LEAK: head of its command line */

@@ -36,6 +36,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -94,6 +95,8 @@ struct state {
     int cg_dfd;                 /* that cgroup's directory, -1 if none */
     int cg_events;              /* its cgroup.events, polled for POLLPRI, -1 if none */
     int in_cgroup;              /* the command runs in it: the tree is its members */
+    int cg_empty;               /* the last read of cgroup.events said "populated 0" */
+    int children_left;          /* the last reap() left children of ours unreaped */
     int leaks_sent;
     struct pg_record final;
 };
@@ -864,8 +867,8 @@ static void close_inherited_fds(void)
     closedir(dir);
 }
 
-/* Build the list of paths to try for cmd, as execvp would, from the command's own PATH.
- * Done before vfork: the child must not allocate. */
+/* Build the list of paths to try for cmd (a name without '/'), as execvp would, from the
+ * command's own PATH. Done before vfork: the child must not allocate. */
 static __attribute__((noinline)) char **exec_candidates(const char *cmd)
 {
     const char *path, *p;
@@ -873,13 +876,6 @@ static __attribute__((noinline)) char **exec_candidates(const char *cmd)
     char **list;
     size_t i = 0;
 
-    if (strchr(cmd, '/')) {
-        list = calloc(2, sizeof(char *));
-        if (!list)
-            return NULL;
-        list[0] = strdup(cmd);
-        return list[0] ? list : NULL;
-    }
     path = getenv("PATH");
     if (!path)
         path = "/bin:/usr/bin";  /* os.defpath */
@@ -915,9 +911,10 @@ struct child_failure {
     int32_t err;
 };
 
-/* The child between vfork and exec. Only async-signal-safe calls: no allocation, no stdio,
- * no locks; the parent is suspended until we exec or _exit, and we share its memory, so
- * nothing here may modify memory the parent relies on besides the failure report. */
+/* The child between vfork (or clone3) and exec. Only async-signal-safe calls: no
+ * allocation, no stdio, no locks; the parent is suspended until we exec or _exit, and we
+ * share its memory, so nothing here may modify memory the parent relies on besides the
+ * failure report. */
 static void child_exec(pid_t shepherd_pid, int err_fd, int procs_fd, const char *cwd,
                        char **candidates, char **argv)
 {
@@ -998,11 +995,38 @@ struct pg_clone_args {  /* struct clone_args, CLONE_ARGS_SIZE_VER2 */
         set_tid, set_tid_size, cgroup;
 };
 
+/* The no-libc build's clone3 trampoline (nolibc.c, x86_64 only). Weak: aarch64 and the libc
+ * builds lack it, see NULL here, and use the fork-like clone3 below. */
+extern long nolibc_clone3_run(void *args, size_t size, void (*fn)(void *), void *arg)
+    __attribute__((weak));
+
+/* child_exec's arguments, for a child started through a function pointer. */
+struct child_args {
+    pid_t self;
+    int err_fd;
+    const char *cwd;
+    char **candidates, **argv;
+};
+
+/* The trampoline's child: child_exec on its own stack. Never returns. */
+static void clone_child(void *p)
+{
+    const struct child_args *a = p;
+    child_exec(a->self, a->err_fd, -1, a->cwd, a->candidates, a->argv);
+}
+
+/* The stack of the vfork-like clone3 child: child_exec and the calls it makes use about 100
+ * bytes (gcc -fstack-usage); .bss, so only the page it touches is ever made. 16-byte aligned
+ * top, as the trampoline needs. */
+static char clone_stack[64 * 1024] __attribute__((aligned(16)));
+
 /* Start the child directly in cgroup cg_dfd with clone3(CLONE_INTO_CGROUP): no moment outside
- * it, and cheaper than a write to cgroup.procs (the kernel skips the migration). Fork-like
- * (no CLONE_VM: sharing our stack would need a stack of its own, set up in assembly); the
- * shepherd is small and single-threaded, so the copy is cheap and safe. Return the pid, or
- * -1 with errno (ENOSYS/E2BIG/EINVAL: no clone3 or no CLONE_INTO_CGROUP here). */
+ * it, and cheaper than a write to cgroup.procs (the kernel skips the migration). In the
+ * no-libc build on x86_64 vfork-like (CLONE_VM | CLONE_VFORK, on clone_stack; issue 15: the
+ * copy of our memory a fork makes and exec throws away cost 30-50 us a run on a VM);
+ * elsewhere fork-like: the shepherd is small and single-threaded, so the copy is cheap and
+ * safe. Return the pid, or -1 with errno (ENOSYS/E2BIG/EINVAL: no clone3 or no
+ * CLONE_INTO_CGROUP here). */
 static __attribute__((noinline)) pid_t clone_into_cgroup_exec(int cg_dfd, pid_t self, int err_fd,
                                                               const char *cwd, char **candidates,
                                                               char **argv)
@@ -1013,6 +1037,14 @@ static __attribute__((noinline)) pid_t clone_into_cgroup_exec(int cg_dfd, pid_t 
     ca.flags = PG_CLONE_INTO_CGROUP;
     ca.exit_signal = SIGCHLD;
     ca.cgroup = (uint64_t)cg_dfd;
+    if (nolibc_clone3_run) {
+        /* the child reads a and runs on clone_stack while we are suspended (CLONE_VFORK) */
+        struct child_args a = {self, err_fd, cwd, candidates, argv};
+        ca.flags |= CLONE_VM | CLONE_VFORK;
+        ca.stack = (uint64_t)(uintptr_t)clone_stack;
+        ca.stack_size = sizeof(clone_stack);
+        return (pid_t)nolibc_clone3_run(&ca, sizeof(ca), clone_child, &a);
+    }
     pid = syscall(SYS_clone3, &ca, sizeof(ca));
     if (pid == 0)
         child_exec(self, err_fd, -1, cwd, candidates, argv);
@@ -1062,7 +1094,10 @@ static void drop_cgroup(struct state *st, int err)
 static void start_command(struct state *st, const char *cwd, char **argv)
 {
     int err_pipe[2];
-    char **candidates = exec_candidates(argv[0]);
+    /* a path is tried as given: no list to build (issue 15: two mmap and two munmap calls of
+     * nolibc's allocator per run) */
+    char *as_given[2] = {argv[0], NULL};
+    char **candidates = strchr(argv[0], '/') ? as_given : exec_candidates(argv[0]);
     struct child_failure f;
     ssize_t n;
     pid_t pid;
@@ -1099,9 +1134,11 @@ static void start_command(struct state *st, const char *cwd, char **argv)
         }
         break;
     }
-    for (char **c = candidates; *c; c++)
-        free(*c);
-    free(candidates);
+    if (candidates != as_given) {
+        for (char **c = candidates; *c; c++)
+            free(*c);
+        free(candidates);
+    }
     st->leader = pid;
     st->leader_alive = 1;
     st->in_cgroup = placed;
@@ -1166,12 +1203,25 @@ static void begin_kill(struct state *st)
     st->phase_deadline_ns = now_ns() + GIVE_UP_AFTER_KILL_NS;
 }
 
-/* Return 1 if something of the tree may still be alive: the cgroup is populated (cgroup
- * mode), or the shepherd still has children (children_left, from reap()). */
-static int tree_left(const struct state *st, int children_left)
+/* Return 1 if cgroup.events matters now: cgroup mode, and not RUNNING with the leader alive,
+ * where step_running decides by the leader alone (its SIGCHLD wakes us). Issue 15: reading it
+ * then was one wasted read per wake-up; it is not polled then either, since an unread change
+ * keeps it POLLPRI (kernfs clears that on read) and poll would return at once, every time. */
+static int watching_cgroup(const struct state *st)
 {
-    if (st->in_cgroup) {
+    return st->in_cgroup && !(st->phase == RUNNING && st->leader_alive);
+}
+
+/* Return 1 if something of the tree may still be alive: the cgroup is populated (cgroup
+ * mode, when watched), or the shepherd still has children (children_left, from reap()).
+ * Both answers are kept for finish_cgroup. The read comes before each poll of cgroup.events
+ * (supervise), so that a change after it is a fresh POLLPRI and none is missed. */
+static int tree_left(struct state *st, int children_left)
+{
+    st->children_left = children_left;
+    if (watching_cgroup(st)) {
         int populated = cg_populated(st->cg_dfd, st->cg_events);
+        st->cg_empty = populated == 0;
         if (populated >= 0)
             return populated;
     }
@@ -1180,15 +1230,18 @@ static int tree_left(const struct state *st, int children_left)
 
 /* cgroup mode, once the tree is gone: reap the last members (they leave the cgroup a moment
  * before they are zombies; bounded, in case one moved itself to another cgroup), take the
- * cgroup's accounting, remove it. */
+ * cgroup's accounting, remove it. supervise has just seen the cgroup empty, and whether
+ * children were left, in a normal end: neither is asked again (issue 15). */
 static void finish_cgroup(struct state *st)
 {
     struct cg_usage u;
-    if (!st->in_cgroup || cg_populated(st->cg_dfd, st->cg_events) != 0)
+    if (!st->in_cgroup || !(st->cg_empty || cg_populated(st->cg_dfd, st->cg_events) == 0))
         return;  /* a member survived SIGKILL (unkillable): the caller tries rmdir later */
-    for (int i = 0; i < 200 && reap(st); i++) {
+    for (int i = 0; i < 200 && st->children_left; i++) {
         struct timespec pause = {0, NS_PER_MS};
-        nanosleep(&pause, NULL);
+        st->children_left = reap(st);
+        if (st->children_left)
+            nanosleep(&pause, NULL);
     }
     cg_read_usage(st->cg_dfd, &u);
     st->final.cg_usage_us = u.usage_us;
@@ -1196,6 +1249,8 @@ static void finish_cgroup(struct state *st)
     st->final.cg_system_us = u.system_us;
     st->final.cg_memory_peak = u.memory_peak;
     st->final.cg_pids_peak = u.pids_peak;
+    st->final.cg_oom_kill = u.oom_kill;
+    st->final.cg_oom_group_kill = u.oom_group_kill;
     close(st->cg_events);
     close(st->cg_dfd);
     st->cg_events = st->cg_dfd = -1;
@@ -1373,7 +1428,7 @@ static void wait_events(struct state *st, int sfd, int64_t wake, int64_t now)
     fds[0].events = POLLIN;
     fds[1].fd = st->caller_gone ? -1 : PG_CONTROL_FD;
     fds[1].events = POLLIN;
-    fds[2].fd = st->in_cgroup ? st->cg_events : -1;  /* POLLPRI: populated changed */
+    fds[2].fd = watching_cgroup(st) ? st->cg_events : -1;  /* POLLPRI: populated changed */
     fds[2].events = POLLPRI;
     ready = poll(fds, 3, poll_timeout_ms(wake, now));
     if (ready < 0) {
@@ -1382,11 +1437,16 @@ static void wait_events(struct state *st, int sfd, int64_t wake, int64_t now)
         return;
     }
     if (fds[0].revents & POLLIN) {
-        struct signalfd_siginfo si;
-        while (read(sfd, &si, sizeof(si)) == (ssize_t)sizeof(si)) {
-            if (si.ssi_signo != SIGCHLD)
-                request_stop(st);  /* someone asked us to stop: the tree goes down with us */
-        }
+        /* several per read: a read short of the buffer has emptied the queue, so the read
+         * that would fail with EAGAIN is saved (issue 15) */
+        struct signalfd_siginfo si[8];
+        ssize_t n;
+        do {
+            n = read(sfd, si, sizeof(si));
+            for (ssize_t i = 0; i < n / (ssize_t)sizeof(si[0]); i++)
+                if (si[i].ssi_signo != SIGCHLD)
+                    request_stop(st);  /* someone asked us to stop: the tree goes down with us */
+        } while (n == (ssize_t)sizeof(si));
     }
     if (fds[1].fd >= 0 && fds[1].revents)
         on_control(st, fds[1].revents);
@@ -1440,6 +1500,11 @@ int main(int argc, char **argv)
     st.self = getpid();
     st.final.kind = PG_REC_FINAL;
     st.final.wait_status = -1;
+    /* the cgroup's accounting is absent until finish_cgroup reads it: a run whose cgroup
+     * never empties reports none, not zeros */
+    st.final.cg_usage_us = st.final.cg_user_us = st.final.cg_system_us = -1;
+    st.final.cg_memory_peak = st.final.cg_pids_peak = -1;
+    st.final.cg_oom_kill = st.final.cg_oom_group_kill = -1;
     st.cg_dfd = st.cg_events = -1;
 
     if (fcntl(PG_CONTROL_FD, F_SETFD, FD_CLOEXEC) < 0)
