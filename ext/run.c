@@ -839,6 +839,10 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
         set_item(d, "leak_count", PyLong_FromLong(r->final.leak_count)) < 0 ||
         set_item(d, "memory_peak_bytes", int_or_none(in_cgroup ? r->final.cg_memory_peak : -1)) < 0 ||
         set_item(d, "pids_peak", int_or_none(in_cgroup ? r->final.cg_pids_peak : -1)) < 0 ||
+        set_item(d, "cgroup_oom_kill",
+                 int_or_none(in_cgroup && r->have_final ? r->final.cg_oom_kill : -1)) < 0 ||
+        set_item(d, "cgroup_oom_group_kill",
+                 int_or_none(in_cgroup && r->have_final ? r->final.cg_oom_group_kill : -1)) < 0 ||
         set_item(d, "evidence", evidence_tuple(r)) < 0 ||
         set_item(d, "prepared", r->prepare_tried ? PyLong_FromLong(r->prepare_errno)
                                                  : (Py_INCREF(Py_None), Py_None)) < 0) {

@@ -10,7 +10,9 @@ cgroup.events change keeps the file POLLPRI: polled without a read, it would spi
 from __future__ import annotations
 
 import errno
+import os
 import resource
+import signal
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,43 @@ def test_a_failed_start_is_reported_with_its_errno(containment: str, tmp_path: P
     assert result.spawn_errno == expected, result.spawn_error
     assert ("chdir" if case == "bad cwd" else "exec") in (result.spawn_error or "")
 
+
+
+def _native_run(cgroup: "str | None") -> dict:
+    """One run of `true` through the extension itself, as run() makes it (cgroup: its path)."""
+    from retest import proc_group
+
+    proc_group._load_native()
+    assert proc_group._native is not None and proc_group._shepherd_path is not None
+    return proc_group._native.run(
+        os.fsencode(proc_group._shepherd_path), [b"true"], None, None, None, 30.0, 1.0, 1 << 20,
+        None, -1, None if cgroup is None else os.fsencode(cgroup), cgroup is not None,
+        signal.SIGTERM, False, None)
+
+
+def test_the_result_carries_the_cgroups_oom_counters(cgroup_mode: str) -> None:
+    """memory.events of the run's cgroup, read by the shepherd before it removes the cgroup
+    (retest.oom could only look after): ints where the memory controller is enabled."""
+    from retest import cgroup as _cgroup
+
+    parent = _cgroup.parent_dir()
+    path = _cgroup.create(parent, _cgroup.Limits())
+    try:
+        raw = _native_run(path)
+    finally:
+        if os.path.isdir(path):
+            os.rmdir(path)
+    controllers = Path(parent, "cgroup.subtree_control").read_text().split()
+
+    assert raw["containment"] == "cgroup" and raw["returncode"] == 0 and raw["cgroup_removed"]
+    if "memory" in controllers:
+        assert isinstance(raw["cgroup_oom_kill"], int) and raw["cgroup_oom_kill"] == 0
+        assert raw["cgroup_oom_group_kill"] is None or raw["cgroup_oom_group_kill"] == 0
+    else:
+        assert raw["cgroup_oom_kill"] is None and raw["cgroup_oom_group_kill"] is None
+
+
+def test_a_run_without_a_cgroup_has_no_oom_counters(native: str) -> None:
+    raw = _native_run(None)
+    assert raw["containment"] == "subreaper" and raw["returncode"] == 0
+    assert raw["cgroup_oom_kill"] is None and raw["cgroup_oom_group_kill"] is None
