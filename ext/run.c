@@ -52,6 +52,10 @@ extern char **environ;
  * before leaving it (a member in uninterruptible sleep; the shepherd's own give-up bound). */
 #define CGROUP_EMPTY_WAIT_NS (10 * NS_PER_S)
 
+/* The end's evidence read when the command closed its output stands for the end if the run
+ * ended within this long after it (the shepherd's reap, check and rmdir take ~0.1 ms). */
+#define EARLY_EVIDENCE_MAX_NS (5 * 1000000LL)
+
 /* ---------------------------------------------------------------- helpers */
 
 /* Return CLOCK_MONOTONIC in nanoseconds. */
@@ -1097,7 +1101,9 @@ static void read_evidence_after(struct run *r)
 static int early_evidence_stands(const struct run *r)
 {
     const struct pg_record *f = &r->final;
-    return r->early_evidence && r->have_final && !r->shepherd_lost && f->wait_status >= 0 &&
+    /* and soon enough before the end: a command may close its output and go on for hours */
+    return r->early_evidence && r->end_ns - r->ev1.at_ns <= EARLY_EVIDENCE_MAX_NS &&
+           r->have_final && !r->shepherd_lost && f->wait_status >= 0 &&
            WIFEXITED(f->wait_status) && !f->timed_out && !f->terminated && !f->escalated &&
            f->leak_count == 0 && f->swept_after_exit == 0 && f->unkillable == 0;
 }

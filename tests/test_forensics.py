@@ -126,6 +126,21 @@ def test_a_short_run_counts_a_foreign_hogs_cpu(backend: str) -> None:
         assert cpu.some_avg10 is not None and 0.0 <= cpu.some_avg10 <= 100.0
 
 
+def test_a_command_that_closes_its_output_early_is_measured_to_its_end(native: str) -> None:
+    """The native runner reads the end's evidence when the command closes its output (issue
+    15); a command that closes it and goes on must still be measured until it ends."""
+    hogs = _start_hogs(1, 10)
+    try:
+        time.sleep(0.1)
+        result = proc_group.run(["sh", "-c", "exec >/dev/null 2>&1; sleep 0.6"], timeout=20,
+                                probe=False)
+    finally:
+        _stop(hogs)
+    p = result.pressure
+    assert p is not None and p.wall_s >= 0.59
+    assert p.foreign_cpu_s >= 0.2, p.to_dict()  # the hog's CPU over the 0.6 s, not 0
+
+
 def _named_or_outranked(p: pressure.Pressure, pid: int, cpu_s: float) -> bool:
     """``pid`` is named, or the evidence is full of processes that used at least as much CPU
     (a loaded machine: other tests of a parallel run may burn more than this test's hog)."""
