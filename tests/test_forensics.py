@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -139,6 +140,35 @@ def test_a_command_that_closes_its_output_early_is_measured_to_its_end(native: s
     p = result.pressure
     assert p is not None and p.wall_s >= 0.59
     assert p.foreign_cpu_s >= 0.2, p.to_dict()  # the hog's CPU over the 0.6 s, not 0
+
+
+def test_a_slow_sample_does_not_hold_up_runs_on_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampler reads every process's stat at a run's first sample (slow on a machine with
+    thousands of processes): outside its lock, so another thread's run starts and ends
+    meanwhile instead of waiting for it."""
+    real = pressure._proc_table
+    slow_started = threading.Event()
+
+    def slow_table() -> dict:
+        slow_started.set()
+        time.sleep(2.0)
+        return real()
+
+    monkeypatch.setattr(pressure, "_proc_table", slow_table)
+    outcome: dict[str, proc_group.RunResult] = {}
+    worker = threading.Thread(target=lambda: outcome.update(
+        slow=proc_group.run(["sleep", "0.5"], timeout=20, probe=False)))
+    worker.start()
+    try:
+        assert slow_started.wait(10), "the first sample never came"
+        started = time.monotonic()
+        quick = proc_group.run(["true"], timeout=20, probe=False)
+        took = time.monotonic() - started
+    finally:
+        worker.join(30)
+    assert quick.returncode == 0 and took < 1.0, took  # was: the rest of the 2 s sample
+    slow = outcome["slow"]
+    assert slow.returncode == 0 and slow.pressure is not None  # it waited for its own sample
 
 
 def _named_or_outranked(p: pressure.Pressure, pid: int, cpu_s: float) -> bool:

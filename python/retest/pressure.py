@@ -609,11 +609,19 @@ def _self_cpu_s() -> float:
 
 
 class _Sampler:
-    """One daemon thread that samples every run in flight when its turn comes."""
+    """One daemon thread that samples every run in flight when its turn comes.
+
+    The samples are taken without the lock (the first reads every process's stat: ~1 ms here,
+    tens of ms on a machine with thousands of processes), so a run that starts or ends on
+    another thread meanwhile does not wait for them; ``remove`` waits only for a sample of its
+    own run in flight."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
+        #: Notified when the runs being sampled are done (``remove`` of one of them waits).
+        self.sampled = threading.Condition(self.lock)
+        self.ticking: set[Watch] = set()
         self.runs: set[Watch] = set()
         self.thread: Optional[threading.Thread] = None
         #: When the loop will look again (monotonic): an added run due later needs no wake-up,
@@ -625,6 +633,8 @@ class _Sampler:
         """A forked child has none of the parent's threads, and maybe a lock taken by one."""
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
+        self.sampled = threading.Condition(self.lock)
+        self.ticking = set()
         self.runs = set()
         self.thread = None
         self.wakes_at = float("inf")
@@ -646,6 +656,8 @@ class _Sampler:
     def remove(self, watch: Watch) -> None:
         with self.lock:
             self.runs.discard(watch)
+            while watch in self.ticking:  # its sample in flight: finish() reads what it adds
+                self.sampled.wait()
         # the add of a run is also its wake-up: the loop recomputes the next due time
 
     def _loop(self) -> None:
@@ -665,11 +677,18 @@ class _Sampler:
                     self.wake.wait(due - now)
                     continue
                 self.wakes_at = now
-                for watch in [w for w in self.runs if w.next_due <= now]:
-                    try:
-                        watch._tick()
-                    except Exception:  # evidence is best effort: a run never fails for it
-                        watch.next_due = now + watch.interval
+                self.ticking = {w for w in self.runs if w.next_due <= now}
+                self.lock.release()
+                try:
+                    for watch in self.ticking:
+                        try:
+                            watch._tick()
+                        except Exception:  # evidence is best effort: a run never fails for it
+                            watch.next_due = now + watch.interval
+                finally:
+                    self.lock.acquire()
+                    self.ticking = set()
+                    self.sampled.notify_all()
 
 
 _SAMPLER = _Sampler()
