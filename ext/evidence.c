@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <sched.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -14,8 +15,9 @@
 #include <unistd.h>
 
 #define SMALL_FILE 512          /* a PSI file: two lines of ~100 bytes */
-#define PROC_STAT_MAX (64 * 1024)
-#define VMSTAT_MAX (16 * 1024)
+#define LINE_BUF 4096            /* /proc/stat and /proc/vmstat, read line by line */
+/* A /dev/kmsg read must hold a whole record (up to 8 KiB), else EINVAL, and the kernel has
+ * moved past it: the buffer is allocated only when poll says a record waits. */
 #define KMSG_RECORD_MAX (16 * 1024)
 
 static const char *const psi_paths[EV_PSI_RESOURCES] = {
@@ -119,60 +121,103 @@ static void read_psi(struct ev_machine *m, int i)
     }
 }
 
+/* Call fn(line, ctx) for each line of path (NUL-terminated, without its '\n') until fn
+ * returns nonzero, reading through a small buffer on the stack: /proc/stat and /proc/vmstat
+ * are several KiB and read twice a run, and a heap buffer each time is churn (and, under
+ * ASan, quarantined megabytes). A line longer than the buffer ends the reading. Return -1 if
+ * the file could not be opened, else 0. */
+static int for_each_line(const char *path, int (*fn)(const char *line, void *ctx), void *ctx)
+{
+    char buf[LINE_BUF];
+    size_t have = 0;
+    int fd, stop = 0;
+    do
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return -1;
+    while (!stop) {
+        char *line = buf, *eol;
+        ssize_t n = read(fd, buf + have, sizeof(buf) - 1 - have);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        have += (size_t)n;
+        buf[have] = '\0';
+        while (!stop && (eol = strchr(line, '\n')) != NULL) {
+            *eol = '\0';
+            stop = fn(line, ctx);
+            line = eol + 1;
+        }
+        have -= (size_t)(line - buf);
+        memmove(buf, line, have);
+        if (have == sizeof(buf) - 1)
+            break;  /* no line end in a full buffer */
+    }
+    close(fd);
+    return 0;
+}
+
+struct busy_ctx {
+    const cpu_set_t *cpus;
+    int64_t busy;  /* -1 until a CPU of the set was seen */
+};
+
+/* One "cpuN user nice system idle iowait irq softirq steal ..." line of /proc/stat; stop at
+ * the first line that is not a CPU's (they come first, together). */
+static int busy_line(const char *line, void *ctx)
+{
+    struct busy_ctx *c = ctx;
+    const char *p;
+    int64_t cpu, f[8], sum = 0;
+    int n;
+    if (strncmp(line, "cpu", 3) != 0)
+        return 1;
+    cpu = parse_int(line + 3, &p);  /* -1 for the "cpu" total line */
+    if (cpu < 0 || cpu >= CPU_SETSIZE || !CPU_ISSET((int)cpu, c->cpus))
+        return 0;
+    for (n = 0; n < 8; n++) {
+        while (*p == ' ')
+            p++;
+        if ((f[n] = parse_int(p, &p)) < 0)
+            return 0;
+        sum += f[n];
+    }
+    c->busy = (c->busy < 0 ? 0 : c->busy) + sum - f[3] - f[4];
+    return 0;
+}
+
 /* Busy ticks (all but idle and iowait) of the CPUs in cpus, from /proc/stat; -1 if unread. */
 static int64_t busy_ticks(const cpu_set_t *cpus)
 {
-    char *buf = PyMem_RawMalloc(PROC_STAT_MAX);
-    int64_t busy = -1;
-    const char *line;
-    if (!buf)
-        return -1;
-    if (read_file("/proc/stat", buf, PROC_STAT_MAX) <= 0)
-        goto out;
-    for (line = buf; strncmp(line, "cpu", 3) == 0; line = strchr(line, '\n') + 1) {
-        const char *p;
-        int64_t cpu = parse_int(line + 3, &p), f[8], sum = 0;
-        int n = 0;
-        if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET((int)cpu, cpus)) {
-            for (; n < 8; n++) {  /* user nice system idle iowait irq softirq steal */
-                while (*p == ' ')
-                    p++;
-                if ((f[n] = parse_int(p, &p)) < 0)
-                    break;
-                sum += f[n];
-            }
-            if (n == 8)
-                busy = (busy < 0 ? 0 : busy) + sum - f[3] - f[4];
-        }
-        if (!strchr(line, '\n'))
-            break;
-    }
-out:
-    PyMem_RawFree(buf);
-    return busy;
+    struct busy_ctx c = {cpus, -1};
+    for_each_line("/proc/stat", busy_line, &c);
+    return c.busy;
 }
 
-/* The integer after "\nname " in a "key value" per line file read into buf. -1 if absent. */
-static int64_t key_value(const char *buf, const char *name)
+/* The value of a "name value" line, if line is that line. */
+static int key_line(const char *line, const char *name, int64_t *value)
 {
     size_t len = strlen(name);
-    for (const char *p = buf; (p = strstr(p, name)) != NULL; p += len)
-        if ((p == buf || p[-1] == '\n') && p[len] == ' ')
-            return parse_int(p + len + 1, NULL);
-    return -1;
+    if (strncmp(line, name, len) != 0 || line[len] != ' ')
+        return 0;
+    *value = parse_int(line + len + 1, NULL);
+    return 1;
+}
+
+static int vmstat_line(const char *line, void *ctx)
+{
+    struct ev_machine *m = ctx;
+    key_line(line, "oom_kill", &m->oom_kill);
+    key_line(line, "oom_group_kill", &m->oom_group_kill);
+    return 0;
 }
 
 static void read_vmstat(struct ev_machine *m)
 {
-    char *buf = PyMem_RawMalloc(VMSTAT_MAX);
     m->oom_kill = m->oom_group_kill = -1;
-    if (!buf)
-        return;
-    if (read_file("/proc/vmstat", buf, VMSTAT_MAX) > 0) {
-        m->oom_kill = key_value(buf, "oom_kill");
-        m->oom_group_kill = key_value(buf, "oom_group_kill");
-    }
-    PyMem_RawFree(buf);
+    for_each_line("/proc/vmstat", vmstat_line, m);
 }
 
 void ev_machine_read(struct ev_machine *m, int with_vmstat)
@@ -232,17 +277,34 @@ static void keep_record(struct ev_kmsg *k, const char *rec, size_t len)
     k->kept[k->n_kept++] = copy;
 }
 
+/* Whether a record waits at the cursor (or records were lost: EPIPE to report). */
+static int kmsg_pending(int fd)
+{
+    struct pollfd p = {fd, POLLIN, 0};
+    int n;
+    do
+        n = poll(&p, 1, 0);
+    while (n < 0 && errno == EINTR);
+    return n != 0;  /* an error: let read() say what it is */
+}
+
 void ev_kmsg_collect(struct ev_kmsg *k)
 {
     char *buf;
     int i;
-    if (k->fd < 0 || !(buf = PyMem_RawMalloc(KMSG_RECORD_MAX))) {
+    if (k->fd < 0) {
         k->complete = 0;
         return;
     }
     if (!k->collected)
         k->complete = 1;  /* a second collect goes on from where the first stopped */
     k->collected = 1;
+    if (!kmsg_pending(k->fd))
+        return;  /* most runs: nothing was logged, nothing to allocate */
+    if (!(buf = PyMem_RawMalloc(KMSG_RECORD_MAX))) {
+        k->complete = 0;
+        return;
+    }
     for (i = 0; i < EV_KMSG_READ_MAX; i++) {
         ssize_t n = read(k->fd, buf, KMSG_RECORD_MAX);  /* one record per read */
         if (n < 0 && errno == EINTR)
