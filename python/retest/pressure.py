@@ -487,7 +487,7 @@ class Watch:
                 foreign_cpu = table_cpu
         run_psi = None
         if self.run_some0 is not None and run_some is not None and run_some.run_some is not None:
-            run_psi = Psi(some_share=min(max((run_some.run_some - self.run_some0) / 1e6 / wall, 0.0), 1.0))
+            run_psi = Psi(some_share=_stall_share(run_some.run_some - self.run_some0, wall))
         return Pressure(wall_s=wall, cores=ncores, tree_cpu_s=tree_cpu_s,
                         tree_share=tree_cpu_s / (wall * ncores), psi=psi,
                         psi_source="machine" if psi else "none", foreign=foreign,
@@ -506,8 +506,7 @@ class Watch:
         busy = _cpu_busy_ticks(self.cpus)
         if busy is None or self.busy0 is None:
             return None
-        own = _self_cpu_s() - self.self_cpu0
-        return max((busy - self.busy0) / _TICKS - tree_cpu_s - own, 0.0)
+        return _foreign_s(busy - self.busy0, _self_cpu_s() - self.self_cpu0, tree_cpu_s)
 
 
 def _foreign_named(before: dict[int, _Stat], uptime_ticks: Optional[int],
@@ -550,19 +549,14 @@ def _psi_between(before: Reading, after: Reading, wall_s: float) -> dict[str, Ps
     """``Pressure.psi`` from two native readings (as ``_psi_delta`` from two ``read_psi``)."""
     out: dict[str, Psi] = {}
     for i, resource in enumerate(PSI_RESOURCES):
-        some_total, full_total = after[1 + i], after[4 + i]
-        if some_total < 0 and full_total < 0:
+        some0, some1, full0, full1 = before[1 + i], after[1 + i], before[4 + i], after[4 + i]
+        if some1 < 0 and full1 < 0:
             continue  # no such file: the kernel has no PSI (or not for this resource)
-
-        def share(t0: int, t1: int) -> Optional[float]:
-            if t0 < 0 or t1 < 0:
-                return None
-            return min(max((t1 - t0) / 1e6 / wall_s, 0.0), 1.0)
-
         out[resource] = Psi(
             some_avg10=after[7 + i] / 100 if after[7 + i] >= 0 else None,
             full_avg10=after[10 + i] / 100 if after[10 + i] >= 0 else None,
-            some_share=share(before[1 + i], some_total), full_share=share(before[4 + i], full_total))
+            some_share=_stall_share(some1 - some0, wall_s) if some0 >= 0 and some1 >= 0 else None,
+            full_share=_stall_share(full1 - full0, wall_s) if full0 >= 0 and full1 >= 0 else None)
     return out
 
 
@@ -570,8 +564,18 @@ def _foreign_between(before: Reading, after: Reading, tree_cpu_s: float) -> Opti
     """As ``Watch._foreign_cpu``, from two native readings."""
     if before[13] < 0 or after[13] < 0 or before[14] < 0 or after[14] < 0:
         return None
-    own = (after[14] - before[14]) / 1e6
-    return max((after[13] - before[13]) / _TICKS - tree_cpu_s - own, 0.0)
+    return _foreign_s(after[13] - before[13], (after[14] - before[14]) / 1e6, tree_cpu_s)
+
+
+def _stall_share(stall_us: float, wall_s: float) -> float:
+    """A PSI ``total`` delta (microseconds stalled) as a share of the run's wall time, 0..1."""
+    return min(max(stall_us / 1e6 / wall_s, 0.0), 1.0)
+
+
+def _foreign_s(busy_ticks: int, own_cpu_s: float, tree_cpu_s: float) -> float:
+    """CPU seconds of the busy ticks on this process's CPUs that were neither the tree's nor
+    this process's own."""
+    return max(busy_ticks / _TICKS - tree_cpu_s - own_cpu_s, 0.0)
 
 
 def _delta(now: Optional[float], prev: Optional[float], scale: float) -> Optional[float]:
@@ -705,7 +709,7 @@ def _psi_delta(before: dict[str, dict[str, float]], after: dict[str, dict[str, f
     def share(kind: str) -> Optional[float]:
         if kind not in after or kind not in before or "total" not in after[kind]:
             return None
-        return min(max((after[kind]["total"] - before[kind]["total"]) / 1e6 / wall_s, 0.0), 1.0)
+        return _stall_share(after[kind]["total"] - before[kind]["total"], wall_s)
 
     return Psi(some_avg10=after.get("some", {}).get("avg10"),
                full_avg10=after.get("full", {}).get("avg10"),
