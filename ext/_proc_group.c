@@ -1,8 +1,10 @@
 /* retest._proc_group: module definition only. The work lives by area in run.c (spawn,
- * wait, capture: the caller's side), shepherd.c (containment: a separate executable) and
- * classify.c (verdicts). Multi-phase init; the state holds the interned stream names
+ * wait, capture: the caller's side), pool.c (idle shepherds), shepherd.c (containment: a
+ * separate executable) and classify.c (verdicts). Multi-phase init; the state holds the interned stream names
  * passed to the output callback. */
+#include "pool.h"
 #include "proc_group.h"
+#include "protocol.h"
 
 typedef struct {
     PyObject *stream_names[2];  /* "stdout", "stderr"; run.c reads them as PyObject *[2] */
@@ -11,6 +13,9 @@ typedef struct {
 static PyMethodDef pg_methods[] = {
     {"run", (PyCFunction)(void (*)(void))pg_run, METH_FASTCALL, pg_run_doc},
     {"classify", (PyCFunction)(void (*)(void))pg_classify, METH_FASTCALL, pg_classify_doc},
+    {"idle_shepherds", pg_idle_shepherds, METH_NOARGS, pg_idle_shepherds_doc},
+    {"close_shepherds", pg_close_shepherds, METH_NOARGS, pg_close_shepherds_doc},
+    {"running_shepherd", pg_running_shepherd, METH_O, pg_running_shepherd_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -22,7 +27,7 @@ static int pg_exec(PyObject *module)
     st->stream_names[1] = PyUnicode_InternFromString("stderr");
     if (!st->stream_names[0] || !st->stream_names[1])
         return -1;
-    return PyModule_AddStringConstant(module, "PROTOCOL", "retest-shepherd/2");
+    return PyModule_AddStringConstant(module, "PROTOCOL", PG_SERVE_ARG);
 }
 
 static int pg_traverse(PyObject *module, visitproc visit, void *arg)

@@ -253,9 +253,14 @@ pid_t waitpid(pid_t pid, int *status, int options)
     return (pid_t)SC(SYS_wait4, pid, status, options, 0, 0, 0);
 }
 
-int getrusage(__rusage_who_t who, struct rusage *usage)
+pid_t wait4(pid_t pid, int *status, int options, struct rusage *usage)
 {
-    return (int)SC(SYS_getrusage, who, usage, 0, 0, 0, 0);
+    return (pid_t)SC(SYS_wait4, pid, status, options, usage, 0, 0);
+}
+
+ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
+{
+    return SC(SYS_recvmsg, fd, msg, flags, 0, 0, 0);
 }
 
 int clock_gettime(clockid_t clock, struct timespec *ts)
@@ -458,6 +463,15 @@ void *memmove(void *dst, const void *src, size_t n)
             d[n] = s[n];
     }
     return dst;
+}
+
+void *memchr(const void *s, int c, size_t n)
+{
+    const unsigned char *p = s;
+    for (size_t i = 0; i < n; i++)
+        if (p[i] == (unsigned char)c)
+            return (void *)(p + i);
+    return NULL;
 }
 
 int memcmp(const void *a, const void *b, size_t n)

@@ -1,7 +1,8 @@
 /* The report protocol between the caller (run.c) and the shepherd (shepherd.c).
  *
- * The shepherd writes fixed-size records on fd 3 (a socketpair end); the caller writes
- * single command bytes back on the same socket. Both ends are on the same machine and
+ * The caller writes a run request (struct pg_request) on fd 3, a socketpair end; the shepherd
+ * answers with fixed-size records on the same socket, and takes single command bytes while
+ * the run goes on. After FINAL with reusable set it waits for the next request. Both ends are on the same machine and
  * built from the same sources, so records are plain structs.
  */
 #ifndef RETEST_PROTOCOL_H
@@ -11,14 +12,31 @@
 
 #define PG_CONTROL_FD 3
 
-/* The shepherd's argv, as run.c builds it: [0] path, then these fields, then the command. */
-enum pg_argv_field {
-    PG_ARGV_DEADLINE = 1,   /* absolute CLOCK_MONOTONIC ns; < 0: no deadline */
-    PG_ARGV_GRACE = 2,      /* ns from the stop signal to SIGKILL */
-    PG_ARGV_STOP_SIGNAL = 3,/* the first signal of the stop sequence (SIGTERM; GNU timeout -s) */
-    PG_ARGV_CWD = 4,        /* "-" or "C<path>" */
-    PG_ARGV_CGROUP = 5,     /* "-", "G<path>" (required) or "g<path>" (fall back if impossible) */
-    PG_ARGV_CMD = 6,        /* CMD [ARG...] from here on */
+/* The shepherd's argv: [0] its path, [1] PG_SERVE_ARG. Anything else is refused (EINVAL):
+ * it was started by something other than run.c. */
+#define PG_SERVE_ARG "retest-shepherd/3"
+
+/* A run request, caller -> shepherd (issue 15: one shepherd serves run after run). The
+ * header comes in one sendmsg with SCM_RIGHTS carrying exactly three fds, the command's
+ * stdin, stdout and stderr (in that order); then payload_len bytes of NUL-terminated strings:
+ * [cwd if has_cwd] [cgroup path if has_cgroup] argv[0..argc) envp[0..envc). */
+#define PG_REQ_MAGIC 0x52545152  /* "RQTR" */
+#define PG_REQ_LAST 1            /* serve no other run: exit after FINAL */
+#define PG_REQ_CG_REQUIRED 2     /* the command must run in the cgroup (else: fall back) */
+#define PG_REQ_MAX_PAYLOAD (512u << 20)  /* sanity bound, far above any ARG_MAX */
+
+struct pg_request {
+    int32_t magic;
+    int32_t flags;            /* PG_REQ_* */
+    int64_t deadline_ns;      /* absolute CLOCK_MONOTONIC ns; < 0: no deadline */
+    int64_t grace_ns;         /* ns from the stop signal to SIGKILL */
+    int32_t stop_signal;      /* the first signal of the stop sequence (SIGTERM; GNU timeout -s) */
+    int32_t has_cwd;
+    int32_t has_cgroup;
+    int32_t argc;             /* >= 1 */
+    int32_t envc;
+    int32_t pad;
+    uint64_t payload_len;
 };
 
 /* Record kinds, shepherd -> caller. */
@@ -60,7 +78,7 @@ struct pg_record {
     int32_t swept_after_exit;
     int32_t unkillable;       /* FINAL: processes that survived SIGKILL until the give-up bound */
     int32_t proc_foreign;     /* FINAL: /proc showed another pid namespace: only the group was reachable */
-    int64_t utime_us;         /* FINAL: RUSAGE_CHILDREN of the shepherd = the whole tree */
+    int64_t utime_us;         /* FINAL: the rusage of every process of this run we reaped */
     int64_t stime_us;
     int64_t maxrss_kb;
     int32_t in_cgroup;        /* STARTED, FINAL: the command runs in the run's own cgroup */
@@ -74,6 +92,9 @@ struct pg_record {
     int64_t cg_pids_peak;
     int64_t cg_oom_kill;      /* FINAL, cgroup mode: memory.events oom_kill and oom_group_kill, */
     int64_t cg_oom_group_kill;/* read just before the cgroup is removed; -1: absent */
+    int32_t reusable;         /* FINAL: the shepherd is idle, with no child, and waits for the
+                               * next request; else it exits right after this record */
+    int32_t pad;
     int64_t age_us;           /* LEAK: how long the process had been running */
     int32_t text_len;         /* LEAK: bytes of text used */
     char text[PG_LEAK_TEXT];  /* LEAK: head of its command line */

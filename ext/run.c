@@ -1,8 +1,11 @@
 /* run(): the caller's side of the native runner.
  *
- * Starts the shepherd (shepherd.c) with posix_spawn, which glibc implements with
+ * Hands the run to an idle shepherd (shepherd.c) started from the same inherited state as
+ * the caller's now (pool.c), or starts one with posix_spawn, which glibc implements with
  * clone(CLONE_VM | CLONE_VFORK): no page tables are copied, so the cost is the same for a
- * 50 MB caller and a 5 GB one (fork() of a 500 MB Python process costs ~12 ms). Then,
+ * 50 MB caller and a 5 GB one (fork() of a 500 MB Python process costs ~12 ms). The run
+ * travels as a request on the shepherd's socket (protocol.h), with the command's stdio fds.
+ * Then,
  * with the GIL released, it polls the command's stdout and stderr and the shepherd's
  * report socket, keeping a bounded head and tail of each stream, teeing and calling the
  * output callback as bytes arrive, until both pipes reach EOF and the final report is in.
@@ -15,6 +18,7 @@
 #include "capture.h"
 #include "cgroup.h"
 #include "evidence.h"
+#include "pool.h"
 #include "protocol.h"
 
 #include <errno.h>
@@ -27,7 +31,9 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -114,10 +120,11 @@ static int tee_write(int fd, const char *buf, size_t len)
 struct run {
     /* inputs, copied out of Python objects so the GIL can be released */
     char *shepherd_path;
-    char *cwd_arg;         /* "C<cwd>", or NULL */
-    char *cg_arg;          /* "G<cgroup>" or "g<cgroup>", or NULL */
-    char **shepherd_argv;
-    char **envp;
+    char *req;             /* struct pg_request, then its payload (protocol.h) */
+    size_t req_len;
+    const char *exec_name; /* argv[0], in req */
+    const char *cwd;       /* in req, or NULL */
+    const char *env_start; /* the first environment string in req */
     const char *input;
     size_t input_len, input_off;
     int64_t timeout_ns, grace_ns;
@@ -129,6 +136,12 @@ struct run {
     /* fds: ours to close */
     int out_r, err_r, in_w, ctl;
     pid_t shepherd;
+    /* the idle shepherds (pool.c): how many to keep, the caller's state now */
+    int pool_max;
+    int have_fp;
+    uint64_t fp;
+    int keep_ctl;          /* FINAL said reusable: its socket, kept for the pool; else -1 */
+    pid_t tid;             /* the calling thread (pool.c: pg_running_set) */
 
     struct capture cap[2];
     char *scratch;         /* shared by both streams, allocated on first use (capture.h) */
@@ -165,16 +178,6 @@ struct run {
     int prepare_tried, prepare_errno;  /* mkdir ran; 0: it made it */
 };
 
-/* Free every C copy of the inputs. */
-static void free_strv(char **v)
-{
-    if (!v)
-        return;
-    for (char **p = v; *p; p++)
-        PyMem_RawFree(*p);
-    PyMem_RawFree(v);
-}
-
 /* Copy a bytes object into a new NUL-terminated C string; NULL with an exception set. */
 static char *dup_bytes(PyObject *b)
 {
@@ -198,77 +201,61 @@ static char *dup_bytes(PyObject *b)
     return s;
 }
 
-/* Copy a bytes object into a new C string after one prefix character (the shepherd's
- * "C<cwd>", "G<cgroup>" arguments); NULL with an exception set. */
-static char *dup_prefixed(char prefix, PyObject *b)
+/* Build the shepherd's environment from the request (its own and its command's): a
+ * sanitizer build of it reads its options there. NULL on ENOMEM. */
+static char **request_environ(const struct run *r)
 {
-    char *c = dup_bytes(b), *s;
-    size_t len;
-    if (!c)
+    const struct pg_request *h = (const struct pg_request *)r->req;
+    char **v = PyMem_RawCalloc((size_t)h->envc + 1, sizeof(char *));
+    const char *p = r->env_start;
+    if (!v)
         return NULL;
-    len = strlen(c);
-    s = PyMem_RawMalloc(len + 2);
-    if (s) {
-        s[0] = prefix;
-        memcpy(s + 1, c, len + 1);
-    } else {
-        PyErr_NoMemory();
-    }
-    PyMem_RawFree(c);
-    return s;
-}
-
-/* Build a NULL-terminated vector: prefix strings (copied) then the items of list. */
-static char **build_strv(const char *const *prefix, size_t nprefix, PyObject *list)
-{
-    Py_ssize_t n = PyList_GET_SIZE(list);
-    char **v = PyMem_RawCalloc((size_t)n + nprefix + 1, sizeof(char *));
-    if (!v) {
-        PyErr_NoMemory();
-        return NULL;
-    }
-    for (size_t i = 0; i < nprefix; i++) {
-        size_t len = strlen(prefix[i]);
-        v[i] = PyMem_RawMalloc(len + 1);
-        if (!v[i]) {
-            PyErr_NoMemory();
-            free_strv(v);
-            return NULL;
-        }
-        memcpy(v[i], prefix[i], len + 1);
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        v[nprefix + (size_t)i] = dup_bytes(PyList_GET_ITEM(list, i));
-        if (!v[nprefix + (size_t)i]) {
-            free_strv(v);
-            return NULL;
-        }
+    for (int32_t i = 0; i < h->envc; i++) {
+        v[i] = (char *)p;
+        p += strlen(p) + 1;
     }
     return v;
 }
 
-/* Start the shepherd with our pipe ends as its fds 0..3. Return 0 or an errno. */
-static int spawn_shepherd(struct run *r, int in_r, int out_w, int err_w, int ctl_child)
+/* Start a shepherd: /dev/null as its fds 0..2, its end of a new socket as fd 3, in a session
+ * of its own. Set r->shepherd and r->ctl. Return 0 or an errno. */
+static int spawn_shepherd(struct run *r)
 {
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t attr;
     sigset_t all, none;
     short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
-    int rc;
+    char *argv[] = {r->shepherd_path, PG_SERVE_ARG, NULL};
+    char **envp;
+    int rc, sv[2];
 
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        return errno;
+    if (raise_fd(&sv[0]) || raise_fd(&sv[1])) {
+        rc = errno;
+        close_fd(&sv[0]);
+        close_fd(&sv[1]);
+        return rc;
+    }
+    if (!(envp = request_environ(r))) {
+        close_fd(&sv[0]);
+        close_fd(&sv[1]);
+        return ENOMEM;
+    }
     rc = posix_spawn_file_actions_init(&fa);
     if (rc)
-        return rc;
+        goto out;
     rc = posix_spawnattr_init(&attr);
     if (rc) {
         posix_spawn_file_actions_destroy(&fa);
-        return rc;
+        goto out;
     }
-    /* Our ends are all > 3 (raise_fd) and close-on-exec; dup2 clears the flag on the copy. */
-    if ((rc = posix_spawn_file_actions_adddup2(&fa, in_r, 0)) ||
-        (rc = posix_spawn_file_actions_adddup2(&fa, out_w, 1)) ||
-        (rc = posix_spawn_file_actions_adddup2(&fa, err_w, 2)) ||
-        (rc = posix_spawn_file_actions_adddup2(&fa, ctl_child, PG_CONTROL_FD)))
+    /* Our socket ends are > 3 (raise_fd) and close-on-exec; dup2 clears the flag on the copy.
+     * Not the caller's stdio: an idle shepherd must not hold a pipe its reader waits on. */
+    if ((rc = posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDWR, 0)) ||
+        (rc = posix_spawn_file_actions_adddup2(&fa, 0, 1)) ||
+        (rc = posix_spawn_file_actions_adddup2(&fa, 0, 2)) ||
+        (rc = posix_spawn_file_actions_adddup2(&fa, sv[1], PG_CONTROL_FD)))
         goto cleanup;
 #ifdef POSIX_SPAWN_SETSID
     /* Its own session: a signal to the caller's process group (a terminal's Ctrl-C, a
@@ -283,11 +270,61 @@ static int spawn_shepherd(struct run *r, int in_r, int out_w, int err_w, int ctl
         (rc = posix_spawnattr_setsigmask(&attr, &none)) ||
         (rc = posix_spawnattr_setflags(&attr, flags)))
         goto cleanup;
-    rc = posix_spawn(&r->shepherd, r->shepherd_argv[0], &fa, &attr, r->shepherd_argv, r->envp);
+    rc = posix_spawn(&r->shepherd, r->shepherd_path, &fa, &attr, argv, envp);
 cleanup:
     posix_spawnattr_destroy(&attr);
     posix_spawn_file_actions_destroy(&fa);
+out:
+    PyMem_RawFree(envp);
+    close_fd(&sv[1]);
+    if (rc)
+        close_fd(&sv[0]);
+    else
+        r->ctl = sv[0];
     return rc;
+}
+
+/* Send the run's request on ctl: the header with the command's stdin, stdout and stderr as
+ * SCM_RIGHTS, then the payload. Return 0 or an errno (EPIPE: the shepherd is gone). */
+static int send_request(struct run *r, int ctl, int in_r, int out_w, int err_w)
+{
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(3 * sizeof(int))];
+    } cm;
+    int fds[3] = {in_r, out_w, err_w};
+    struct iovec iov = {r->req, sizeof(struct pg_request)};
+    struct msghdr msg;
+    struct cmsghdr *c;
+    size_t off;
+    ssize_t n;
+
+    memset(&msg, 0, sizeof(msg));
+    memset(&cm, 0, sizeof(cm));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cm.buf;
+    msg.msg_controllen = sizeof(cm.buf);
+    c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(fds));
+    memcpy(CMSG_DATA(c), fds, sizeof(fds));
+    do {
+        n = sendmsg(ctl, &msg, MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0)
+        return errno;
+    for (off = (size_t)n; off < r->req_len; off += (size_t)n) {  /* the rest: plain bytes */
+        n = send(ctl, r->req + off, r->req_len - off, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) {
+            n = 0;
+            continue;
+        }
+        if (n < 0)
+            return errno;
+    }
+    return 0;
 }
 
 /* Ask the shepherd to take the tree down now (idempotent). */
@@ -364,11 +401,18 @@ static void read_reports(struct run *r)
             r->have_spawn_failure = 1;
             break;
         case PG_REC_FINAL:
-            /* The last record: the shepherd exits right after it. Hang up now rather than
-             * wait for its EOF, a second wake-up per run (issue 15); it is reaped at the end. */
+            /* The last record of the run: the shepherd now waits for the next request
+             * (reusable) or exits. Either way nothing more is read: no wait for its EOF, a
+             * second wake-up per run (issue 15). A shepherd that may have a terminate byte
+             * of ours still unread is not reused. */
             r->final = r->rec_buf;
             r->have_final = 1;
-            close_fd(&r->ctl);
+            if (r->final.reusable && r->have_fp && !r->terminate_sent) {
+                r->keep_ctl = r->ctl;
+                r->ctl = -1;
+            } else {
+                close_fd(&r->ctl);
+            }
             return;
         case PG_REC_LEAK:
             if (r->n_leaks < PG_MAX_LEAKS)
@@ -430,6 +474,13 @@ static void write_input(struct run *r)
 /* Wait for the shepherd to exit and record how. The caller has closed its socket end. */
 static void reap_shepherd(struct run *r)
 {
+    if (r->keep_ctl >= 0) {  /* idle and clean: kept for a later run (or let go if not) */
+        pg_pool_give(r->fp, r->shepherd, r->keep_ctl, r->pool_max);
+        r->keep_ctl = -1;
+        r->shepherd = -1;
+        r->shepherd_status = 0;
+        return;
+    }
     int status = 0;
     pid_t got;
     do {
@@ -567,6 +618,10 @@ static int pump(struct run *r)
         }
         if ((ready <= 0 || now_ns() - last_signal_check_ns >= SIGNAL_CHECK_MS * 1000000LL) &&
             !r->shepherd_lost && !r->have_final) {
+            /* A pipe held open outside the tree (handed over by SCM_RIGHTS) must not hide
+             * FINAL: an idle shepherd does not hang up after it, so look every 200 ms. */
+            if (r->ctl >= 0)
+                read_reports(r);
             /* Also on a busy stream: output that never lets poll time out must not hide Ctrl-C. */
             PyEval_RestoreThread(ps.ts);
             if (PyErr_CheckSignals() < 0) {
@@ -866,32 +921,6 @@ static int64_t seconds_to_ns(double s)
     return (int64_t)(s * 1e9);
 }
 
-/* Copy the process environment while we hold the GIL: Python's os.environ writes (putenv)
- * happen under it, and posix_spawn runs without it. NULL with an exception on ENOMEM. */
-static char **copy_environ(void)
-{
-    size_t n = 0;
-    char **v;
-    while (environ && environ[n])
-        n++;
-    v = PyMem_RawCalloc(n + 1, sizeof(char *));
-    if (!v) {
-        PyErr_NoMemory();
-        return NULL;
-    }
-    for (size_t i = 0; i < n; i++) {
-        size_t len = strlen(environ[i]);
-        v[i] = PyMem_RawMalloc(len + 1);
-        if (!v[i]) {
-            free_strv(v);
-            PyErr_NoMemory();
-            return NULL;
-        }
-        memcpy(v[i], environ[i], len + 1);
-    }
-    return v;
-}
-
 /* pg_run's arguments that stay Python objects until copy_inputs. */
 struct run_args {
     PyObject *shepherd, *argv, *envp, *cwd, *input, *cgroup, *prepare;
@@ -906,11 +935,11 @@ static int parse_run_args(struct run *r, struct run_args *a, PyObject *const *ar
 {
     double timeout_s, grace_s;
     Py_ssize_t capture_limit;
-    long tee_fd;
+    long tee_fd, pool;
     PyObject *on_output;
 
-    if (nargs != 15) {
-        PyErr_SetString(PyExc_TypeError, "run() takes exactly 15 arguments");
+    if (nargs != 16) {
+        PyErr_SetString(PyExc_TypeError, "run() takes exactly 16 arguments");
         return -1;
     }
     a->shepherd = args[0];
@@ -939,6 +968,8 @@ static int parse_run_args(struct run *r, struct run_args *a, PyObject *const *ar
     a->cgroup_required = PyObject_IsTrue(args[11]);
     a->stop_signal = PyLong_AsLong(args[12]);
     r->evidence = PyObject_IsTrue(args[13]);
+    pool = PyLong_AsLong(args[15]);
+    r->pool_max = pool > PG_POOL_MAX ? PG_POOL_MAX : pool < 0 ? 0 : (int)pool;
     if (PyErr_Occurred())
         return -1;
     if (a->stop_signal < 1 || a->stop_signal >= NSIG) {
@@ -961,41 +992,125 @@ static int parse_run_args(struct run *r, struct run_args *a, PyObject *const *ar
     return 0;
 }
 
-/* Copy every input out of Python objects into r (the GIL is released while they are in use):
- * the shepherd's argv (protocol.h), the environment, the input bytes. Return 0, or -1 with
- * an exception (MemoryError, embedded NUL). */
-static int copy_inputs(struct run *r, const struct run_args *a)
+/* Add the length of bytes object b, with its NUL, to *total. Return 0, or -1 with an exception
+ * (TypeError, or ValueError for an embedded NUL). */
+static int measure(PyObject *b, size_t *total)
 {
-    char nbuf[3][32];
-    const char *prefix[PG_ARGV_CMD];
+    if (!PyBytes_Check(b)) {
+        PyErr_SetString(PyExc_TypeError, "expected bytes");
+        return -1;
+    }
+    if (memchr(PyBytes_AS_STRING(b), '\0', (size_t)PyBytes_GET_SIZE(b))) {
+        PyErr_SetString(PyExc_ValueError, "embedded NUL byte");
+        return -1;
+    }
+    *total += (size_t)PyBytes_GET_SIZE(b) + 1;
+    return 0;
+}
 
+/* Copy n bytes and a NUL to p; return the end. */
+static char *put(char *p, const char *s, size_t n)
+{
+    memcpy(p, s, n);
+    p[n] = '\0';
+    return p + n + 1;
+}
+
+/* Copy bytes object b and a NUL to p; return the end. */
+static char *put_bytes(char *p, PyObject *b)
+{
+    return put(p, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b));
+}
+
+/* Measure the request's payload (protocol.h) and count its environment. The process
+ * environment is read while we hold the GIL: Python's os.environ writes (putenv) happen
+ * under it, and the request is sent without it. Return 0, or -1 with an exception. */
+static int measure_payload(const struct run_args *a, size_t *total, size_t *envc)
+{
+    Py_ssize_t argc = PyList_GET_SIZE(a->argv);
+    *total = 0;
+    *envc = 0;
+    if ((a->cwd != Py_None && measure(a->cwd, total) < 0) ||
+        (a->cgroup != Py_None && measure(a->cgroup, total) < 0))
+        return -1;
+    for (Py_ssize_t i = 0; i < argc; i++)
+        if (measure(PyList_GET_ITEM(a->argv, i), total) < 0)
+            return -1;
+    if (a->envp != Py_None) {
+        *envc = (size_t)PyList_GET_SIZE(a->envp);
+        for (size_t i = 0; i < *envc; i++)
+            if (measure(PyList_GET_ITEM(a->envp, (Py_ssize_t)i), total) < 0)
+                return -1;
+    } else {
+        for (; environ && environ[*envc]; (*envc)++)
+            *total += strlen(environ[*envc]) + 1;
+    }
+    if (*envc > INT32_MAX || (size_t)argc > INT32_MAX || *total > PG_REQ_MAX_PAYLOAD) {
+        PyErr_SetString(PyExc_ValueError, "run(): command and environment too large");
+        return -1;
+    }
+    return 0;
+}
+
+/* Build the run's request (protocol.h: struct pg_request and its payload) in r->req, with
+ * pointers into it for our own messages. Return 0, or -1 with an exception. */
+static int build_request(struct run *r, const struct run_args *a)
+{
+    size_t payload, envc;
+    struct pg_request *h;
+    char *p;
+    Py_ssize_t argc = PyList_GET_SIZE(a->argv);
+
+    if (measure_payload(a, &payload, &envc) < 0)
+        return -1;
+    r->req_len = sizeof(*h) + payload;
+    if (!(r->req = PyMem_RawMalloc(r->req_len))) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    h = (struct pg_request *)r->req;
+    memset(h, 0, sizeof(*h));
+    h->magic = PG_REQ_MAGIC;
+    h->flags = a->cgroup_required ? PG_REQ_CG_REQUIRED : 0;
     /* The deadline travels as an absolute CLOCK_MONOTONIC time: starting the shepherd and
      * the command is part of the run, and must not push the deadline back. */
-    snprintf(nbuf[0], sizeof(nbuf[0]), "%lld",
-             (long long)(r->timeout_ns < 0 ? -1 : r->start_ns + r->timeout_ns));
-    snprintf(nbuf[1], sizeof(nbuf[1]), "%lld", (long long)r->grace_ns);
-    snprintf(nbuf[2], sizeof(nbuf[2]), "%ld", a->stop_signal);
+    h->deadline_ns = r->timeout_ns < 0 ? -1 : r->start_ns + r->timeout_ns;
+    h->grace_ns = r->grace_ns;
+    h->stop_signal = (int32_t)a->stop_signal;
+    h->has_cwd = a->cwd != Py_None;
+    h->has_cgroup = a->cgroup != Py_None;
+    h->argc = (int32_t)argc;
+    h->envc = (int32_t)envc;
+    h->payload_len = payload;
+    p = r->req + sizeof(*h);
+    if (h->has_cwd) {
+        r->cwd = p;
+        p = put_bytes(p, a->cwd);
+    }
+    if (h->has_cgroup) {
+        r->cg_path = p;
+        p = put_bytes(p, a->cgroup);
+    }
+    r->exec_name = p;
+    for (Py_ssize_t i = 0; i < argc; i++)
+        p = put_bytes(p, PyList_GET_ITEM(a->argv, i));
+    r->env_start = p;
+    for (size_t i = 0; i < envc; i++)
+        p = a->envp != Py_None ? put_bytes(p, PyList_GET_ITEM(a->envp, (Py_ssize_t)i))
+                               : put(p, environ[i], strlen(environ[i]));
+    return 0;
+}
+
+/* Copy every input out of Python objects into r (the GIL is released while they are in use):
+ * the request, the input bytes. Return 0, or -1 with an exception (MemoryError, embedded
+ * NUL). */
+static int copy_inputs(struct run *r, const struct run_args *a)
+{
     if (!(r->shepherd_path = dup_bytes(a->shepherd)))
         return -1;
     if (a->prepare != Py_None && !(r->prepare_path = dup_bytes(a->prepare)))
         return -1;
-    if (a->cwd != Py_None && !(r->cwd_arg = dup_prefixed('C', a->cwd)))
-        return -1;
-    if (a->cgroup != Py_None) {
-        /* "G<path>": the command must run in that cgroup; "g<path>": fall back if it cannot */
-        if (!(r->cg_arg = dup_prefixed(a->cgroup_required ? 'G' : 'g', a->cgroup)))
-            return -1;
-        r->cg_path = r->cg_arg + 1;
-    }
-    prefix[0] = r->shepherd_path;
-    prefix[PG_ARGV_DEADLINE] = nbuf[0];
-    prefix[PG_ARGV_GRACE] = nbuf[1];
-    prefix[PG_ARGV_STOP_SIGNAL] = nbuf[2];
-    prefix[PG_ARGV_CWD] = r->cwd_arg ? r->cwd_arg : "-";
-    prefix[PG_ARGV_CGROUP] = r->cg_arg ? r->cg_arg : "-";
-    if (!(r->shepherd_argv = build_strv(prefix, PG_ARGV_CMD, a->argv)))
-        return -1;
-    if (a->envp != Py_None ? !(r->envp = build_strv(NULL, 0, a->envp)) : !(r->envp = copy_environ()))
+    if (build_request(r, a) < 0)
         return -1;
     if (a->input != Py_None) {
         r->input_len = (size_t)PyBytes_GET_SIZE(a->input);
@@ -1009,26 +1124,25 @@ static int copy_inputs(struct run *r, const struct run_args *a)
     return 0;
 }
 
-/* The shepherd's ends of its fds 0..3, open in the caller until the spawn. */
+/* The command's ends of its stdio, open in the caller until the shepherd has them. */
 struct child_fds {
-    int in_r, out_w, err_w, ctl;
+    int in_r, out_w, err_w;
 };
 
-/* Close the shepherd's ends in the caller. */
+/* Close the command's ends in the caller. */
 static void close_child_fds(struct child_fds *cf)
 {
-    close_fd(&cf->ctl);
     close_fd(&cf->in_r);
     close_fd(&cf->out_w);
     close_fd(&cf->err_w);
 }
 
-/* Make the pipes and the control socket: our ends in r, the shepherd's in cf. All
- * close-on-exec from birth: a concurrent spawn from another thread must not inherit them, or
- * our EOF would wait for an unrelated process. Return 0 or an errno. */
+/* Make the pipes: our ends in r, the command's in cf. All close-on-exec from birth: a
+ * concurrent spawn from another thread must not inherit them, or our EOF would wait for an
+ * unrelated process. Return 0 or an errno. */
 static int open_run_fds(struct run *r, struct child_fds *cf)
 {
-    int pipes[2], sv[2];
+    int pipes[2];
     if (pipe2(pipes, O_CLOEXEC) < 0)
         return errno;
     r->out_r = pipes[0];
@@ -1045,14 +1159,6 @@ static int open_run_fds(struct run *r, struct child_fds *cf)
     } else if ((cf->in_r = open("/dev/null", O_RDONLY | O_CLOEXEC)) < 0) {
         return errno;
     }
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-        return errno;
-    r->ctl = sv[0];
-    cf->ctl = sv[1];
-    if (raise_fd(&cf->in_r) || raise_fd(&cf->out_w) || raise_fd(&cf->err_w) ||
-        raise_fd(&cf->ctl) || raise_fd(&r->out_r) || raise_fd(&r->err_r) || raise_fd(&r->ctl) ||
-        (r->in_w >= 0 && raise_fd(&r->in_w)))
-        return errno;
     if (fcntl(r->out_r, F_SETFL, O_NONBLOCK) < 0 || fcntl(r->err_r, F_SETFL, O_NONBLOCK) < 0 ||
         (r->in_w >= 0 && fcntl(r->in_w, F_SETFL, O_NONBLOCK) < 0))
         return errno;
@@ -1079,7 +1185,7 @@ static PyObject *spawn_failure_result(struct run *r, int err, int broken)
         r->cg_removed = cg_remove(r->cg_path) == 0;  /* the shepherd never ran: empty */
         r->cg_path_released = 1;
     }
-    return build_result(r, broken ? r->shepherd_path : r->shepherd_argv[PG_ARGV_CMD], "");
+    return build_result(r, broken ? r->shepherd_path : r->exec_name, "");
 }
 
 /* The closing reading (no GIL): the kernel log since the cursor, and the machine's counters;
@@ -1108,37 +1214,77 @@ static int early_evidence_stands(const struct run *r)
            f->leak_count == 0 && f->swept_after_exit == 0 && f->unkillable == 0;
 }
 
-/* Start the shepherd, stream the run, collect the report. Return the result dict, or NULL
- * with an exception (from on_output, or KeyboardInterrupt: the tree is down by then). */
+/* Hand the run to a shepherd (no GIL): an idle one started from the caller's state as it is
+ * now (pool.c), else a new one; the request carries the command's stdio fds. A shepherd that
+ * dies before it takes the request (EPIPE) is let go and the next one tried; a new one that
+ * does is reported by pump() as lost. Return 0, or an errno if no shepherd could be started. */
+static int hand_over(struct run *r, const struct child_fds *cf)
+{
+    struct pg_request *h = (struct pg_request *)r->req;
+    pid_t pid;
+    int ctl, err;
+
+    r->have_fp = r->pool_max > 0 && pg_fingerprint(&r->fp) == 0;
+    if (!r->have_fp)
+        h->flags |= PG_REQ_LAST;  /* nobody could use it afterwards: it exits after FINAL */
+    while (r->have_fp && pg_pool_take(r->fp, &pid, &ctl)) {
+        if (send_request(r, ctl, cf->in_r, cf->out_w, cf->err_w) == 0) {
+            r->shepherd = pid;
+            r->ctl = ctl;
+            return 0;
+        }
+        pg_pool_retire(pid, ctl);
+    }
+    err = spawn_shepherd(r);
+    if (err)
+        return err;
+    send_request(r, r->ctl, cf->in_r, cf->out_w, cf->err_w);  /* failed: pump sees it lost */
+    return 0;
+}
+
+/* While the shepherd starts the command (no GIL), which takes longer than these: the
+ * evidence's first reading and the next run's cgroup. The caller would sleep in poll
+ * meanwhile. */
+static void while_it_starts(struct run *r)
+{
+    if (r->evidence) {
+        /* Nothing of the command ran yet that the OOM killer could take (it must first exec
+         * and allocate). */
+        ev_kmsg_open(&r->kmsg);
+        ev_machine_read(&r->ev0, 1);
+        r->have_evidence = 1;
+    }
+    if (r->prepare_path) {  /* mkdir costs ~45 us under cgroup_mutex: not the next run's */
+        r->prepare_errno = mkdir(r->prepare_path, 0777) == 0 ? 0 : errno;
+        r->prepare_tried = 1;
+    }
+}
+
+/* Start the run, stream it, collect the report. Return the result dict, or NULL with an
+ * exception (from on_output, or KeyboardInterrupt: the tree is down by then). */
 static PyObject *start_and_wait(struct run *r)
 {
-    struct child_fds cf = {-1, -1, -1, -1};
+    struct child_fds cf = {-1, -1, -1};
     int err = open_run_fds(r, &cf), rc;
     if (err) {
         close_child_fds(&cf);
         return spawn_failure_result(r, err, 0);
     }
     Py_BEGIN_ALLOW_THREADS
-    err = spawn_shepherd(r, cf.in_r, cf.out_w, cf.err_w, cf.ctl);
-    if (!err && r->evidence) {
-        /* While the shepherd starts the command, which takes longer than these reads: the
-         * caller would sleep in poll meanwhile. Nothing of the command ran yet that the OOM
-         * killer could take (it must first exec and allocate). */
-        ev_kmsg_open(&r->kmsg);
-        ev_machine_read(&r->ev0, 1);
-        r->have_evidence = 1;
-    }
-    if (!err && r->prepare_path) {  /* mkdir costs ~45 us under cgroup_mutex: not the next run's */
-        r->prepare_errno = mkdir(r->prepare_path, 0777) == 0 ? 0 : errno;
-        r->prepare_tried = 1;
+    err = hand_over(r, &cf);
+    close_child_fds(&cf);
+    if (!err) {
+        r->tid = (pid_t)syscall(SYS_gettid);
+        pg_running_set(r->tid, r->shepherd);
+        while_it_starts(r);
     }
     Py_END_ALLOW_THREADS
-    close_child_fds(&cf);
     if (err)  /* ENOENT/EACCES/ENOEXEC: our shepherd executable is missing or broken */
         return spawn_failure_result(r, err, err == ENOENT || err == EACCES || err == ENOEXEC);
     if (r->in_w >= 0 && r->input_len == 0)
         close_fd(&r->in_w);
     rc = pump(r);  /* -1: an exception is pending; the cgroup is released all the same */
+    pg_running_set(r->tid, 0);
     Py_BEGIN_ALLOW_THREADS
     if (r->cg_path)
         r->cg_removed = release_cgroup(r);
@@ -1148,7 +1294,7 @@ static PyObject *start_and_wait(struct run *r)
     r->cg_path_released = r->cg_path != NULL;
     if (rc < 0)
         return NULL;
-    return build_result(r, r->shepherd_argv[PG_ARGV_CMD], r->cwd_arg ? r->cwd_arg + 1 : "");
+    return build_result(r, r->exec_name, r->cwd ? r->cwd : "");
 }
 
 /* Free everything r owns (GIL held). */
@@ -1161,17 +1307,14 @@ static void free_run(struct run *r)
     capture_free(&r->cap[1]);
     PyMem_RawFree(r->scratch);
     PyMem_RawFree((char *)r->input);
-    free_strv(r->shepherd_argv);
-    free_strv(r->envp);
-    PyMem_RawFree(r->cwd_arg);
-    PyMem_RawFree(r->cg_arg);
+    PyMem_RawFree(r->req);
     PyMem_RawFree(r->shepherd_path);
     PyMem_RawFree(r->prepare_path);
 }
 
 const char pg_run_doc[] =
     "run(shepherd, argv, envp, cwd, input, timeout_s, grace_s, capture_limit, on_output, tee_fd,"
-    " cgroup, cgroup_required, stop_signal, evidence, prepare)"
+    " cgroup, cgroup_required, stop_signal, evidence, prepare, pool)"
     " -> dict\n\nPrivate: use retest.proc_group.run().";
 
 /* run(...) -> dict of RunResult fields. Raises only for programming errors (TypeError,
@@ -1184,7 +1327,7 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject **names = (PyObject **)PyModule_GetState(module), *result = NULL;
 
     memset(&r, 0, sizeof(r));
-    r.out_r = r.err_r = r.in_w = r.ctl = r.tee_fd = r.kmsg.fd = -1;
+    r.out_r = r.err_r = r.in_w = r.ctl = r.keep_ctl = r.tee_fd = r.kmsg.fd = -1;
     r.shepherd = -1;
     r.names[0] = names[0];
     r.names[1] = names[1];

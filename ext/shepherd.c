@@ -1,16 +1,18 @@
-/* _retest_shepherd: the per-run containment process of retest's native runner.
+/* _retest_shepherd: the containment process of retest's native runner.
  *
  * The caller (run.c) starts this small static program with posix_spawn (a vfork-class
  * spawn, so its cost does not grow with the caller's memory) in a new session, with:
- *   fd 0, 1, 2  the command's stdin, stdout and stderr
- *   fd 3        a socket to the caller: records go out (protocol.h), command bytes come in
- *   argv        DEADLINE_NS GRACE_NS STOP_SIGNAL CWD-ARG CMD [ARG...] (protocol.h: pg_argv_field)
- *               DEADLINE_NS: absolute, on CLOCK_MONOTONIC (one clock for the whole machine),
- *               so the time to start us and the command counts against the caller's timeout;
- *               < 0: no deadline. STOP_SIGNAL: the signal number that starts the stop
- *               sequence (15, SIGTERM, unless told otherwise: GNU timeout's -s). CWD-ARG is
- *               "-" or "C<path>"
- *   environ     the command's environment
+ *   fd 0, 1, 2  /dev/null
+ *   fd 3        a socket to the caller: requests and command bytes come in, records go out
+ *   argv        PG_SERVE_ARG (protocol.h)
+ * Each run is a request on fd 3 (protocol.h: struct pg_request): the deadline (absolute, on
+ * CLOCK_MONOTONIC, so the time to start the command counts against the caller's timeout),
+ * the grace, the stop signal, the cwd, the run's cgroup, the command and its environment,
+ * and the command's stdin, stdout and stderr as fds (SCM_RIGHTS). After the run, when
+ * nothing of it is left, the shepherd says so in FINAL (reusable) and waits for the next
+ * request (issue 15: the caller keeps a few idle shepherds, and a run then costs no second
+ * process start); the caller hands a run only to a shepherd started from the same inherited
+ * state as its own at the time of the call (run.c: the fingerprint).
  *
  * The shepherd makes itself a child subreaper, starts the command in a session of its
  * own, and stays its parent. Every process of the tree therefore ends up as one of our
@@ -23,7 +25,10 @@
  * tree gets SIGTERM (or STOP_SIGNAL) + SIGCONT, then SIGKILL after the grace period, until
  * nothing is left.
  *
- * The shepherd itself is single-threaded, so fork()/vfork() here is cheap and safe.
+ * The shepherd itself is single-threaded, so fork()/vfork() here is cheap and safe. Nothing
+ * of one run reaches the next: each run's state is reset, its fds are closed once the
+ * command has them, and a shepherd with anything left of a run (a child it could not reap,
+ * a cgroup it could not empty) is not reused: it exits after FINAL.
  *
  * Its default build has no libc (issue 15): nolibc.c supplies _start and the handful of
  * functions used here, on raw system calls, so a run pays no libc start-up (glibc's static
@@ -54,8 +59,6 @@
 
 #include "cgroup.h"
 #include "protocol.h"
-
-extern char **environ;
 
 #define NS_PER_S 1000000000LL
 #define NS_PER_MS 1000000LL
@@ -99,6 +102,13 @@ struct state {
     int children_left;          /* the last reap() left children of ours unreaped */
     int leaks_sent;
     struct pg_record final;
+    /* this run's request (protocol.h: struct pg_request) */
+    int req_flags;              /* PG_REQ_* */
+    int stdio[3];               /* the command's stdin, stdout, stderr; -1 once closed */
+    char *payload;              /* the request's strings; what follows points into it */
+    char **ptrs;                /* argv, NULL, envp, NULL */
+    const char *cwd;            /* NULL: ours, which is the caller's (run.c: fingerprint) */
+    char **argv, **envp;
 };
 
 /* Return CLOCK_MONOTONIC in nanoseconds. */
@@ -129,7 +139,8 @@ static void send_record(struct state *st, const struct pg_record *rec)
     }
 }
 
-/* Report a failure to start the command and exit; used before the command exists. */
+/* Report a failure to start the command and exit; used before the command exists. A
+ * shepherd that failed a start is not reused: the caller reaps it. */
 static void fail_start(struct state *st, int stage, int err)
 {
     struct pg_record rec;
@@ -143,19 +154,6 @@ static void fail_start(struct state *st, int stage, int err)
     rec.wait_status = -1;
     send_record(st, &rec);
     _exit(0);
-}
-
-/* Parse a decimal int64; return 0 on success. */
-static int parse_i64(const char *s, int64_t *out)
-{
-    char *end;
-    long long v;
-    errno = 0;
-    v = strtoll(s, &end, 10);
-    if (errno || end == s || *end)
-        return -1;
-    *out = v;
-    return 0;
 }
 
 /* Build "<a><number><b>" into buf (size bytes, enough for any /proc path we make): the
@@ -819,13 +817,26 @@ static int tree_reachable(const struct state *st)
     return st->in_cgroup || !st->proc_foreign || st->leader_alive;
 }
 
+/* Add one reaped process's rusage (its own and its reaped descendants') to the run's: the
+ * sum over every process we reap is what RUSAGE_CHILDREN would say for a shepherd that
+ * served one run, and maxrss is the largest (getrusage's would carry over between runs). */
+static void add_rusage(struct state *st, const struct rusage *ru)
+{
+    st->final.utime_us += (int64_t)ru->ru_utime.tv_sec * 1000000 + ru->ru_utime.tv_usec;
+    st->final.stime_us += (int64_t)ru->ru_stime.tv_sec * 1000000 + ru->ru_stime.tv_usec;
+    if (ru->ru_maxrss > st->final.maxrss_kb)
+        st->final.maxrss_kb = ru->ru_maxrss;
+}
+
 /* Reap every child that has exited; record the leader's status. Return 1 if children remain. */
 static int reap(struct state *st)
 {
     for (;;) {
         int status;
-        pid_t pid = waitpid(-1, &status, WNOHANG | __WALL);
+        struct rusage ru;
+        pid_t pid = wait4(-1, &status, WNOHANG | __WALL, &ru);
         if (pid > 0) {
+            add_rusage(st, &ru);
             if (pid == st->leader) {
                 st->leader_alive = 0;
                 st->leader_status = status;
@@ -867,16 +878,26 @@ static void close_inherited_fds(void)
     closedir(dir);
 }
 
+/* Return the value of name in envp (a NULL-terminated "NAME=value" list), or NULL. */
+static const char *env_get(char **envp, const char *name)
+{
+    size_t len = strlen(name);
+    for (char **e = envp; *e; e++)
+        if (strncmp(*e, name, len) == 0 && (*e)[len] == '=')
+            return *e + len + 1;
+    return NULL;
+}
+
 /* Build the list of paths to try for cmd (a name without '/'), as execvp would, from the
  * command's own PATH. Done before vfork: the child must not allocate. */
-static __attribute__((noinline)) char **exec_candidates(const char *cmd)
+static __attribute__((noinline)) char **exec_candidates(const char *cmd, char **envp)
 {
     const char *path, *p;
     size_t count = 1, cmdlen = strlen(cmd);
     char **list;
     size_t i = 0;
 
-    path = getenv("PATH");
+    path = env_get(envp, "PATH");
     if (!path)
         path = "/bin:/usr/bin";  /* os.defpath */
     for (p = path; *p; p++)
@@ -911,18 +932,37 @@ struct child_failure {
     int32_t err;
 };
 
+/* What the child needs between vfork (or clone3) and exec, made before it starts. */
+struct child_args {
+    pid_t self;             /* the shepherd: the child checks it is still its parent */
+    int err_fd;             /* close-on-exec pipe for a struct child_failure */
+    int procs_fd;           /* vfork fallback of cgroup mode: the cgroup's cgroup.procs, or -1 */
+    const int *stdio;       /* the command's stdin, stdout, stderr (all > 2: ours are /dev/null) */
+    const char *cwd;
+    char **candidates, **argv, **envp;
+};
+
+/* Give the child its stdin, stdout and stderr. The received fds are close-on-exec; the
+ * copies dup2 makes are not. Async-signal-safe. Return 0, or -1 with errno. */
+static int install_stdio(const int *stdio)
+{
+    for (int i = 0; i < 3; i++)
+        if (dup2(stdio[i], i) < 0)
+            return -1;
+    return 0;
+}
+
 /* The child between vfork (or clone3) and exec. Only async-signal-safe calls: no
  * allocation, no stdio, no locks; the parent is suspended until we exec or _exit, and we
  * share its memory, so nothing here may modify memory the parent relies on besides the
  * failure report. */
-static void child_exec(pid_t shepherd_pid, int err_fd, int procs_fd, const char *cwd,
-                       char **candidates, char **argv)
+static void child_exec(const struct child_args *a)
 {
     struct child_failure f = {0, 0};
 
     /* vfork fallback of cgroup mode: move ourselves into the run's cgroup before anything of
      * the command runs (a raw write() is async-signal-safe); clone3 placed us at birth. */
-    if (procs_fd >= 0 && write(procs_fd, "0", 1) != 1) {
+    if (a->procs_fd >= 0 && write(a->procs_fd, "0", 1) != 1) {
         f.stage = PG_STAGE_CGROUP;
         f.err = errno;
         goto fail;
@@ -939,28 +979,28 @@ static void child_exec(pid_t shepherd_pid, int err_fd, int procs_fd, const char 
         f.err = errno;
         goto fail;
     }
-    if (getppid() != shepherd_pid) {
+    if (getppid() != a->self) {
         f.stage = PG_STAGE_SHEPHERD;
         f.err = ESRCH;
         goto fail;
     }
-    if (cwd && chdir(cwd) < 0) {
+    if (a->cwd && chdir(a->cwd) < 0) {
         f.stage = PG_STAGE_CHDIR;
         f.err = errno;
         goto fail;
     }
-    if (reset_signals_for_exec() < 0) {
+    if (install_stdio(a->stdio) < 0 || reset_signals_for_exec() < 0) {
         f.stage = PG_STAGE_SHEPHERD;
         f.err = errno;
         goto fail;
     }
     f.stage = PG_STAGE_EXEC;
     f.err = ENOENT;
-    if (argv[0][0] == '\0')
+    if (a->argv[0][0] == '\0')
         goto fail;  /* "" names no program (a PATH search would find directories) */
     f.err = 0;
-    for (char **c = candidates; *c; c++) {
-        execve(*c, argv, environ);
+    for (char **c = a->candidates; *c; c++) {
+        execve(*c, a->argv, a->envp);
         /* As CPython's _posixsubprocess (the subprocess backend): try every candidate, and
          * report the first error that is not "no such file here" (issue 10). */
         if (errno != ENOENT && errno != ENOTDIR && f.err == 0)
@@ -969,19 +1009,18 @@ static void child_exec(pid_t shepherd_pid, int err_fd, int procs_fd, const char 
     if (f.err == 0)
         f.err = ENOENT;
 fail:
-    while (write(err_fd, &f, sizeof(f)) < 0 && errno == EINTR)
+    while (write(a->err_fd, &f, sizeof(f)) < 0 && errno == EINTR)
         ;
     _exit(127);
 }
 
 /* vfork and exec in the child; return the child's pid or -1. Kept apart so that no local
  * of the caller lives across vfork (the child shares our stack frame until it execs). */
-static __attribute__((noinline)) pid_t vfork_exec(pid_t self, int err_fd, int procs_fd,
-                                                  const char *cwd, char **candidates, char **argv)
+static __attribute__((noinline)) pid_t vfork_exec(const struct child_args *a)
 {
     pid_t pid = vfork();
     if (pid == 0)
-        child_exec(self, err_fd, procs_fd, cwd, candidates, argv);
+        child_exec(a);
     return pid;
 }
 
@@ -1000,19 +1039,10 @@ struct pg_clone_args {  /* struct clone_args, CLONE_ARGS_SIZE_VER2 */
 extern long nolibc_clone3_run(void *args, size_t size, void (*fn)(void *), void *arg)
     __attribute__((weak));
 
-/* child_exec's arguments, for a child started through a function pointer. */
-struct child_args {
-    pid_t self;
-    int err_fd;
-    const char *cwd;
-    char **candidates, **argv;
-};
-
 /* The trampoline's child: child_exec on its own stack. Never returns. */
 static void clone_child(void *p)
 {
-    const struct child_args *a = p;
-    child_exec(a->self, a->err_fd, -1, a->cwd, a->candidates, a->argv);
+    child_exec(p);
 }
 
 /* The stack of the vfork-like clone3 child: child_exec and the calls it makes use about 100
@@ -1027,9 +1057,7 @@ static char clone_stack[64 * 1024] __attribute__((aligned(16)));
  * elsewhere fork-like: the shepherd is small and single-threaded, so the copy is cheap and
  * safe. Return the pid, or -1 with errno (ENOSYS/E2BIG/EINVAL: no clone3 or no
  * CLONE_INTO_CGROUP here). */
-static __attribute__((noinline)) pid_t clone_into_cgroup_exec(int cg_dfd, pid_t self, int err_fd,
-                                                              const char *cwd, char **candidates,
-                                                              char **argv)
+static __attribute__((noinline)) pid_t clone_into_cgroup_exec(int cg_dfd, const struct child_args *a)
 {
     struct pg_clone_args ca;
     long pid;
@@ -1039,39 +1067,39 @@ static __attribute__((noinline)) pid_t clone_into_cgroup_exec(int cg_dfd, pid_t 
     ca.cgroup = (uint64_t)cg_dfd;
     if (nolibc_clone3_run) {
         /* the child reads a and runs on clone_stack while we are suspended (CLONE_VFORK) */
-        struct child_args a = {self, err_fd, cwd, candidates, argv};
         ca.flags |= CLONE_VM | CLONE_VFORK;
         ca.stack = (uint64_t)(uintptr_t)clone_stack;
         ca.stack_size = sizeof(clone_stack);
-        return (pid_t)nolibc_clone3_run(&ca, sizeof(ca), clone_child, &a);
+        return (pid_t)nolibc_clone3_run(&ca, sizeof(ca), clone_child, (void *)a);
     }
     pid = syscall(SYS_clone3, &ca, sizeof(ca));
     if (pid == 0)
-        child_exec(self, err_fd, -1, cwd, candidates, argv);
+        child_exec(a);
     return (pid_t)pid;
 }
 
 /* Start the child in the run's cgroup (clone3, else vfork + cgroup.procs), or outside any
  * when st has none. Set *placed. Return the pid, or -1 with errno. */
-static pid_t spawn_child(struct state *st, int err_fd, const char *cwd, char **candidates,
-                         char **argv, int *placed)
+static pid_t spawn_child(struct state *st, struct child_args *a, int *placed)
 {
     pid_t pid;
-    int procs_fd, saved;
+    int saved;
     *placed = 0;
+    a->procs_fd = -1;
     if (st->cg_dfd < 0)
-        return vfork_exec(st->self, err_fd, -1, cwd, candidates, argv);
-    pid = clone_into_cgroup_exec(st->cg_dfd, st->self, err_fd, cwd, candidates, argv);
+        return vfork_exec(a);
+    pid = clone_into_cgroup_exec(st->cg_dfd, a);
     if (pid >= 0 || (errno != ENOSYS && errno != E2BIG && errno != EINVAL)) {
         *placed = pid >= 0;
         return pid;  /* placed, or a refusal (EBUSY, EOPNOTSUPP, EACCES...) to report */
     }
-    procs_fd = cg_open_file(st->cg_dfd, "cgroup.procs", O_WRONLY);
-    if (procs_fd < 0)
+    a->procs_fd = cg_open_file(st->cg_dfd, "cgroup.procs", O_WRONLY);
+    if (a->procs_fd < 0)
         return -1;
-    pid = vfork_exec(st->self, err_fd, procs_fd, cwd, candidates, argv);
+    pid = vfork_exec(a);
     saved = errno;
-    close(procs_fd);
+    close(a->procs_fd);
+    a->procs_fd = -1;
     errno = saved;
     *placed = pid >= 0;  /* the child reports a failed write as PG_STAGE_CGROUP */
     return pid;
@@ -1090,73 +1118,91 @@ static void drop_cgroup(struct state *st, int err)
     st->cg_events = st->cg_dfd = -1;
 }
 
-/* Start the command (in the run's cgroup if there is one); on failure report it and exit. */
-static void start_command(struct state *st, const char *cwd, char **argv)
+/* Close the command's stdio fds: it has them, and its pipes must reach EOF when the tree is
+ * gone, whatever we do afterwards. */
+static void close_stdio(struct state *st)
+{
+    for (int i = 0; i < 3; i++)
+        if (st->stdio[i] >= 0) {
+            close(st->stdio[i]);
+            st->stdio[i] = -1;
+        }
+}
+
+/* Start the child and wait until it has exec'd (or failed to: *f filled in, pid returned
+ * reaped). Return its pid, or -1 with errno when it could not be started at all. */
+static pid_t start_child(struct state *st, struct child_args *a, struct child_failure *f,
+                         int *placed)
 {
     int err_pipe[2];
-    /* a path is tried as given: no list to build (issue 15: two mmap and two munmap calls of
-     * nolibc's allocator per run) */
-    char *as_given[2] = {argv[0], NULL};
-    char **candidates = strchr(argv[0], '/') ? as_given : exec_candidates(argv[0]);
-    struct child_failure f;
     ssize_t n;
     pid_t pid;
-    int devnull, placed;
+    if (pipe2(err_pipe, O_CLOEXEC) < 0)
+        return -1;
+    a->err_fd = err_pipe[1];
+    pid = spawn_child(st, a, placed);
+    close(err_pipe[1]);
+    if (pid < 0) {
+        int saved = errno;
+        close(err_pipe[0]);
+        errno = saved;
+        return -1;
+    }
+    f->stage = 0;
+    do {
+        n = read(err_pipe[0], f, sizeof(*f));
+    } while (n < 0 && errno == EINTR);
+    close(err_pipe[0]);
+    if (n == (ssize_t)sizeof(*f)) {
+        int status;
+        while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+            ;
+    } else {
+        f->stage = 0;
+    }
+    return pid;
+}
 
-    if (!candidates)
+/* Start the command (in the run's cgroup if there is one); on failure report it and exit. */
+static void start_command(struct state *st)
+{
+    /* a path is tried as given: no list to build (issue 15: two mmap and two munmap calls of
+     * nolibc's allocator per run) */
+    char *as_given[2] = {st->argv[0], NULL};
+    struct child_args a = {st->self, -1, -1, st->stdio, st->cwd, NULL, st->argv, st->envp};
+    struct child_failure f;
+    pid_t pid;
+    int placed;
+
+    a.candidates = strchr(st->argv[0], '/') ? as_given : exec_candidates(st->argv[0], st->envp);
+    if (!a.candidates)
         fail_start(st, PG_STAGE_SHEPHERD, ENOMEM);
     for (;;) {
-        if (pipe2(err_pipe, O_CLOEXEC) < 0)
-            fail_start(st, PG_STAGE_SHEPHERD, errno);
-        pid = spawn_child(st, err_pipe[1], cwd, candidates, argv, &placed);
+        pid = start_child(st, &a, &f, &placed);
         if (pid < 0 && st->cg_dfd >= 0 && errno != EAGAIN && errno != ENOMEM) {
-            close(err_pipe[0]);  /* the cgroup refused the child (EBUSY, EOPNOTSUPP...) */
-            close(err_pipe[1]);
-            drop_cgroup(st, errno);
+            drop_cgroup(st, errno);  /* the cgroup refused the child (EBUSY, EOPNOTSUPP...) */
             continue;
         }
         if (pid < 0)
             fail_start(st, PG_STAGE_SHEPHERD, errno);
-        close(err_pipe[1]);
-        do {
-            n = read(err_pipe[0], &f, sizeof(f));
-        } while (n < 0 && errno == EINTR);
-        close(err_pipe[0]);
-        if (n == (ssize_t)sizeof(f)) {
-            int status;
-            while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
-                ;
-            if (f.stage == PG_STAGE_CGROUP && !st->cg_required) {
-                drop_cgroup(st, f.err);  /* nothing of the command ran yet: start it again */
-                continue;
-            }
-            fail_start(st, f.stage, f.err);
+        if (f.stage == PG_STAGE_CGROUP && !st->cg_required) {
+            drop_cgroup(st, f.err);  /* nothing of the command ran yet: start it again */
+            continue;
         }
+        if (f.stage)
+            fail_start(st, f.stage, f.err);
         break;
     }
-    if (candidates != as_given) {
-        for (char **c = candidates; *c; c++)
+    if (a.candidates != as_given) {
+        for (char **c = a.candidates; *c; c++)
             free(*c);
-        free(candidates);
+        free(a.candidates);
     }
     st->leader = pid;
     st->leader_alive = 1;
     st->in_cgroup = placed;
     st->final.in_cgroup = placed;
-    /* The command has exec'd. Let go of its stdio so that its pipes reach EOF when the
-     * tree is gone, whatever we do afterwards. */
-    devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
-    if (devnull >= 0) {
-        dup2(devnull, 0);
-        dup2(devnull, 1);
-        dup2(devnull, 2);
-        if (devnull > 2)
-            close(devnull);
-    } else {
-        close(0);
-        close(1);
-        close(2);
-    }
+    close_stdio(st);
     {
         struct pg_record rec;
         memset(&rec, 0, sizeof(rec));
@@ -1257,30 +1303,23 @@ static void finish_cgroup(struct state *st)
     st->final.cgroup_removed = cg_remove(st->cg_path) == 0;
 }
 
-/* Open the run's cgroup named by argv's CGROUP-ARG ("-", "G<path>" required, "g<path>"
- * optional). Return 0, or -1 for a malformed argument. */
-static int open_cgroup(struct state *st, const char *arg)
+/* Open the run's cgroup at path (made by the caller), for this run. Return 0; a cgroup that
+ * cannot be opened fails the start if it is required, else the run goes on without it. */
+static void open_cgroup(struct state *st, const char *path)
 {
-    st->cg_dfd = st->cg_events = -1;
-    if (strcmp(arg, "-") == 0)
-        return 0;
-    if ((arg[0] != 'G' && arg[0] != 'g') || arg[1] != '/')
-        return -1;
-    st->cg_path = arg + 1;
-    st->cg_required = arg[0] == 'G';
-    st->cg_dfd = cg_open(st->cg_path);
+    st->cg_path = path;
+    st->cg_dfd = cg_open(path);
     if (st->cg_dfd < 0) {
         int err = errno;
         st->cg_dfd = -1;
         if (st->cg_required)
             fail_start(st, PG_STAGE_CGROUP, err);
         st->final.cgroup_err = err;
-        return 0;
+        return;
     }
     st->cg_events = cg_open_file(st->cg_dfd, "cgroup.events", O_RDONLY);
     if (st->cg_events < 0)
         drop_cgroup(st, errno);  /* not a cgroup v2 directory */
-    return 0;
 }
 
 /* React to the caller: a terminate byte, or the socket closing because the caller died. */
@@ -1305,25 +1344,144 @@ static void on_control(struct state *st, short revents)
     }
 }
 
-/* Read the shepherd's argv (protocol.h: pg_argv_field) into st and *cwd; a malformed one
- * fails the start (EINVAL): we were started by something other than run.c. */
-static void parse_args(struct state *st, int argc, char **argv, const char **cwd)
+/* Read exactly n bytes of the request from the caller. Return 0, or -1 (EOF, error). */
+static int read_full(void *buf, size_t n)
 {
-    int64_t deadline_ns, grace_ns, stop_signal;
-    *cwd = NULL;
-    if (argc <= PG_ARGV_CMD || parse_i64(argv[PG_ARGV_DEADLINE], &deadline_ns) ||
-        parse_i64(argv[PG_ARGV_GRACE], &grace_ns) || grace_ns < 0 ||
-        parse_i64(argv[PG_ARGV_STOP_SIGNAL], &stop_signal) || stop_signal < 1 || stop_signal >= NSIG)
+    char *p = buf;
+    while (n > 0) {
+        ssize_t got = read(PG_CONTROL_FD, p, n);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            return -1;
+        p += got;
+        n -= (size_t)got;
+    }
+    return 0;
+}
+
+/* Receive a request's header and its three fds into st->stdio. Return 1, 0 if the caller
+ * hung up (or sent something else: it is not run.c, or not of this build), -1 if the header
+ * came without exactly three fds. */
+static int recv_header(struct state *st, struct pg_request *req)
+{
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(4 * sizeof(int))];
+    } cm;
+    struct iovec iov = {req, sizeof(*req)};
+    struct msghdr msg;
+    struct cmsghdr *c;
+    ssize_t n;
+    size_t nfds = 0;
+
+    memset(&msg, 0, sizeof(msg));
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cm.buf;
+    msg.msg_controllen = sizeof(cm.buf);
+    do {
+        n = recvmsg(PG_CONTROL_FD, &msg, MSG_CMSG_CLOEXEC);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0)
+        return 0;
+    c = CMSG_FIRSTHDR(&msg);  /* one sendmsg, one cmsg: CMSG_NXTHDR is a libc function */
+    if (c && c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+        nfds = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < nfds; i++) {
+            int fd;
+            memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+            if (i < 3)
+                st->stdio[i] = fd;
+            else
+                close(fd);
+        }
+    }
+    if (nfds != 3 || (msg.msg_flags & MSG_CTRUNC))
+        return -1;
+    if ((size_t)n < sizeof(*req) && read_full((char *)req + n, sizeof(*req) - (size_t)n) < 0)
+        return 0;
+    return req->magic == PG_REQ_MAGIC;
+}
+
+/* Point st->ptrs into the payload: [cwd] [cgroup] argv envp, each NUL-terminated, filling
+ * it exactly. Return 0, or -1 for a malformed payload. */
+static int split_payload(struct state *st, const struct pg_request *req, const char **cgroup)
+{
+    size_t want = (size_t)req->has_cwd + (size_t)req->has_cgroup + (size_t)req->argc +
+                  (size_t)req->envc, got = 0;
+    const char **fixed[2];
+    char *p = st->payload, *end = st->payload + req->payload_len;
+    size_t nfixed = 0;
+
+    if (req->has_cwd)
+        fixed[nfixed++] = &st->cwd;
+    if (req->has_cgroup)
+        fixed[nfixed++] = cgroup;
+    st->ptrs = calloc((size_t)req->argc + (size_t)req->envc + 2, sizeof(char *));
+    if (!st->ptrs)
+        return -1;
+    while (p < end) {
+        char *nul = memchr(p, '\0', (size_t)(end - p));
+        if (!nul || got == want)
+            return -1;
+        if (got < nfixed) {
+            *fixed[got] = p;
+        } else {
+            size_t j = got - nfixed;  /* argv's NULL sits between the two lists */
+            st->ptrs[j < (size_t)req->argc ? j : j + 1] = p;
+        }
+        got++;
+        p = nul + 1;
+    }
+    if (got != want)
+        return -1;
+    st->argv = st->ptrs;
+    st->envp = st->ptrs + req->argc + 1;
+    return 0;
+}
+
+/* Check a request's header; copy its settings into st. Return 0, or -1 if malformed. */
+static int take_settings(struct state *st, const struct pg_request *req)
+{
+    if (req->argc < 1 || req->envc < 0 || (req->has_cwd | req->has_cgroup) & ~1 ||
+        req->grace_ns < 0 || req->stop_signal < 1 || req->stop_signal >= NSIG ||
+        req->payload_len == 0 || req->payload_len > PG_REQ_MAX_PAYLOAD ||
+        (uint64_t)req->argc + (uint64_t)req->envc > req->payload_len)
+        return -1;
+    st->req_flags = req->flags;
+    st->deadline_ns = req->deadline_ns < 0 ? -1 : req->deadline_ns;
+    st->grace_ns = req->grace_ns;
+    st->stop_signal = req->stop_signal;
+    st->cg_required = (req->flags & PG_REQ_CG_REQUIRED) != 0;
+    return 0;
+}
+
+/* Take the next request into st. Return 1, or 0 if the caller hung up; a malformed request
+ * fails the start (EINVAL): it came from something other than run.c of this build. */
+static int read_request(struct state *st)
+{
+    struct pg_request req;
+    const char *cgroup = NULL;
+    int got = recv_header(st, &req);
+    if (got == 0) {
+        close_stdio(st);
+        return 0;
+    }
+    if (got < 0 || take_settings(st, &req) < 0)
         fail_start(st, PG_STAGE_SHEPHERD, EINVAL);
-    if (argv[PG_ARGV_CWD][0] == 'C')
-        *cwd = argv[PG_ARGV_CWD] + 1;
-    else if (strcmp(argv[PG_ARGV_CWD], "-") != 0)
+    st->payload = malloc(req.payload_len);
+    if (!st->payload)
+        fail_start(st, PG_STAGE_SHEPHERD, ENOMEM);
+    if (read_full(st->payload, req.payload_len) < 0) {
+        close_stdio(st);
+        return 0;
+    }
+    if (split_payload(st, &req, &cgroup) < 0)
         fail_start(st, PG_STAGE_SHEPHERD, EINVAL);
-    if (open_cgroup(st, argv[PG_ARGV_CGROUP]) < 0)
-        fail_start(st, PG_STAGE_SHEPHERD, EINVAL);
-    st->deadline_ns = deadline_ns < 0 ? -1 : deadline_ns;
-    st->grace_ns = grace_ns;
-    st->stop_signal = (int)stop_signal;
+    if (cgroup)
+        open_cgroup(st, cgroup);
+    return 1;
 }
 
 /* Shield the shepherd from signals and return a signalfd for the ones it acts on; on
@@ -1474,49 +1632,90 @@ static void supervise(struct state *st, int sfd)
     }
 }
 
-/* Everything is dead and reaped (or given up on): account for it and tell the caller. */
-static void send_final(struct state *st)
+/* Everything is dead and reaped (or given up on): account for it and tell the caller. Return
+ * 1 if the shepherd is clean and may serve the next run: asked to, the caller is there, and
+ * nothing of this run is left (no child at all, no cgroup held open). */
+static int send_final(struct state *st)
 {
-    struct rusage ru;
     finish_cgroup(st);
-    if (getrusage(RUSAGE_CHILDREN, &ru) == 0) {
-        st->final.utime_us = (int64_t)ru.ru_utime.tv_sec * 1000000 + ru.ru_utime.tv_usec;
-        st->final.stime_us = (int64_t)ru.ru_stime.tv_sec * 1000000 + ru.ru_stime.tv_usec;
-        st->final.maxrss_kb = ru.ru_maxrss;
-    }
     st->final.pid = st->leader;
     /* A leader that outlived the give-up bound has SIGKILL pending: that is how it will end. */
     st->final.wait_status = st->leader_alive ? SIGKILL : st->leader_status;
+    st->final.reusable = !(st->req_flags & PG_REQ_LAST) && !st->caller_gone &&
+                         !st->leader_alive && st->final.unkillable == 0 && st->cg_dfd < 0 &&
+                         !reap(st);
     send_record(st, &st->final);
+    return st->final.reusable && !st->caller_gone;
+}
+
+/* Make st ready for a run: nothing of the last one kept but who we are. */
+static void reset_run(struct state *st)
+{
+    pid_t self = st->self;
+    int no_pidfd = st->no_pidfd;
+    free(st->payload);
+    free(st->ptrs);
+    memset(st, 0, sizeof(*st));
+    st->self = self;
+    st->no_pidfd = no_pidfd;
+    st->final.kind = PG_REC_FINAL;
+    st->final.wait_status = -1;
+    /* the cgroup's accounting is absent until finish_cgroup reads it: a run whose cgroup
+     * never empties reports none, not zeros */
+    st->final.cg_usage_us = st->final.cg_user_us = st->final.cg_system_us = -1;
+    st->final.cg_memory_peak = st->final.cg_pids_peak = -1;
+    st->final.cg_oom_kill = st->final.cg_oom_group_kill = -1;
+    st->cg_dfd = st->cg_events = -1;
+    st->stdio[0] = st->stdio[1] = st->stdio[2] = -1;
+}
+
+/* Between runs: wait for the next request, or for the caller to hang up. A signal that would
+ * stop a run (SIGTERM, SIGINT, SIGHUP) ends an idle shepherd. Return 1 when a request waits. */
+static int wait_idle(int sfd)
+{
+    for (;;) {
+        struct pollfd fds[2] = {{PG_CONTROL_FD, POLLIN, 0}, {sfd, POLLIN, 0}};
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            return 0;
+        }
+        if (fds[1].revents & POLLIN) {
+            struct signalfd_siginfo si[8];
+            ssize_t n = read(sfd, si, sizeof(si));
+            for (ssize_t i = 0; i < n / (ssize_t)sizeof(si[0]); i++)
+                if (si[i].ssi_signo != SIGCHLD)
+                    return 0;
+        }
+        if (fds[0].revents)
+            return 1;  /* a request, or the hang-up read_request will see */
+    }
 }
 
 int main(int argc, char **argv)
 {
     struct state st;
-    const char *cwd;
     int sfd;
 
     memset(&st, 0, sizeof(st));
     st.self = getpid();
-    st.final.kind = PG_REC_FINAL;
-    st.final.wait_status = -1;
-    /* the cgroup's accounting is absent until finish_cgroup reads it: a run whose cgroup
-     * never empties reports none, not zeros */
-    st.final.cg_usage_us = st.final.cg_user_us = st.final.cg_system_us = -1;
-    st.final.cg_memory_peak = st.final.cg_pids_peak = -1;
-    st.final.cg_oom_kill = st.final.cg_oom_group_kill = -1;
-    st.cg_dfd = st.cg_events = -1;
-
+    reset_run(&st);
     if (fcntl(PG_CONTROL_FD, F_SETFD, FD_CLOEXEC) < 0)
         return 125;  /* no control socket: started by something other than run.c */
     close_inherited_fds();
-    parse_args(&st, argc, argv, &cwd);
+    if (argc != 2 || strcmp(argv[1], PG_SERVE_ARG) != 0)
+        fail_start(&st, PG_STAGE_SHEPHERD, EINVAL);
     /* Without the subreaper bit escapees would go to init; containment then degrades to the
      * process group, which is still what subprocess.run offers at best. */
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     sfd = open_signalfd(&st);
-    start_command(&st, cwd, argv + PG_ARGV_CMD);
-    supervise(&st, sfd);
-    send_final(&st);
+    while (wait_idle(sfd) && read_request(&st)) {
+        start_command(&st);
+        supervise(&st, sfd);
+        if (!send_final(&st))
+            break;
+        reset_run(&st);
+    }
+    reset_run(&st);  /* frees the last request (a sanitizer build checks for leaks at exit) */
     return 0;
 }

@@ -58,10 +58,13 @@ def children_of(pid: int) -> list[int]:
 
 
 def descendants(pid: int | None = None) -> list[int]:
-    """Every live descendant of ``pid`` (default: this process), zombies included."""
+    """Every live descendant of ``pid`` (default: this process), zombies included, but not
+    the native runner's idle shepherds: they are this process's own helpers, each waiting for
+    the next run with no child (tests/test_shepherd_pool.py checks them)."""
     root = os.getpid() if pid is None else pid
     seen: list[int] = []
-    stack = children_of(root)
+    idle = set(proc_group.idle_shepherds()) if pid is None else set()
+    stack = [p for p in children_of(root) if p not in idle]
     while stack:
         child = stack.pop()
         if child in seen:

@@ -95,6 +95,6 @@ def test_extension_uses_multi_phase_init(native: str) -> None:
     shepherd = proc_group._shepherd_path
     assert shepherd is not None
     raw = second.run(shepherd.encode(), [b"echo", b"again"], None, None, None, 5.0, 1.0, 1 << 20,
-                     lambda s, c: chunks.append((s, c)), -1, None, False, 15, False, None)
+                     lambda s, c: chunks.append((s, c)), -1, None, False, 15, False, None, 8)
     assert raw["returncode"] == 0 and raw["stdout"] == b"again\n"
     assert chunks == [("stdout", b"again\n")]

@@ -74,7 +74,7 @@ def _native_run(cgroup: "str | None") -> dict:
     return proc_group._native.run(
         os.fsencode(proc_group._shepherd_path), [b"true"], None, None, None, 30.0, 1.0, 1 << 20,
         None, -1, None if cgroup is None else os.fsencode(cgroup), cgroup is not None,
-        signal.SIGTERM, False, None)
+        signal.SIGTERM, False, None, 8)
 
 
 def test_the_result_carries_the_cgroups_oom_counters(cgroup_mode: str) -> None:

@@ -46,6 +46,9 @@ KILL_SWITCHES = (
 DEFAULT_RETEST_TIMEOUT_S = 900.0
 DEFAULT_REAPER_MAX_RUNNING_S = 3600.0
 DEFAULT_KILL_GRACE_S = 5.0
+#: Idle shepherds kept per process (issue 15): as many as a caller's threads are likely to run
+#: at once; each is a small static process (~0.2 MiB resident) waiting on its socket.
+DEFAULT_SHEPHERD_POOL = 8
 DEFAULT_CAPTURE_LIMIT_BYTES = 8 * 1024 * 1024
 DEFAULT_INFRA_RETRY_MAX = 3
 DEFAULT_PROBE_MAX_BYTES = 8 * 1024 * 1024
@@ -289,6 +292,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RETEST_FAIL_ON_LEAK", "bool", False,
             "A run that passed but left processes behind (killed by the sweep, named in "
             "RunResult.leaks) is other.leaked-processes (retest run --fail-on-leak).", "runner"),
+    Setting("RETEST_SHEPHERD_POOL", "int", DEFAULT_SHEPHERD_POOL,
+            "Idle shepherds the native runner keeps for later runs (each serves run after run, "
+            "and is used only by a run whose caller's inherited state equals the one it was "
+            "started from); 0: a new shepherd per run.", "runner", 0, 64),
     Setting("RETEST_DIAGNOSE_S", "float", DEFAULT_DIAGNOSE_S,
             "Seconds of the diagnostic stage at the deadline (every Python process's stacks), "
             "taken out of RETEST_KILL_GRACE_S and never more than half of it; 0: none.",
@@ -506,6 +513,8 @@ class RunnerSettings:
     #: Processes left after the command exited fail an otherwise passing run
     #: (``other.leaked-processes``).
     fail_on_leak: bool = False
+    #: Idle shepherds kept for later runs (``RETEST_SHEPHERD_POOL``); 0: one per run.
+    shepherd_pool: int = DEFAULT_SHEPHERD_POOL
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "RunnerSettings":
@@ -538,13 +547,14 @@ class RunnerSettings:
             cgroup_pids_max=read("RETEST_CGROUP_PIDS_MAX", environ),
             cgroup_cpu_max=read("RETEST_CGROUP_CPU_MAX", environ),
             fail_on_leak=read("RETEST_FAIL_ON_LEAK", environ),
+            shepherd_pool=read("RETEST_SHEPHERD_POOL", environ),
         )
 
 
 _RUNNER_NAMES = ("SUBPROCESS_TREE_KILL_ENABLED", "RETEST_KILL_GRACE_S", "RETEST_CAPTURE_LIMIT_BYTES",
                  "RETEST_PROBE_ENABLED", "RETEST_PROBE_MAX_BYTES", "RETEST_CONTAINMENT",
                  "RETEST_CGROUP_PARENT", "RETEST_CGROUP_MEMORY_MAX", "RETEST_CGROUP_PIDS_MAX",
-                 "RETEST_CGROUP_CPU_MAX", "RETEST_FAIL_ON_LEAK")
+                 "RETEST_CGROUP_CPU_MAX", "RETEST_FAIL_ON_LEAK", "RETEST_SHEPHERD_POOL")
 #: The last ``RunnerSettings`` read, with the values it was read from (a dict: one atomic
 #: store, safe to share between threads).
 _RUNNER_CACHE: dict[str, tuple[tuple[object, ...], "RunnerSettings"]] = {}

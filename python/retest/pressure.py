@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 __all__ = ["Pressure", "Psi", "ForeignProcess", "Sample", "Watch", "read_psi", "cores", "current"]
 
@@ -306,14 +306,33 @@ def _cpu_busy_ticks(cpus: frozenset[int]) -> Optional[int]:
     return busy if seen else None
 
 
-def _tree_ticks(root_tid: int, skip: frozenset[int], limit: int = TREE_WALK_MAX) -> Optional[int]:
+#: The native runner's shepherd serving a thread's run now (``retest.proc_group`` sets it:
+#: ``_proc_group.running_shepherd``), or None. An idle shepherd kept for later runs is no new
+#: child of the calling thread, so the run's tree is walked from it.
+running_shepherd: Callable[[int], Optional[int]] = lambda tid: None
+
+
+def _run_tree_ticks(watch: "Watch") -> Optional[int]:
+    """CPU ticks of the run's tree: the shepherd serving it and its descendants, or, without
+    one (the subprocess backend), the calling thread's children new since the run began."""
+    shepherd = running_shepherd(watch.tid)
+    if shepherd is not None:
+        return _tree_ticks(watch.tid, frozenset(), root=shepherd)
+    return _tree_ticks(watch.tid, watch.children_before())
+
+
+def _tree_ticks(root_tid: int, skip: frozenset[int], limit: int = TREE_WALK_MAX,
+                root: Optional[int] = None) -> Optional[int]:
     """CPU ticks of the live descendants of thread ``root_tid`` of this process (their own and
     those of the children they reaped), but for its children in ``skip`` (there before the
-    run): the run's tree, walked through ``task/*/children``."""
+    run): the run's tree, walked through ``task/*/children``. With ``root``: that process (a
+    child of ours) and its descendants instead."""
     total, seen, todo = 0, 0, [(os.getpid(), root_tid)]
+    if root is not None:
+        todo = [(os.getpid(), -1)]
     while todo and seen < limit:
         pid, tid = todo.pop()
-        children = _children(pid, tid)
+        children = [root] if tid == -1 and root is not None else _children(pid, tid)
         if children is None:
             return None if pid == os.getpid() else total
         for child in children:
@@ -382,7 +401,7 @@ class _Counters:
         cgroup = watch.cgroup
         self.run_usage, self.run_some = _cgroup_values(cgroup) if cgroup else (None, None)
         self.machine_some = _psi_cpu_some_total()
-        self.tree = None if cgroup else _tree_ticks(watch.tid, watch.children_before())
+        self.tree = None if cgroup else _run_tree_ticks(watch)
 
 
 class Watch:

@@ -21,6 +21,7 @@ A ``KeyboardInterrupt`` in the caller kills the tree first, then propagates.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import errno as _errno
 import importlib
@@ -250,9 +251,27 @@ def _load_native() -> None:
         return
     _native = _proc_group
     _shepherd_path = shepherd
+    _pressure.running_shepherd = _proc_group.running_shepherd
 
 
 _load_native()
+
+
+def idle_shepherds() -> tuple[int, ...]:
+    """The pids of the idle shepherds kept for later runs (children of this process, each
+    waiting on its socket for the next run; ``RETEST_SHEPHERD_POOL``). Empty without the
+    native backend."""
+    return () if _native is None else _native.idle_shepherds()
+
+
+def close_shepherds() -> int:
+    """Let every idle shepherd go: each exits and is reaped before this returns. Return how
+    many. The next run starts a new one. Called at interpreter exit; call it yourself before
+    counting your own child processes, or to release them early."""
+    return 0 if _native is None else _native.close_shepherds()
+
+
+atexit.register(close_shepherds)
 
 
 def _log_fallback_once(reason: str, level: int) -> None:
@@ -750,6 +769,8 @@ def _run_native(
     settings: Optional[config.RunnerSettings] = None,
 ) -> RunResult:
     assert _native is not None and _shepherd_path is not None
+    if settings is None:
+        settings = config.RunnerSettings.from_env()
     plan, cgroup_path = _select_containment(containment, settings)
     if plan.refused:  # cgroup demanded, impossible: say so rather than contain less
         return RunResult(args=args_text, returncode=None, stdout=b"", stderr=b"", timed_out=False,
@@ -773,6 +794,7 @@ def _run_native(
             int(stop_signal),
             evidence is not None and evidence.oom is None,
             None if spare is None else os.fsencode(spare),
+            settings.shepherd_pool,
         )
     except BaseException:
         if cgroup_path is not None:  # raised before the C side took the cgroup over

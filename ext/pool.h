@@ -1,0 +1,51 @@
+/* Idle shepherds kept for the next run (issue 15), and the inherited-state fingerprint that
+ * decides which of them may take it. Internal to retest._proc_group. */
+#ifndef RETEST_POOL_H
+#define RETEST_POOL_H
+
+#include "proc_group.h"
+
+#include <stdint.h>
+#include <sys/types.h>
+
+/* The most idle shepherds kept, whatever RETEST_SHEPHERD_POOL asks. */
+#define PG_POOL_MAX 64
+
+/* Fingerprint everything a command inherits from the process that forks it, as seen from
+ * the calling thread now (credentials, umask, rlimits, scheduling, affinity, oom_score_adj,
+ * cgroups, namespaces, cwd, root...). Called without the GIL. Return 0, or -1 if it could
+ * not be read (then no idle shepherd may be used). */
+int pg_fingerprint(uint64_t *fp);
+
+/* Take an idle shepherd started from state fp. Return 1 with *pid and *ctl set, else 0. */
+int pg_pool_take(uint64_t fp, pid_t *pid, int *ctl);
+
+/* Keep an idle shepherd (started from state fp) for a later run, making room by letting the
+ * least recently used go when max_idle are kept; with max_idle <= 0 it goes itself. */
+void pg_pool_give(uint64_t fp, pid_t pid, int ctl, int max_idle);
+
+/* Take out the least recently used idle shepherd if more than keep are kept (keep < 0: any).
+ * Return 1 with *pid and *ctl set (the caller retires it), else 0. */
+int pg_pool_evict(int keep, pid_t *pid, int *ctl);
+
+/* Keep it if fewer than max_idle are kept. Return 1 if kept. */
+int pg_pool_put(uint64_t fp, pid_t pid, int ctl, int max_idle);
+
+/* Let an idle shepherd go: hang up (it exits on EOF) and reap it. No GIL needed. */
+void pg_pool_retire(pid_t pid, int ctl);
+
+/* Record that thread tid's run is served by shepherd (0: the run is over). A table of 256
+ * threads at once; beyond that, runs are not recorded (the sampler then walks the thread's
+ * children, as for a new shepherd). */
+void pg_running_set(pid_t tid, pid_t shepherd);
+
+/* running_shepherd(tid) -> int | None */
+PyObject *pg_running_shepherd(PyObject *module, PyObject *arg);
+extern const char pg_running_shepherd_doc[];
+
+/* idle_shepherds() -> tuple of pids; close_shepherds() -> int (how many were let go). */
+PyObject *pg_idle_shepherds(PyObject *module, PyObject *unused);
+PyObject *pg_close_shepherds(PyObject *module, PyObject *unused);
+extern const char pg_idle_shepherds_doc[], pg_close_shepherds_doc[];
+
+#endif

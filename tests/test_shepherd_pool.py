@@ -1,0 +1,192 @@
+"""Idle shepherds serve run after run (issue 15), and nothing of one run reaches the next.
+
+A shepherd that finished a run cleanly (no child left, its cgroup gone) waits on its socket
+for the next request; a run takes one only if the caller's inherited state is the one it was
+started from (tests/test_inherited_state.py pins what the command sees). These tests hold the
+pool's own promises: reuse, what an idle shepherd holds, what disables or ends reuse, the
+per-run accounting, threads, fork, and that letting them go leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import children_of, is_zombie, pid_alive, wait_until
+from retest import proc_group
+from retest.proc_group import run
+
+PARENT = ["sh", "-c", "echo $PPID"]
+
+
+def _parent(**kw: object) -> int:
+    result = run(PARENT, timeout=30, backend="native", **kw)
+    assert result.returncode == 0, result.spawn_error
+    return int(result.stdout)
+
+
+@pytest.fixture(autouse=True)
+def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RETEST_SHEPHERD_POOL", raising=False)
+    proc_group.close_shepherds()
+
+
+def test_one_shepherd_serves_run_after_run(containment: str) -> None:
+    first = _parent()
+    assert proc_group.idle_shepherds() == (first,)
+    assert [_parent() for _ in range(5)] == [first] * 5
+    assert children_of(first) == [], "an idle shepherd has no child"
+
+
+def test_an_idle_shepherd_holds_nothing_of_the_last_run(containment: str, tmp_path: Path) -> None:
+    """No pipe, file or cgroup of a finished run stays open in it: only /dev/null, its socket to
+    us and its signalfd."""
+    log = tmp_path / "held.txt"
+    result = run(["sh", "-c", f"echo data; echo more >&2; cat > {log}"], input=b"x" * 100_000,
+                 timeout=30, backend="native")
+    assert result.returncode == 0 and result.stdout == b"data\n" and log.stat().st_size == 100_000
+    (shepherd,) = proc_group.idle_shepherds()
+    targets = sorted(os.readlink(f"/proc/{shepherd}/fd/{fd}") for fd in os.listdir(f"/proc/{shepherd}/fd"))
+    assert [t for t in targets if not t.startswith(("socket:", "anon_inode:[signalfd]"))] == \
+        ["/dev/null"] * 3, targets
+    assert len([t for t in targets if t.startswith("socket:")]) == 1, targets
+
+
+def test_pool_size_zero_starts_a_shepherd_per_run(containment: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETEST_SHEPHERD_POOL", "0")
+    parents = {_parent() for _ in range(3)}
+    assert len(parents) == 3
+    assert proc_group.idle_shepherds() == ()
+    assert not any(pid_alive(p) for p in parents)
+    assert [p for p in children_of(os.getpid()) if is_zombie(p)] == []
+
+
+@pytest.mark.parametrize("how", ["timeout", "callback raised", "sweep of leftovers"])
+def test_a_run_that_was_stopped_still_leaves_a_clean_shepherd_or_none(containment: str,
+                                                                      how: str) -> None:
+    """A terminate byte of ours may still be unread: that shepherd is not reused. A timeout or
+    a sweep ends with nothing left: that one may be."""
+    first = _parent()
+    if how == "timeout":
+        result = run(["sleep", "30"], timeout=0.3, grace=1, backend="native")
+        assert result.timed_out
+    elif how == "callback raised":
+        def boom(stream: str, chunk: bytes) -> None:
+            raise RuntimeError("stop")
+        with pytest.raises(RuntimeError):
+            run(["sh", "-c", "echo go; sleep 30"], on_output=boom, timeout=30, grace=1,
+                backend="native")
+    else:
+        result = run(["sh", "-c", "(setsid sleep 30 &); echo left"], timeout=30, grace=1,
+                     backend="native")
+        assert result.leak_count >= 1
+    after = _parent()
+    if how == "callback raised":
+        assert after != first and not pid_alive(first)
+    assert children_of(after) == []
+    assert set(proc_group.idle_shepherds()) == {after}
+
+
+def test_a_shepherd_killed_while_idle_is_replaced(containment: str) -> None:
+    first = _parent()
+    os.kill(first, signal.SIGKILL)
+    assert wait_until(lambda: is_zombie(first) or not pid_alive(first), 5)
+    second = _parent()
+    assert second != first
+    assert proc_group.idle_shepherds() == (second,)
+    assert not pid_alive(first) and first not in children_of(os.getpid())
+
+
+def test_a_failed_start_retires_the_shepherd(containment: str) -> None:
+    first = _parent()
+    result = run(["retest-no-such-command-pool"], timeout=30, backend="native")
+    assert result.returncode is None and "No such file" in (result.spawn_error or "")
+    assert proc_group.idle_shepherds() == ()
+    assert not pid_alive(first) and first not in children_of(os.getpid())
+
+
+def test_accounting_is_the_runs_own_not_the_shepherds_life(containment: str) -> None:
+    """rusage is summed over what this run's shepherd reaped for this run: a big, busy run
+    before does not show in the next one (getrusage(RUSAGE_CHILDREN) would carry it)."""
+    big = run([sys.executable, "-c",
+               "import time; b = bytearray(300 << 20); t = time.process_time()\n"
+               "while time.process_time() - t < 0.5: pass"], timeout=60, backend="native")
+    assert big.returncode == 0 and big.max_rss_kb > 250_000
+    assert big.user_cpu_s + big.sys_cpu_s >= 0.3
+    small = run(["true"], timeout=30, backend="native")
+    assert proc_group.idle_shepherds(), "the same shepherd served both"
+    assert small.returncode == 0
+    assert small.max_rss_kb < 100_000, small.max_rss_kb
+    assert small.user_cpu_s + small.sys_cpu_s < 0.2
+
+
+def test_threads_each_get_a_shepherd_and_the_pool_is_bounded(containment: str,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RETEST_SHEPHERD_POOL", "3")
+    outputs: dict[int, list[bytes]] = {}
+
+    def worker(n: int) -> None:
+        outputs[n] = [run(["sh", "-c", f"echo {n}-{i}"], timeout=30, backend="native").stdout
+                      for i in range(10)]
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert all(outputs[n] == [f"{n}-{i}\n".encode() for i in range(10)] for n in range(8))
+    idle = proc_group.idle_shepherds()
+    assert 1 <= len(idle) <= 3
+    assert all(children_of(p) == [] for p in idle)
+    assert [p for p in children_of(os.getpid()) if is_zombie(p)] == []
+
+
+def test_a_forked_child_does_not_use_its_parents_shepherds(containment: str) -> None:
+    parent_shepherd = _parent()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, then leave without running any of pytest's clean-up
+        try:
+            idle_at_start = proc_group.idle_shepherds()
+            ppid = _parent()
+            ok = idle_at_start == () and ppid != parent_shepherd
+            proc_group.close_shepherds()
+            os.write(write, b"ok" if ok else f"{idle_at_start} {ppid}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    answer = os.read(read, 200)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert answer == b"ok"
+    assert proc_group.idle_shepherds() == (parent_shepherd,)
+    assert _parent() == parent_shepherd
+
+
+def test_close_shepherds_lets_them_go_and_reaps_them(containment: str) -> None:
+    first = _parent()
+    assert proc_group.close_shepherds() == 1
+    assert proc_group.idle_shepherds() == ()
+    assert first not in children_of(os.getpid())
+    assert proc_group.close_shepherds() == 0
+
+
+def test_a_changed_state_gets_a_fresh_shepherd(containment: str, tmp_path: Path) -> None:
+    """The fingerprint at work (umask here; every attribute: test_inherited_state.py): the
+    old shepherd stays idle for a caller in its state, the new state gets its own."""
+    first = _parent()
+    old = os.umask(0o077)
+    try:
+        second = _parent()
+        assert second != first
+        assert _parent() == second
+    finally:
+        os.umask(old)
+    assert _parent() == first
+    assert set(proc_group.idle_shepherds()) == {first, second}
