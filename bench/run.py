@@ -968,6 +968,9 @@ def item_concurrency(plan: Plan, rows: list[Row], context: dict[str, Any]) -> No
             for t in pool:
                 t.join()
             elapsed = time.perf_counter() - t0
+            # Idle shepherds are reaped only when let go: before that, neither their CPU nor
+            # that of the commands they reaped is in RUSAGE_CHILDREN.
+            proc_group.close_shepherds()
             cpu = self_cpu_s() + children_cpu_s() - cpu0
             if errors:
                 raise errors[0]

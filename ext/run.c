@@ -546,11 +546,16 @@ static void final_drain(struct run *r, struct pump_state *ps)
     }
 }
 
+struct child_fds;
 static void read_evidence_after(struct run *r);
+static int start_run(struct run *r, struct child_fds *cf);
+static void finish_run(struct run *r, int completed);
 
-/* The poll loop. Entered and left with the GIL held; releases it while waiting and
- * reading. Return 0, or -1 with a pending exception (already handled: the tree is down). */
-static int pump(struct run *r)
+/* Start the run, then the poll loop. Entered and left with the GIL held; releases it for the
+ * whole run (taken back only for the output callback and a growing capture). Return 0 (with
+ * *start_err an errno if no shepherd could be started), or -1 with a pending exception
+ * (already handled: the tree is down). */
+static int pump(struct run *r, struct child_fds *cf, int *start_err)
 {
     struct pump_state ps = {NULL, NULL, NULL, NULL};
     int64_t drain_deadline_ns = -1, last_signal_check_ns = now_ns();
@@ -560,6 +565,11 @@ static int pump(struct run *r)
         r->backstop_ns = r->start_ns + r->timeout_ns + r->grace_ns + BACKSTOP_SLACK_NS;
 
     ps.ts = PyEval_SaveThread();
+    *start_err = start_run(r, cf);
+    if (*start_err) {
+        PyEval_RestoreThread(ps.ts);
+        return 0;
+    }
     while (r->out_r >= 0 || r->err_r >= 0 || r->ctl >= 0) {
         struct pollfd fds[4];
         int nfds = 0, idx_out = -1, idx_err = -1, idx_ctl = -1, idx_in = -1, ready;
@@ -664,6 +674,7 @@ static int pump(struct run *r)
     if (r->shepherd > 0)
         reap_shepherd(r);
     r->end_ns = now_ns();
+    finish_run(r, ps.exc_type == NULL);
     PyEval_RestoreThread(ps.ts);
     if (ps.exc_type) {
         PyErr_Restore(ps.exc_type, ps.exc_value, ps.exc_tb);
@@ -1260,6 +1271,34 @@ static void while_it_starts(struct run *r)
     }
 }
 
+/* After the run (no GIL): the cgroup released, the closing evidence read (completed: no
+ * exception is pending). In pump's GIL-free stretch: one GIL hand-back per run, not three
+ * (with 8 threads, each taking the GIL back waits for whoever holds it). */
+static void finish_run(struct run *r, int completed)
+{
+    pg_running_set(r->tid, 0);
+    if (r->cg_path)
+        r->cg_removed = release_cgroup(r);
+    if (completed && r->have_evidence && !early_evidence_stands(r))
+        read_evidence_after(r);
+}
+
+/* Before the run's poll loop (no GIL): hand it to a shepherd, and while it starts the
+ * command, read what is due meanwhile. Return 0, or hand_over's errno. */
+static int start_run(struct run *r, struct child_fds *cf)
+{
+    int err = hand_over(r, cf);
+    close_child_fds(cf);
+    if (err)
+        return err;
+    r->tid = (pid_t)syscall(SYS_gettid);
+    pg_running_set(r->tid, r->shepherd);
+    while_it_starts(r);
+    if (r->in_w >= 0 && r->input_len == 0)
+        close_fd(&r->in_w);
+    return 0;
+}
+
 /* Start the run, stream it, collect the report. Return the result dict, or NULL with an
  * exception (from on_output, or KeyboardInterrupt: the tree is down by then). */
 static PyObject *start_and_wait(struct run *r)
@@ -1270,27 +1309,9 @@ static PyObject *start_and_wait(struct run *r)
         close_child_fds(&cf);
         return spawn_failure_result(r, err, 0);
     }
-    Py_BEGIN_ALLOW_THREADS
-    err = hand_over(r, &cf);
-    close_child_fds(&cf);
-    if (!err) {
-        r->tid = (pid_t)syscall(SYS_gettid);
-        pg_running_set(r->tid, r->shepherd);
-        while_it_starts(r);
-    }
-    Py_END_ALLOW_THREADS
+    rc = pump(r, &cf, &err);  /* -1: an exception is pending; the cgroup was released */
     if (err)  /* ENOENT/EACCES/ENOEXEC: our shepherd executable is missing or broken */
         return spawn_failure_result(r, err, err == ENOENT || err == EACCES || err == ENOEXEC);
-    if (r->in_w >= 0 && r->input_len == 0)
-        close_fd(&r->in_w);
-    rc = pump(r);  /* -1: an exception is pending; the cgroup is released all the same */
-    pg_running_set(r->tid, 0);
-    Py_BEGIN_ALLOW_THREADS
-    if (r->cg_path)
-        r->cg_removed = release_cgroup(r);
-    if (rc == 0 && r->have_evidence && !early_evidence_stands(r))
-        read_evidence_after(r);
-    Py_END_ALLOW_THREADS
     r->cg_path_released = r->cg_path != NULL;
     if (rc < 0)
         return NULL;
