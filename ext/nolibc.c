@@ -225,6 +225,7 @@ pid_t getppid(void) { return (pid_t)SC(SYS_getppid, 0, 0, 0, 0, 0, 0); }
 pid_t setsid(void) { return (pid_t)SC(SYS_setsid, 0, 0, 0, 0, 0, 0); }
 int kill(pid_t pid, int sig) { return (int)SC(SYS_kill, pid, sig, 0, 0, 0, 0); }
 int chdir(const char *path) { return (int)SC(SYS_chdir, path, 0, 0, 0, 0, 0); }
+int fchdir(int fd) { return (int)SC(SYS_fchdir, fd, 0, 0, 0, 0, 0); }
 int pipe2(int fds[2], int flags) { return (int)SC(SYS_pipe2, fds, flags, 0, 0, 0, 0); }
 int rmdir(const char *path) { return (int)SC(SYS_unlinkat, AT_FDCWD, path, AT_REMOVEDIR, 0, 0, 0); }
 

@@ -11,7 +11,7 @@
  * difference starts a fresh shepherd, which inherits the new state exactly as it always did.
  * Signal dispositions and the signal mask are not in it: the shepherd resets both for every
  * command (posix_spawn's SETSIGDEF and SETSIGMASK, then reset_signals_for_exec). The
- * environment travels with each request.
+ * environment and the cwd (as an fd) travel with each request.
  *
  * The pool is the process's (shepherds are its children), behind one mutex; a forked child
  * forgets it (pthread_atfork): the idle shepherds are its parent's.
@@ -27,6 +27,7 @@
 #include <sys/personality.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -56,7 +57,9 @@ static void mix_long(uint64_t *h, long v)
     mix(h, &err, sizeof(err));
 }
 
-/* Read path (small /proc file) into buf. Return the length, or -1 with errno. */
+/* Read path (small /proc file) into buf. Return the length, or -1 with errno. A /proc file
+ * of one seq_file record gives all it has in one read: a short read is its end (one read
+ * call fewer per file). */
 static ssize_t read_file(int dfd, const char *path, char *buf, size_t size)
 {
     ssize_t n, total = 0;
@@ -70,6 +73,8 @@ static ssize_t read_file(int dfd, const char *path, char *buf, size_t size)
         if (n <= 0)
             break;
         total += n;
+        if ((size_t)total < size / 2)
+            break;
     }
     close(fd);
     return total;
@@ -92,6 +97,10 @@ static void mix_status(uint64_t *h, const char *buf, size_t n)
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
         size_t len = nl ? (size_t)(nl - p) : (size_t)(end - p);
+        if (!memchr("UGCNSM", *p, 6)) {  /* no key starts otherwise: most lines end here */
+            p += len + 1;
+            continue;
+        }
         for (const char *const *k = STATUS_KEYS; *k; k++) {
             size_t klen = strlen(*k);
             if (len >= klen && memcmp(p, *k, klen) == 0) {
@@ -183,8 +192,9 @@ static void mix_limits(uint64_t *h)
 #endif
 }
 
-/* Mix the identity (device, inode) of path: the cwd and the root are inherited as
- * directories, not names (a directory removed and made again is another one). */
+/* Mix the identity (device, inode) of path: the root is inherited as a directory, not a name.
+ * (The cwd is sent with each request instead: a directory removed and made again may get the
+ * old inode number back.) */
 static int mix_dir(uint64_t *h, const char *path)
 {
     struct stat st;
@@ -210,11 +220,15 @@ int pg_fingerprint(uint64_t *fp)
     mix_long(&h, n);
     if (n > 0)
         mix(&h, buf, (size_t)n);
+    n = read_file(AT_FDCWD, "/proc/self/coredump_filter", buf, sizeof(buf));
+    mix_long(&h, n);
+    if (n > 0)
+        mix(&h, buf, (size_t)n);
     n = read_file(AT_FDCWD, "/proc/self/cgroup", buf, sizeof(buf));
     if (n <= 0 || (size_t)n == sizeof(buf))
         return -1;
     mix(&h, buf, (size_t)n);
-    if (mix_namespaces(&h) < 0 || mix_dir(&h, ".") < 0 || mix_dir(&h, "/") < 0)
+    if (mix_namespaces(&h) < 0 || mix_dir(&h, "/") < 0)
         return -1;
     mix_scheduling(&h);
     mix_limits(&h);
@@ -235,6 +249,15 @@ static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 static struct idle pool[PG_POOL_MAX];
 static size_t pool_len;
 static pid_t pool_owner;  /* the process whose children they are */
+static int pool_disabled; /* pthread_atfork failed (ENOMEM): keep none */
+
+/* Which shepherd serves the run of which thread: the pressure sampler walks the run's tree
+ * from it (a pooled shepherd is no new child of the calling thread). Under pool_lock. */
+#define PG_RUNNING_MAX 256
+
+static struct {
+    pid_t tid, shepherd;
+} running[PG_RUNNING_MAX];
 
 /* In a forked child: the idle shepherds are the parent's; close our copies of their sockets
  * (their parent still holds its own) and start empty. Another thread may have held the lock
@@ -244,12 +267,25 @@ static void forget_after_fork(void)
     for (size_t i = 0; i < pool_len; i++)
         close(pool[i].ctl);
     pool_len = 0;
+    memset(running, 0, sizeof(running));
     pthread_mutex_init(&pool_lock, NULL);
+}
+
+/* Around a fork: hold the lock, so that the child never sees the pool half-updated. */
+static void lock_for_fork(void)
+{
+    pthread_mutex_lock(&pool_lock);
+}
+
+static void unlock_after_fork(void)
+{
+    pthread_mutex_unlock(&pool_lock);
 }
 
 static void register_fork_handler(void)
 {
-    pthread_atfork(NULL, NULL, forget_after_fork);
+    /* Without it a forked child could use its parent's shepherds: then no pool at all. */
+    pool_disabled = pthread_atfork(lock_for_fork, unlock_after_fork, forget_after_fork) != 0;
 }
 
 /* Lock the pool; drop it if this process is not its owner (a fork the handler missed:
@@ -304,7 +340,7 @@ int pg_pool_put(uint64_t fp, pid_t pid, int ctl, int max_idle)
 {
     int kept = 0;
     lock_pool();
-    if (pool_len < (size_t)max_idle && pool_len < PG_POOL_MAX) {
+    if (!pool_disabled && pool_len < (size_t)max_idle && pool_len < PG_POOL_MAX) {
         pool[pool_len].pid = pid;
         pool[pool_len].ctl = ctl;
         pool[pool_len].fp = fp;
@@ -320,7 +356,10 @@ void pg_pool_retire(pid_t pid, int ctl)
 {
     struct timespec pause = {0, 50 * 1000};
     pid_t got = 0;
-    close(ctl);  /* an idle shepherd exits when its socket hangs up */
+    /* An idle shepherd exits when its socket hangs up; shutdown, not only close: a forked
+     * child of ours may hold a copy of it. */
+    shutdown(ctl, SHUT_RDWR);
+    close(ctl);
     for (int i = 0; i < 4000 && got == 0; i++) {  /* ~200 ms at most */
         got = waitpid(pid, NULL, WNOHANG);
         if (got < 0 && errno == EINTR)
@@ -351,23 +390,18 @@ void pg_pool_give(uint64_t fp, pid_t pid, int ctl, int max_idle)
 
 /* ---------------------------------------------------------------- runs in flight */
 
-/* Which shepherd serves the run of which thread: the pressure sampler walks the run's tree
- * from it (a pooled shepherd is no new child of the calling thread). Under pool_lock. */
-#define PG_RUNNING_MAX 256
-
-static struct {
-    pid_t tid, shepherd;
-} running[PG_RUNNING_MAX];
-
 void pg_running_set(pid_t tid, pid_t shepherd)
 {
+    size_t i, free_slot = PG_RUNNING_MAX;
     lock_pool();
-    for (size_t i = 0; i < PG_RUNNING_MAX; i++) {
-        if (running[i].tid == tid || running[i].tid == 0) {
-            running[i].tid = shepherd > 0 ? tid : 0;
-            running[i].shepherd = shepherd;
-            break;
-        }
+    for (i = 0; i < PG_RUNNING_MAX && running[i].tid != tid; i++)  /* its own entry first */
+        if (running[i].tid == 0 && free_slot == PG_RUNNING_MAX)
+            free_slot = i;
+    if (i == PG_RUNNING_MAX)
+        i = free_slot;
+    if (i < PG_RUNNING_MAX && (shepherd > 0 || running[i].tid == tid)) {
+        running[i].tid = shepherd > 0 ? tid : 0;
+        running[i].shepherd = shepherd;
     }
     pthread_mutex_unlock(&pool_lock);
 }

@@ -13,7 +13,7 @@
 
 /* Fingerprint everything a command inherits from the process that forks it, as seen from
  * the calling thread now (credentials, umask, rlimits, scheduling, affinity, oom_score_adj,
- * cgroups, namespaces, cwd, root...). Called without the GIL. Return 0, or -1 if it could
+ * cgroups, namespaces, root...; the cwd travels with each request). Called without the GIL. Return 0, or -1 if it could
  * not be read (then no idle shepherd may be used). */
 int pg_fingerprint(uint64_t *fp);
 

@@ -17,12 +17,14 @@
 #define PG_SERVE_ARG "retest-shepherd/3"
 
 /* A run request, caller -> shepherd (issue 15: one shepherd serves run after run). The
- * header comes in one sendmsg with SCM_RIGHTS carrying exactly three fds, the command's
- * stdin, stdout and stderr (in that order); then payload_len bytes of NUL-terminated strings:
+ * header comes in one sendmsg with SCM_RIGHTS carrying the command's stdin, stdout and stderr
+ * (in that order) and, with PG_REQ_CWD_FD, the caller's cwd (a directory is its inode, not its
+ * name: one removed and made again may even get the old inode number back); then payload_len bytes of NUL-terminated strings:
  * [cwd if has_cwd] [cgroup path if has_cgroup] argv[0..argc) envp[0..envc). */
 #define PG_REQ_MAGIC 0x52545152  /* "RQTR" */
 #define PG_REQ_LAST 1            /* serve no other run: exit after FINAL */
 #define PG_REQ_CG_REQUIRED 2     /* the command must run in the cgroup (else: fall back) */
+#define PG_REQ_CWD_FD 4          /* a fourth fd: the caller's cwd (O_PATH), for the command */
 #define PG_REQ_MAX_PAYLOAD (512u << 20)  /* sanity bound, far above any ARG_MAX */
 
 struct pg_request {

@@ -81,6 +81,15 @@ static void close_fd(int *fd)
     }
 }
 
+/* Hang up the shepherd's socket and close it: shutdown acts on the socket itself, so the
+ * shepherd sees EOF even while a forked child of ours holds a copy of the fd. */
+static void hang_up(int *fd)
+{
+    if (*fd >= 0)
+        shutdown(*fd, SHUT_RDWR);
+    close_fd(fd);
+}
+
 /* Move fd above the stdio and control numbers (0..3) so that the dup2 file actions of the
  * spawn cannot clobber one of our own ends (a caller that closed its stdin gets fd 0 from
  * pipe2). Return 0, or -1 with errno set. */
@@ -286,13 +295,14 @@ out:
 
 /* Send the run's request on ctl: the header with the command's stdin, stdout and stderr as
  * SCM_RIGHTS, then the payload. Return 0 or an errno (EPIPE: the shepherd is gone). */
-static int send_request(struct run *r, int ctl, int in_r, int out_w, int err_w)
+static int send_request(struct run *r, int ctl, int in_r, int out_w, int err_w, int cwd_fd)
 {
     union {
         struct cmsghdr h;
-        char buf[CMSG_SPACE(3 * sizeof(int))];
+        char buf[CMSG_SPACE(4 * sizeof(int))];
     } cm;
-    int fds[3] = {in_r, out_w, err_w};
+    int fds[4] = {in_r, out_w, err_w, cwd_fd};
+    size_t nfds = cwd_fd >= 0 ? 4 : 3;
     struct iovec iov = {r->req, sizeof(struct pg_request)};
     struct msghdr msg;
     struct cmsghdr *c;
@@ -304,12 +314,12 @@ static int send_request(struct run *r, int ctl, int in_r, int out_w, int err_w)
     msg.msg_iov = &iov;
     msg.msg_iovlen = 1;
     msg.msg_control = cm.buf;
-    msg.msg_controllen = sizeof(cm.buf);
+    msg.msg_controllen = CMSG_SPACE(nfds * sizeof(int));
     c = CMSG_FIRSTHDR(&msg);
     c->cmsg_level = SOL_SOCKET;
     c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(fds));
-    memcpy(CMSG_DATA(c), fds, sizeof(fds));
+    c->cmsg_len = CMSG_LEN(nfds * sizeof(int));
+    memcpy(CMSG_DATA(c), fds, nfds * sizeof(int));
     do {
         n = sendmsg(ctl, &msg, MSG_NOSIGNAL);
     } while (n < 0 && errno == EINTR);
@@ -371,13 +381,13 @@ static void read_reports(struct run *r)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return;
-            close_fd(&r->ctl);  /* ECONNRESET: treat as EOF */
+            hang_up(&r->ctl);  /* ECONNRESET: treat as EOF */
             if (!r->have_final)
                 kill_lost_tree(r);
             return;
         }
         if (n == 0) {
-            close_fd(&r->ctl);
+            hang_up(&r->ctl);
             if (!r->have_final) {
                 /* The shepherd died before the tree did (someone SIGKILLed it). PDEATHSIG took
                  * the leader; the rest of its group is ours to kill, and in cgroup mode the
@@ -411,7 +421,7 @@ static void read_reports(struct run *r)
                 r->keep_ctl = r->ctl;
                 r->ctl = -1;
             } else {
-                close_fd(&r->ctl);
+                hang_up(&r->ctl);
             }
             return;
         case PG_REC_LEAK:
@@ -668,7 +678,7 @@ static int pump(struct run *r, struct child_fds *cf, int *start_err)
         }
     }
     close_fd(&r->in_w);
-    close_fd(&r->ctl);
+    hang_up(&r->ctl);
     close_fd(&r->out_r);
     close_fd(&r->err_r);
     if (r->shepherd > 0)
@@ -1138,12 +1148,14 @@ static int copy_inputs(struct run *r, const struct run_args *a)
 /* The command's ends of its stdio, open in the caller until the shepherd has them. */
 struct child_fds {
     int in_r, out_w, err_w;
+    int cwd;               /* the caller's cwd (O_PATH), when the run has no cwd of its own */
 };
 
 /* Close the command's ends in the caller. */
 static void close_child_fds(struct child_fds *cf)
 {
     close_fd(&cf->in_r);
+    close_fd(&cf->cwd);
     close_fd(&cf->out_w);
     close_fd(&cf->err_w);
 }
@@ -1184,7 +1196,7 @@ static PyObject *spawn_failure_result(struct run *r, int err, int broken)
     close_fd(&r->out_r);
     close_fd(&r->err_r);
     close_fd(&r->in_w);
-    close_fd(&r->ctl);
+    hang_up(&r->ctl);
     r->shepherd = -1;
     r->have_spawn_failure = 1;
     r->spawn_failure.stage = broken ? PG_STAGE_SHEPHERD : PG_STAGE_SPAWN;
@@ -1229,17 +1241,24 @@ static int early_evidence_stands(const struct run *r)
  * now (pool.c), else a new one; the request carries the command's stdio fds. A shepherd that
  * dies before it takes the request (EPIPE) is let go and the next one tried; a new one that
  * does is reported by pump() as lost. Return 0, or an errno if no shepherd could be started. */
-static int hand_over(struct run *r, const struct child_fds *cf)
+static int hand_over(struct run *r, struct child_fds *cf)
 {
     struct pg_request *h = (struct pg_request *)r->req;
     pid_t pid;
     int ctl, err;
 
     r->have_fp = r->pool_max > 0 && pg_fingerprint(&r->fp) == 0;
+    if (r->have_fp && !r->cwd) {
+        /* the caller's cwd as it is now, not the one a shepherd was started in */
+        cf->cwd = open(".", O_PATH | O_DIRECTORY | O_CLOEXEC);
+        r->have_fp = cf->cwd >= 0;  /* else a fresh shepherd inherits it, as always */
+    }
+    if (cf->cwd >= 0)
+        h->flags |= PG_REQ_CWD_FD;
     if (!r->have_fp)
         h->flags |= PG_REQ_LAST;  /* nobody could use it afterwards: it exits after FINAL */
     while (r->have_fp && pg_pool_take(r->fp, &pid, &ctl)) {
-        if (send_request(r, ctl, cf->in_r, cf->out_w, cf->err_w) == 0) {
+        if (send_request(r, ctl, cf->in_r, cf->out_w, cf->err_w, cf->cwd) == 0) {
             r->shepherd = pid;
             r->ctl = ctl;
             return 0;
@@ -1249,7 +1268,8 @@ static int hand_over(struct run *r, const struct child_fds *cf)
     err = spawn_shepherd(r);
     if (err)
         return err;
-    send_request(r, r->ctl, cf->in_r, cf->out_w, cf->err_w);  /* failed: pump sees it lost */
+    if (send_request(r, r->ctl, cf->in_r, cf->out_w, cf->err_w, cf->cwd))
+        shutdown(r->ctl, SHUT_WR);  /* part of it went: EOF ends its read; pump sees it lost */
     return 0;
 }
 
@@ -1303,7 +1323,7 @@ static int start_run(struct run *r, struct child_fds *cf)
  * exception (from on_output, or KeyboardInterrupt: the tree is down by then). */
 static PyObject *start_and_wait(struct run *r)
 {
-    struct child_fds cf = {-1, -1, -1};
+    struct child_fds cf = {-1, -1, -1, -1};
     int err = open_run_fds(r, &cf), rc;
     if (err) {
         close_child_fds(&cf);

@@ -104,11 +104,13 @@ struct state {
     struct pg_record final;
     /* this run's request (protocol.h: struct pg_request) */
     int req_flags;              /* PG_REQ_* */
-    int stdio[3];               /* the command's stdin, stdout, stderr; -1 once closed */
+    int stdio[4];               /* the command's stdin, stdout, stderr and (PG_REQ_CWD_FD) the
+                                 * caller's cwd; -1 once closed, or not sent */
     char *payload;              /* the request's strings; what follows points into it */
     char **ptrs;                /* argv, NULL, envp, NULL */
-    const char *cwd;            /* NULL: ours, which is the caller's (run.c: fingerprint) */
+    const char *cwd;            /* NULL: the caller's, stdio[3] (else ours: run.c's fingerprint) */
     char **argv, **envp;
+    uint64_t own0;              /* own_state() when we started: kept across runs */
 };
 
 /* Return CLOCK_MONOTONIC in nanoseconds. */
@@ -851,6 +853,64 @@ static int reap(struct state *st)
     }
 }
 
+/* ---------------------------------------------------------------- our own state */
+
+/* FNV-1a 64, as run.c's fingerprint (pool.c). */
+static void own_mix(uint64_t *h, const void *p, size_t n)
+{
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) {
+        *h ^= b[i];
+        *h *= 1099511628211ULL;
+    }
+}
+
+/* Mix a small /proc file of ours (its length, or -1, too). */
+static void own_mix_file(uint64_t *h, const char *path)
+{
+    char buf[2048];
+    ssize_t n = read_small(path, buf, sizeof(buf));
+    own_mix(h, &n, sizeof(n));
+    if (n > 0)
+        own_mix(h, buf, (size_t)n);
+}
+
+/* Hash what another process of the same user may change in us and what our commands would
+ * inherit: nice and scheduling, affinity, I/O priority, rlimits, oom_score_adj, cgroups,
+ * core dump filter, timer slack. A command can renice, prlimit or move its parent: a
+ * shepherd changed so is not reused (the caller's fingerprint described it as started). */
+static uint64_t own_state(void)
+{
+    uint64_t h = 14695981039346656037ULL;
+    unsigned char attr[56];
+    unsigned long cpus[16];
+    long v;
+
+    memset(attr, 0, sizeof(attr));
+    v = syscall(SYS_sched_getattr, 0, attr, sizeof(attr), 0);
+    own_mix(&h, &v, sizeof(v));
+    own_mix(&h, attr, sizeof(attr));
+    v = syscall(SYS_getpriority, PRIO_PROCESS, 0);
+    own_mix(&h, &v, sizeof(v));
+    memset(cpus, 0, sizeof(cpus));
+    v = syscall(SYS_sched_getaffinity, 0, sizeof(cpus), cpus);
+    own_mix(&h, &v, sizeof(v));
+    own_mix(&h, cpus, sizeof(cpus));
+    v = syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, 0);
+    own_mix(&h, &v, sizeof(v));
+    for (int r = 0; r < RLIM_NLIMITS; r++) {
+        uint64_t lim[2] = {0, 0};
+        v = syscall(SYS_prlimit64, 0, r, NULL, lim);
+        own_mix(&h, &v, sizeof(v));
+        own_mix(&h, lim, sizeof(lim));
+    }
+    own_mix_file(&h, "/proc/self/oom_score_adj");
+    own_mix_file(&h, "/proc/self/cgroup");
+    own_mix_file(&h, "/proc/self/coredump_filter");
+    own_mix_file(&h, "/proc/self/timerslack_ns");
+    return h;
+}
+
 /* ---------------------------------------------------------------- starting the command */
 
 /* Close every fd above the control socket: the caller's inheritable fds (a lock file, a
@@ -937,7 +997,8 @@ struct child_args {
     pid_t self;             /* the shepherd: the child checks it is still its parent */
     int err_fd;             /* close-on-exec pipe for a struct child_failure */
     int procs_fd;           /* vfork fallback of cgroup mode: the cgroup's cgroup.procs, or -1 */
-    const int *stdio;       /* the command's stdin, stdout, stderr (all > 2: ours are /dev/null) */
+    const int *stdio;       /* the command's stdin, stdout, stderr (all > 2: ours are /dev/null),
+                             * and the caller's cwd or -1 */
     const char *cwd;
     char **candidates, **argv, **envp;
 };
@@ -984,7 +1045,7 @@ static void child_exec(const struct child_args *a)
         f.err = ESRCH;
         goto fail;
     }
-    if (a->cwd && chdir(a->cwd) < 0) {
+    if ((a->cwd && chdir(a->cwd) < 0) || (!a->cwd && a->stdio[3] >= 0 && fchdir(a->stdio[3]) < 0)) {
         f.stage = PG_STAGE_CHDIR;
         f.err = errno;
         goto fail;
@@ -1122,7 +1183,7 @@ static void drop_cgroup(struct state *st, int err)
  * gone, whatever we do afterwards. */
 static void close_stdio(struct state *st)
 {
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         if (st->stdio[i] >= 0) {
             close(st->stdio[i]);
             st->stdio[i] = -1;
@@ -1391,17 +1452,19 @@ static int recv_header(struct state *st, struct pg_request *req)
         for (size_t i = 0; i < nfds; i++) {
             int fd;
             memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-            if (i < 3)
+            if (i < 4)
                 st->stdio[i] = fd;
             else
                 close(fd);
         }
     }
-    if (nfds != 3 || (msg.msg_flags & MSG_CTRUNC))
-        return -1;
     if ((size_t)n < sizeof(*req) && read_full((char *)req + n, sizeof(*req) - (size_t)n) < 0)
         return 0;
-    return req->magic == PG_REQ_MAGIC;
+    if (req->magic != PG_REQ_MAGIC)
+        return 0;
+    if (nfds != (req->flags & PG_REQ_CWD_FD ? 4u : 3u) || (msg.msg_flags & MSG_CTRUNC))
+        return -1;
+    return 1;
 }
 
 /* Point st->ptrs into the payload: [cwd] [cgroup] argv envp, each NUL-terminated, filling
@@ -1643,7 +1706,7 @@ static int send_final(struct state *st)
     st->final.wait_status = st->leader_alive ? SIGKILL : st->leader_status;
     st->final.reusable = !(st->req_flags & PG_REQ_LAST) && !st->caller_gone &&
                          !st->leader_alive && st->final.unkillable == 0 && st->cg_dfd < 0 &&
-                         !reap(st);
+                         !reap(st) && own_state() == st->own0;
     send_record(st, &st->final);
     return st->final.reusable && !st->caller_gone;
 }
@@ -1653,11 +1716,13 @@ static void reset_run(struct state *st)
 {
     pid_t self = st->self;
     int no_pidfd = st->no_pidfd;
+    uint64_t own0 = st->own0;
     free(st->payload);
     free(st->ptrs);
     memset(st, 0, sizeof(*st));
     st->self = self;
     st->no_pidfd = no_pidfd;
+    st->own0 = own0;
     st->final.kind = PG_REC_FINAL;
     st->final.wait_status = -1;
     /* the cgroup's accounting is absent until finish_cgroup reads it: a run whose cgroup
@@ -1666,7 +1731,7 @@ static void reset_run(struct state *st)
     st->final.cg_memory_peak = st->final.cg_pids_peak = -1;
     st->final.cg_oom_kill = st->final.cg_oom_group_kill = -1;
     st->cg_dfd = st->cg_events = -1;
-    st->stdio[0] = st->stdio[1] = st->stdio[2] = -1;
+    st->stdio[0] = st->stdio[1] = st->stdio[2] = st->stdio[3] = -1;
 }
 
 /* Between runs: wait for the next request, or for the caller to hang up. A signal that would
@@ -1709,7 +1774,13 @@ int main(int argc, char **argv)
      * process group, which is still what subprocess.run offers at best. */
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     sfd = open_signalfd(&st);
+    st.own0 = own_state();
     while (wait_idle(sfd) && read_request(&st)) {
+        /* cgroup mode: an orphan of the last run may have been handed to us a moment after
+         * its cgroup emptied, a zombie; its rusage is not this run's. Alive: not clean. */
+        if (reap(&st))
+            fail_start(&st, PG_STAGE_SHEPHERD, EBUSY);
+        st.final.utime_us = st.final.stime_us = st.final.maxrss_kb = 0;
         start_command(&st);
         supervise(&st, sfd);
         if (!send_final(&st))

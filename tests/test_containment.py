@@ -34,6 +34,7 @@ from helpers_proc import (
     recorded_pids,
     wait_until,
 )
+from retest import proc_group
 from retest.proc_group import run
 
 
@@ -515,8 +516,10 @@ def test_caller_killed_with_sigkill_takes_the_tree_down(containment: str, pid_di
 
 
 def _shepherds() -> list[int]:
+    """The shepherds serving a run now (not the idle ones waiting for the next)."""
     found = []
-    for pid in children_of(os.getpid()):
+    idle = set(proc_group.idle_shepherds())
+    for pid in set(children_of(os.getpid())) - idle:
         try:
             if b"_retest_shepherd" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.append(pid)

@@ -153,6 +153,9 @@ def test_shepherd_killed_mid_run_is_reported_and_tree_killed(native: str, tmp_pa
 
 
 def _is_shepherd(pid: int) -> bool:
+    """A shepherd serving a run now (an idle one waits for the next and has no child)."""
+    if pid in proc_group.idle_shepherds():
+        return False
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"_retest_shepherd")
     except OSError:

@@ -10,9 +10,11 @@ per-run accounting, threads, fork, and that letting them go leaves nothing behin
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,61 @@ def test_a_changed_state_gets_a_fresh_shepherd(containment: str, tmp_path: Path)
         os.umask(old)
     assert _parent() == first
     assert set(proc_group.idle_shepherds()) == {first, second}
+
+
+def test_a_command_that_changes_its_shepherd_does_not_reach_the_next_run(containment: str) -> None:
+    """The command's parent is the shepherd, and a process of the same user may renice it,
+    lower its rlimits or raise its oom_score_adj: that shepherd is not reused, so the next
+    command starts from the caller's state, not the changed one."""
+    first = _parent()
+    changed = run(["sh", "-c", "renice -n 7 -p $PPID >/dev/null && prlimit --pid $PPID "
+                   "--nofile=77:77 && echo 500 > /proc/$PPID/oom_score_adj && echo $PPID"],
+                  timeout=30, backend="native")
+    assert changed.returncode == 0 and int(changed.stdout) == first, changed.stderr
+    seen = run(["sh", "-c", "echo $PPID $(cut -d' ' -f19 /proc/self/stat) $(ulimit -n) "
+                "$(cat /proc/self/oom_score_adj)"], timeout=30, backend="native")
+    ppid, nice, nofile, oom = seen.stdout.split()
+    assert int(ppid) != first and not pid_alive(first)
+    assert int(nice) == os.getpriority(os.PRIO_PROCESS, 0)
+    assert int(nofile) == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert oom.decode() == Path("/proc/self/oom_score_adj").read_text().strip()
+
+
+def test_the_core_dump_filter_is_the_callers(containment: str) -> None:
+    path = Path("/proc/self/coredump_filter")
+    old = hex(int(path.read_text(), 16))  # shown as bare hex; written back with its 0x
+    first = _parent()
+    path.write_text("0x7f")
+    try:
+        seen = run(["sh", "-c", "echo $PPID $(cat /proc/self/coredump_filter)"], timeout=30,
+                   backend="native")
+    finally:
+        path.write_text(old)
+    ppid, value = seen.stdout.split()
+    assert int(ppid) != first and int(value, 16) == 0x7f
+
+
+def test_a_forked_child_holding_the_socket_does_not_hang_a_stopped_run(containment: str) -> None:
+    """A child forked while the run goes on holds a copy of the shepherd's socket: letting that
+    shepherd go (the run was stopped, so it is not reused) must not wait for the child."""
+    forked: list[int] = []
+
+    def fork_then_raise(stream: str, chunk: bytes) -> None:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(20)
+            os._exit(0)
+        forked.append(pid)
+        raise RuntimeError("stop")
+
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError):
+            run(["sh", "-c", "echo go; sleep 30"], on_output=fork_then_raise, timeout=60,
+                grace=1, backend="native")
+        took = time.monotonic() - t0
+    finally:
+        for pid in forked:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert took < 10, f"run() took {took:.1f} s: it waited for the forked child"
