@@ -1224,6 +1224,15 @@ static pid_t start_child(struct state *st, struct child_args *a, struct child_fa
     return pid;
 }
 
+/* A shepherd that may serve again must not pin the directory it was started in (an unmount
+ * would fail EBUSY): later runs bring their cwd (PG_REQ_CWD_FD or a path). Best effort: if
+ * "/" cannot be entered, staying where it is harms nothing but that unmount. */
+static void leave_cwd(const struct state *st)
+{
+    if (!(st->req_flags & PG_REQ_LAST) && chdir("/") == 0)
+        return;
+}
+
 /* Start the command (in the run's cgroup if there is one); on failure report it and exit. */
 static void start_command(struct state *st)
 {
@@ -1264,6 +1273,7 @@ static void start_command(struct state *st)
     st->in_cgroup = placed;
     st->final.in_cgroup = placed;
     close_stdio(st);
+    leave_cwd(st);
     {
         struct pg_record rec;
         memset(&rec, 0, sizeof(rec));

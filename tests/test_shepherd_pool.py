@@ -250,3 +250,18 @@ def test_a_forked_child_holding_the_socket_does_not_hang_a_stopped_run(containme
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
     assert took < 10, f"run() took {took:.1f} s: it waited for the forked child"
+
+
+def test_an_idle_shepherd_does_not_pin_the_directory_it_started_in(containment: str,
+                                                                   tmp_path: Path) -> None:
+    """Its commands get the caller's cwd with each request; its own is / (an unmount of the
+    directory it was started in must not fail EBUSY because of it)."""
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        first = _parent()
+        assert os.readlink(f"/proc/{first}/cwd") == "/"
+        seen = run(["pwd"], timeout=30, backend="native")
+        assert seen.stdout.decode().strip() == str(tmp_path)
+    finally:
+        os.chdir(old)
