@@ -1268,6 +1268,16 @@ static int hand_over(struct run *r, struct child_fds *cf)
     err = spawn_shepherd(r);
     if (err)
         return err;
+    if (r->have_fp) {
+        /* Another thread may have changed the process's state (chdir, umask, setrlimit)
+         * between the fingerprint and the spawn: then the new shepherd is not the one the
+         * fingerprint describes, and must not be kept under it. */
+        uint64_t again;
+        if (pg_fingerprint(&again) < 0 || again != r->fp) {
+            r->have_fp = 0;
+            h->flags |= PG_REQ_LAST;
+        }
+    }
     if (send_request(r, r->ctl, cf->in_r, cf->out_w, cf->err_w, cf->cwd))
         shutdown(r->ctl, SHUT_WR);  /* part of it went: EOF ends its read; pump sees it lost */
     return 0;
