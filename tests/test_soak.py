@@ -89,4 +89,7 @@ def test_soak_mixed_runs(native: str) -> None:
     assert zombies1 == zombies0 == 0
     assert traced1 - traced0 < 8 * 1024, f"traced memory grew by {traced1 - traced0} bytes"
     # A real leak of even 100 bytes a run shows at 10,000 runs; allocator noise stays small.
-    assert rss1 - rss0 < 8 * 1024 + RUNS // 10, f"RSS grew by {rss1 - rss0} kB over {RUNS} runs"
+    # Not under ASan (.ci/sanitize): its quarantine keeps freed blocks (256 MB by default), so
+    # RSS there follows the bytes freed, not leaked; LeakSanitizer and tracemalloc judge leaks.
+    if os.environ.get("RETEST_SANITIZED") != "1":
+        assert rss1 - rss0 < 8 * 1024 + RUNS // 10, f"RSS grew by {rss1 - rss0} kB over {RUNS} runs"
