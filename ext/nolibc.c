@@ -2,12 +2,13 @@
  * calls, so that the shepherd links with -nostdlib -static and starts without any libc
  * start-up at all (issue 15).
  *
- * Why: the shepherd is exec'd once per run. A static glibc start-up spends ~0.6 ms of every
- * run in CPU-feature detection (dozens of CPUID instructions, each a trap to the hypervisor
- * on a VM); musl's start-up is cheap but musl-tools is an optional package. This file is
- * the whole runtime: _start, errno, syscall wrappers, an mmap allocator, directory reading
- * and the string functions. It is compiled only into the default shepherd build; the
- * shepherd's own code is the same in every build (libc builds: sanitizers, musl, glibc).
+ * Why: the shepherd is exec'd for every run that finds no idle one (run.c, pool.c). A static
+ * glibc start-up spends ~0.6 ms of every such run in CPU-feature detection (dozens of CPUID
+ * instructions, each a trap to the hypervisor on a VM); musl's start-up is cheap but
+ * musl-tools is an optional package. This file is the whole runtime: _start, errno, syscall
+ * wrappers, an mmap allocator, directory reading and the string functions. It is compiled only
+ * into the default shepherd build; the shepherd's own code is the same in every build (libc
+ * builds: sanitizers, musl, glibc).
  *
  * The prototypes come from the system's libc headers, so every definition here is checked
  * against the declaration shepherd.c and cgroup.c compile against. Rules of this file: no
