@@ -558,8 +558,33 @@ static void final_drain(struct run *r, struct pump_state *ps)
 
 struct child_fds;
 static void read_evidence_after(struct run *r);
+static void check_signals(struct run *r, struct pump_state *ps);
 static int start_run(struct run *r, struct child_fds *cf);
 static void finish_run(struct run *r, int completed);
+
+/* The poll loop's periodic look (no GIL held on entry or exit): records the socket may hold,
+ * then Python's signal handlers. A pipe held open outside the tree (handed over by
+ * SCM_RIGHTS) must not hide FINAL: an idle shepherd does not hang up after it, so the socket
+ * is read every 200 ms. Also on a busy stream: output that never lets poll time out must not
+ * hide Ctrl-C. */
+static void check_signals(struct run *r, struct pump_state *ps)
+{
+    if (r->ctl >= 0)
+        read_reports(r);
+    PyEval_RestoreThread(ps->ts);
+    if (PyErr_CheckSignals() < 0) {
+        if (!ps->exc_type) {
+            /* first Ctrl-C: the shepherd takes the tree down with SIGTERM, grace, SIGKILL */
+            PyErr_Fetch(&ps->exc_type, &ps->exc_value, &ps->exc_tb);
+            send_terminate(r);
+        } else {
+            /* a second one while waiting for that: do not wait out the grace period */
+            PyErr_Clear();
+            r->backstop_ns = now_ns();
+        }
+    }
+    ps->ts = PyEval_SaveThread();
+}
 
 /* Start the run, then the poll loop. Entered and left with the GIL held; releases it for the
  * whole run (taken back only for the output callback and a growing capture). Return 0 (with
@@ -638,24 +663,7 @@ static int pump(struct run *r, struct child_fds *cf, int *start_err)
         }
         if ((ready <= 0 || now_ns() - last_signal_check_ns >= SIGNAL_CHECK_MS * 1000000LL) &&
             !r->shepherd_lost && !r->have_final) {
-            /* A pipe held open outside the tree (handed over by SCM_RIGHTS) must not hide
-             * FINAL: an idle shepherd does not hang up after it, so look every 200 ms. */
-            if (r->ctl >= 0)
-                read_reports(r);
-            /* Also on a busy stream: output that never lets poll time out must not hide Ctrl-C. */
-            PyEval_RestoreThread(ps.ts);
-            if (PyErr_CheckSignals() < 0) {
-                if (!ps.exc_type) {
-                    /* first Ctrl-C: the shepherd takes the tree down with SIGTERM, grace, SIGKILL */
-                    PyErr_Fetch(&ps.exc_type, &ps.exc_value, &ps.exc_tb);
-                    send_terminate(r);
-                } else {
-                    /* a second one while waiting for that: do not wait out the grace period */
-                    PyErr_Clear();
-                    r->backstop_ns = now_ns();
-                }
-            }
-            ps.ts = PyEval_SaveThread();
+            check_signals(r, &ps);
             last_signal_check_ns = now_ns();
             continue;  /* re-evaluate the backstop before polling again */
         }
