@@ -481,8 +481,9 @@ static void write_input(struct run *r)
     close_fd(&r->in_w);
 }
 
-/* Wait for the shepherd to exit and record how. The caller has closed its socket end. */
-static void reap_shepherd(struct run *r)
+/* Done with the shepherd: keep it for a later run if FINAL said it is clean (pool.c), else
+ * wait for it to exit and record how (the caller has hung up its socket end). */
+static void release_shepherd(struct run *r)
 {
     if (r->keep_ctl >= 0) {  /* idle and clean: kept for a later run (or let go if not) */
         pg_pool_give(r->fp, r->shepherd, r->keep_ctl, r->pool_max);
@@ -690,7 +691,7 @@ static int pump(struct run *r, struct child_fds *cf, int *start_err)
     close_fd(&r->out_r);
     close_fd(&r->err_r);
     if (r->shepherd > 0)
-        reap_shepherd(r);
+        release_shepherd(r);
     r->end_ns = now_ns();
     finish_run(r, ps.exc_type == NULL);
     PyEval_RestoreThread(ps.ts);
