@@ -27,6 +27,10 @@ static int pg_exec(PyObject *module)
     st->stream_names[1] = PyUnicode_InternFromString("stderr");
     if (!st->stream_names[0] || !st->stream_names[1])
         return -1;
+    if (PyModule_AddIntConstant(module, "CGROUP_REQUIRED", CGROUP_REQUIRED) < 0 ||
+        PyModule_AddIntConstant(module, "CGROUP_KEEP", CGROUP_KEEP) < 0 ||
+        PyModule_AddIntConstant(module, "CGROUP_REUSED", CGROUP_REUSED) < 0)
+        return -1;
     return PyModule_AddStringConstant(module, "PROTOCOL", PG_SERVE_ARG);
 }
 

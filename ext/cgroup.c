@@ -198,19 +198,62 @@ int cg_wait_empty(int dfd, int64_t timeout_ns)
     return rc;
 }
 
-void cg_read_usage(int dfd, struct cg_usage *u)
+void cg_files_init(struct cg_files *f)
+{
+    f->cpu_stat = -1;
+    for (int i = 0; i < CG_MADE_FILES; i++)
+        f->made[i] = -1;
+}
+
+void cg_files_close(struct cg_files *f)
+{
+    if (f->cpu_stat >= 0)
+        close(f->cpu_stat);
+    for (int i = 0; i < CG_MADE_FILES; i++)
+        if (f->made[i] >= 0)
+            close(f->made[i]);
+    cg_files_init(f);
+}
+
+/* The open fd of file in *slot (opened now if it is not: -1), or -1 with errno (-2: absent,
+ * known from an earlier try: ENOENT). */
+static int cg_kept_fd(int dfd, int *slot, const char *file)
+{
+    if (*slot == -1) {
+        *slot = cg_open_file(dfd, file, O_RDONLY);
+        if (*slot < 0 && errno == ENOENT)
+            *slot = -2;
+    }
+    if (*slot == -2)
+        errno = ENOENT;
+    return *slot < 0 ? -1 : *slot;
+}
+
+/* Read file of dfd through *slot (kept open), as cg_read. Return its length or -1. */
+static ssize_t cg_read_kept(int dfd, int *slot, const char *file, char *buf, size_t size)
+{
+    int fd = cg_kept_fd(dfd, slot, file);
+    return fd < 0 ? -1 : cg_read(dfd, fd, file, buf, size);
+}
+
+void cg_read_cpu(int dfd, struct cg_files *f, struct cg_usage *u)
 {
     char buf[1024];
-    u->usage_us = u->user_us = u->system_us = u->memory_peak = u->pids_peak = -1;
-    u->oom_kill = u->oom_group_kill = -1;
-    if (cg_read(dfd, -1, "cpu.stat", buf, sizeof(buf)) >= 0) {
+    u->usage_us = u->user_us = u->system_us = -1;
+    if (cg_read_kept(dfd, &f->cpu_stat, "cpu.stat", buf, sizeof(buf)) >= 0) {
         u->usage_us = cg_field(buf, "usage_usec");
         u->user_us = cg_field(buf, "user_usec");
         u->system_us = cg_field(buf, "system_usec");
     }
-    /* memory.events is there whenever the memory controller is (every cgroup v2 kernel);
-     * memory.peak only with it, and only since 5.19: without the first, the second is not
-     * looked for, so a cgroup without the controller costs one failed open, not two. */
+}
+
+void cg_read_usage(int dfd, struct cg_files *f, int cpu_only, struct cg_usage *u)
+{
+    char buf[1024];
+    u->memory_peak = u->pids_peak = u->oom_kill = u->oom_group_kill = -1;
+    cg_read_cpu(dfd, f, u);
+    if (cpu_only)
+        return;
     if (cg_read(dfd, -1, "memory.events", buf, sizeof(buf)) > 0) {
         u->oom_kill = cg_field(buf, "oom_kill");
         u->oom_group_kill = cg_field(buf, "oom_group_kill");
@@ -219,6 +262,51 @@ void cg_read_usage(int dfd, struct cg_usage *u)
     }
     if (cg_read(dfd, -1, "pids.peak", buf, sizeof(buf)) > 0)
         u->pids_peak = strtoll(buf, NULL, 10);
+}
+
+/* What a run's cgroup holds when it is made, in the core files a member may write (a test
+ * of cgroup code, or anything running as the cgroup's owner): cg_reusable compares them. */
+static const struct {
+    const char *file;
+    const char *text;
+    int optional;  /* absent on older kernels: then nothing to compare */
+} made_state[CG_MADE_FILES] = {
+    {"cgroup.controllers", "", 0},  /* also rules out memory.peak and pids.peak, not resettable */
+    {"cgroup.freeze", "0\n", 0},     /* a frozen cgroup would freeze the next command */
+    {"cgroup.type", "domain\n", 0},  /* threaded: the next clone into it would fail */
+    {"cgroup.max.descendants", "max\n", 0},
+    {"cgroup.max.depth", "max\n", 0},
+    {"cgroup.pressure", "1\n", 1},   /* Linux 6.5: PSI can be switched off per cgroup */
+    {"cgroup.stat", NULL, 0},       /* nr_descendants 0: an empty child cgroup left behind
+                                     * would be this cgroup's forever */
+};
+
+/* Return 1 if the directory dfd still has the mode and owner it had when made (a chmod by the
+ * command would make the next run's cgroup unusable to an unprivileged caller). kernfs does
+ * not move a cgroup directory's times when children come and go: they are not compared. */
+static int cg_same_inode(int dfd, const struct stat *made)
+{
+    struct stat now;
+    return fstat(dfd, &now) == 0 && now.st_mode == made->st_mode &&
+           now.st_uid == made->st_uid && now.st_gid == made->st_gid;
+}
+
+int cg_reusable(int dfd, struct cg_files *f, const struct stat *made)
+{
+    char buf[512];
+    if (!cg_same_inode(dfd, made))
+        return 0;
+    for (int i = 0; i < CG_MADE_FILES; i++) {
+        if (cg_read_kept(dfd, &f->made[i], made_state[i].file, buf, sizeof(buf)) < 0) {
+            if (made_state[i].optional && errno == ENOENT)
+                continue;
+            return 0;
+        }
+        if (made_state[i].text ? strcmp(buf, made_state[i].text) != 0
+                               : cg_field(buf, "nr_descendants") != 0)
+            return 0;
+    }
+    return 1;
 }
 
 int cg_remove(const char *path)

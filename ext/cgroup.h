@@ -6,6 +6,7 @@
 #define RETEST_CGROUP_H
 
 #include <stdint.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 
 /* What the cgroup's own files say about the whole run (-1: the file or controller is absent). */
@@ -38,16 +39,45 @@ long cg_read_procs(int dfd, pid_t *pids, long cap);
 
 /* Kill everything in the cgroup at once: cgroup.kill (Linux 5.14), or, without it, freeze,
  * SIGKILL every pid in cgroup.procs, thaw (one pass: call again while populated). Return 0,
- * or -1 with errno. Never reuse a cgroup after this: cgroup.kill also kills processes placed
- * in it later (a kernel quirk). */
+ * or -1 with errno. A cgroup killed this way is removed, never kept for another run: what
+ * the kill leaves behind (a freeze half undone, a kill that raced a fork) is not looked for. */
 int cg_kill(int dfd);
 
 /* Wait up to timeout_ns (< 0: no bound) for the cgroup to be empty, by poll() on
  * cgroup.events (POLLPRI on each change). Return 1 if empty, 0 on timeout, -1 on error. */
 int cg_wait_empty(int dfd, int64_t timeout_ns);
 
-/* Read the accounting files into u (absent ones stay -1). */
-void cg_read_usage(int dfd, struct cg_usage *u);
+/* The core files cg_reusable compares with a new cgroup's (cgroup.c: made_state). */
+#define CG_MADE_FILES 7
+
+/* Files of a run's cgroup that the shepherd keeps open while it uses that cgroup, run after
+ * run (issue 15): a pread at offset 0 reads a cgroup file again for ~1.5 us, where open, read
+ * and close cost ~12 us (kernfs makes a seq_file per open). -1: not open yet; -2: absent. */
+struct cg_files {
+    int cpu_stat;
+    int made[CG_MADE_FILES];
+};
+
+/* Mark every file of f not open. */
+void cg_files_init(struct cg_files *f);
+
+/* Close the open files of f and mark them not open. */
+void cg_files_close(struct cg_files *f);
+
+/* Read cpu.stat (through f, opening it there if needed) into u's usage_us, user_us and
+ * system_us (-1 each if absent). */
+void cg_read_cpu(int dfd, struct cg_files *f, struct cg_usage *u);
+
+/* Read the accounting files into u (absent ones stay -1). cpu_only: the cgroup is known to
+ * have no controller (cg_reusable said so), so memory.* and pids.* are not looked for. */
+void cg_read_usage(int dfd, struct cg_files *f, int cpu_only, struct cg_usage *u);
+
+/* Return 1 if the emptied cgroup dfd is as a run's cgroup is made, so that another run may
+ * use it: no controller (cpu.stat is then all its accounting, and deltas of it are exact),
+ * not frozen, a domain, no descendant and no limit on them, PSI on, and its directory's mode
+ * and owner those of made (fstat when it was first opened). Else 0 (also when a read fails).
+ * The files stay open in f. */
+int cg_reusable(int dfd, struct cg_files *f, const struct stat *made);
 
 /* Remove the (empty) cgroup at path; retry a moment on EBUSY (the kernel releases a
  * cgroup's last task asynchronously). Return 0 (ENOENT too), or -1 with errno. */

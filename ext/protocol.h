@@ -14,7 +14,7 @@
 
 /* The shepherd's argv: [0] its path, [1] PG_SERVE_ARG. Anything else is refused (EINVAL):
  * it was started by something other than run.c. */
-#define PG_SERVE_ARG "retest-shepherd/3"
+#define PG_SERVE_ARG "retest-shepherd/4"
 
 /* A run request, caller -> shepherd (issue 15: one shepherd serves run after run). The
  * header comes in one sendmsg with SCM_RIGHTS carrying the command's stdin, stdout and stderr
@@ -25,6 +25,8 @@
 #define PG_REQ_LAST 1            /* serve no other run: exit after FINAL */
 #define PG_REQ_CG_REQUIRED 2     /* the command must run in the cgroup (else: fall back) */
 #define PG_REQ_CWD_FD 4          /* a fourth fd: the caller's cwd (O_PATH), for the command */
+#define PG_REQ_CG_KEEP 8         /* keep the cgroup for a later run if it ends as it was made */
+#define PG_REQ_CG_REUSED 16      /* the cgroup served an earlier run: report cpu.stat deltas */
 #define PG_REQ_MAX_PAYLOAD (512u << 20)  /* sanity bound, far above any ARG_MAX */
 
 struct pg_request {
@@ -96,7 +98,8 @@ struct pg_record {
     int64_t cg_oom_group_kill;/* read just before the cgroup is removed; -1: absent */
     int32_t reusable;         /* FINAL: the shepherd is idle, with no child, and waits for the
                                * next request; else it exits right after this record */
-    int32_t pad;
+    int32_t cgroup_kept;      /* FINAL: PG_REQ_CG_KEEP and the cgroup is empty, unkilled and as
+                               * it was made: left for the caller's next run, not removed */
     int64_t age_us;           /* LEAK: how long the process had been running */
     int32_t text_len;         /* LEAK: bytes of text used */
     char text[PG_LEAK_TEXT];  /* LEAK: head of its command line */

@@ -169,6 +169,9 @@ struct run {
     const char *cg_path;   /* the run's cgroup (cgroup mode), or NULL */
     int cg_killed;         /* we wrote its cgroup.kill (the shepherd was lost) */
     int cg_removed;        /* it is gone after the run (by the shepherd or by us) */
+    int cg_kept;           /* the shepherd left it for a later run (FINAL.cgroup_kept) */
+    int cg_reused;         /* CGROUP_REUSED: it served an earlier run */
+    int64_t cg_some0;      /* reused, with evidence: its cpu.pressure some total at the start */
     int cg_path_released;  /* release_cgroup (or the spawn failure path) has run */
     struct pg_record leaks[PG_MAX_LEAKS];
     int n_leaks;
@@ -709,6 +712,10 @@ static int release_cgroup(struct run *r)
 {
     if (r->have_final && r->final.cgroup_removed)
         return 1;
+    if (r->have_final && r->final.cgroup_kept && !r->shepherd_lost) {
+        r->cg_kept = 1;
+        return 0;
+    }
     if (r->shepherd_lost) {
         int dfd = cg_open(r->cg_path);
         if (dfd >= 0) {
@@ -924,6 +931,8 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
                                         : (Py_INCREF(Py_None), Py_None)) < 0 ||
         set_item(d, "cgroup_errno", int_or_none(r->cg_path && !in_cgroup && cg_err > 0 ? cg_err : -1)) < 0 ||
         set_item(d, "cgroup_removed", PyBool_FromLong(r->cg_removed)) < 0 ||
+        set_item(d, "cgroup_kept", PyBool_FromLong(r->cg_kept)) < 0 ||
+        set_item(d, "cgroup_cpu_some0", int_or_none(r->cg_some0)) < 0 ||
         set_item(d, "leaks", leaks_tuple(r)) < 0 ||
         set_item(d, "leak_count", PyLong_FromLong(r->final.leak_count)) < 0 ||
         set_item(d, "memory_peak_bytes", int_or_none(in_cgroup ? r->final.cg_memory_peak : -1)) < 0 ||
@@ -955,7 +964,7 @@ static int64_t seconds_to_ns(double s)
 struct run_args {
     PyObject *shepherd, *argv, *envp, *cwd, *input, *cgroup, *prepare;
     long stop_signal;
-    int cgroup_required;
+    long cgroup_flags;  /* CGROUP_REQUIRED | CGROUP_KEEP | CGROUP_REUSED (proc_group.py) */
 };
 
 /* Check pg_run's arguments and fill the scalar settings of r. Return 0, or -1 with an
@@ -995,7 +1004,7 @@ static int parse_run_args(struct run *r, struct run_args *a, PyObject *const *ar
     /* Saturating: a limit beyond any buffer means "keep everything" (2**63 is not an error) */
     capture_limit = PyNumber_AsSsize_t(args[7], NULL);
     tee_fd = PyLong_AsLong(args[9]);
-    a->cgroup_required = PyObject_IsTrue(args[11]);
+    a->cgroup_flags = PyLong_AsLong(args[11]);  /* a bool is 0 or CGROUP_REQUIRED */
     a->stop_signal = PyLong_AsLong(args[12]);
     r->evidence = PyObject_IsTrue(args[13]);
     pool = PyLong_AsLong(args[15]);
@@ -1101,7 +1110,9 @@ static int build_request(struct run *r, const struct run_args *a)
     h = (struct pg_request *)r->req;
     memset(h, 0, sizeof(*h));
     h->magic = PG_REQ_MAGIC;
-    h->flags = a->cgroup_required ? PG_REQ_CG_REQUIRED : 0;
+    h->flags = (a->cgroup_flags & CGROUP_REQUIRED ? PG_REQ_CG_REQUIRED : 0) |
+               (a->cgroup_flags & CGROUP_KEEP ? PG_REQ_CG_KEEP : 0) |
+               (a->cgroup_flags & CGROUP_REUSED ? PG_REQ_CG_REUSED : 0);
     /* The deadline travels as an absolute CLOCK_MONOTONIC time: starting the shepherd and
      * the command is part of the run, and must not push the deadline back. */
     h->deadline_ns = r->timeout_ns < 0 ? -1 : r->start_ns + r->timeout_ns;
@@ -1120,6 +1131,7 @@ static int build_request(struct run *r, const struct run_args *a)
     if (h->has_cgroup) {
         r->cg_path = p;
         p = put_bytes(p, a->cgroup);
+        r->cg_reused = (a->cgroup_flags & CGROUP_REUSED) != 0;
     }
     r->exec_name = p;
     for (Py_ssize_t i = 0; i < argc; i++)
@@ -1303,6 +1315,8 @@ static void while_it_starts(struct run *r)
         ev_kmsg_open(&r->kmsg);
         ev_machine_read(&r->ev0, 1);
         r->have_evidence = 1;
+        if (r->cg_reused)  /* a fresh cgroup's starts at 0: nothing to read */
+            r->cg_some0 = ev_cgroup_cpu_some(r->cg_path);
     }
     if (r->prepare_path) {  /* mkdir costs ~45 us under cgroup_mutex: not the next run's */
         r->prepare_errno = mkdir(r->prepare_path, 0777) == 0 ? 0 : errno;
@@ -1374,7 +1388,7 @@ static void free_run(struct run *r)
 
 const char pg_run_doc[] =
     "run(shepherd, argv, envp, cwd, input, timeout_s, grace_s, capture_limit, on_output, tee_fd,"
-    " cgroup, cgroup_required, stop_signal, evidence, prepare, pool)"
+    " cgroup, cgroup_flags, stop_signal, evidence, prepare, pool)"
     " -> dict\n\nPrivate: use retest.proc_group.run().";
 
 /* run(...) -> dict of RunResult fields. Raises only for programming errors (TypeError,
@@ -1389,6 +1403,7 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     memset(&r, 0, sizeof(r));
     r.out_r = r.err_r = r.in_w = r.ctl = r.keep_ctl = r.tee_fd = r.kmsg.fd = -1;
     r.shepherd = -1;
+    r.cg_some0 = -1;
     r.names[0] = names[0];
     r.names[1] = names[1];
     if (parse_run_args(&r, &a, args, nargs) < 0)

@@ -79,6 +79,16 @@
 
 enum phase { RUNNING, TERMINATING, KILLING, DONE };
 
+/* A run's cgroup as the shepherd holds it: open files (cg_files) and its directory as first
+ * opened (cg_reusable compares). Kept across runs with the cgroup (PG_REQ_CG_KEEP), so a run
+ * in a cgroup this shepherd used last reads it through open fds (issue 15). */
+struct cg_cache {
+    char *path;                 /* malloc'd: the cgroup these are of; NULL: none kept */
+    int dfd, events;
+    struct cg_files files;
+    struct stat made;
+};
+
 struct state {
     pid_t self;
     pid_t leader;
@@ -99,6 +109,9 @@ struct state {
     int cg_events;              /* its cgroup.events, polled for POLLPRI, -1 if none */
     int in_cgroup;              /* the command runs in it: the tree is its members */
     int cg_empty;               /* the last read of cgroup.events said "populated 0" */
+    int cg_killed;              /* cgroup.kill (or the freezer) was used on it: never reused */
+    struct cg_usage cg_base;    /* PG_REQ_CG_REUSED: cpu.stat before this run's command */
+    struct cg_cache cg;         /* its open files and first stat; kept across runs */
     int children_left;          /* the last reap() left children of ours unreaped */
     int leaks_sent;
     struct pg_record final;
@@ -1166,6 +1179,19 @@ static pid_t spawn_child(struct state *st, struct child_args *a, int *placed)
     return pid;
 }
 
+/* Close what c holds of a cgroup (between runs, or once it is no longer ours). */
+static void forget_cgroup(struct cg_cache *c)
+{
+    if (c->dfd >= 0)
+        close(c->dfd);
+    if (c->events >= 0)
+        close(c->events);
+    cg_files_close(&c->files);
+    free(c->path);
+    c->path = NULL;
+    c->dfd = c->events = -1;
+}
+
 /* Give up cgroup mode for this run after the command could not be placed in the cgroup
  * (err): fail the start if it was required, else go on as a plain subreaper run. */
 static void drop_cgroup(struct state *st, int err)
@@ -1177,6 +1203,7 @@ static void drop_cgroup(struct state *st, int err)
         close(st->cg_events);
     close(st->cg_dfd);
     st->cg_events = st->cg_dfd = -1;
+    forget_cgroup(&st->cg);
 }
 
 /* Close the command's stdio fds: it has them, and its pipes must reach EOF when the tree is
@@ -1306,6 +1333,7 @@ static int kill_tree(struct state *st)
     if (!st->in_cgroup)
         return signal_tree(st, SIGKILL, 0);
     hit = signal_tree(st, 0, 0);
+    st->cg_killed = 1;
     if (cg_kill(st->cg_dfd) < 0)
         signal_tree(st, SIGKILL, 0);  /* neither cgroup.kill nor the freezer: pid by pid */
     return hit;
@@ -1345,6 +1373,12 @@ static int tree_left(struct state *st, int children_left)
     return children_left;
 }
 
+/* This run's share of a cpu.stat counter that began at base (-1: a fresh cgroup, from 0). */
+static int64_t cpu_delta(int64_t now, int64_t base)
+{
+    return now < 0 || base < 0 ? now : now - base;
+}
+
 /* cgroup mode, once the tree is gone: reap the last members (they leave the cgroup a moment
  * before they are zombies; bounded, in case one moved itself to another cgroup), take the
  * cgroup's accounting, remove it. supervise has just seen the cgroup empty, and whether
@@ -1352,6 +1386,7 @@ static int tree_left(struct state *st, int children_left)
 static void finish_cgroup(struct state *st)
 {
     struct cg_usage u;
+    int keep;
     if (!st->in_cgroup || !(st->cg_empty || cg_populated(st->cg_dfd, st->cg_events) == 0))
         return;  /* a member survived SIGKILL (unkillable): the caller tries rmdir later */
     for (int i = 0; i < 200 && st->children_left; i++) {
@@ -1360,25 +1395,36 @@ static void finish_cgroup(struct state *st)
         if (st->children_left)
             nanosleep(&pause, NULL);
     }
-    cg_read_usage(st->cg_dfd, &u);
-    st->final.cg_usage_us = u.usage_us;
-    st->final.cg_user_us = u.user_us;
-    st->final.cg_system_us = u.system_us;
+    /* Issue 15: a fresh cgroup per run costs ~200 us of kernel work (mkdir, the first task,
+     * rmdir); one that ends as it was made serves the caller's next run instead. */
+    keep = (st->req_flags & PG_REQ_CG_KEEP) && !st->cg_killed &&
+           cg_reusable(st->cg_dfd, &st->cg.files, &st->cg.made);
+    cg_read_usage(st->cg_dfd, &st->cg.files, keep, &u);
+    st->final.cg_usage_us = cpu_delta(u.usage_us, st->cg_base.usage_us);
+    st->final.cg_user_us = cpu_delta(u.user_us, st->cg_base.user_us);
+    st->final.cg_system_us = cpu_delta(u.system_us, st->cg_base.system_us);
     st->final.cg_memory_peak = u.memory_peak;
     st->final.cg_pids_peak = u.pids_peak;
     st->final.cg_oom_kill = u.oom_kill;
     st->final.cg_oom_group_kill = u.oom_group_kill;
-    close(st->cg_events);
-    close(st->cg_dfd);
+    if (keep && (st->cg.path || (st->cg.path = strdup(st->cg_path)))) {
+        st->cg.dfd = st->cg_dfd;  /* held while idle: the next run in it reads, not opens */
+        st->cg.events = st->cg_events;
+        st->final.cgroup_kept = 1;
+    } else {
+        close(st->cg_events);
+        close(st->cg_dfd);
+        forget_cgroup(&st->cg);
+        st->final.cgroup_removed = cg_remove(st->cg_path) == 0;
+    }
     st->cg_events = st->cg_dfd = -1;
-    st->final.cgroup_removed = cg_remove(st->cg_path) == 0;
 }
 
-/* Open the run's cgroup at path (made by the caller), for this run. Return 0; a cgroup that
- * cannot be opened fails the start if it is required, else the run goes on without it. */
-static void open_cgroup(struct state *st, const char *path)
+/* open_cgroup for a cgroup this shepherd does not hold: open it and its cgroup.events, note
+ * its directory as it is now. Return 0, or -1 if the run goes on without it. */
+static int open_cgroup_fresh(struct state *st, const char *path)
 {
-    st->cg_path = path;
+    forget_cgroup(&st->cg);
     st->cg_dfd = cg_open(path);
     if (st->cg_dfd < 0) {
         int err = errno;
@@ -1386,11 +1432,33 @@ static void open_cgroup(struct state *st, const char *path)
         if (st->cg_required)
             fail_start(st, PG_STAGE_CGROUP, err);
         st->final.cgroup_err = err;
-        return;
+        return -1;
     }
     st->cg_events = cg_open_file(st->cg_dfd, "cgroup.events", O_RDONLY);
-    if (st->cg_events < 0)
+    if (st->cg_events < 0) {
         drop_cgroup(st, errno);  /* not a cgroup v2 directory */
+        return -1;
+    }
+    if ((st->req_flags & PG_REQ_CG_KEEP) && fstat(st->cg_dfd, &st->cg.made) < 0)
+        st->req_flags &= ~PG_REQ_CG_KEEP;
+    return 0;
+}
+
+/* Open the run's cgroup at path (made by the caller), for this run: from st->cg if it is the
+ * one this shepherd kept after its last run. A cgroup that cannot be opened fails the start
+ * if it is required, else the run goes on without it. */
+static void open_cgroup(struct state *st, const char *path)
+{
+    st->cg_path = path;
+    if (st->cg.path && (st->req_flags & PG_REQ_CG_REUSED) && strcmp(st->cg.path, path) == 0) {
+        st->cg_dfd = st->cg.dfd;
+        st->cg_events = st->cg.events;
+        st->cg.dfd = st->cg.events = -1;
+    } else if (open_cgroup_fresh(st, path) < 0) {
+        return;
+    }
+    if (st->req_flags & PG_REQ_CG_REUSED)  /* nothing runs in it now: its counters rest */
+        cg_read_cpu(st->cg_dfd, &st->cg.files, &st->cg_base);
 }
 
 /* React to the caller: a terminate byte, or the socket closing because the caller died. */
@@ -1727,12 +1795,14 @@ static void reset_run(struct state *st)
     pid_t self = st->self;
     int no_pidfd = st->no_pidfd;
     uint64_t own0 = st->own0;
+    struct cg_cache cg = st->cg;
     free(st->payload);
     free(st->ptrs);
     memset(st, 0, sizeof(*st));
     st->self = self;
     st->no_pidfd = no_pidfd;
     st->own0 = own0;
+    st->cg = cg;
     st->final.kind = PG_REC_FINAL;
     st->final.wait_status = -1;
     /* the cgroup's accounting is absent until finish_cgroup reads it: a run whose cgroup
@@ -1740,6 +1810,7 @@ static void reset_run(struct state *st)
     st->final.cg_usage_us = st->final.cg_user_us = st->final.cg_system_us = -1;
     st->final.cg_memory_peak = st->final.cg_pids_peak = -1;
     st->final.cg_oom_kill = st->final.cg_oom_group_kill = -1;
+    st->cg_base.usage_us = st->cg_base.user_us = st->cg_base.system_us = -1;
     st->cg_dfd = st->cg_events = -1;
     st->stdio[0] = st->stdio[1] = st->stdio[2] = st->stdio[3] = -1;
 }
@@ -1774,6 +1845,8 @@ int main(int argc, char **argv)
 
     memset(&st, 0, sizeof(st));
     st.self = getpid();
+    st.cg.dfd = st.cg.events = -1;
+    cg_files_init(&st.cg.files);
     reset_run(&st);
     if (fcntl(PG_CONTROL_FD, F_SETFD, FD_CLOEXEC) < 0)
         return 125;  /* no control socket: started by something other than run.c */
@@ -1798,5 +1871,6 @@ int main(int argc, char **argv)
         reset_run(&st);
     }
     reset_run(&st);  /* frees the last request (a sanitizer build checks for leaks at exit) */
+    forget_cgroup(&st.cg);
     return 0;
 }

@@ -19,7 +19,7 @@ import subprocess
 import textwrap
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 
@@ -77,19 +77,115 @@ def test_each_runs_cgroup_is_emptied_and_removed(cgroup_mode: str, pid_dir: Path
     name = os.path.basename(result.cgroup)
     assert re.fullmatch(rf"retest-{os.getpid()}-\d+", name), name
     assert f"0::/{name}\n".encode() in result.stdout or f"/{name}\n".encode() in result.stdout
-    assert not os.path.exists(result.cgroup)  # rmdir succeeded: nothing was left in it
+    if end == "sigterm-ignored":  # cgroup.kill was needed: a killed cgroup is never kept
+        assert not os.path.exists(result.cgroup)  # rmdir succeeded: nothing was left in it
+    else:  # emptied without a kill: removed, or kept for the next run, empty (issue 15)
+        assert not os.path.exists(result.cgroup) or (
+            Path(result.cgroup, "cgroup.procs").read_text() == ""
+            and "populated 0" in Path(result.cgroup, "cgroup.events").read_text())
     assert alive(recorded_pids(pid_dir)) == []
     assert result.timed_out == (end in ("deadline", "sigterm-ignored"))
     assert result.escalated == (end == "sigterm-ignored")
     assert result.user_cpu_s + result.sys_cpu_s > 0  # from the cgroup's cpu.stat
 
 
-def test_a_new_cgroup_for_every_run(cgroup_mode: str) -> None:
-    """A killed cgroup kills whatever is placed in it later: never reuse one."""
-    first = run(["sh", "-c", "sleep 60"], timeout=0.2, grace=0.2, backend="native")
-    second = run(["true"], timeout=10, backend="native")
-    assert first.timed_out and second.returncode == 0
-    assert first.cgroup != second.cgroup
+def test_a_killed_cgroup_is_never_reused(cgroup_mode: str) -> None:
+    """A run whose tree needed cgroup.kill leaves its cgroup removed; the next run gets a
+    cgroup of its own, with nothing of the last one in it."""
+    first = run(["sh", "-c", "trap '' TERM; sleep 60"], timeout=0.2, grace=0.2, backend="native")
+    second = run(["cat", "/proc/self/cgroup"], timeout=10, backend="native")
+    assert first.timed_out and first.escalated and second.returncode == 0
+    assert first.cgroup is not None and second.cgroup is not None
+    assert first.cgroup != second.cgroup and not os.path.exists(first.cgroup)
+    assert os.path.basename(second.cgroup).encode() in second.stdout
+
+
+def test_a_cgroup_that_emptied_as_made_serves_the_next_run(cgroup_mode: str) -> None:
+    """Issue 15: a run that ends with its cgroup empty, unkilled and unchanged leaves it for
+    the next run (~200 us of kernel work saved); that run's accounting is its own, not the
+    sum of both (the shepherd subtracts where the counters stood)."""
+    burn = ("import time\nt = time.process_time()\n"
+            "while time.process_time() - t < 0.4: pass\n")
+    first = run([PY, "-c", burn], timeout=30, backend="native")
+    second = run(["cat", "/proc/self/cgroup"], timeout=30, backend="native")
+    assert first.returncode == 0 and second.returncode == 0
+    if not _reusable_here(first.cgroup):
+        pytest.skip("the run cgroups here have controllers: each run gets a fresh one")
+    assert second.cgroup == first.cgroup
+    assert os.path.basename(second.cgroup).encode() in second.stdout
+    assert first.user_cpu_s + first.sys_cpu_s >= 0.35
+    assert second.user_cpu_s + second.sys_cpu_s < 0.2  # a cat, not 0.4 s plus a cat
+
+
+def test_a_kept_cgroups_stall_is_counted_from_the_runs_start(cgroup_mode: str) -> None:
+    """The run's own CPU stall (``pressure.run_cpu``, from the cgroup's cpu.pressure) of a run
+    in a kept cgroup is this run's: the stall of the run before it, which the counter still
+    holds, is not in it."""
+    hogs = " & ".join(["sh -c 'while :; do :; done'"] * 4)
+    starved = run(["sh", "-c", f"{hogs} & sleep 1.5; kill 0"], timeout=30, backend="native")
+    quiet = run(["sleep", "1.2"], timeout=30, backend="native")
+    if not _reusable_here(quiet.cgroup):
+        pytest.skip("the run cgroups here have controllers: each run gets a fresh one")
+    assert quiet.cgroup == starved.cgroup
+    before, after = starved.pressure, quiet.pressure
+    assert before is not None and before.run_cpu is not None and before.run_cpu.some_share
+    assert before.run_cpu.some_share > 0.3  # 4 spinning shells on <= 2 cores stall each other
+    assert after is not None and after.run_cpu is not None
+    assert after.run_cpu.some_share is not None and after.run_cpu.some_share < 0.1
+
+
+def _reusable_here(path: Optional[str]) -> bool:
+    """Whether run cgroups can be kept here: they have no controller."""
+    assert path is not None
+    parent = os.path.dirname(path)
+    return Path(parent, "cgroup.subtree_control").read_text().strip() == ""
+
+
+@pytest.mark.parametrize("change", ["max.depth", "max.descendants", "child left", "pressure off",
+                                    "frozen", "mode"])
+def test_a_cgroup_the_command_changed_is_not_reused(cgroup_mode: str, change: str) -> None:
+    """A command running as the cgroup's owner may write its core files. Whatever it changed
+    (a limit, a child cgroup, PSI off, the freezer, the mode), the next run must not find it:
+    that cgroup is not kept, and the next run gets a fresh one with the defaults."""
+    from retest import cgroup as cg
+
+    script = {
+        "max.depth": 'echo 0 > "$CG/cgroup.max.depth"',
+        "max.descendants": 'echo 0 > "$CG/cgroup.max.descendants"',
+        "child left": 'mkdir "$CG/c"',
+        "pressure off": '[ -e "$CG/cgroup.pressure" ] || exit 3; echo 0 > "$CG/cgroup.pressure"',
+        # it freezes itself until the deadline ends it (a frozen cgroup would
+        # freeze the next command where it starts)
+        "frozen": 'echo 1 > "$CG/cgroup.freeze"; sleep 60',
+        "mode": 'chmod 700 "$CG"',
+    }[change]
+    warm = run(["true"], timeout=30, backend="native")
+    if not _reusable_here(warm.cgroup):
+        pytest.skip("the run cgroups here have controllers: each run gets a fresh one")
+    mount = cg._v2_mount(Path("/proc/self/mountinfo").read_text())
+    assert mount is not None
+    env = dict(os.environ, MOUNT=mount[0])
+    find_cg = 'CG="$MOUNT$(sed -n "s/^0:://p" /proc/self/cgroup)"; '
+    changed = run(["sh", "-c", find_cg + script], env=env, timeout=1 if change == "frozen" else 30,
+                  grace=0.3, backend="native")
+    assert changed.cgroup is not None
+    try:
+        if change == "pressure off" and changed.returncode == 3:
+            pytest.skip("no cgroup.pressure on this kernel")
+        assert changed.timed_out if change == "frozen" else changed.returncode == 0, changed
+        after = run(["sh", "-c", find_cg + 'cat "$CG/cgroup.max.depth" "$CG/cgroup.max.descendants"'
+                     ' "$CG/cgroup.freeze"; stat -c %a "$CG"; ls "$CG" | grep -cx c; true'],
+                    env=env, timeout=30, backend="native")
+        assert after.cgroup is not None and changed.cgroup != after.cgroup, (changed, after)
+        assert after.returncode == 0 and after.stdout.split()[:3] == [b"max", b"max", b"0"], after
+        assert after.stdout.split()[4:] == [b"0"], after  # no child cgroup in it
+    finally:
+        if os.path.isdir(os.path.join(changed.cgroup, "c")):
+            os.rmdir(os.path.join(changed.cgroup, "c"))
+        if os.path.isdir(changed.cgroup):
+            if change == "frozen":
+                Path(changed.cgroup, "cgroup.freeze").write_text("0")
+            os.rmdir(changed.cgroup)
 
 
 # ----------------------------------------------------------------------------- choice
@@ -299,24 +395,39 @@ def _spares(parent: str) -> set[str]:
 
 
 def test_the_next_runs_cgroup_is_made_ahead_taken_and_removed_at_exit(cgroup_mode: str) -> None:
-    """Issue 15: each cgroup-mode run makes the next one's cgroup while its command starts;
-    the next run takes that one, and what no run took is removed (at exit)."""
+    """Issue 15: a cgroup-mode run whose cgroup will not come back (here it needs cgroup.kill)
+    makes the next one's cgroup while its command starts; the next run takes that one, and
+    what no run took is removed (at exit)."""
     from retest import cgroup as cg
 
     cg.remove_spares()
-    first = run(["true"], backend="native")
-    assert first.containment == "cgroup" and first.cgroup is not None
+    first = run(["sh", "-c", "trap '' TERM; sleep 60"], timeout=0.2, grace=0.1, backend="native")
+    assert first.containment == "cgroup" and first.cgroup is not None and first.escalated
     parent = os.path.dirname(first.cgroup)
-    (spare,) = _spares(parent)  # the run's own is gone; the next run's waits, empty
+    assert not os.path.exists(first.cgroup)  # killed: removed
+    (spare,) = _spares(parent)  # the next run's, made while the first one's command started
     assert not Path(parent, spare, "cgroup.procs").read_text().split()
     second = run(["cat", "/proc/self/cgroup"], backend="native")
     assert second.cgroup == os.path.join(parent, spare)  # taken, not made again
     assert spare.encode() in second.stdout
-    assert not os.path.exists(second.cgroup)
-    (after,) = _spares(parent)
-    assert after != spare
+    waiting = _spares(parent)  # now: the second's own, kept (or removed), and maybe one ahead
+    assert all(not Path(parent, n, "cgroup.procs").read_text().split() for n in waiting)
     cg.remove_spares()
     assert _spares(parent) == set()
+
+
+def test_kept_cgroups_are_removed_at_exit(cgroup_mode: str) -> None:
+    """The cgroups kept for later runs go with the process, as the ones made ahead do."""
+    code = ("from retest.proc_group import run\n"
+            "for _ in range(3):\n"
+            "    r = run(['true'], backend='native'); assert r.containment == 'cgroup'\n"
+            "print(r.cgroup)\n")
+    done = subprocess.run([PY, "-c", code], capture_output=True, env=child_env(), timeout=60)
+    assert done.returncode == 0, done.stderr
+    path = done.stdout.decode().strip()
+    parent, name = os.path.split(path)
+    pid = name.split("-")[1]
+    assert not [n for n in os.listdir(parent) if n.startswith(f"retest-{pid}-")]
 
 
 def test_a_spare_swept_away_is_not_handed_to_a_run(cgroup_mode: str) -> None:
@@ -328,11 +439,14 @@ def test_a_spare_swept_away_is_not_handed_to_a_run(cgroup_mode: str) -> None:
     first = run(["true"], backend="native")
     assert first.cgroup is not None
     parent = os.path.dirname(first.cgroup)
-    (spare,) = _spares(parent)
-    os.rmdir(os.path.join(parent, spare))
-    second = run(["true"], backend="native")
+    waiting = _spares(parent)  # made ahead, and the first run's own if it was kept
+    assert waiting
+    for spare in waiting:  # even one an idle shepherd still holds open
+        os.rmdir(os.path.join(parent, spare))
+    second = run(["cat", "/proc/self/cgroup"], backend="native")
     assert second.returncode == 0 and second.containment == "cgroup"
-    assert second.cgroup != os.path.join(parent, spare)
+    assert second.cgroup is not None and os.path.basename(second.cgroup) not in waiting
+    assert os.path.basename(second.cgroup).encode() in second.stdout
     cg.remove_spares()
 
 

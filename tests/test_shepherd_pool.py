@@ -46,17 +46,26 @@ def test_one_shepherd_serves_run_after_run(containment: str) -> None:
 
 
 def test_an_idle_shepherd_holds_nothing_of_the_last_run(containment: str, tmp_path: Path) -> None:
-    """No pipe, file or cgroup of a finished run stays open in it: only /dev/null, its socket to
-    us and its signalfd."""
+    """No pipe or file of a finished run stays open in it: only /dev/null, its socket to us, its
+    signalfd and, in cgroup mode, the emptied cgroup it kept for the next run (the directory and
+    the files it reads there, never anything the command opened)."""
     log = tmp_path / "held.txt"
     result = run(["sh", "-c", f"echo data; echo more >&2; cat > {log}"], input=b"x" * 100_000,
                  timeout=30, backend="native")
     assert result.returncode == 0 and result.stdout == b"data\n" and log.stat().st_size == 100_000
     (shepherd,) = proc_group.idle_shepherds()
     targets = sorted(os.readlink(f"/proc/{shepherd}/fd/{fd}") for fd in os.listdir(f"/proc/{shepherd}/fd"))
-    assert [t for t in targets if not t.startswith(("socket:", "anon_inode:[signalfd]"))] == \
-        ["/dev/null"] * 3, targets
+    kept = [t for t in targets if result.cgroup is not None and
+            (t == result.cgroup or os.path.dirname(t) == result.cgroup)]
+    assert [t for t in targets if not t.startswith(("socket:", "anon_inode:[signalfd]"))
+            and t not in kept] == ["/dev/null"] * 3, targets
     assert len([t for t in targets if t.startswith("socket:")]) == 1, targets
+    if containment == "cgroup":
+        assert result.cgroup in kept and os.path.isdir(result.cgroup), targets
+        assert {os.path.basename(t) for t in kept} <= {
+            os.path.basename(result.cgroup), "cgroup.events", "cpu.stat", "cgroup.controllers",
+            "cgroup.freeze", "cgroup.type", "cgroup.max.descendants", "cgroup.max.depth",
+            "cgroup.pressure", "cgroup.stat"}, kept
 
 
 def test_pool_size_zero_starts_a_shepherd_per_run(containment: str,

@@ -3,6 +3,9 @@
 from typing import Any, Callable, Optional
 
 PROTOCOL: str
+CGROUP_REQUIRED: int
+CGROUP_KEEP: int
+CGROUP_REUSED: int
 
 def run(
     shepherd: bytes,
@@ -16,7 +19,7 @@ def run(
     on_output: Optional[Callable[[str, bytes], object]],
     tee_fd: int,
     cgroup: Optional[bytes],
-    cgroup_required: bool,
+    cgroup_flags: int,
     stop_signal: int,
     evidence: bool,
     prepare: Optional[bytes],

@@ -378,11 +378,15 @@ def _cgroup_values(path: str) -> tuple[Optional[int], Optional[float]]:
     for line in (_read(os.path.join(path, "cpu.stat")) or b"").splitlines():
         if line.startswith(b"usage_usec "):
             usage = int(line.split()[1])
-    some: Optional[float] = None
+    return usage, _cgroup_some(path)
+
+
+def _cgroup_some(path: str) -> Optional[float]:
+    """A cgroup's ``cpu.pressure`` some total (us), or ``None`` where absent."""
     for line in (_read(os.path.join(path, "cpu.pressure")) or b"").splitlines():
         if line.startswith(b"some "):
-            some = next((float(p[6:]) for p in line.split() if p.startswith(b"total=")), None)
-    return usage, some
+            return next((float(p[6:]) for p in line.split() if p.startswith(b"total=")), None)
+    return None
 
 
 def _psi_cpu_some_total() -> Optional[float]:
@@ -454,10 +458,12 @@ class Watch:
 
     def attach_cgroup(self, path: str, *, fresh: bool = False) -> None:
         """The run's own cgroup (cgroup mode): its ``cpu.stat`` and ``cpu.pressure`` are read
-        while it lives (the runner removes it before ``run()`` returns). ``fresh``: made for
-        this run and still empty, so its stall counter starts at 0 (no read)."""
+        while it lives (the runner removes or keeps it before ``run()`` returns). ``fresh``:
+        made for this run and still empty, so its stall counter starts at 0; else it is a kept
+        cgroup whose counter rests while it is empty: the runner reads it as the command
+        starts (``run_some0``, set after the run; unknown until then)."""
         self.cgroup = path
-        self.run_some0 = 0.0 if fresh else _cgroup_values(path)[1]
+        self.run_some0 = 0.0 if fresh else None
 
     def _tick(self) -> None:
         """One sample (the sampler's thread)."""

@@ -366,10 +366,11 @@ def _refuse_or_fall_back(mode: str, why: str, parent: Optional[str] = None) -> _
 
 
 def _select_containment(requested: Optional[str], settings: Optional[config.RunnerSettings] = None
-                        ) -> tuple[_Containment, Optional[str]]:
-    """The one place where containment is chosen: make the run's cgroup when the plan says
-    cgroup. Return the plan (``refused`` when cgroup was required and is impossible) and the
-    cgroup's path. The choice and why are logged once."""
+                        ) -> tuple[_Containment, Optional[str], int]:
+    """The one place where containment is chosen: make (or take) the run's cgroup when the plan
+    says cgroup. Return the plan (``refused`` when cgroup was required and is impossible), the
+    cgroup's path and the run's ``cgroup_flags`` for the extension. The choice and why are
+    logged once."""
     if settings is None:
         settings = config.RunnerSettings.from_env()
     plan = _plan_containment(requested, settings)
@@ -378,19 +379,23 @@ def _select_containment(requested: Optional[str], settings: Optional[config.Runn
         limits = _cgroup.Limits(settings.cgroup_memory_max, settings.cgroup_pids_max,
                                 settings.cgroup_cpu_max)
         try:
-            path = _cgroup.create(plan.parent, limits)
+            path, reused = _cgroup.take(plan.parent, limits)
         except _cgroup.Unavailable as err:
             plan = _refuse_or_fall_back("cgroup" if plan.required else "auto", str(err), plan.parent)
         else:
             watch = _pressure.current()
             if watch is not None:  # its cpu.stat and cpu.pressure, while the run lives
-                watch.attach_cgroup(path, fresh=True)
+                watch.attach_cgroup(path, fresh=not reused)
             _log_containment_once("cgroup", logging.INFO, "retest: containment: cgroup (%s)", plan.why)
-            return plan, path
+            # A cgroup with limits written is not kept: the next run's limits may differ.
+            flags = ((_native.CGROUP_REQUIRED if plan.required else 0) |
+                     (0 if limits.items() else _native.CGROUP_KEEP) |
+                     (_native.CGROUP_REUSED if reused else 0)) if _native is not None else 0
+            return plan, path, flags
     if not plan.refused:
         _log_containment_once("subreaper", logging.INFO, "retest: containment: subreaper (%s)",
                               plan.why)
-    return plan, None
+    return plan, None, (_native.CGROUP_REQUIRED if plan.required and _native is not None else 0)
 
 
 def _cgroup_fallback(plan: _Containment, err: int) -> None:
@@ -771,12 +776,13 @@ def _run_native(
     assert _native is not None and _shepherd_path is not None
     if settings is None:
         settings = config.RunnerSettings.from_env()
-    plan, cgroup_path = _select_containment(containment, settings)
+    plan, cgroup_path, cgroup_flags = _select_containment(containment, settings)
     if plan.refused:  # cgroup demanded, impossible: say so rather than contain less
         return RunResult(args=args_text, returncode=None, stdout=b"", stderr=b"", timed_out=False,
                          duration_s=0.0, spawn_error=plan.why, backend="native")
     # The next run's cgroup, made by the C side while this run's command starts.
-    spare = _cgroup.next_name(plan.parent) if cgroup_path is not None and plan.parent else None
+    keep = bool(cgroup_flags & _native.CGROUP_KEEP)
+    spare = _cgroup.next_name(plan.parent, keep) if cgroup_path is not None and plan.parent else None
     try:
         raw = _native.run(
             os.fsencode(_shepherd_path),
@@ -790,7 +796,7 @@ def _run_native(
             on_output,
             tee_fd,
             None if cgroup_path is None else os.fsencode(cgroup_path),
-            plan.required,
+            cgroup_flags,
             int(stop_signal),
             evidence is not None and evidence.oom is None,
             None if spare is None else os.fsencode(spare),
@@ -812,7 +818,13 @@ def _run_native(
     cgroup_errno = raw.pop("cgroup_errno")
     if cgroup_errno:  # 0: not placed, but no placement failed (the command never started)
         _cgroup_fallback(plan, cgroup_errno)
-    if cgroup_path is not None and not raw.pop("cgroup_removed"):
+    kept, some0 = raw.pop("cgroup_kept"), raw.pop("cgroup_cpu_some0")
+    watch = _pressure.current() if cgroup_flags & _native.CGROUP_REUSED else None
+    if watch is not None and some0 is not None:  # the kept cgroup's stall counter at the start
+        watch.run_some0 = float(some0)
+    if cgroup_path is not None and keep and plan.parent is not None:
+        _cgroup.give_back(plan.parent, cgroup_path, kept)
+    if cgroup_path is not None and not raw.pop("cgroup_removed") and not kept:
         log.warning("retest: cgroup %s could not be removed (a process in it survived SIGKILL?)",
                     cgroup_path)
     raw.pop("cgroup_removed", None)
