@@ -47,8 +47,9 @@ def test_one_shepherd_serves_run_after_run(containment: str) -> None:
 
 def test_an_idle_shepherd_holds_nothing_of_the_last_run(containment: str, tmp_path: Path) -> None:
     """No pipe or file of a finished run stays open in it: only /dev/null, its socket to us, its
-    signalfd and, in cgroup mode, the emptied cgroup it kept for the next run (the directory and
-    the files it reads there, never anything the command opened)."""
+    signalfd, the four /proc files of its own that it checks before each final report, and, in
+    cgroup mode, the emptied cgroup it kept for the next run (the directory and the files it
+    reads there, never anything the command opened)."""
     log = tmp_path / "held.txt"
     result = run(["sh", "-c", f"echo data; echo more >&2; cat > {log}"], input=b"x" * 100_000,
                  timeout=30, backend="native")
@@ -57,8 +58,11 @@ def test_an_idle_shepherd_holds_nothing_of_the_last_run(containment: str, tmp_pa
     targets = sorted(os.readlink(f"/proc/{shepherd}/fd/{fd}") for fd in os.listdir(f"/proc/{shepherd}/fd"))
     kept = [t for t in targets if result.cgroup is not None and
             (t == result.cgroup or os.path.dirname(t) == result.cgroup)]
+    own = [f"/proc/{shepherd}/{name}" for name in
+           ("cgroup", "coredump_filter", "oom_score_adj", "timerslack_ns")]
+    assert sorted(t for t in targets if t.startswith(f"/proc/{shepherd}/")) == own, targets
     assert [t for t in targets if not t.startswith(("socket:", "anon_inode:[signalfd]"))
-            and t not in kept] == ["/dev/null"] * 3, targets
+            and t not in kept and t not in own] == ["/dev/null"] * 3, targets
     assert len([t for t in targets if t.startswith("socket:")]) == 1, targets
     if containment == "cgroup":
         assert result.cgroup in kept and os.path.isdir(result.cgroup), targets
