@@ -1,5 +1,6 @@
 /* retest._proc_group: module definition only. The work lives by area in run.c (spawn,
- * wait, capture: the caller's side), pool.c (idle shepherds), shepherd.c (containment: a
+ * wait, capture: the caller's side), pool.c (idle shepherds), fingerprint.c (the state they
+ * were started from), shepherd.c (containment: a
  * separate executable) and classify.c (verdicts). Multi-phase init; the state holds the interned stream names
  * passed to the output callback. */
 #include "pool.h"
@@ -15,6 +16,7 @@ static PyMethodDef pg_methods[] = {
     {"classify", (PyCFunction)(void (*)(void))pg_classify, METH_FASTCALL, pg_classify_doc},
     {"idle_shepherds", pg_idle_shepherds, METH_NOARGS, pg_idle_shepherds_doc},
     {"close_shepherds", pg_close_shepherds, METH_NOARGS, pg_close_shepherds_doc},
+    {"_fingerprint", pg_fingerprint_py, METH_NOARGS, pg_fingerprint_doc},
     {"running_shepherd", pg_running_shepherd, METH_O, pg_running_shepherd_doc},
     {NULL, NULL, 0, NULL},
 };

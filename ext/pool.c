@@ -14,227 +14,19 @@
  * environment and the cwd (as an fd) travel with each request.
  *
  * The pool is the process's (shepherds are its children), behind one mutex; a forked child
- * forgets it (pthread_atfork): the idle shepherds are its parent's.
+ * forgets it (pthread_atfork): the idle shepherds are its parent's. The fingerprint itself
+ * is fingerprint.c's.
  */
 #define _GNU_SOURCE
 #include "pool.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <pthread.h>
-#include <sched.h>
 #include <string.h>
-#include <sys/personality.h>
-#include <sys/prctl.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-/* ---------------------------------------------------------------- the fingerprint */
-
-#define FNV_OFFSET 14695981039346656037ULL
-#define FNV_PRIME 1099511628211ULL
-
-/* Mix n bytes into the FNV-1a hash *h. */
-static void mix(uint64_t *h, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) {
-        *h ^= b[i];
-        *h *= FNV_PRIME;
-    }
-}
-
-/* Mix a syscall's result and its errno (a failure is part of the state too). */
-static void mix_long(uint64_t *h, long v)
-{
-    int err = v < 0 ? errno : 0;
-    mix(h, &v, sizeof(v));
-    mix(h, &err, sizeof(err));
-}
-
-/* Read path (small /proc file) into buf. Return the length, or -1 with errno. A /proc file
- * of one seq_file record gives all it has in one read: a short read is its end (one read
- * call fewer per file). */
-static ssize_t read_file(int dfd, const char *path, char *buf, size_t size)
-{
-    ssize_t n, total = 0;
-    int fd = openat(dfd, path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return -1;
-    while ((size_t)total < size) {
-        n = read(fd, buf + total, size - (size_t)total);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            break;
-        total += n;
-        if ((size_t)total < size / 2)
-            break;
-    }
-    close(fd);
-    return total;
-}
-
-/* The lines of /proc/thread-self/status that fork and exec pass on: credentials and
- * capabilities, umask, no_new_privs and seccomp, the thread's allowed CPUs and memory nodes.
- * (SigIgn and SigBlk are reset for every command; the rest is the thread's own running
- * state: memory, times, switches.) */
-static const char *const STATUS_KEYS[] = {
-    "Umask:", "Uid:", "Gid:", "Groups:", "CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:",
-    "NoNewPrivs:", "Seccomp:", "Seccomp_filters:", "Cpus_allowed_list:", "Mems_allowed_list:",
-    "Speculation_Store_Bypass:", "SpeculationIndirectBranch:", NULL,
-};
-
-/* Mix the inherited lines of status text buf[0..n). */
-static void mix_status(uint64_t *h, const char *buf, size_t n)
-{
-    const char *p = buf, *end = buf + n;
-    while (p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        size_t len = nl ? (size_t)(nl - p) : (size_t)(end - p);
-        if (!memchr("UGCNSM", *p, 6)) {  /* no key starts otherwise: most lines end here */
-            p += len + 1;
-            continue;
-        }
-        for (const char *const *k = STATUS_KEYS; *k; k++) {
-            size_t klen = strlen(*k);
-            if (len >= klen && memcmp(p, *k, klen) == 0) {
-                mix(h, p, len);
-                break;
-            }
-        }
-        p += len + 1;
-    }
-}
-
-/* The namespaces a child is made in (the _for_children ones where they differ). */
-static const char *const NAMESPACES[] = {
-    "cgroup", "ipc", "mnt", "net", "pid_for_children", "time_for_children", "user", "uts", NULL,
-};
-
-/* Mix the identity of every namespace of the calling thread. Return 0, or -1. */
-static int mix_namespaces(uint64_t *h)
-{
-    char link[64];
-    int dfd = open("/proc/thread-self/ns", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd < 0)
-        return -1;
-    for (const char *const *ns = NAMESPACES; *ns; ns++) {
-        ssize_t n = readlinkat(dfd, *ns, link, sizeof(link));
-        mix_long(h, n);  /* time_for_children is missing before Linux 5.6: the same each time */
-        if (n > 0)
-            mix(h, link, (size_t)n);
-    }
-    close(dfd);
-    return 0;
-}
-
-/* sched_getattr's struct (the kernel's struct sched_attr, first version: 56 bytes). */
-struct pg_sched_attr {
-    uint32_t size, policy;
-    uint64_t flags;
-    int32_t nice;
-    uint32_t priority;
-    uint64_t runtime, deadline, period;
-    uint32_t util_min, util_max;
-};
-
-/* Mix the calling thread's scheduling: policy, nice, priority, utilization clamps; I/O
- * priority; timer slack. */
-static void mix_scheduling(uint64_t *h)
-{
-    struct pg_sched_attr attr;
-    long rc;
-    memset(&attr, 0, sizeof(attr));
-#ifdef SYS_sched_getattr
-    rc = syscall(SYS_sched_getattr, 0, &attr, sizeof(attr), 0);
-#else
-    rc = -1;
-    errno = ENOSYS;
-#endif
-    if (rc < 0) {  /* before Linux 3.14: the older calls */
-        attr.policy = (uint32_t)sched_getscheduler(0);
-        errno = 0;
-        attr.nice = getpriority(PRIO_PROCESS, 0);
-    }
-    attr.size = 0;
-    mix(h, &attr, sizeof(attr));
-#ifdef SYS_ioprio_get
-    mix_long(h, syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, 0));
-#endif
-    mix_long(h, prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0));
-}
-
-/* Mix the process's rlimits, personality, securebits, THP setting and memory policy. */
-static void mix_limits(uint64_t *h)
-{
-    for (int r = 0; r < RLIM_NLIMITS; r++) {
-        struct rlimit rl = {0, 0};
-        mix_long(h, prlimit(0, (__rlimit_resource_t)r, NULL, &rl));
-        mix(h, &rl, sizeof(rl));
-    }
-    mix_long(h, personality(0xffffffff));
-    mix_long(h, prctl(PR_GET_SECUREBITS, 0, 0, 0, 0));
-#ifdef PR_GET_THP_DISABLE
-    mix_long(h, prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0));
-#endif
-#ifdef SYS_get_mempolicy
-    {
-        int mode = -1;
-        mix_long(h, syscall(SYS_get_mempolicy, &mode, NULL, 0, NULL, 0));
-        mix(h, &mode, sizeof(mode));
-    }
-#endif
-}
-
-/* Mix the identity (device, inode) of path: the root is inherited as a directory, not a name.
- * (The cwd is sent with each request instead: a directory removed and made again may get the
- * old inode number back.) */
-static int mix_dir(uint64_t *h, const char *path)
-{
-    struct stat st;
-    if (stat(path, &st) < 0)
-        return -1;
-    mix(h, &st.st_dev, sizeof(st.st_dev));
-    mix(h, &st.st_ino, sizeof(st.st_ino));
-    return 0;
-}
-
-int pg_fingerprint(uint64_t *fp)
-{
-    char buf[8192];
-    uint64_t h = FNV_OFFSET;
-    ssize_t n = read_file(AT_FDCWD, "/proc/thread-self/status", buf, sizeof(buf));
-    pid_t self = getpid();
-
-    if (n <= 0 || (size_t)n == sizeof(buf))
-        return -1;  /* no /proc, or more groups than we read: do not guess */
-    mix(&h, &self, sizeof(self));
-    mix_status(&h, buf, (size_t)n);
-    n = read_file(AT_FDCWD, "/proc/self/oom_score_adj", buf, sizeof(buf));
-    mix_long(&h, n);
-    if (n > 0)
-        mix(&h, buf, (size_t)n);
-    n = read_file(AT_FDCWD, "/proc/self/coredump_filter", buf, sizeof(buf));
-    mix_long(&h, n);
-    if (n > 0)
-        mix(&h, buf, (size_t)n);
-    n = read_file(AT_FDCWD, "/proc/self/cgroup", buf, sizeof(buf));
-    if (n <= 0 || (size_t)n == sizeof(buf))
-        return -1;
-    mix(&h, buf, (size_t)n);
-    if (mix_namespaces(&h) < 0 || mix_dir(&h, "/") < 0)
-        return -1;
-    mix_scheduling(&h);
-    mix_limits(&h);
-    *fp = h;
-    return 0;
-}
 
 /* ---------------------------------------------------------------- the pool */
 
@@ -460,7 +252,8 @@ PyObject *pg_idle_shepherds(PyObject *module, PyObject *unused)
 
 const char pg_close_shepherds_doc[] =
     "close_shepherds() -> int\n\nPrivate: let every idle shepherd go (each exits and is "
-    "reaped); return how many (use retest.proc_group.close_shepherds).";
+    "reaped), and close the /proc files threads keep for the fingerprint; return how many "
+    "shepherds (use retest.proc_group.close_shepherds).";
 
 PyObject *pg_close_shepherds(PyObject *module, PyObject *unused)
 {
@@ -474,6 +267,7 @@ PyObject *pg_close_shepherds(PyObject *module, PyObject *unused)
         pg_pool_retire(pid, ctl);
         count++;
     }
+    pg_fingerprint_close_files();
     Py_END_ALLOW_THREADS
     return PyLong_FromLong(count);
 }

@@ -13,9 +13,18 @@
 
 /* Fingerprint everything a command inherits from the process that forks it, as seen from
  * the calling thread now (credentials, umask, rlimits, scheduling, affinity, oom_score_adj,
- * cgroups, namespaces, root...; the cwd travels with each request). Called without the GIL. Return 0, or -1 if it could
- * not be read (then no idle shepherd may be used). */
+ * cgroups, namespaces, root...; the cwd travels with each request). Called without the GIL,
+ * from any number of threads (fingerprint.c). Return 0, or -1 if it could not be read (then
+ * no idle shepherd may be used). */
 int pg_fingerprint(uint64_t *fp);
+
+/* Close the /proc files kept open for pg_fingerprint by threads not taking one now (they
+ * open them again at their next call). */
+void pg_fingerprint_close_files(void);
+
+/* _fingerprint() -> int | None: pg_fingerprint from Python (tests, benchmarks). */
+PyObject *pg_fingerprint_py(PyObject *module, PyObject *unused);
+extern const char pg_fingerprint_doc[];
 
 /* Take an idle shepherd started from state fp. Return 1 with *pid and *ctl set, else 0. */
 int pg_pool_take(uint64_t fp, pid_t *pid, int *ctl);

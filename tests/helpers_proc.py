@@ -99,8 +99,9 @@ def kill_recorded(pids: Iterable[int]) -> list[int]:
 
 def open_fds() -> set[int]:
     """The file descriptors open in this process now, once the native runner's idle shepherds
-    are let go (each holds one socket of ours, and their number follows the runs' mix): what
-    is left is what the runs themselves kept."""
+    are let go (each holds one socket of ours, and their number follows the runs' mix) and the
+    /proc files kept for the fingerprint are closed: what is left is what the runs themselves
+    kept."""
     from retest import proc_group
 
     proc_group.close_shepherds()
