@@ -121,6 +121,8 @@ struct state {
                                  * caller's cwd; -1 once closed, or not sent */
     char *payload;              /* the request's strings; what follows points into it */
     char **ptrs;                /* argv, NULL, envp, NULL */
+    char *space;                /* where both live: kept across runs (request_space) */
+    size_t space_len;
     const char *cwd;            /* NULL: the caller's, stdio[3] (else ours: run.c's fingerprint) */
     char **argv, **envp;
     uint64_t own0;              /* own_state() when we started: kept across runs */
@@ -887,14 +889,15 @@ static ssize_t pread_small(int *fd, const char *path, char *buf, size_t size)
     if (*fd < 0 && (*fd = open(path, O_RDONLY | O_CLOEXEC)) < 0)
         return -1;
     while (got + 1 < size) {
-        ssize_t n = pread(*fd, buf + got, size - 1 - got, (off_t)got);
+        size_t room = size - 1 - got;
+        ssize_t n = pread(*fd, buf + got, room, (off_t)got);
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0)
             return -1;
-        if (n == 0)
-            break;
         got += (size_t)n;
+        if ((size_t)n < room)  /* short of the room: the end (a /proc file's text is made whole) */
+            break;
     }
     buf[got] = '\0';
     return (ssize_t)got;
@@ -1582,9 +1585,7 @@ static int split_payload(struct state *st, const struct pg_request *req, const c
         fixed[nfixed++] = &st->cwd;
     if (req->has_cgroup)
         fixed[nfixed++] = cgroup;
-    st->ptrs = calloc((size_t)req->argc + (size_t)req->envc + 2, sizeof(char *));
-    if (!st->ptrs)
-        return -1;
+    memset(st->ptrs, 0, ((size_t)req->argc + (size_t)req->envc + 2) * sizeof(char *));
     while (p < end) {
         char *nul = memchr(p, '\0', (size_t)(end - p));
         if (!nul || got == want)
@@ -1621,6 +1622,26 @@ static int take_settings(struct state *st, const struct pg_request *req)
     return 0;
 }
 
+/* Point st->payload and st->ptrs at room for req's strings and pointers, in one block kept
+ * from run to run (grown when a request needs more): nolibc's malloc is an mmap and its free a
+ * munmap, with fresh pages to fault in, two of each per run before. Return 0 or -1. */
+static int request_space(struct state *st, const struct pg_request *req)
+{
+    size_t ptrs_at = (req->payload_len + 15) & ~(size_t)15;
+    size_t need = ptrs_at + ((size_t)req->argc + (size_t)req->envc + 2) * sizeof(char *);
+    if (need > st->space_len) {
+        size_t len = (need + 65535) & ~(size_t)65535;
+        free(st->space);
+        st->space_len = 0;
+        if (!(st->space = malloc(len)))
+            return -1;
+        st->space_len = len;
+    }
+    st->payload = st->space;
+    st->ptrs = (char **)(st->space + ptrs_at);
+    return 0;
+}
+
 /* Take the next request into st. Return 1, or 0 if the caller hung up; a malformed request
  * fails the start (EINVAL): it came from something other than run.c of this build. */
 static int read_request(struct state *st)
@@ -1634,8 +1655,7 @@ static int read_request(struct state *st)
     }
     if (got < 0 || take_settings(st, &req) < 0)
         fail_start(st, PG_STAGE_SHEPHERD, EINVAL);
-    st->payload = malloc(req.payload_len);
-    if (!st->payload)
+    if (request_space(st, &req) < 0)
         fail_start(st, PG_STAGE_SHEPHERD, ENOMEM);
     if (read_full(st->payload, req.payload_len) < 0) {
         close_stdio(st);
@@ -1819,13 +1839,15 @@ static void reset_run(struct state *st)
     int no_pidfd = st->no_pidfd;
     uint64_t own0 = st->own0;
     struct cg_cache cg = st->cg;
-    free(st->payload);
-    free(st->ptrs);
+    char *space = st->space;
+    size_t space_len = st->space_len;
     memset(st, 0, sizeof(*st));
     st->self = self;
     st->no_pidfd = no_pidfd;
     st->own0 = own0;
     st->cg = cg;
+    st->space = space;
+    st->space_len = space_len;
     st->final.kind = PG_REC_FINAL;
     st->final.wait_status = -1;
     /* the cgroup's accounting is absent until finish_cgroup reads it: a run whose cgroup
@@ -1893,7 +1915,8 @@ int main(int argc, char **argv)
             break;
         reset_run(&st);
     }
-    reset_run(&st);  /* frees the last request (a sanitizer build checks for leaks at exit) */
+    reset_run(&st);
+    free(st.space);  /* the last request (a sanitizer build checks for leaks at exit) */
     forget_cgroup(&st.cg);
     return 0;
 }
