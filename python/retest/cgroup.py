@@ -34,7 +34,7 @@ from typing import Optional
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Limits", "Unavailable", "parent_dir", "create", "take", "mark_unusable",
+__all__ = ["Limits", "NO_LIMITS", "Unavailable", "parent_dir", "create", "take", "mark_unusable",
            "unusable_reason", "next_name", "add_spare", "give_back", "remove_spares"]
 
 #: Cgroups made ahead and waiting for a run, per parent (one per thread running in a steady
@@ -77,6 +77,10 @@ class Limits:
                  ("pids.max", self.pids_max, "RETEST_CGROUP_PIDS_MAX"),
                  ("cpu.max", self.cpu_max, "RETEST_CGROUP_CPU_MAX")]
         return [row for row in table if row[1]]
+
+
+#: No limit set (the default): ``create`` writes no file.
+NO_LIMITS = Limits()
 
 
 def _v2_mount(mountinfo: str) -> Optional[tuple[str, str]]:
@@ -172,8 +176,9 @@ def take(parent: str, limits: Limits) -> tuple[str, bool]:
     path, reused = _take_spare(parent)
     if path is None:
         path = _make(parent)
-    for name, value, setting in limits.items():
-        _apply_limit(path, name, value, setting, parent)
+    if limits is not NO_LIMITS:
+        for name, value, setting in limits.items():
+            _apply_limit(path, name, value, setting, parent)
     return path, reused
 
 

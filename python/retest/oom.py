@@ -294,14 +294,16 @@ def decide(*, kills: list[OomKill], log_complete: bool, leader: Optional[int],
     cgroup, ``None`` without one; ``vmstat_delta``: the machine-wide counter's move (used only
     without ``moved``).
     """
-    own = set(pids) | ({leader} if leader is not None else set())
     counter, delta, group_delta = VMSTAT, vmstat_delta, 0
     if moved is not None:
         counter, delta, group_delta = moved
     counted = moved is not None and (delta > 0 or group_delta > 0)
-    victims = [k for k in kills if k.pid in own]
-    if counted and not victims:  # every kill in the run's own cgroup is the run's
-        victims = [k for k in kills if _same_cgroup(k.memcg, cgroup)]
+    victims: list[OomKill] = []
+    if kills:  # nearly every run has none: no set of its pids made
+        own = set(pids) | ({leader} if leader is not None else set())
+        victims = [k for k in kills if k.pid in own]
+        if counted and not victims:  # every kill in the run's own cgroup is the run's
+            victims = [k for k in kills if _same_cgroup(k.memcg, cgroup)]
     if counted:
         source = "memory.events"
     elif victims:

@@ -23,12 +23,15 @@ Every read is best effort and never raises: a run must not fail because /proc ca
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
+
+from . import _frozen
 
 __all__ = ["Pressure", "Psi", "ForeignProcess", "Sample", "Watch", "read_psi", "cores", "current"]
 
@@ -245,6 +248,11 @@ class Pressure:
         }
 
 
+#: ``Pressure(**values)`` in one step (``retest._frozen``), every run. (A ``Psi``'s four fields
+#: are made as fast by its own ``__init__``.)
+_new_pressure = _frozen.maker(Pressure)
+
+
 def _orphan_why(pid: int, st: _Stat, table: dict[int, _Stat]) -> str:
     """Why ``pid`` looks like an orphan of an earlier run, or "".
 
@@ -424,9 +432,9 @@ class Watch:
         self.started = time.monotonic()
         self.tid = threading.get_native_id()
         #: When the run started, on the clock of /proc/PID/stat's ``starttime`` (boot time).
-        self.started_boot = _boottime()
+        self.started_boot = _BOOTTIME()
         self.earlier_children: Optional[frozenset[int]] = None
-        self.cpus = frozenset(_affinity())
+        self.cpus = _affinity()
         self.cgroup: Optional[str] = None
         self.psi = read_psi() if read else {}
         self.busy0 = _cpu_busy_ticks(self.cpus) if read else None
@@ -513,17 +521,18 @@ class Watch:
         run_psi = None
         if self.run_some0 is not None and run_some is not None and run_some.run_some is not None:
             run_psi = Psi(some_share=_stall_share(run_some.run_some - self.run_some0, wall))
-        return Pressure(wall_s=wall, cores=ncores, tree_cpu_s=tree_cpu_s,
-                        tree_share=tree_cpu_s / (wall * ncores), psi=psi,
-                        psi_source="machine" if psi else "none", foreign=foreign,
-                        foreign_cpu_s=foreign_cpu or 0.0,
-                        foreign_share=(foreign_cpu or 0.0) / (wall * ncores),
-                        run_cpu=run_psi, samples=samples)
+        return _new_pressure({
+            "wall_s": wall, "cores": ncores, "tree_cpu_s": tree_cpu_s,
+            "tree_share": tree_cpu_s / (wall * ncores), "psi": psi,
+            "psi_source": "machine" if psi else "none", "foreign": foreign,
+            "foreign_cpu_s": foreign_cpu or 0.0,
+            "foreign_share": (foreign_cpu or 0.0) / (wall * ncores),
+            "run_cpu": run_psi, "samples": samples})
 
     def close(self) -> None:
         """Stop sampling (``finish`` does; call it when the run raised instead)."""
         _SAMPLER.remove(self)  # waits for a tick in flight
-        if current() is self:
+        if getattr(_CURRENT, "watch", None) is self:  # current(), one call fewer
             _CURRENT.watch = None
 
     def _foreign_cpu(self, tree_cpu_s: float) -> Optional[float]:
@@ -577,11 +586,15 @@ def _psi_between(before: Reading, after: Reading, wall_s: float) -> dict[str, Ps
         some0, some1, full0, full1 = before[1 + i], after[1 + i], before[4 + i], after[4 + i]
         if some1 < 0 and full1 < 0:
             continue  # no such file: the kernel has no PSI (or not for this resource)
+        some_avg10, full_avg10 = after[7 + i], after[10 + i]
+        # _stall_share written out: six Python calls of it on every run (issue 15)
+        some = (some1 - some0) / 1e6 / wall_s if some0 >= 0 and some1 >= 0 else None
+        full = (full1 - full0) / 1e6 / wall_s if full0 >= 0 and full1 >= 0 else None
         out[resource] = Psi(
-            some_avg10=after[7 + i] / 100 if after[7 + i] >= 0 else None,
-            full_avg10=after[10 + i] / 100 if after[10 + i] >= 0 else None,
-            some_share=_stall_share(some1 - some0, wall_s) if some0 >= 0 and some1 >= 0 else None,
-            full_share=_stall_share(full1 - full0, wall_s) if full0 >= 0 and full1 >= 0 else None)
+            some_avg10 / 100 if some_avg10 >= 0 else None,
+            full_avg10 / 100 if full_avg10 >= 0 else None,
+            None if some is None else 0.0 if some < 0.0 else 1.0 if some > 1.0 else some,
+            None if full is None else 0.0 if full < 0.0 else 1.0 if full > 1.0 else full)
     return out
 
 
@@ -594,7 +607,8 @@ def _foreign_between(before: Reading, after: Reading, tree_cpu_s: float) -> Opti
 
 def _stall_share(stall_us: float, wall_s: float) -> float:
     """A PSI ``total`` delta (microseconds stalled) as a share of the run's wall time, 0..1."""
-    return min(max(stall_us / 1e6 / wall_s, 0.0), 1.0)
+    share = stall_us / 1e6 / wall_s  # clamped as min(max(share, 0.0), 1.0), without two calls
+    return 0.0 if share < 0.0 else 1.0 if share > 1.0 else share
 
 
 def _foreign_s(busy_ticks: int, own_cpu_s: float, tree_cpu_s: float) -> float:
@@ -617,11 +631,11 @@ def _merge(a: Sample, b: Sample) -> Sample:
                   mean(a.tree_cores, b.tree_cores))
 
 
-def _affinity() -> list[int]:
+def _affinity() -> frozenset[int]:
     try:
-        return sorted(os.sched_getaffinity(0))
+        return frozenset(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return list(range(os.cpu_count() or 1))
+        return frozenset(range(os.cpu_count() or 1))
 
 
 def _boottime() -> float:
@@ -630,6 +644,15 @@ def _boottime() -> float:
         return time.clock_gettime(time.CLOCK_BOOTTIME)
     except (AttributeError, OSError):
         return time.monotonic()
+
+
+def _boottime_clock() -> Callable[[], float]:
+    """``_boottime`` as a call of C (no Python frame per run) where CLOCK_BOOTTIME reads."""
+    try:
+        time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):
+        return _boottime
+    return functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
 
 
 def _self_cpu_s() -> float:
@@ -721,6 +744,7 @@ class _Sampler:
 
 
 _SAMPLER = _Sampler()
+_BOOTTIME = _boottime_clock()
 _CURRENT = threading.local()
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -67,6 +68,8 @@ EventCallback = Callable[[dict[str, Any]], None]
 
 _PYTHON_NAME = re.compile(r"^(?:python|pypy)(?:[0-9]+(?:\.[0-9]+)*)?(?:[dmut]|-dbg)?(?:\.exe)?$")
 _PYTEST_NAME = re.compile(r"^(?:pytest|py\.test)(?:-?[0-9.]+)?$")
+#: How every name that ``pytest_position`` looks further at starts (the two above, "coverage").
+_PYTEST_OR_PYTHON_START = ("py", "coverage")
 #: Long interpreter options that take a value, and those that only print and exit.
 _PYTHON_LONG_WITH_ARG = frozenset({"--check-hash-based-pycs"})
 _PYTHON_PRINT_ONLY = frozenset({"--help", "--version", "--help-env", "--help-xoptions",
@@ -74,7 +77,8 @@ _PYTHON_PRINT_ONLY = frozenset({"--help", "--version", "--help-env", "--help-xop
 
 
 def _base(arg: str) -> str:
-    return os.path.basename(arg.rstrip("/"))
+    # posixpath.basename of a str, without its three calls (every run asks, issue 15)
+    return arg.rstrip("/").rpartition("/")[2] if os.path is posixpath else os.path.basename(arg.rstrip("/"))
 
 
 def _after_dash_m(argv: Sequence[str], start: int) -> Optional[int]:
@@ -114,6 +118,8 @@ def pytest_position(argv: Sequence[str]) -> Optional[int]:
     if not argv:
         return None
     name = _base(argv[0])
+    if not name.startswith(_PYTEST_OR_PYTHON_START):  # most commands: no regular expression run
+        return None
     if _PYTEST_NAME.match(name):
         return 1
     if _PYTHON_NAME.match(name):

@@ -35,9 +35,9 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import IO, Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import IO, Any, Callable, Iterable, Literal, Mapping, NamedTuple, Optional, Sequence, Union
 
-from . import cgroup as _cgroup, config, diagnose as _diagnose, facts, oom as _oom, pressure as _pressure, probe as _probe
+from . import _frozen, cgroup as _cgroup, config, diagnose as _diagnose, facts, oom as _oom, pressure as _pressure, probe as _probe
 from .oom import OomEvidence
 from .diagnose import StackDump
 from .pressure import Pressure
@@ -200,6 +200,11 @@ class RunResult:
         return out
 
 
+#: ``RunResult(**values)`` without its per-field ``object.__setattr__`` (``retest._frozen``):
+#: the native runner's ~30 fields, every run.
+_new_result = _frozen.maker(RunResult)
+
+
 @dataclass(frozen=True)
 class Verdict:
     """How a run ended, with the rule that decided it and the evidence."""
@@ -222,13 +227,15 @@ class Verdict:
 _native: Any = None
 _native_error: Optional[str] = None
 _shepherd_path: Optional[str] = None
+#: ``os.fsencode(_shepherd_path)``, as the C side takes it.
+_shepherd_bytes = b""
 _logged_fallback: set[str] = set()
 _log_lock = threading.Lock()
 
 
 def _load_native() -> None:
     """Import the extension and find its shepherd; remember why not, once."""
-    global _native, _native_error, _shepherd_path
+    global _native, _native_error, _shepherd_path, _shepherd_bytes
     if not sys.platform.startswith("linux"):
         _native_error = f"platform {sys.platform!r} is not supported by the native runner"
         return
@@ -250,7 +257,7 @@ def _load_native() -> None:
         _native_error = f"shepherd executable missing or not executable: {shepherd}"
         return
     _native = _proc_group
-    _shepherd_path = shepherd
+    _shepherd_path, _shepherd_bytes = shepherd, os.fsencode(shepherd)
     _pressure.running_shepherd = _proc_group.running_shepherd
 
 
@@ -313,6 +320,8 @@ _logged_containment: set[str] = set()
 
 
 def _log_containment_once(key: str, level: int, message: str, *args: object) -> None:
+    if key in _logged_containment:  # every run but the first: no lock taken
+        return
     with _log_lock:
         if key in _logged_containment:
             return
@@ -331,6 +340,10 @@ class _Containment:
     refused: bool = False          # required but impossible: the run does not start
 
 
+#: The plan of every run that asks for the subreaper (a frozen value: one for all of them).
+_SUBREAPER_REQUESTED = _Containment("subreaper", "subreaper requested (RETEST_CONTAINMENT)")
+
+
 def containment_status(environ: Optional[Mapping[str, str]] = None) -> tuple[str, str]:
     """Return ``(containment, why)``: what a native ``run()`` would use now, and the reason
     (``"none"`` when cgroup mode is required and impossible; a cgroup parent is only known
@@ -345,7 +358,7 @@ def _plan_containment(requested: Optional[str], settings: config.RunnerSettings)
     if mode not in config.CONTAINMENTS:
         raise ValueError(f"containment must be one of {', '.join(config.CONTAINMENTS)}, not {mode!r}")
     if mode == "subreaper":
-        return _Containment("subreaper", "subreaper requested (RETEST_CONTAINMENT)")
+        return _SUBREAPER_REQUESTED
     try:
         parent = _cgroup.parent_dir(settings.cgroup_parent)
     except _cgroup.Unavailable as err:
@@ -353,8 +366,16 @@ def _plan_containment(requested: Optional[str], settings: config.RunnerSettings)
     known = _cgroup.unusable_reason(parent)
     if known is not None:
         return _refuse_or_fall_back(mode, known, parent)
-    return _Containment("cgroup", f"each run in its own cgroup under {parent}", mode == "cgroup",
-                        parent)
+    required = mode == "cgroup"
+    plan = _CGROUP_PLANS.get((parent, required))
+    if plan is None:  # made once per parent: the same frozen value for each of its runs
+        plan = _CGROUP_PLANS[(parent, required)] = _Containment(
+            "cgroup", f"each run in its own cgroup under {parent}", required, parent)
+    return plan
+
+
+#: The plans of the runs that get a cgroup of their own, by (parent, required).
+_CGROUP_PLANS: dict[tuple[str, bool], _Containment] = {}
 
 
 def _refuse_or_fall_back(mode: str, why: str, parent: Optional[str] = None) -> _Containment:
@@ -376,8 +397,9 @@ def _select_containment(requested: Optional[str], settings: Optional[config.Runn
     plan = _plan_containment(requested, settings)
     if plan.mode == "cgroup" and not plan.refused:
         assert plan.parent is not None
-        limits = _cgroup.Limits(settings.cgroup_memory_max, settings.cgroup_pids_max,
-                                settings.cgroup_cpu_max)
+        limits = _cgroup.NO_LIMITS if not (settings.cgroup_memory_max or settings.cgroup_pids_max
+                                           or settings.cgroup_cpu_max) else \
+            _cgroup.Limits(settings.cgroup_memory_max, settings.cgroup_pids_max, settings.cgroup_cpu_max)
         try:
             path, reused = _cgroup.take(plan.parent, limits)
         except _cgroup.Unavailable as err:
@@ -389,7 +411,7 @@ def _select_containment(requested: Optional[str], settings: Optional[config.Runn
             _log_containment_once("cgroup", logging.INFO, "retest: containment: cgroup (%s)", plan.why)
             # A cgroup with limits written is not kept: the next run's limits may differ.
             flags = ((_native.CGROUP_REQUIRED if plan.required else 0) |
-                     (0 if limits.items() else _native.CGROUP_KEEP) |
+                     (_native.CGROUP_KEEP if limits is _cgroup.NO_LIMITS else 0) |
                      (_native.CGROUP_REUSED if reused else 0)) if _native is not None else 0
             return plan, path, flags
     if not plan.refused:
@@ -410,19 +432,28 @@ def _cgroup_fallback(plan: _Containment, err: int) -> None:
 
 
 def _check_args(args: Sequence[StrPath]) -> tuple[list[bytes], tuple[str, ...]]:
-    if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+    # A list or a tuple (nearly every call) skips the ABC check of typing's Sequence (~2 us).
+    if type(args) is not list and type(args) is not tuple and (
+            isinstance(args, (str, bytes)) or not isinstance(args, Sequence)):
         raise TypeError("args must be a sequence of str, bytes or path-like (no shell string)")
     if len(args) == 0:
         raise ValueError("args must not be empty")
     argv: list[bytes] = []
     for arg in args:
-        if not isinstance(arg, (str, bytes, os.PathLike)):
+        if type(arg) is str:  # os.fsencode's own encode, without its two calls
+            raw = arg.encode(_FS_ENCODING, _FS_ERRORS)
+        elif isinstance(arg, (str, bytes, os.PathLike)):
+            raw = os.fsencode(arg)
+        else:
             raise TypeError(f"argument must be str, bytes or path-like, not {type(arg).__name__}")
-        raw = os.fsencode(arg)
         if b"\0" in raw:
             raise ValueError("argument contains a NUL byte")
         argv.append(raw)
-    return argv, tuple(os.fsdecode(a) for a in argv)
+    return argv, tuple([raw.decode(_FS_ENCODING, _FS_ERRORS) for raw in argv])  # os.fsdecode's
+
+
+#: What os.fsencode and os.fsdecode use (read once by ``os`` too).
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 
 def _check_env(env: Optional[Mapping[str, str]]) -> Optional[list[bytes]]:
@@ -446,6 +477,9 @@ def _check_env(env: Optional[Mapping[str, str]]) -> Optional[list[bytes]]:
 def _check_timeout(timeout: Optional[float]) -> Optional[float]:
     if timeout is None:
         return None
+    if type(timeout) is int:  # never NaN nor infinite; float() raises for a huge one, as before
+        seconds = float(timeout)
+        return seconds if seconds > 0.0 else 0.0
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise TypeError("timeout must be a number or None")
     if math.isnan(timeout):
@@ -535,10 +569,10 @@ def run(
     """
     settings = config.RunnerSettings.from_env()
     argv, args_text = _check_args(args)
-    envp = _check_env(env)
+    envp = None if env is None else _check_env(env)
     deadline = _check_timeout(timeout)
     grace_s = settings.grace_s if grace is None else _check_grace(grace)
-    stop_signo = _check_stop_signal(stop_signal)
+    stop_signo = None if stop_signal is None else _check_stop_signal(stop_signal)
     if input is not None and not isinstance(input, (bytes, bytearray, memoryview)):
         raise TypeError("input must be bytes or None")
     if capture_limit is None:
@@ -556,7 +590,7 @@ def run(
         bcwd = os.fsencode(cwd)
         if b"\0" in bcwd:
             raise ValueError("cwd contains a NUL byte")
-    tee_fd = _tee_fd(tee)
+    tee_fd = -1 if tee is None else _tee_fd(tee)
     stdin_bytes = bytes(input) if input is not None else None
     if on_event is not None and not callable(on_event):
         raise TypeError("on_event must be callable")
@@ -584,9 +618,9 @@ def run(
 def _set_fields(result: RunResult, **fields: Any) -> RunResult:
     """Fill fields of a result that nobody else holds yet (made by this run, not returned): in
     place, as its own ``__init__`` would, instead of ``dataclasses.replace``'s copy of every
-    field (~20 us a run)."""
-    for name, value in fields.items():
-        object.__setattr__(result, name, value)
+    field (~20 us a run). Its fields live in its ``__dict__`` (no slots, no descriptors), so
+    one update of it is ``object.__setattr__`` of each."""
+    vars(result).update(fields)
     return result
 
 
@@ -621,7 +655,9 @@ class _Evidence:
             self.close()
             return _set_fields(result, timeout_s=timeout)
         probe_pids = result.probe.pids if result.probe is not None else ()
-        tree = {result.pid, *probe_pids, *(pid for pid, _, _ in result.leaks)}
+        tree = {result.pid, *probe_pids}
+        if result.leaks:
+            tree.update(pid for pid, _, _ in result.leaks)
         readings = None if self.native is None else (self.native[0], self.native[1])
         pressure = self.watch.finish(tree_cpu_s=result.user_cpu_s + result.sys_cpu_s,
                                      tree_pids=tree, wall_s=result.duration_s, readings=readings)
@@ -647,15 +683,15 @@ class _Evidence:
         if kills is not None and result.cgroup is not None:  # its own cgroup, fresh: from 0
             moved = (os.path.join(result.cgroup, "memory.events"), kills, group_kills or 0)
         vmstat = max(after[15] - before[15], 0) if after[15] >= 0 and before[15] >= 0 else 0
-        return _oom.decide(kills=_oom.kills_from_records(records or ()),
+        return _oom.decide(kills=_oom.kills_from_records(records) if records else [],
                            log_complete=bool(complete), leader=result.pid, pids=probe_pids,
                            returncode=result.returncode, timed_out=result.timed_out,
                            cgroup=result.cgroup, moved=moved, vmstat_delta=vmstat)
 
 
-@dataclass(frozen=True)
-class _Launch:
-    """One checked ``run()`` call, ready for a backend."""
+class _Launch(NamedTuple):
+    """One checked ``run()`` call, ready for a backend (a named tuple: made in ~1 us, where
+    a frozen dataclass of 15 fields takes ~4 us, every run)."""
 
     backend: str
     argv: list[bytes]
@@ -701,8 +737,7 @@ def _run_probed(launch: _Launch, packages: Sequence[str],
     stage, timeout, grace_s = _diagnostic_stage(channel, launch.timeout, launch.grace_s)
     try:
         probe_env = channel.environ(os.environ if launch.env is None else launch.env)
-        probed = dataclasses.replace(
-            launch,
+        probed = launch._replace(
             argv=[os.fsencode(a) for a in _probe.inject([os.fsdecode(a) for a in launch.argv])],
             env=probe_env, envp=_check_env(probe_env), timeout=timeout, grace_s=grace_s,
         )
@@ -785,7 +820,7 @@ def _run_native(
     spare = _cgroup.next_name(plan.parent, keep) if cgroup_path is not None and plan.parent else None
     try:
         raw = _native.run(
-            os.fsencode(_shepherd_path),
+            _shepherd_bytes,
             argv,
             envp,
             cwd,
@@ -830,7 +865,8 @@ def _run_native(
     raw.pop("cgroup_removed", None)
     if raw["spawn_error"] is not None and raw["pid"] is None:
         raw["containment"] = "none"
-    return RunResult(args=args_text, backend="native", **raw)
+    raw["args"], raw["backend"] = args_text, "native"
+    return _new_result(raw)
 
 
 def _remove_quietly(path: str) -> None:
