@@ -15,6 +15,8 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -200,7 +202,7 @@ int cg_wait_empty(int dfd, int64_t timeout_ns)
 
 void cg_files_init(struct cg_files *f)
 {
-    f->cpu_stat = -1;
+    f->cpu_stat = f->cpu_pressure = -1;
     for (int i = 0; i < CG_MADE_FILES; i++)
         f->made[i] = -1;
 }
@@ -209,6 +211,8 @@ void cg_files_close(struct cg_files *f)
 {
     if (f->cpu_stat >= 0)
         close(f->cpu_stat);
+    if (f->cpu_pressure >= 0)
+        close(f->cpu_pressure);
     for (int i = 0; i < CG_MADE_FILES; i++)
         if (f->made[i] >= 0)
             close(f->made[i]);
@@ -247,6 +251,16 @@ void cg_read_cpu(int dfd, struct cg_files *f, struct cg_usage *u)
     }
 }
 
+int64_t cg_read_cpu_some(int dfd, struct cg_files *f)
+{
+    char buf[256];
+    const char *total;
+    if (cg_read_kept(dfd, &f->cpu_pressure, "cpu.pressure", buf, sizeof(buf)) < 0 ||
+        strncmp(buf, "some ", 5) != 0 || (total = strstr(buf, " total=")) == NULL)
+        return -1;
+    return strtoll(total + 7, NULL, 10);
+}
+
 void cg_read_usage(int dfd, struct cg_files *f, int cpu_only, struct cg_usage *u)
 {
     char buf[1024];
@@ -281,20 +295,100 @@ static const struct {
                                      * would be this cgroup's forever */
 };
 
-/* Return 1 if the directory dfd still has the mode and owner it had when made (a chmod by the
- * command would make the next run's cgroup unusable to an unprivileged caller). kernfs does
- * not move a cgroup directory's times when children come and go: they are not compared. */
-static int cg_same_inode(int dfd, const struct stat *made)
+/* The files of a run's cgroup whose mode and owner the runner relies on, after its directory
+ * (index 0: "" is the directory itself): a chmod of cgroup.procs by the command would make the
+ * next clone3 into it fail for an unprivileged caller; of cgroup.kill, the kill. */
+static const char *const made_inodes[CG_MADE_INODES] = {
+    "", "cgroup.procs", "cgroup.kill", "cgroup.events", "cgroup.freeze",
+};
+
+/* The cgroup attach types of BPF programs (linux/bpf.h enum bpf_attach_type, numbered here:
+ * old headers lack the newer ones; a type the kernel does not know answers EINVAL). */
+static const uint32_t bpf_cgroup_types[] = {
+    0, 1, 2, 3,         /* INET_INGRESS, INET_EGRESS, INET_SOCK_CREATE, SOCK_OPS */
+    6,                  /* DEVICE */
+    8, 9, 10, 11, 12, 13, 14, 15,  /* INET4/6 BIND, CONNECT, POST_BIND; UDP4/6 SENDMSG */
+    18, 19, 20, 21, 22, /* SYSCTL, UDP4/6 RECVMSG, GETSOCKOPT, SETSOCKOPT */
+    29, 30, 31, 32, 34, /* INET4/6 GETPEERNAME, GETSOCKNAME; INET_SOCK_RELEASE */
+    43,                 /* LSM_CGROUP */
+    49, 50, 51, 52, 53, /* UNIX CONNECT, SENDMSG, RECVMSG, GETPEERNAME, GETSOCKNAME (6.7) */
+};
+
+/* union bpf_attr as BPF_PROG_QUERY reads it (linux/bpf.h), without the header. */
+struct cg_bpf_query {
+    uint32_t target_fd, attach_type, query_flags, attach_flags;
+    uint64_t prog_ids;
+    uint32_t prog_cnt, pad;
+    uint64_t prog_attach_flags;
+};
+
+#define CG_BPF_PROG_QUERY 16
+
+/* FNV-1a 64 of n bytes at p into *h. */
+static void cg_mix(uint64_t *h, const void *p, size_t n)
 {
-    struct stat now;
-    return fstat(dfd, &now) == 0 && now.st_mode == made->st_mode &&
-           now.st_uid == made->st_uid && now.st_gid == made->st_gid;
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++) {
+        *h ^= b[i];
+        *h *= 1099511628211ULL;
+    }
 }
 
-int cg_reusable(int dfd, struct cg_files *f, const struct stat *made)
+int cg_snapshot(int dfd, struct cg_made *m)
+{
+    char names[1024];
+    long n;
+    memset(m, 0, sizeof(*m));
+    for (int i = 0; i < CG_MADE_INODES; i++) {
+        struct stat st;  /* raw system calls: old glibc headers inline fstat as __fxstat */
+        long rc = i == 0 ? syscall(SYS_fstat, dfd, &st)
+                         : syscall(SYS_newfstatat, dfd, made_inodes[i], &st, 0);
+        if (rc < 0)
+            return -1;
+        m->mode[i] = (uint32_t)st.st_mode;
+        m->uid[i] = (uint32_t)st.st_uid;
+        m->gid[i] = (uint32_t)st.st_gid;
+    }
+    /* extended attribute names (user.oomd_avoid steers systemd-oomd; trusted.* as root) */
+    m->xattrs = 14695981039346656037ULL;
+    n = syscall(SYS_flistxattr, dfd, names, sizeof(names));
+    if (n < 0 && errno != ENOTSUP && errno != EOPNOTSUPP)
+        return -1;  /* ERANGE: more names than we look at, not as made */
+    cg_mix(&m->xattrs, &n, sizeof(n));
+    if (n > 0)
+        cg_mix(&m->xattrs, names, (size_t)n);
+    return 0;
+}
+
+/* Return 1 if a BPF program is attached to the cgroup dfd (it stays there after the process
+ * that attached it exits: a device filter would deny the next command /dev/null), or if that
+ * cannot be known; 0 if none, or if we may not ask (EPERM: without CAP_NET_ADMIN neither could
+ * the command attach one, unless it gained privileges the caller has not: not looked for). */
+static int cg_has_bpf(int dfd)
+{
+    for (size_t i = 0; i < sizeof(bpf_cgroup_types) / sizeof(bpf_cgroup_types[0]); i++) {
+        struct cg_bpf_query q;
+        memset(&q, 0, sizeof(q));
+        q.target_fd = (uint32_t)dfd;
+        q.attach_type = bpf_cgroup_types[i];
+        if (syscall(SYS_bpf, CG_BPF_PROG_QUERY, &q, sizeof(q)) == 0) {
+            if (q.prog_cnt > 0)
+                return 1;
+            continue;
+        }
+        if (errno == EPERM || errno == ENOSYS)
+            return 0;  /* asked first: no type was queried */
+        if (errno != EINVAL)
+            return 1;  /* EINVAL: a type this kernel does not have */
+    }
+    return 0;
+}
+
+int cg_reusable(int dfd, struct cg_files *f, const struct cg_made *made)
 {
     char buf[512];
-    if (!cg_same_inode(dfd, made))
+    struct cg_made now;
+    if (cg_snapshot(dfd, &now) < 0 || memcmp(&now, made, sizeof(now)) != 0)
         return 0;
     for (int i = 0; i < CG_MADE_FILES; i++) {
         if (cg_read_kept(dfd, &f->made[i], made_state[i].file, buf, sizeof(buf)) < 0) {
@@ -306,7 +400,7 @@ int cg_reusable(int dfd, struct cg_files *f, const struct stat *made)
                                : cg_field(buf, "nr_descendants") != 0)
             return 0;
     }
-    return 1;
+    return !cg_has_bpf(dfd);
 }
 
 int cg_remove(const char *path)

@@ -6,7 +6,6 @@
 #define RETEST_CGROUP_H
 
 #include <stdint.h>
-#include <sys/stat.h>
 #include <sys/types.h>
 
 /* What the cgroup's own files say about the whole run (-1: the file or controller is absent). */
@@ -39,8 +38,9 @@ long cg_read_procs(int dfd, pid_t *pids, long cap);
 
 /* Kill everything in the cgroup at once: cgroup.kill (Linux 5.14), or, without it, freeze,
  * SIGKILL every pid in cgroup.procs, thaw (one pass: call again while populated). Return 0,
- * or -1 with errno. A cgroup killed this way is removed, never kept for another run: what
- * the kill leaves behind (a freeze half undone, a kill that raced a fork) is not looked for. */
+ * or -1 with errno. A cgroup once killed is removed, never kept for another run: on Linux
+ * 6.18 (checked) every later clone3(CLONE_INTO_CGROUP) into it is SIGKILLed at once (a
+ * process moved in through cgroup.procs is not). */
 int cg_kill(int dfd);
 
 /* Wait up to timeout_ns (< 0: no bound) for the cgroup to be empty, by poll() on
@@ -55,6 +55,7 @@ int cg_wait_empty(int dfd, int64_t timeout_ns);
  * and close cost ~12 us (kernfs makes a seq_file per open). -1: not open yet; -2: absent. */
 struct cg_files {
     int cpu_stat;
+    int cpu_pressure;
     int made[CG_MADE_FILES];
 };
 
@@ -68,16 +69,32 @@ void cg_files_close(struct cg_files *f);
  * system_us (-1 each if absent). */
 void cg_read_cpu(int dfd, struct cg_files *f, struct cg_usage *u);
 
+/* The "some" stall total (us) of cpu.pressure (through f), or -1 if absent. */
+int64_t cg_read_cpu_some(int dfd, struct cg_files *f);
+
 /* Read the accounting files into u (absent ones stay -1). cpu_only: the cgroup is known to
  * have no controller (cg_reusable said so), so memory.* and pids.* are not looked for. */
 void cg_read_usage(int dfd, struct cg_files *f, int cpu_only, struct cg_usage *u);
 
+/* The files whose mode and owner cg_snapshot notes (cgroup.c: made_inodes). */
+#define CG_MADE_INODES 5
+
+/* A run's cgroup as first opened, beside the texts of made_state: the mode and owner of its
+ * directory and of the files the runner relies on, and its extended attribute names. */
+struct cg_made {
+    uint32_t mode[CG_MADE_INODES], uid[CG_MADE_INODES], gid[CG_MADE_INODES];
+    uint64_t xattrs;  /* FNV-1a of flistxattr's answer */
+};
+
+/* Note the cgroup dfd as it is now into m. Return 0, or -1 with errno. */
+int cg_snapshot(int dfd, struct cg_made *m);
+
 /* Return 1 if the emptied cgroup dfd is as a run's cgroup is made, so that another run may
  * use it: no controller (cpu.stat is then all its accounting, and deltas of it are exact),
- * not frozen, a domain, no descendant and no limit on them, PSI on, and its directory's mode
- * and owner those of made (fstat when it was first opened). Else 0 (also when a read fails).
- * The files stay open in f. */
-int cg_reusable(int dfd, struct cg_files *f, const struct stat *made);
+ * not frozen, a domain, no descendant and no limit on them, PSI on, cg_snapshot equal to
+ * made's (modes, owners, xattr names), and no BPF program attached. Else 0 (also when a read
+ * fails). The files stay open in f. */
+int cg_reusable(int dfd, struct cg_files *f, const struct cg_made *made);
 
 /* Remove the (empty) cgroup at path; retry a moment on EBUSY (the kernel releases a
  * cgroup's last task asynchronously). Return 0 (ENOENT too), or -1 with errno. */

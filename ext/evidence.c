@@ -121,22 +121,6 @@ static void read_psi(struct ev_machine *m, int i)
     }
 }
 
-int64_t ev_cgroup_cpu_some(const char *cgroup)
-{
-    static const char file[] = "/cpu.pressure";
-    char path[4096], buf[SMALL_FILE];
-    size_t len = strlen(cgroup);
-    const char *v;
-    if (len + sizeof(file) > sizeof(path))
-        return -1;
-    memcpy(path, cgroup, len);
-    memcpy(path + len, file, sizeof(file));
-    if (read_file(path, buf, sizeof(buf)) <= 0 || strncmp(buf, "some ", 5) != 0 ||
-        (v = psi_field(buf, "total=")) == NULL)
-        return -1;
-    return parse_int(v, NULL);
-}
-
 /* Call fn(line, ctx) for each line of path (NUL-terminated, without its '\n') until fn
  * returns nonzero, reading through a small buffer on the stack: /proc/stat and /proc/vmstat
  * are several KiB and read twice a run, and a heap buffer each time is churn (and, under

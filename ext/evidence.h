@@ -44,10 +44,6 @@ struct ev_kmsg {
 /* Read the machine now; with_vmstat: also /proc/vmstat's OOM counters (25 us: not always). */
 void ev_machine_read(struct ev_machine *m, int with_vmstat);
 
-/* The "some" stall total (us) of the cgroup at path's cpu.pressure, or -1 if absent: a kept
- * run cgroup's counter at the next run's start (it rests while the cgroup is empty). */
-int64_t ev_cgroup_cpu_some(const char *cgroup);
-
 /* Place a cursor at the end of the kernel log; never fails (k->fd -1, open_errno set). */
 void ev_kmsg_open(struct ev_kmsg *k);
 /* Read what was logged since the cursor (or since the last collect), keep the OOM records. */

@@ -33,7 +33,6 @@
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -230,8 +229,6 @@ int chdir(const char *path) { return (int)SC(SYS_chdir, path, 0, 0, 0, 0, 0); }
 int fchdir(int fd) { return (int)SC(SYS_fchdir, fd, 0, 0, 0, 0, 0); }
 int pipe2(int fds[2], int flags) { return (int)SC(SYS_pipe2, fds, flags, 0, 0, 0, 0); }
 int rmdir(const char *path) { return (int)SC(SYS_unlinkat, AT_FDCWD, path, AT_REMOVEDIR, 0, 0, 0); }
-/* glibc's struct stat is the kernel's on x86_64 and aarch64 (asm-generic) */
-int fstat(int fd, struct stat *st) { return (int)SC(SYS_fstat, fd, st, 0, 0, 0, 0); }
 
 int execve(const char *path, char *const argv[], char *const envp[])
 {

@@ -100,6 +100,8 @@ struct pg_record {
                                * next request; else it exits right after this record */
     int32_t cgroup_kept;      /* FINAL: PG_REQ_CG_KEEP and the cgroup is empty, unkilled and as
                                * it was made: left for the caller's next run, not removed */
+    int64_t cg_some0_us;      /* STARTED, PG_REQ_CG_REUSED: its cpu.pressure some total before
+                               * the command (a new cgroup's is 0); -1: absent */
     int64_t age_us;           /* LEAK: how long the process had been running */
     int32_t text_len;         /* LEAK: bytes of text used */
     char text[PG_LEAK_TEXT];  /* LEAK: head of its command line */

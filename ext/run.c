@@ -171,7 +171,6 @@ struct run {
     int cg_removed;        /* it is gone after the run (by the shepherd or by us) */
     int cg_kept;           /* the shepherd left it for a later run (FINAL.cgroup_kept) */
     int cg_reused;         /* CGROUP_REUSED: it served an earlier run */
-    int64_t cg_some0;      /* reused, with evidence: its cpu.pressure some total at the start */
     int cg_path_released;  /* release_cgroup (or the spawn failure path) has run */
     struct pg_record leaks[PG_MAX_LEAKS];
     int n_leaks;
@@ -712,6 +711,9 @@ static int release_cgroup(struct run *r)
 {
     if (r->have_final && r->final.cgroup_removed)
         return 1;
+    if (r->have_spawn_failure && r->spawn_failure.stage == PG_STAGE_CGROUP &&
+        r->spawn_failure.err == ESTALE)
+        return 0;  /* a kept cgroup with a stranger in it: not ours to wait for, nor remove */
     if (r->have_final && r->final.cgroup_kept && !r->shepherd_lost) {
         r->cg_kept = 1;
         return 0;
@@ -932,7 +934,8 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
         set_item(d, "cgroup_errno", int_or_none(r->cg_path && !in_cgroup && cg_err > 0 ? cg_err : -1)) < 0 ||
         set_item(d, "cgroup_removed", PyBool_FromLong(r->cg_removed)) < 0 ||
         set_item(d, "cgroup_kept", PyBool_FromLong(r->cg_kept)) < 0 ||
-        set_item(d, "cgroup_cpu_some0", int_or_none(r->cg_some0)) < 0 ||
+        set_item(d, "cgroup_cpu_some0",
+                 int_or_none(r->cg_reused && r->have_started ? r->started.cg_some0_us : -1)) < 0 ||
         set_item(d, "leaks", leaks_tuple(r)) < 0 ||
         set_item(d, "leak_count", PyLong_FromLong(r->final.leak_count)) < 0 ||
         set_item(d, "memory_peak_bytes", int_or_none(in_cgroup ? r->final.cg_memory_peak : -1)) < 0 ||
@@ -1315,8 +1318,6 @@ static void while_it_starts(struct run *r)
         ev_kmsg_open(&r->kmsg);
         ev_machine_read(&r->ev0, 1);
         r->have_evidence = 1;
-        if (r->cg_reused)  /* a fresh cgroup's starts at 0: nothing to read */
-            r->cg_some0 = ev_cgroup_cpu_some(r->cg_path);
     }
     if (r->prepare_path) {  /* mkdir costs ~45 us under cgroup_mutex: not the next run's */
         r->prepare_errno = mkdir(r->prepare_path, 0777) == 0 ? 0 : errno;
@@ -1403,7 +1404,6 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     memset(&r, 0, sizeof(r));
     r.out_r = r.err_r = r.in_w = r.ctl = r.keep_ctl = r.tee_fd = r.kmsg.fd = -1;
     r.shepherd = -1;
-    r.cg_some0 = -1;
     r.names[0] = names[0];
     r.names[1] = names[1];
     if (parse_run_args(&r, &a, args, nargs) < 0)

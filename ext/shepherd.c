@@ -86,7 +86,7 @@ struct cg_cache {
     char *path;                 /* malloc'd: the cgroup these are of; NULL: none kept */
     int dfd, events;
     struct cg_files files;
-    struct stat made;
+    struct cg_made made;
 };
 
 struct state {
@@ -110,6 +110,9 @@ struct state {
     int in_cgroup;              /* the command runs in it: the tree is its members */
     int cg_empty;               /* the last read of cgroup.events said "populated 0" */
     int cg_killed;              /* cgroup.kill (or the freezer) was used on it: never reused */
+    int saw_sigkill;            /* a process reaped in this run died of SIGKILL: maybe by a
+                                 * cgroup.kill of the command's own, so the cgroup is not kept */
+    int64_t cg_some0;           /* PG_REQ_CG_REUSED: its cpu.pressure some total at the start */
     struct cg_usage cg_base;    /* PG_REQ_CG_REUSED: cpu.stat before this run's command */
     struct cg_cache cg;         /* its open files and first stat; kept across runs */
     int children_left;          /* the last reap() left children of ours unreaped */
@@ -854,6 +857,8 @@ static int reap(struct state *st)
         pid_t pid = wait4(-1, &status, WNOHANG | __WALL, &ru);
         if (pid > 0) {
             add_rusage(st, &ru);
+            if (WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL)
+                st->saw_sigkill = 1;
             if (pid == st->leader) {
                 st->leader_alive = 0;
                 st->leader_status = status;
@@ -1334,6 +1339,7 @@ static void start_command(struct state *st)
         rec.pid = pid;
         rec.in_cgroup = placed;
         rec.cgroup_err = st->final.cgroup_err;
+        rec.cg_some0_us = placed && (st->req_flags & PG_REQ_CG_REUSED) ? st->cg_some0 : -1;
         send_record(st, &rec);
     }
 }
@@ -1399,10 +1405,24 @@ static int tree_left(struct state *st, int children_left)
     return children_left;
 }
 
-/* This run's share of a cpu.stat counter that began at base (-1: a fresh cgroup, from 0). */
-static int64_t cpu_delta(int64_t now, int64_t base)
+/* This run's share of a cpu.stat counter that stood at base when it began (reused: the
+ * cgroup served an earlier run; else it is new and counts from 0). -1: unknown. */
+static int64_t cpu_delta(int64_t now, int64_t base, int reused)
 {
-    return now < 0 || base < 0 ? now : now - base;
+    if (!reused)
+        return now;
+    return now < 0 || base < 0 ? -1 : now - base;
+}
+
+/* Return 1 if this run's emptied cgroup may serve a later run (issue 15): asked to, and
+ * nothing of the run left or came back (no child of ours left: one that moved itself out
+ * could move back), no kill of ours or, as far as we can tell, of the command's own (a
+ * cgroup.kill written from inside kills its writer: SIGKILL among what we reaped), and the
+ * cgroup as made (cg_reusable). */
+static int keep_cgroup(struct state *st)
+{
+    return (st->req_flags & PG_REQ_CG_KEEP) && !st->cg_killed && !st->saw_sigkill &&
+           !st->children_left && cg_reusable(st->cg_dfd, &st->cg.files, &st->cg.made);
 }
 
 /* cgroup mode, once the tree is gone: reap the last members (they leave the cgroup a moment
@@ -1412,7 +1432,7 @@ static int64_t cpu_delta(int64_t now, int64_t base)
 static void finish_cgroup(struct state *st)
 {
     struct cg_usage u;
-    int keep;
+    int keep, reused;
     if (!st->in_cgroup || !(st->cg_empty || cg_populated(st->cg_dfd, st->cg_events) == 0))
         return;  /* a member survived SIGKILL (unkillable): the caller tries rmdir later */
     for (int i = 0; i < 200 && st->children_left; i++) {
@@ -1423,12 +1443,12 @@ static void finish_cgroup(struct state *st)
     }
     /* Issue 15: a fresh cgroup per run costs ~200 us of kernel work (mkdir, the first task,
      * rmdir); one that ends as it was made serves the caller's next run instead. */
-    keep = (st->req_flags & PG_REQ_CG_KEEP) && !st->cg_killed &&
-           cg_reusable(st->cg_dfd, &st->cg.files, &st->cg.made);
+    keep = keep_cgroup(st);
     cg_read_usage(st->cg_dfd, &st->cg.files, keep, &u);
-    st->final.cg_usage_us = cpu_delta(u.usage_us, st->cg_base.usage_us);
-    st->final.cg_user_us = cpu_delta(u.user_us, st->cg_base.user_us);
-    st->final.cg_system_us = cpu_delta(u.system_us, st->cg_base.system_us);
+    reused = (st->req_flags & PG_REQ_CG_REUSED) != 0;
+    st->final.cg_usage_us = cpu_delta(u.usage_us, st->cg_base.usage_us, reused);
+    st->final.cg_user_us = cpu_delta(u.user_us, st->cg_base.user_us, reused);
+    st->final.cg_system_us = cpu_delta(u.system_us, st->cg_base.system_us, reused);
     st->final.cg_memory_peak = u.memory_peak;
     st->final.cg_pids_peak = u.pids_peak;
     st->final.cg_oom_kill = u.oom_kill;
@@ -1465,7 +1485,7 @@ static int open_cgroup_fresh(struct state *st, const char *path)
         drop_cgroup(st, errno);  /* not a cgroup v2 directory */
         return -1;
     }
-    if ((st->req_flags & PG_REQ_CG_KEEP) && fstat(st->cg_dfd, &st->cg.made) < 0)
+    if ((st->req_flags & PG_REQ_CG_KEEP) && cg_snapshot(st->cg_dfd, &st->cg.made) < 0)
         st->req_flags &= ~PG_REQ_CG_KEEP;
     return 0;
 }
@@ -1483,8 +1503,14 @@ static void open_cgroup(struct state *st, const char *path)
     } else if (open_cgroup_fresh(st, path) < 0) {
         return;
     }
-    if (st->req_flags & PG_REQ_CG_REUSED)  /* nothing runs in it now: its counters rest */
-        cg_read_cpu(st->cg_dfd, &st->cg.files, &st->cg_base);
+    if (!(st->req_flags & PG_REQ_CG_REUSED))
+        return;
+    /* Something of an earlier run that left the cgroup may have come back (write access to
+     * its cgroup.procs is all it takes): this run must not count it, nor be counted with it. */
+    if (cg_populated(st->cg_dfd, st->cg_events) != 0)
+        fail_start(st, PG_STAGE_CGROUP, ESTALE);  /* nothing ran: the caller takes another */
+    cg_read_cpu(st->cg_dfd, &st->cg.files, &st->cg_base);  /* empty: its counters rest */
+    st->cg_some0 = cg_read_cpu_some(st->cg_dfd, &st->cg.files);
 }
 
 /* React to the caller: a terminate byte, or the socket closing because the caller died. */
@@ -1855,6 +1881,7 @@ static void reset_run(struct state *st)
     st->final.cg_usage_us = st->final.cg_user_us = st->final.cg_system_us = -1;
     st->final.cg_memory_peak = st->final.cg_pids_peak = -1;
     st->final.cg_oom_kill = st->final.cg_oom_group_kill = -1;
+    st->cg_some0 = -1;
     st->cg_base.usage_us = st->cg_base.user_us = st->cg_base.system_us = -1;
     st->cg_dfd = st->cg_events = -1;
     st->stdio[0] = st->stdio[1] = st->stdio[2] = st->stdio[3] = -1;

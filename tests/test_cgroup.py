@@ -14,8 +14,10 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
+import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -134,6 +136,35 @@ def test_a_kept_cgroups_stall_is_counted_from_the_runs_start(cgroup_mode: str) -
     assert after.run_cpu.some_share is not None and after.run_cpu.some_share < 0.1
 
 
+def test_a_kept_cgroup_someone_moved_into_is_not_used(cgroup_mode: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A kept cgroup found populated when a run takes it (a process came back into it) is not
+    the run's: nothing of the command ran yet, so the run goes again in another cgroup (said
+    in a warning) rather than count a stranger, and the parent stays usable."""
+    warm = run(["true"], timeout=30, backend="native")
+    if not _reusable_here(warm.cgroup):
+        pytest.skip("the run cgroups here have controllers: each run gets a fresh one")
+    assert warm.cgroup is not None
+    stranger = subprocess.Popen(["sleep", "30"])
+    try:
+        Path(warm.cgroup, "cgroup.procs").write_text(str(stranger.pid))
+        with caplog.at_level(logging.WARNING, logger="retest.proc_group"):
+            taken = run(["cat", "/proc/self/cgroup"], timeout=30, backend="native")
+        assert taken.returncode == 0, taken
+        assert taken.containment == "cgroup" and taken.cgroup not in (None, warm.cgroup), taken
+        assert os.path.basename(taken.cgroup).encode() in taken.stdout
+        assert any("had a process back in it" in r.getMessage() for r in caplog.records)
+        assert Path(warm.cgroup, "cgroup.procs").read_text().split() == [str(stranger.pid)]
+        assert stranger.poll() is None  # not ours to kill
+    finally:
+        stranger.kill()
+        stranger.wait()
+    wait_until(lambda: "populated 0" in Path(warm.cgroup, "cgroup.events").read_text(), 10)
+    os.rmdir(warm.cgroup)
+    after = run(["true"], timeout=30, backend="native")
+    assert after.returncode == 0 and after.containment == "cgroup", after
+
+
 def _reusable_here(path: Optional[str]) -> bool:
     """Whether run cgroups can be kept here: they have no controller."""
     assert path is not None
@@ -141,15 +172,45 @@ def _reusable_here(path: Optional[str]) -> bool:
     return Path(parent, "cgroup.subtree_control").read_text().strip() == ""
 
 
+# A BPF_PROG_TYPE_CGROUP_DEVICE program that denies every device (r0 = 0; exit), attached to
+# the cgroup in argv[1]: it stays there after this process exits.
+_ATTACH_DENY_ALL = """
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+insns = ctypes.create_string_buffer(bytes.fromhex("b700000000000000" "9500000000000000"))
+lic = ctypes.create_string_buffer(b"GPL")
+attr = ctypes.create_string_buffer(struct.pack("=IIQQIIQI", 15, 2, ctypes.addressof(insns),
+                                               ctypes.addressof(lic), 0, 0, 0, 0), 128)
+prog = libc.syscall(321, 5, attr, 128)  # bpf(BPF_PROG_LOAD)
+if prog < 0:
+    sys.exit(5)
+cg = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+attr = ctypes.create_string_buffer(struct.pack("=IIII", cg, prog, 6, 0), 128)
+sys.exit(0 if libc.syscall(321, 8, attr, 128) == 0 else 6)  # BPF_PROG_ATTACH, CGROUP_DEVICE
+"""
+
+
 @pytest.mark.parametrize("change", ["max.depth", "max.descendants", "child left", "pressure off",
-                                    "frozen", "mode"])
-def test_a_cgroup_the_command_changed_is_not_reused(cgroup_mode: str, change: str) -> None:
+                                    "frozen", "mode", "cgroup.kill", "came back", "xattr",
+                                    "file mode", "bpf device filter"])
+def test_a_cgroup_the_command_changed_is_not_reused(cgroup_mode: str, change: str,
+                                                    pid_dir: Path) -> None:
     """A command running as the cgroup's owner may write its core files. Whatever it changed
     (a limit, a child cgroup, PSI off, the freezer, the mode), the next run must not find it:
     that cgroup is not kept, and the next run gets a fresh one with the defaults."""
     from retest import cgroup as cg
 
     script = {
+        # it kills its own cgroup: every later clone3 into that cgroup would be SIGKILLed
+        "cgroup.kill": 'sleep 30 & echo 1 > "$CG/cgroup.kill"; wait',
+        # a process that moved itself out and back in later would be counted in the next run
+        "came back": 'export CG; sh -c \'touch "$D/$$"; echo $$ > "$MOUNT/cgroup.procs"; '
+                     'sleep 0.5; echo $$ > "$CG/cgroup.procs"; exec sleep 30\' & sleep 0.2',
+        "xattr": f'exec {sys.executable} -c "import os, sys; '
+                 f'os.setxattr(sys.argv[1], \'user.oomd_avoid\', b\'1\')" "$CG" || exit 4',
+        "file mode": 'chmod 600 "$CG/cgroup.procs"',
+        "bpf device filter": f'exec {sys.executable} -c {shlex.quote(_ATTACH_DENY_ALL)} "$CG"',
         "max.depth": 'echo 0 > "$CG/cgroup.max.depth"',
         "max.descendants": 'echo 0 > "$CG/cgroup.max.descendants"',
         "child left": 'mkdir "$CG/c"',
@@ -164,7 +225,9 @@ def test_a_cgroup_the_command_changed_is_not_reused(cgroup_mode: str, change: st
         pytest.skip("the run cgroups here have controllers: each run gets a fresh one")
     mount = cg._v2_mount(Path("/proc/self/mountinfo").read_text())
     assert mount is not None
-    env = dict(os.environ, MOUNT=mount[0])
+    env = dict(os.environ, MOUNT=mount[0], D=str(pid_dir))
+    if change == "bpf device filter" and os.uname().machine != "x86_64":
+        pytest.skip("the BPF loader here knows x86_64's bpf() number only")
     find_cg = 'CG="$MOUNT$(sed -n "s/^0:://p" /proc/self/cgroup)"; '
     changed = run(["sh", "-c", find_cg + script], env=env, timeout=1 if change == "frozen" else 30,
                   grace=0.3, backend="native")
@@ -172,14 +235,31 @@ def test_a_cgroup_the_command_changed_is_not_reused(cgroup_mode: str, change: st
     try:
         if change == "pressure off" and changed.returncode == 3:
             pytest.skip("no cgroup.pressure on this kernel")
-        assert changed.timed_out if change == "frozen" else changed.returncode == 0, changed
+        if change == "xattr" and changed.returncode == 4:
+            pytest.skip("no setfattr here, or no user xattrs on cgroupfs")
+        if change == "bpf device filter" and changed.returncode in (5, 6):
+            pytest.skip("cannot load or attach a BPF program here")
+        if change == "frozen":
+            assert changed.timed_out, changed
+        elif change == "cgroup.kill":
+            assert changed.returncode == -signal.SIGKILL, changed
+        else:
+            assert changed.returncode == 0, changed
         after = run(["sh", "-c", find_cg + 'cat "$CG/cgroup.max.depth" "$CG/cgroup.max.descendants"'
-                     ' "$CG/cgroup.freeze"; stat -c %a "$CG"; ls "$CG" | grep -cx c; true'],
+                     ' "$CG/cgroup.freeze"; stat -c %a "$CG"; ls "$CG" | grep -cx c; '
+                     'n=0; while read p; do n=$((n+1)); done < "$CG/cgroup.procs"; echo $n; '
+                     'echo > /dev/null && echo devnull; true'],
                     env=env, timeout=30, backend="native")
         assert after.cgroup is not None and changed.cgroup != after.cgroup, (changed, after)
         assert after.returncode == 0 and after.stdout.split()[:3] == [b"max", b"max", b"0"], after
-        assert after.stdout.split()[4:] == [b"0"], after  # no child cgroup in it
+        # no child cgroup in it, only its own shell in it, /dev/null usable
+        assert after.stdout.split()[4:] == [b"0", b"1", b"devnull"], after
+        assert after.leak_count == 0, after
     finally:
+        if change == "came back":  # the one that moved out (recorded in pid_dir): gone now
+            kill_recorded(recorded_pids(pid_dir))
+            wait_until(lambda: not os.path.isdir(changed.cgroup) or
+                       "populated 0" in Path(changed.cgroup, "cgroup.events").read_text(), 10)
         if os.path.isdir(os.path.join(changed.cgroup, "c")):
             os.rmdir(os.path.join(changed.cgroup, "c"))
         if os.path.isdir(changed.cgroup):

@@ -67,7 +67,8 @@ def test_an_idle_shepherd_holds_nothing_of_the_last_run(containment: str, tmp_pa
     if containment == "cgroup":
         assert result.cgroup in kept and os.path.isdir(result.cgroup), targets
         assert {os.path.basename(t) for t in kept} <= {
-            os.path.basename(result.cgroup), "cgroup.events", "cpu.stat", "cgroup.controllers",
+            os.path.basename(result.cgroup), "cgroup.events", "cpu.stat", "cpu.pressure",
+            "cgroup.controllers",
             "cgroup.freeze", "cgroup.type", "cgroup.max.descendants", "cgroup.max.depth",
             "cgroup.pressure", "cgroup.stat"}, kept
 
