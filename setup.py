@@ -48,7 +48,7 @@ def native_build_failed(why):
     sys.exit(f"retest: {why}\n{HOW_TO_FIX}")
 
 EXT_SOURCES = ["ext/_proc_group.c", "ext/run.c", "ext/capture.c", "ext/classify.c", "ext/cgroup.c",
-               "ext/evidence.c", "ext/pool.c", "ext/fingerprint.c"]
+               "ext/evidence.c", "ext/pool.c", "ext/fingerprint.c", "ext/child.c"]
 SHEPHERD_SOURCES = ["ext/shepherd.c", "ext/cgroup.c"]
 #: The no-libc shepherd: its own runtime, nothing from the system but the headers. No stack
 #: protector or fortify wrappers (they call into libc), no PIE (no self-relocation needed),

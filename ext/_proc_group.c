@@ -1,5 +1,6 @@
 /* retest._proc_group: module definition only. The work lives by area in run.c (spawn,
- * wait, capture: the caller's side), pool.c (idle shepherds), fingerprint.c (the state they
+ * wait, capture: the caller's side), pool.c (idle shepherds), child.c (waiting for and
+ * signalling a shepherd through its pidfd), fingerprint.c (the state they
  * were started from), shepherd.c (containment: a
  * separate executable) and classify.c (verdicts). Multi-phase init; the state holds the interned stream names
  * passed to the output callback. */

@@ -14,13 +14,14 @@
  * environment and the cwd (as an fd) travel with each request.
  *
  * The pool is the process's (shepherds are its children), behind one mutex; a forked child
- * forgets it (pthread_atfork): the idle shepherds are its parent's. The fingerprint itself
- * is fingerprint.c's.
+ * forgets it (pthread_atfork): the idle shepherds are its parent's. Each entry holds its
+ * shepherd's pidfd, so that letting it go waits for and signals that shepherd only, even if
+ * code outside retest reaped it meanwhile and its pid is another child's now (child.c). The
+ * fingerprint itself is fingerprint.c's.
  */
 #define _GNU_SOURCE
 #include "pool.h"
 
-#include <errno.h>
 #include <pthread.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -31,8 +32,7 @@
 /* ---------------------------------------------------------------- the pool */
 
 struct idle {
-    pid_t pid;
-    int ctl;
+    struct pg_shepherd sh;
     uint64_t fp;
 };
 
@@ -51,14 +51,23 @@ static struct {
     pid_t tid, shepherd;
 } running[PG_RUNNING_MAX];
 
-/* In a forked child: the idle shepherds are the parent's; close our copies of their sockets
- * (their parent still holds its own) and start empty. Another thread may have held the lock
- * at the fork: it is made anew. */
+/* Close our copies of the idle shepherds' socket and pidfd and empty the pool: they are
+ * another process's (its parent still holds its own). A pidfd kept here could still signal
+ * them. */
+static void forget_pool(void)
+{
+    for (size_t i = 0; i < pool_len; i++) {
+        close(pool[i].sh.ctl);
+        pg_shepherd_close_pidfd(&pool[i].sh);
+    }
+    pool_len = 0;
+}
+
+/* In a forked child: the idle shepherds are the parent's; forget them and start empty.
+ * Another thread may have held the lock at the fork: it is made anew. */
 static void forget_after_fork(void)
 {
-    for (size_t i = 0; i < pool_len; i++)
-        close(pool[i].ctl);
-    pool_len = 0;
+    forget_pool();
     memset(running, 0, sizeof(running));
     pthread_mutex_init(&pool_lock, NULL);
 }
@@ -86,21 +95,17 @@ static void lock_pool(void)
 {
     pthread_once(&pool_once, register_fork_handler);
     pthread_mutex_lock(&pool_lock);
-    if (pool_len && pool_owner != getpid()) {
-        for (size_t i = 0; i < pool_len; i++)
-            close(pool[i].ctl);
-        pool_len = 0;
-    }
+    if (pool_len && pool_owner != getpid())
+        forget_pool();
 }
 
-int pg_pool_take(uint64_t fp, pid_t *pid, int *ctl)
+int pg_pool_take(uint64_t fp, struct pg_shepherd *sh)
 {
     int found = 0;
     lock_pool();
     for (size_t i = pool_len; i-- > 0;) {  /* the most recently used first */
         if (pool[i].fp == fp) {
-            *pid = pool[i].pid;
-            *ctl = pool[i].ctl;
+            *sh = pool[i].sh;
             memmove(&pool[i], &pool[i + 1], (pool_len - i - 1) * sizeof(pool[0]));
             pool_len--;
             found = 1;
@@ -111,14 +116,13 @@ int pg_pool_take(uint64_t fp, pid_t *pid, int *ctl)
     return found;
 }
 
-int pg_pool_evict(int keep, pid_t *pid, int *ctl)
+int pg_pool_evict(int keep, struct pg_shepherd *sh)
 {
     int evicted = 0;
     lock_pool();
     if (keep < 0 || pool_len > (size_t)keep) {
         if (pool_len > 0) {  /* the least recently used: it may hold a state nobody asks for */
-            *pid = pool[0].pid;
-            *ctl = pool[0].ctl;
+            *sh = pool[0].sh;
             memmove(&pool[0], &pool[1], (pool_len - 1) * sizeof(pool[0]));
             pool_len--;
             evicted = 1;
@@ -128,13 +132,12 @@ int pg_pool_evict(int keep, pid_t *pid, int *ctl)
     return evicted;
 }
 
-int pg_pool_put(uint64_t fp, pid_t pid, int ctl, int max_idle)
+int pg_pool_put(uint64_t fp, const struct pg_shepherd *sh, int max_idle)
 {
     int kept = 0;
     lock_pool();
     if (!pool_disabled && pool_len < (size_t)max_idle && pool_len < PG_POOL_MAX) {
-        pool[pool_len].pid = pid;
-        pool[pool_len].ctl = ctl;
+        pool[pool_len].sh = *sh;
         pool[pool_len].fp = fp;
         pool_len++;
         pool_owner = getpid();
@@ -144,40 +147,37 @@ int pg_pool_put(uint64_t fp, pid_t pid, int ctl, int max_idle)
     return kept;
 }
 
-void pg_pool_retire(pid_t pid, int ctl)
+void pg_pool_retire(struct pg_shepherd *sh)
 {
     struct timespec pause = {0, 50 * 1000};
-    pid_t got = 0;
+    int got = 0;
     /* An idle shepherd exits when its socket hangs up; shutdown, not only close: a forked
      * child of ours may hold a copy of it. */
-    shutdown(ctl, SHUT_RDWR);
-    close(ctl);
+    shutdown(sh->ctl, SHUT_RDWR);
+    close(sh->ctl);
+    sh->ctl = -1;
     for (int i = 0; i < 4000 && got == 0; i++) {  /* ~200 ms at most */
-        got = waitpid(pid, NULL, WNOHANG);
-        if (got < 0 && errno == EINTR)
-            got = 0;
-        else if (got == 0)
+        got = pg_shepherd_wait(sh, WNOHANG, NULL);  /* -1: ECHILD, reaped by someone else */
+        if (got == 0)
             nanosleep(&pause, NULL);
     }
-    if (got == 0) {
-        /* still our unreaped child (waitpid said so): stopped, or stuck. Its pid cannot have
-         * been reused; it has no child of its own. */
-        kill(pid, SIGKILL);
-        while (waitpid(pid, NULL, 0) < 0 && errno == EINTR)
-            ;
+    if (got == 0 && pg_shepherd_signal(sh, SIGKILL) == 0) {
+        /* Still our unreaped child (the wait said so): stopped, or stuck. It has no child of
+         * its own. A failed signal (ESRCH) means it was reaped meanwhile: nothing to wait. */
+        pg_shepherd_wait(sh, 0, NULL);
     }
+    pg_shepherd_close_pidfd(sh);
 }
 
-void pg_pool_give(uint64_t fp, pid_t pid, int ctl, int max_idle)
+void pg_pool_give(uint64_t fp, const struct pg_shepherd *sh, int max_idle)
 {
-    pid_t old_pid;
-    int old_ctl;
+    struct pg_shepherd old, self = *sh;
     if (max_idle > PG_POOL_MAX)
         max_idle = PG_POOL_MAX;
-    while (max_idle > 0 && pg_pool_evict(max_idle - 1, &old_pid, &old_ctl))
-        pg_pool_retire(old_pid, old_ctl);
-    if (max_idle <= 0 || !pg_pool_put(fp, pid, ctl, max_idle))
-        pg_pool_retire(pid, ctl);
+    while (max_idle > 0 && pg_pool_evict(max_idle - 1, &old))
+        pg_pool_retire(&old);
+    if (max_idle <= 0 || !pg_pool_put(fp, &self, max_idle))
+        pg_pool_retire(&self);
 }
 
 /* ---------------------------------------------------------------- runs in flight */
@@ -236,7 +236,7 @@ PyObject *pg_idle_shepherds(PyObject *module, PyObject *unused)
     lock_pool();
     n = pool_len;
     for (size_t i = 0; i < n; i++)
-        pids[i] = pool[i].pid;
+        pids[i] = pool[i].sh.pid;
     pthread_mutex_unlock(&pool_lock);
     t = PyTuple_New((Py_ssize_t)n);
     for (size_t i = 0; t && i < n; i++) {
@@ -257,14 +257,13 @@ const char pg_close_shepherds_doc[] =
 
 PyObject *pg_close_shepherds(PyObject *module, PyObject *unused)
 {
-    pid_t pid;
-    int ctl;
+    struct pg_shepherd sh;
     long count = 0;
     (void)module;
     (void)unused;
     Py_BEGIN_ALLOW_THREADS
-    while (pg_pool_evict(-1, &pid, &ctl)) {
-        pg_pool_retire(pid, ctl);
+    while (pg_pool_evict(-1, &sh)) {
+        pg_pool_retire(&sh);
         count++;
     }
     pg_fingerprint_close_files();

@@ -4,6 +4,7 @@
 #define RETEST_POOL_H
 
 #include "proc_group.h"
+#include "child.h"
 
 #include <stdint.h>
 #include <sys/types.h>
@@ -26,22 +27,25 @@ void pg_fingerprint_close_files(void);
 PyObject *pg_fingerprint_py(PyObject *module, PyObject *unused);
 extern const char pg_fingerprint_doc[];
 
-/* Take an idle shepherd started from state fp. Return 1 with *pid and *ctl set, else 0. */
-int pg_pool_take(uint64_t fp, pid_t *pid, int *ctl);
+/* Take an idle shepherd started from state fp. Return 1 with *sh set (its socket and pidfd
+ * are the caller's now), else 0. */
+int pg_pool_take(uint64_t fp, struct pg_shepherd *sh);
 
 /* Keep an idle shepherd (started from state fp) for a later run, making room by letting the
  * least recently used go when max_idle are kept; with max_idle <= 0 it goes itself. */
-void pg_pool_give(uint64_t fp, pid_t pid, int ctl, int max_idle);
+void pg_pool_give(uint64_t fp, const struct pg_shepherd *sh, int max_idle);
 
 /* Take out the least recently used idle shepherd if more than keep are kept (keep < 0: any).
- * Return 1 with *pid and *ctl set (the caller retires it), else 0. */
-int pg_pool_evict(int keep, pid_t *pid, int *ctl);
+ * Return 1 with *sh set (the caller retires it), else 0. */
+int pg_pool_evict(int keep, struct pg_shepherd *sh);
 
-/* Keep it if fewer than max_idle are kept. Return 1 if kept. */
-int pg_pool_put(uint64_t fp, pid_t pid, int ctl, int max_idle);
+/* Keep it if fewer than max_idle are kept. Return 1 if kept (the pool owns its fds). */
+int pg_pool_put(uint64_t fp, const struct pg_shepherd *sh, int max_idle);
 
-/* Let an idle shepherd go: hang up (it exits on EOF) and reap it. No GIL needed. */
-void pg_pool_retire(pid_t pid, int ctl);
+/* Let an idle shepherd go: hang up (it exits on EOF) and reap it, or SIGKILL it if it is
+ * still ours after ~200 ms; close its fds. One reaped by someone else is left alone. No GIL
+ * needed. */
+void pg_pool_retire(struct pg_shepherd *sh);
 
 /* Record that thread tid's run is served by shepherd (0: the run is over). A table of 256
  * threads at once; beyond that, runs are not recorded (the sampler then walks the thread's

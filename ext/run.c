@@ -17,6 +17,7 @@
 #include "proc_group.h"
 #include "capture.h"
 #include "cgroup.h"
+#include "child.h"
 #include "evidence.h"
 #include "pool.h"
 #include "protocol.h"
@@ -143,8 +144,8 @@ struct run {
     PyObject *names[2];    /* borrowed from module state */
 
     /* fds: ours to close */
-    int out_r, err_r, in_w, ctl;
-    pid_t shepherd;
+    int out_r, err_r, in_w;
+    struct pg_shepherd shepherd;  /* its pid, its socket (ctl: -1 once hung up), its pidfd */
     /* the idle shepherds (pool.c): how many to keep, the caller's state now */
     int pool_max;
     int have_fp;
@@ -228,8 +229,23 @@ static char **request_environ(const struct run *r)
     return v;
 }
 
+/* Hold a shepherd just started by its pidfd, before anything else can reap it. If none can
+ * be had (EMFILE, ENFILE, ENOMEM), let it go (by pid: it is our unreaped child, moments old)
+ * and return that errno: a run must not rest on a shepherd it cannot tell from a stranger.
+ * Return 0 or an errno. */
+static int hold_shepherd(struct pg_shepherd *sh)
+{
+    int err = pg_shepherd_hold(sh);
+    if (err) {
+        sh->pidfd = PG_PIDFD_NONE;
+        pg_pool_retire(sh);
+        pg_shepherd_clear(sh);
+    }
+    return err;
+}
+
 /* Start a shepherd: /dev/null as its fds 0..2, its end of a new socket as fd 3, in a session
- * of its own. Set r->shepherd and r->ctl. Return 0 or an errno. */
+ * of its own, held by a pidfd (child.c). Set r->shepherd. Return 0 or an errno. */
 static int spawn_shepherd(struct run *r)
 {
     posix_spawn_file_actions_t fa;
@@ -281,18 +297,19 @@ static int spawn_shepherd(struct run *r)
         (rc = posix_spawnattr_setsigmask(&attr, &none)) ||
         (rc = posix_spawnattr_setflags(&attr, flags)))
         goto cleanup;
-    rc = posix_spawn(&r->shepherd, r->shepherd_path, &fa, &attr, argv, envp);
+    rc = posix_spawn(&r->shepherd.pid, r->shepherd_path, &fa, &attr, argv, envp);
 cleanup:
     posix_spawnattr_destroy(&attr);
     posix_spawn_file_actions_destroy(&fa);
 out:
     PyMem_RawFree(envp);
     close_fd(&sv[1]);
-    if (rc)
+    if (rc) {
         close_fd(&sv[0]);
-    else
-        r->ctl = sv[0];
-    return rc;
+        return rc;
+    }
+    r->shepherd.ctl = sv[0];
+    return hold_shepherd(&r->shepherd);
 }
 
 /* Send the run's request on ctl: the header with the command's stdin, stdout and stderr as
@@ -344,7 +361,7 @@ static void send_terminate(struct run *r)
 {
     char cmd = PG_CMD_TERMINATE;
     int64_t backstop;
-    if (r->terminate_sent || r->ctl < 0)
+    if (r->terminate_sent || r->shepherd.ctl < 0)
         return;
     r->terminate_sent = 1;
     /* From here on we wait for the shepherd without checking signals: bound that wait even
@@ -352,7 +369,7 @@ static void send_terminate(struct run *r)
     backstop = now_ns() + r->grace_ns + BACKSTOP_SLACK_NS;
     if (r->backstop_ns < 0 || backstop < r->backstop_ns)
         r->backstop_ns = backstop;
-    while (send(r->ctl, &cmd, 1, MSG_NOSIGNAL | MSG_DONTWAIT) < 0 && errno == EINTR)
+    while (send(r->shepherd.ctl, &cmd, 1, MSG_NOSIGNAL | MSG_DONTWAIT) < 0 && errno == EINTR)
         ;
 }
 
@@ -376,20 +393,20 @@ static void kill_lost_tree(struct run *r)
 static void read_reports(struct run *r)
 {
     for (;;) {
-        ssize_t n = recv(r->ctl, (char *)&r->rec_buf + r->rec_got, sizeof(r->rec_buf) - r->rec_got,
-                         MSG_DONTWAIT);
+        ssize_t n = recv(r->shepherd.ctl, (char *)&r->rec_buf + r->rec_got,
+                         sizeof(r->rec_buf) - r->rec_got, MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK)
                 return;
-            hang_up(&r->ctl);  /* ECONNRESET: treat as EOF */
+            hang_up(&r->shepherd.ctl);  /* ECONNRESET: treat as EOF */
             if (!r->have_final)
                 kill_lost_tree(r);
             return;
         }
         if (n == 0) {
-            hang_up(&r->ctl);
+            hang_up(&r->shepherd.ctl);
             if (!r->have_final) {
                 /* The shepherd died before the tree did (someone SIGKILLed it). PDEATHSIG took
                  * the leader; the rest of its group is ours to kill, and in cgroup mode the
@@ -420,10 +437,10 @@ static void read_reports(struct run *r)
             r->final = r->rec_buf;
             r->have_final = 1;
             if (r->final.reusable && r->have_fp && !r->terminate_sent) {
-                r->keep_ctl = r->ctl;
-                r->ctl = -1;
+                r->keep_ctl = r->shepherd.ctl;
+                r->shepherd.ctl = -1;
             } else {
-                hang_up(&r->ctl);
+                hang_up(&r->shepherd.ctl);
             }
             return;
         case PG_REC_LEAK:
@@ -484,23 +501,22 @@ static void write_input(struct run *r)
 }
 
 /* Done with the shepherd: keep it for a later run if FINAL said it is clean (pool.c), else
- * wait for it to exit and record how (the caller has hung up its socket end). */
+ * wait for it to exit and record how (the caller has hung up its socket end). One that code
+ * outside retest reaped first is not waited for (its status: -1, unknown). */
 static void release_shepherd(struct run *r)
 {
+    int status = 0;
     if (r->keep_ctl >= 0) {  /* idle and clean: kept for a later run (or let go if not) */
-        pg_pool_give(r->fp, r->shepherd, r->keep_ctl, r->pool_max);
+        r->shepherd.ctl = r->keep_ctl;
         r->keep_ctl = -1;
-        r->shepherd = -1;
+        pg_pool_give(r->fp, &r->shepherd, r->pool_max);
+        pg_shepherd_clear(&r->shepherd);  /* its fds are the pool's now */
         r->shepherd_status = 0;
         return;
     }
-    int status = 0;
-    pid_t got;
-    do {
-        got = waitpid(r->shepherd, &status, 0);
-    } while (got < 0 && errno == EINTR);
-    r->shepherd_status = got == r->shepherd ? status : -1;
-    r->shepherd = -1;
+    r->shepherd_status = pg_shepherd_wait(&r->shepherd, 0, &status) == 1 ? status : -1;
+    pg_shepherd_close_pidfd(&r->shepherd);
+    r->shepherd.pid = -1;
 }
 
 /* Call the output callback with the GIL held. Return 0, or -1 with an exception set. */
@@ -572,7 +588,7 @@ static void finish_run(struct run *r, int completed);
  * hide Ctrl-C. */
 static void check_signals(struct run *r, struct pump_state *ps)
 {
-    if (r->ctl >= 0)
+    if (r->shepherd.ctl >= 0)
         read_reports(r);
     PyEval_RestoreThread(ps->ts);
     if (PyErr_CheckSignals() < 0) {
@@ -608,12 +624,12 @@ static int pump(struct run *r, struct child_fds *cf, int *start_err)
         PyEval_RestoreThread(ps.ts);
         return 0;
     }
-    while (r->out_r >= 0 || r->err_r >= 0 || r->ctl >= 0) {
+    while (r->out_r >= 0 || r->err_r >= 0 || r->shepherd.ctl >= 0) {
         struct pollfd fds[4];
         int nfds = 0, idx_out = -1, idx_err = -1, idx_ctl = -1, idx_in = -1, ready;
         int64_t now = now_ns(), wait_ms = SIGNAL_CHECK_MS;
 
-        if ((r->have_final || r->shepherd_lost) && r->ctl < 0) {
+        if ((r->have_final || r->shepherd_lost) && r->shepherd.ctl < 0) {
             if (drain_deadline_ns < 0) {
                 drain_deadline_ns = now + DRAIN_AFTER_FINAL_NS;
             } else if (now >= drain_deadline_ns) {
@@ -621,9 +637,11 @@ static int pump(struct run *r, struct child_fds *cf, int *start_err)
                 break;  /* a holder outside the tree keeps the pipe open: stop waiting */
             }
         }
-        if (r->backstop_ns >= 0 && now >= r->backstop_ns && !r->have_final && r->shepherd > 0) {
-            /* The shepherd is stuck or stopped: kill it; PDEATHSIG takes the leader down. */
-            kill(r->shepherd, SIGKILL);
+        if (r->backstop_ns >= 0 && now >= r->backstop_ns && !r->have_final &&
+            r->shepherd.pid > 0) {
+            /* The shepherd is stuck or stopped: kill it; PDEATHSIG takes the leader down.
+             * ESRCH: it is dead and reaped already (by code outside retest), nothing to do. */
+            pg_shepherd_signal(&r->shepherd, SIGKILL);
             kill_lost_tree(r);
             r->backstop_ns = -1;
         }
@@ -637,13 +655,13 @@ static int pump(struct run *r, struct child_fds *cf, int *start_err)
             fds[nfds].fd = r->err_r;
             fds[nfds++].events = POLLIN;
         }
-        if (r->ctl >= 0) {
+        if (r->shepherd.ctl >= 0) {
             /* While the output pipes are open, only the shepherd's death (POLLHUP, always
              * reported) matters on the socket: STARTED and LEAK records wait in its buffer,
              * and FINAL comes after the tree, and so the pipes' writers, are gone. One
              * wake-up per run fewer (issue 15). */
             idx_ctl = nfds;
-            fds[nfds].fd = r->ctl;
+            fds[nfds].fd = r->shepherd.ctl;
             fds[nfds++].events = r->out_r >= 0 || r->err_r >= 0 ? 0 : POLLIN;
         }
         if (r->in_w >= 0) {
@@ -689,10 +707,10 @@ static int pump(struct run *r, struct child_fds *cf, int *start_err)
         }
     }
     close_fd(&r->in_w);
-    hang_up(&r->ctl);
+    hang_up(&r->shepherd.ctl);
     close_fd(&r->out_r);
     close_fd(&r->err_r);
-    if (r->shepherd > 0)
+    if (r->shepherd.pid > 0)
         release_shepherd(r);
     r->end_ns = now_ns();
     finish_run(r, ps.exc_type == NULL);
@@ -1220,8 +1238,8 @@ static PyObject *spawn_failure_result(struct run *r, int err, int broken)
     close_fd(&r->out_r);
     close_fd(&r->err_r);
     close_fd(&r->in_w);
-    hang_up(&r->ctl);
-    r->shepherd = -1;
+    hang_up(&r->shepherd.ctl);
+    pg_shepherd_clear(&r->shepherd);  /* no shepherd started: no pidfd is held */
     r->have_spawn_failure = 1;
     r->spawn_failure.stage = broken ? PG_STAGE_SHEPHERD : PG_STAGE_SPAWN;
     r->spawn_failure.err = err;
@@ -1268,8 +1286,8 @@ static int early_evidence_stands(const struct run *r)
 static int hand_over(struct run *r, struct child_fds *cf)
 {
     struct pg_request *h = (struct pg_request *)r->req;
-    pid_t pid;
-    int ctl, err;
+    struct pg_shepherd idle;
+    int err;
 
     r->have_fp = r->pool_max > 0 && pg_fingerprint(&r->fp) == 0;
     if (r->have_fp && !r->cwd) {
@@ -1281,13 +1299,12 @@ static int hand_over(struct run *r, struct child_fds *cf)
         h->flags |= PG_REQ_CWD_FD;
     if (!r->have_fp)
         h->flags |= PG_REQ_LAST;  /* nobody could use it afterwards: it exits after FINAL */
-    while (r->have_fp && pg_pool_take(r->fp, &pid, &ctl)) {
-        if (send_request(r, ctl, cf->in_r, cf->out_w, cf->err_w, cf->cwd) == 0) {
-            r->shepherd = pid;
-            r->ctl = ctl;
+    while (r->have_fp && pg_pool_take(r->fp, &idle)) {
+        if (send_request(r, idle.ctl, cf->in_r, cf->out_w, cf->err_w, cf->cwd) == 0) {
+            r->shepherd = idle;
             return 0;
         }
-        pg_pool_retire(pid, ctl);
+        pg_pool_retire(&idle);
     }
     err = spawn_shepherd(r);
     if (err)
@@ -1302,8 +1319,8 @@ static int hand_over(struct run *r, struct child_fds *cf)
             h->flags |= PG_REQ_LAST;
         }
     }
-    if (send_request(r, r->ctl, cf->in_r, cf->out_w, cf->err_w, cf->cwd))
-        shutdown(r->ctl, SHUT_WR);  /* part of it went: EOF ends its read; pump sees it lost */
+    if (send_request(r, r->shepherd.ctl, cf->in_r, cf->out_w, cf->err_w, cf->cwd))
+        shutdown(r->shepherd.ctl, SHUT_WR);  /* part went: EOF ends its read; pump sees it lost */
     return 0;
 }
 
@@ -1346,7 +1363,7 @@ static int start_run(struct run *r, struct child_fds *cf)
     if (err)
         return err;
     r->tid = (pid_t)syscall(SYS_gettid);
-    pg_running_set(r->tid, r->shepherd);
+    pg_running_set(r->tid, r->shepherd.pid);
     while_it_starts(r);
     if (r->in_w >= 0 && r->input_len == 0)
         close_fd(&r->in_w);
@@ -1402,8 +1419,8 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject **names = (PyObject **)PyModule_GetState(module), *result = NULL;
 
     memset(&r, 0, sizeof(r));
-    r.out_r = r.err_r = r.in_w = r.ctl = r.keep_ctl = r.tee_fd = r.kmsg.fd = -1;
-    r.shepherd = -1;
+    r.out_r = r.err_r = r.in_w = r.keep_ctl = r.tee_fd = r.kmsg.fd = -1;
+    pg_shepherd_clear(&r.shepherd);
     r.names[0] = names[0];
     r.names[1] = names[1];
     if (parse_run_args(&r, &a, args, nargs) < 0)

@@ -9,13 +9,17 @@ per-run accounting, threads, fork, and that letting them go leaves nothing behin
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import resource
 import signal
+import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -24,6 +28,7 @@ from retest import proc_group
 from retest.proc_group import run
 
 PARENT = ["sh", "-c", "echo $PPID"]
+NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
 
 
 def _parent(**kw: object) -> int:
@@ -170,10 +175,11 @@ def test_a_forked_child_does_not_use_its_parents_shepherds(containment: str) -> 
     if pid == 0:  # the child: report, then leave without running any of pytest's clean-up
         try:
             idle_at_start = proc_group.idle_shepherds()
+            held_at_start = _pidfds()
             ppid = _parent()
-            ok = idle_at_start == () and ppid != parent_shepherd
+            ok = idle_at_start == () and held_at_start == {} and ppid != parent_shepherd
             proc_group.close_shepherds()
-            os.write(write, b"ok" if ok else f"{idle_at_start} {ppid}".encode())
+            os.write(write, b"ok" if ok else f"{idle_at_start} {held_at_start} {ppid}".encode())
         finally:
             os._exit(0)
     os.close(write)
@@ -279,3 +285,221 @@ def test_an_idle_shepherd_does_not_pin_the_directory_it_started_in(containment: 
         assert seen.stdout.decode().strip() == str(tmp_path)
     finally:
         os.chdir(old)
+
+
+# ---------------------------------------------------------------- shepherds reaped by others
+
+def _pidfds() -> dict[int, int]:
+    """This process's pidfds: fd -> the pid each names (-1 once that process is reaped)."""
+    held = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:[pidfd]":
+                continue
+            info = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        held[int(fd)] = int(info.split("\nPid:")[1].split()[0])
+    return held
+
+
+def _reap_as_a_stranger(pid: int) -> None:
+    """What code outside retest in the same process may do: kill and reap a shepherd."""
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+def _child_with_pid(pid: int) -> Optional[subprocess.Popen]:
+    """Start ``sleep 30`` as a child of ours that gets ``pid`` (free now), or None if other
+    forks on the machine keep taking it first (needs root: ns_last_pid)."""
+    for _ in range(50):
+        NS_LAST_PID.write_text(str(pid - 1))
+        child = subprocess.Popen(["sleep", "30"])
+        if child.pid == pid:
+            return child
+        child.kill()
+        child.wait()
+    return None
+
+
+def _stop(child: Optional[subprocess.Popen]) -> None:
+    """Kill and reap our own child (by its Popen), if it is still ours to."""
+    if child is not None and child.returncode is None:
+        child.kill()
+        child.wait()
+
+
+needs_pid_control = pytest.mark.skipif(
+    os.geteuid() != 0 or not NS_LAST_PID.exists(),
+    reason="choosing the next pid (/proc/sys/kernel/ns_last_pid) needs root")
+
+
+def test_each_idle_shepherd_is_held_by_a_pidfd(containment: str) -> None:
+    before = _pidfds()
+    first = _parent()
+    held = {fd: pid for fd, pid in _pidfds().items() if fd not in before}
+    assert list(held.values()) == [first], held
+    assert proc_group.close_shepherds() == 1
+    assert _pidfds() == before, "letting a shepherd go closes its pidfd"
+
+
+@needs_pid_control
+@pytest.mark.parametrize("then", ["close_shepherds", "the next run"])
+def test_a_shepherd_reaped_by_others_leaves_its_pids_next_owner_alone(containment: str,
+                                                                      then: str) -> None:
+    """An idle shepherd killed and reaped by code outside retest frees its pid, and another
+    child of ours gets it: letting that shepherd go (close_shepherds, or the next run, whose
+    request finds it dead) must neither kill that child nor reap it (its owner's wait would
+    then find nothing)."""
+    shepherd = _parent()
+    _reap_as_a_stranger(shepherd)
+    child = _child_with_pid(shepherd)
+    try:
+        if child is None:
+            pytest.skip(f"pid {shepherd} kept going to other processes")
+        if then == "close_shepherds":
+            assert proc_group.close_shepherds() == 1
+        else:
+            assert _parent() != shepherd
+            assert shepherd not in proc_group.idle_shepherds()
+        assert child.poll() is None, "retest killed or reaped a child not its own"
+        assert pid_alive(child.pid)
+        child.kill()
+        assert child.wait(10) == -signal.SIGKILL, "its owner sees its own exit status"
+    finally:
+        _stop(child)
+
+
+@needs_pid_control
+def test_a_lost_shepherd_reaped_by_others_is_not_waited_for(containment: str) -> None:
+    """The shepherd dies during a run and code outside retest reaps it (here: the output
+    callback), and another child of ours gets its pid: the end of the run must not wait for
+    that child (until it exits) nor take its exit status."""
+    taken: list[Optional[subprocess.Popen]] = []
+
+    def reap_then_reuse(stream: str, chunk: bytes) -> None:
+        if not taken:
+            shepherd = int(chunk.split()[0])
+            _reap_as_a_stranger(shepherd)
+            taken.append(_child_with_pid(shepherd))
+
+    watchdog = None
+    try:
+        # The old code blocked in waitpid on the child until it exited: end it after 5 s.
+        watchdog = threading.Timer(5, lambda: taken and _stop(taken[0]))
+        watchdog.start()
+        t0 = time.monotonic()
+        result = run(["sh", "-c", "echo $PPID; exec sleep 30"], on_output=reap_then_reuse,
+                     timeout=30, grace=1, backend="native")
+        took = time.monotonic() - t0
+        watchdog.cancel()
+        child = taken[0] if taken else None
+        if child is None:
+            pytest.skip("the shepherd's pid kept going to other processes")
+        assert child.poll() is None, "retest waited for, or killed, a child not its own"
+        assert took < 4, f"run() took {took:.1f} s: it waited for a child not its own"
+        assert result.spawn_error == "retest shepherd lost: no final report", result.spawn_error
+        child.kill()
+        assert child.wait(10) == -signal.SIGKILL, "its owner sees its own exit status"
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        for child in taken:
+            _stop(child)
+
+
+def test_a_lost_shepherd_reports_how_it_died(containment: str) -> None:
+    """Its wait status is made from waitid's siginfo: a SIGKILL reads as signal 9."""
+    killed: list[int] = []
+
+    def kill_it(stream: str, chunk: bytes) -> None:
+        if not killed:
+            killed.append(int(chunk.split()[0]))
+            os.kill(killed[0], signal.SIGKILL)
+
+    result = run(["sh", "-c", "echo $PPID; exec sleep 30"], on_output=kill_it, timeout=30,
+                 grace=1, backend="native")
+    assert result.spawn_error == "retest shepherd lost: killed by signal 9", result.spawn_error
+    assert killed[0] not in children_of(os.getpid())
+
+
+# A caller in which pidfd_open fails as it does on Linux < 5.3 (ENOSYS) or under a seccomp
+# profile that refuses it (EPERM): a seccomp filter of its own makes it so. It reports, as
+# JSON, what it saw of the pid-based fallback.
+NO_PIDFD_CALLER = r"""
+import ctypes, json, os, signal, struct, sys, time
+from retest import proc_group
+
+ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}[os.uname().machine]
+PIDFD_OPEN = 434
+refuse = int(sys.argv[1])
+prog = [(0x20, 0, 0, 4),                      # A = arch
+        (0x15, 0, 3, ARCH),                   # not ours: allow
+        (0x20, 0, 0, 0),                      # A = syscall number
+        (0x15, 0, 1, PIDFD_OPEN),
+        (0x06, 0, 0, 0x00050000 | refuse),    # SECCOMP_RET_ERRNO
+        (0x06, 0, 0, 0x7FFF0000)]             # SECCOMP_RET_ALLOW
+code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
+class Fprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+fprog = Fprog(len(prog), ctypes.addressof(code))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0                         # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0       # PR_SET_SECCOMP, filter
+assert libc.syscall(PIDFD_OPEN, os.getpid(), 0) == -1 and ctypes.get_errno() == refuse
+
+def parent():
+    r = proc_group.run(["sh", "-c", "echo $PPID"], timeout=30, backend="native")
+    assert r.returncode == 0, r.spawn_error
+    return int(r.stdout)
+
+def pidfds():
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]":
+                held.append(fd)
+        except OSError:  # the directory's own fd, closed by now
+            pass
+    return held
+
+def zombies():
+    kids = open(f"/proc/self/task/{os.getpid()}/children").read().split()
+    return [int(k) for k in kids
+            if open(f"/proc/{k}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"]
+
+first = [parent() for _ in range(3)]
+seen = {"reused": len(set(first)) == 1, "pidfds": pidfds(),
+        "closed": proc_group.close_shepherds(), "gone": not os.path.exists(f"/proc/{first[0]}")}
+second = parent()
+os.kill(second, signal.SIGKILL)
+os.waitpid(second, 0)                       # reaped by code outside retest, pid not reused
+seen["reaped_closed"] = proc_group.close_shepherds()
+third = parent()
+seen["fresh"] = third not in (first[0], second)
+os.kill(third, signal.SIGKILL)              # dies idle, not reaped: the next run replaces it
+for _ in range(5000):
+    if third in zombies():
+        break
+    time.sleep(0.001)
+fourth = parent()
+seen["replaced"] = fourth != third and not os.path.exists(f"/proc/{third}")
+seen["closed_last"] = proc_group.close_shepherds()
+seen["zombies"] = zombies()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.parametrize("refusal", [errno.ENOSYS, errno.EPERM])
+def test_without_pidfds_shepherds_are_waited_for_by_pid(containment: str, refusal: int) -> None:
+    """The fallback keeps the behaviour from before pidfds: runs and reuse work, letting a
+    shepherd go reaps it, one reaped by others (pid not reused) is let go, one that died idle
+    is replaced. (What it risks when a reaped shepherd's pid is reused: ext/child.c.)"""
+    if os.uname().machine not in ("x86_64", "aarch64"):
+        pytest.skip("the seccomp filter is written for x86_64 and aarch64")
+    done = subprocess.run([sys.executable, "-c", NO_PIDFD_CALLER, str(refusal)],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    seen = json.loads(done.stdout)
+    assert seen == {"reused": True, "pidfds": [], "closed": 1, "gone": True, "reaped_closed": 1,
+                    "fresh": True, "replaced": True, "closed_last": 1, "zombies": []}, seen
