@@ -1475,6 +1475,8 @@ static int open_cgroup_fresh(struct state *st, const char *path)
     if (st->cg_dfd < 0) {
         int err = errno;
         st->cg_dfd = -1;
+        if (st->req_flags & PG_REQ_CG_REUSED)  /* a kept one someone removed: nothing ran */
+            fail_start(st, PG_STAGE_CGROUP, ESTALE);
         if (st->cg_required)
             fail_start(st, PG_STAGE_CGROUP, err);
         st->final.cgroup_err = err;
@@ -1506,7 +1508,8 @@ static void open_cgroup(struct state *st, const char *path)
     if (!(st->req_flags & PG_REQ_CG_REUSED))
         return;
     /* Something of an earlier run that left the cgroup may have come back (write access to
-     * its cgroup.procs is all it takes): this run must not count it, nor be counted with it. */
+     * its cgroup.procs is all it takes): this run must not count it, nor be counted with it.
+     * A kept cgroup removed since (its files read ENODEV) is no cgroup for this run either. */
     if (cg_populated(st->cg_dfd, st->cg_events) != 0)
         fail_start(st, PG_STAGE_CGROUP, ESTALE);  /* nothing ran: the caller takes another */
     cg_read_cpu(st->cg_dfd, &st->cg.files, &st->cg_base);  /* empty: its counters rest */

@@ -154,6 +154,7 @@ def test_a_kept_cgroup_someone_moved_into_is_not_used(cgroup_mode: str,
         assert taken.containment == "cgroup" and taken.cgroup not in (None, warm.cgroup), taken
         assert os.path.basename(taken.cgroup).encode() in taken.stdout
         assert any("had a process back in it" in r.getMessage() for r in caplog.records)
+        assert stranger.poll() is None
         assert Path(warm.cgroup, "cgroup.procs").read_text().split() == [str(stranger.pid)]
         assert stranger.poll() is None  # not ours to kill
     finally:

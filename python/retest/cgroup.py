@@ -189,7 +189,10 @@ def _take_spare(parent: str) -> tuple[Optional[str], bool]:
             path = waiting.pop() if waiting else None
             reused = path in _used
             _used.discard(path or "")
-        if path is None or os.path.isdir(path):  # not swept by a process that took us for dead
+        # A made-ahead spare may have been swept by a process that took us for dead. A kept
+        # one is not looked at (a stat on cgroupfs, ~10-30 us): the shepherd finds it gone
+        # or taken over and fails the start with ESTALE before anything ran (proc_group).
+        if path is None or reused or os.path.isdir(path):
             return path, reused
 
 

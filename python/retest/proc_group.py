@@ -844,11 +844,11 @@ def _run_native(
     if raw.pop("prepared") == 0 and spare is not None and plan.parent is not None:
         _cgroup.add_spare(plan.parent, spare)
     if raw["spawn_errno"] == _errno.ESTALE and cgroup_flags & _native.CGROUP_REUSED:
-        # The kept cgroup had a process in it when the shepherd took it (one that left it
-        # came back): nothing of the command ran. That cgroup is not ours any more (left
-        # alone, not given back); the run goes again in another, fresh or kept.
-        log.warning("retest: cgroup %s had a process back in it; the run takes another",
-                    cgroup_path)
+        # The kept cgroup was gone, or had a process in it, when the shepherd took it (one
+        # that left it came back): nothing of the command ran. That cgroup is not ours any
+        # more (left alone, not given back); the run goes again in another, fresh or kept.
+        log.warning("retest: cgroup %s was removed or had a process back in it; the run "
+                    "takes another", cgroup_path)
         return _run_native(argv, args_text, envp, cwd, stdin_bytes, timeout, grace_s,
                            capture_limit, on_output, tee_fd, containment, stop_signal, evidence,
                            settings)
