@@ -28,14 +28,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-/* The numbers are the same on every architecture but alpha (new syscalls share one table
- * since 5.1); old headers lack the names, and glibc < 2.36 does not name P_PIDFD. */
-#if !defined(SYS_pidfd_open) && !defined(__alpha__)
-#define SYS_pidfd_open 434
-#endif
-#if !defined(SYS_pidfd_send_signal) && !defined(__alpha__)
-#define SYS_pidfd_send_signal 424
-#endif
+#include "pidfd.h"
+
+/* glibc < 2.36 does not name P_PIDFD. */
 #define PG_P_PIDFD ((idtype_t)3)
 
 /* Set once pidfd_open said ENOSYS or EPERM, or waitid refused P_PIDFD: the kernel (or a

@@ -58,6 +58,7 @@
 #include <unistd.h>
 
 #include "cgroup.h"
+#include "pidfd.h"
 #include "protocol.h"
 
 #define NS_PER_S 1000000000LL
@@ -66,16 +67,6 @@
  * sleep (D state, e.g. on a dead NFS server) may not. We give up waiting after this long so
  * the caller is never hung forever, and report how many were left. */
 #define GIVE_UP_AFTER_KILL_NS (10 * NS_PER_S)
-
-/* pidfds (Linux 5.1/5.3) let a signal reach exactly the process that was checked, never a
- * stranger that got its pid since. The numbers are the same on every architecture but alpha
- * (new syscalls share one table since 5.1); old headers may lack the names. */
-#if !defined(SYS_pidfd_open) && !defined(__alpha__)
-#define SYS_pidfd_open 434
-#endif
-#if !defined(SYS_pidfd_send_signal) && !defined(__alpha__)
-#define SYS_pidfd_send_signal 424
-#endif
 
 enum phase { RUNNING, TERMINATING, KILLING, DONE };
 

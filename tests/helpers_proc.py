@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import random
 import shlex
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import retest
 from conftest import children_of, descendants, is_zombie, kill_descendants, pid_alive, wait_until
@@ -206,3 +207,20 @@ def assert_emfile_leaks_nothing_of_ours(backend: str, leaked: int, cpython_leak:
     else:
         assert 0 <= cpython_leak <= 3
         assert leaked <= cpython_leak, f"leaked {leaked}, CPython's own subprocess.run {cpython_leak}"
+
+
+#: Where root chooses the pid the next fork gets (in this pid namespace).
+NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
+
+
+def child_with_pid(pid: int, tries: int = 200) -> "Optional[subprocess.Popen[bytes]]":
+    """Start ``sleep 30``, a child of ours, with pid ``pid`` (free now), or None if other forks
+    on the machine keep taking it first. Needs root (``NS_LAST_PID``). The caller kills it."""
+    for _ in range(tries):
+        NS_LAST_PID.write_text(str(pid - 1))
+        child = subprocess.Popen(["sleep", "30"])
+        if child.pid == pid:
+            return child
+        child.kill()
+        child.wait()
+    return None

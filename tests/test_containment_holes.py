@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_proc import PY, alive, child_env, pid_alive, py, recorded_pids, wait_until
+from helpers_proc import PY, alive, child_env, child_with_pid, pid_alive, py, recorded_pids, wait_until
 from retest.proc_group import run
 
 # ----------------------------------------------------------------------------- item 1
@@ -288,18 +288,6 @@ def _stopped_in_kill(pid: int) -> bool:
         return False
 
 
-def _spawn_with_pid(target: int) -> "subprocess.Popen[bytes] | None":
-    """Start a bystander ``sleep`` that gets pid ``target`` (ns_last_pid), or None."""
-    for _ in range(200):  # another fork on the machine may take the pid first: try again
-        Path("/proc/sys/kernel/ns_last_pid").write_text(str(target - 1))
-        proc = subprocess.Popen(["sleep", "30"])
-        if proc.pid == target:
-            return proc
-        proc.kill()
-        proc.wait()
-    return None
-
-
 def test_a_pid_reused_between_walk_and_kill_is_not_signalled(containment: str, pid_dir: Path) -> None:
     """Issue 10.4: strace holds the shepherd at its first kill(), after the walk; meanwhile a
     walked process dies and a bystander is given its pid. kill() by number hit the bystander;
@@ -323,7 +311,7 @@ def test_a_pid_reused_between_walk_and_kill_is_not_signalled(containment: str, p
         assert wait_until(lambda: _stopped_in_kill(shepherd), timeout=10), "no kill() seen"
         os.kill(victim, signal.SIGKILL)  # sh's wait reaps it: its pid is free again
         assert wait_until(lambda: not os.path.exists(f"/proc/{victim}"), timeout=2)
-        bystander = _spawn_with_pid(victim)
+        bystander = child_with_pid(victim)
         if bystander is None:
             pytest.skip("could not get the freed pid back (a busy machine)")
         runner.join(timeout=30)

@@ -24,11 +24,11 @@ from typing import Optional
 import pytest
 
 from conftest import children_of, is_zombie, pid_alive, wait_until
+from helpers_proc import NS_LAST_PID, child_with_pid
 from retest import proc_group
 from retest.proc_group import run
 
 PARENT = ["sh", "-c", "echo $PPID"]
-NS_LAST_PID = Path("/proc/sys/kernel/ns_last_pid")
 
 
 def _parent(**kw: object) -> int:
@@ -309,19 +309,6 @@ def _reap_as_a_stranger(pid: int) -> None:
     os.waitpid(pid, 0)
 
 
-def _child_with_pid(pid: int) -> Optional[subprocess.Popen]:
-    """Start ``sleep 30`` as a child of ours that gets ``pid`` (free now), or None if other
-    forks on the machine keep taking it first (needs root: ns_last_pid)."""
-    for _ in range(50):
-        NS_LAST_PID.write_text(str(pid - 1))
-        child = subprocess.Popen(["sleep", "30"])
-        if child.pid == pid:
-            return child
-        child.kill()
-        child.wait()
-    return None
-
-
 def _stop(child: Optional[subprocess.Popen]) -> None:
     """Kill and reap our own child (by its Popen), if it is still ours to."""
     if child is not None and child.returncode is None:
@@ -353,7 +340,7 @@ def test_a_shepherd_reaped_by_others_leaves_its_pids_next_owner_alone(containmen
     then find nothing)."""
     shepherd = _parent()
     _reap_as_a_stranger(shepherd)
-    child = _child_with_pid(shepherd)
+    child = child_with_pid(shepherd, tries=50)
     try:
         if child is None:
             pytest.skip(f"pid {shepherd} kept going to other processes")
@@ -381,7 +368,7 @@ def test_a_lost_shepherd_reaped_by_others_is_not_waited_for(containment: str) ->
         if not taken:
             shepherd = int(chunk.split()[0])
             _reap_as_a_stranger(shepherd)
-            taken.append(_child_with_pid(shepherd))
+            taken.append(child_with_pid(shepherd, tries=50))
 
     watchdog = None
     try:
