@@ -47,7 +47,8 @@ def native_build_failed(why):
     """Stop the build with ``why`` and what to do about it."""
     sys.exit(f"retest: {why}\n{HOW_TO_FIX}")
 
-EXT_SOURCES = ["ext/_proc_group.c", "ext/run.c", "ext/capture.c", "ext/classify.c", "ext/cgroup.c",
+EXT_SOURCES = ["ext/_proc_group.c", "ext/run.c", "ext/capture.c", "ext/tailpipe.c",
+               "ext/classify.c", "ext/cgroup.c",
                "ext/evidence.c", "ext/pool.c", "ext/fingerprint.c", "ext/child.c"]
 SHEPHERD_SOURCES = ["ext/shepherd.c", "ext/cgroup.c"]
 #: The no-libc shepherd: its own runtime, nothing from the system but the headers. No stack
@@ -193,7 +194,7 @@ def extensions():
         Extension(
             "retest._proc_group",
             sources=EXT_SOURCES,
-            depends=["ext/proc_group.h", "ext/protocol.h", "ext/cgroup.h", "ext/capture.h",
+            depends=["ext/proc_group.h", "ext/protocol.h", "ext/cgroup.h", "ext/capture.h", "ext/tailpipe.h",
                      "ext/evidence.h", "ext/pidfd.h"],
             extra_compile_args=CFLAGS,
             extra_link_args=[f"-fsanitize={SANITIZE}"] if SANITIZE else STRIP,

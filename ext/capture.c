@@ -159,6 +159,17 @@ void capture_commit(struct capture *c, const char *slot, size_t n)
     }
 }
 
+void capture_skip(struct capture *c, size_t n)
+{
+    c->total += n;
+}
+
+int capture_tail_fresh(const struct capture *c)
+{
+    return !c->lost && c->head_len == c->head_cap && c->ring_cap >= DIRECT_RING_MIN &&
+           c->ring_fill == 0 && c->total == c->head_len;
+}
+
 /* Reverse the n bytes at p. */
 static void reverse(char *p, size_t n)
 {

@@ -44,6 +44,14 @@ char *capture_slot(struct capture *c, char **scratch, char *fallback, size_t fal
 /* Account for n bytes just read into slot, the pointer capture_slot returned. */
 void capture_commit(struct capture *c, const char *slot, size_t n);
 
+/* Count n bytes of the stream that were dropped without being read (tailpipe.c): older than
+ * anything the ring will hold. */
+void capture_skip(struct capture *c, size_t n);
+
+/* 1 if the head is full and every further byte would go straight into an empty ring: where
+ * tailpipe.c may keep the tail instead. */
+int capture_tail_fresh(const struct capture *c);
+
 /* Return the kept bytes as the result: head, a marker with the count of bytes left out when
  * there were any, then the tail in order; set *dropped. GIL held. NULL with an exception on
  * failure. The capture no longer owns the result afterwards. */

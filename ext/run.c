@@ -16,6 +16,7 @@
  */
 #include "proc_group.h"
 #include "capture.h"
+#include "tailpipe.h"
 #include "cgroup.h"
 #include "child.h"
 #include "evidence.h"
@@ -154,6 +155,7 @@ struct run {
     pid_t tid;             /* the calling thread (pool.c: pg_running_set) */
 
     struct capture cap[2];
+    struct tailpipe tail[2];  /* the tail kept in pipes (tailpipe.h), when nothing reads chunks */
     char *scratch;         /* shared by both streams, allocated on first use (capture.h) */
     char scratch_fallback[4096];
     int pipe_grown[2];
@@ -459,26 +461,40 @@ static void read_reports(struct run *r)
 static ssize_t read_stream(struct run *r, int i, int *fd, const char **chunk, PyThreadState **ts)
 {
     size_t room;
-    char *slot = capture_slot(&r->cap[i], &r->scratch, r->scratch_fallback,
-                              sizeof(r->scratch_fallback), &room, ts);
-    ssize_t n;
-    do {
-        n = read(*fd, slot, room);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+    char *slot;
+    ssize_t n = -2;
+    if (r->tail[i].state == TP_ON ||
+        (!r->on_output && r->tee_fd < 0 && tailpipe_wanted(&r->tail[i], &r->cap[i]))) {
+        n = tailpipe_take(&r->tail[i], &r->cap[i], *fd);  /* -2: it gave up; read on */
+        if (n == -2)
+            tailpipe_flush(&r->tail[i], &r->cap[i], &r->scratch, r->scratch_fallback,
+                           sizeof(r->scratch_fallback), ts);
+        *chunk = NULL;  /* nobody wants the chunk (no callback, no tee) */
+    }
+    if (n == -2) {
+        slot = capture_slot(&r->cap[i], &r->scratch, r->scratch_fallback,
+                            sizeof(r->scratch_fallback), &room, ts);
+        do {
+            n = read(*fd, slot, room);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return -1;
+        if (n > 0)
+            capture_commit(&r->cap[i], slot, (size_t)n);
+        *chunk = slot;
+    }
+    if (n == -1)
         return -1;
     if (n <= 0) {
         close_fd(fd);
         return 0;
     }
-    capture_commit(&r->cap[i], slot, (size_t)n);
     if (n >= PIPE_DEFAULT_SIZE && !r->pipe_grown[i]) {
         r->pipe_grown[i] = 1;
         fcntl(*fd, F_SETPIPE_SZ, PIPE_SIZE);  /* best effort: pipe-max-size may refuse */
     }
     if (r->tee_fd >= 0 && !r->tee_errno)
-        r->tee_errno = tee_write(r->tee_fd, slot, (size_t)n);
-    *chunk = slot;
+        r->tee_errno = tee_write(r->tee_fd, *chunk, (size_t)n);
     return n;
 }
 
@@ -710,6 +726,9 @@ static int pump(struct run *r, struct child_fds *cf, int *start_err)
     hang_up(&r->shepherd.ctl);
     close_fd(&r->out_r);
     close_fd(&r->err_r);
+    for (int i = 0; i < 2; i++)  /* the tails kept in pipes, into their rings */
+        tailpipe_flush(&r->tail[i], &r->cap[i], &r->scratch, r->scratch_fallback,
+                       sizeof(r->scratch_fallback), &ps.ts);
     if (r->shepherd.pid > 0)
         release_shepherd(r);
     r->end_ns = now_ns();
@@ -1395,6 +1414,8 @@ static void free_run(struct run *r)
     if (r->cg_path && !r->cg_path_released)
         cg_remove(r->cg_path);  /* failed before the spawn (MemoryError): nothing is in it */
     ev_kmsg_free(&r->kmsg);
+    tailpipe_close(&r->tail[0]);
+    tailpipe_close(&r->tail[1]);
     capture_free(&r->cap[0]);
     capture_free(&r->cap[1]);
     PyMem_RawFree(r->scratch);
@@ -1427,6 +1448,8 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     capture_init(&r.cap[0], r.capture_limit);
     capture_init(&r.cap[1], r.capture_limit);
+    tailpipe_init(&r.tail[0]);
+    tailpipe_init(&r.tail[1]);
     r.start_ns = now_ns();
     if (copy_inputs(&r, &a) == 0)
         result = start_and_wait(&r);

@@ -126,6 +126,101 @@ def test_threads_capture_independently(native: str) -> None:
         assert (r.stdout, r.stdout_dropped) == expected_capture(payload(seed, 1_500_000), 1 << 20)
 
 
+# ----------------------------------------------------------------------------- the tail kept in pipes
+
+
+def run_reading_every_chunk(argv: list[str], limit: int) -> tuple[proc_group.RunResult, int]:
+    """The same run with a callback: every chunk is read, so the tail goes through the ring."""
+    seen = [0]
+
+    def count(stream: str, chunk: bytes) -> None:
+        seen[0] += len(chunk)
+
+    return run(argv, timeout=120, capture_limit=limit, on_output=count), seen[0]
+
+
+@pytest.mark.parametrize("limit", [1 << 20, 8 << 20])
+def test_tail_kept_in_pipes_is_the_tail_the_ring_keeps(native: str, limit: int) -> None:
+    """Issue 15: with no callback and no tee, the tail is moved through pipes (tailpipe.c),
+    not read; its bytes must be the ones the ring keeps when every chunk is read. Irregular
+    writes (1 byte to 300 KB) leave pages part-full, so the line's pipes hold less than their
+    size; 3x the limit makes the line turn over several times."""
+    size = 3 * limit + 777_777
+    data = payload(21, size)
+
+    moved = run(write_payload(21, size), timeout=120, capture_limit=limit)
+    read, seen = run_reading_every_chunk(write_payload(21, size), limit)
+
+    assert moved.returncode == 0, moved.stderr
+    assert (moved.stdout, moved.stdout_dropped) == expected_capture(data, limit)
+    assert (read.stdout, read.stdout_dropped) == (moved.stdout, moved.stdout_dropped)
+    assert seen == size
+
+
+def test_tails_of_both_streams_in_pipes_at_once(native: str) -> None:
+    limit, out_size, err_size = 4 << 20, 10_000_000, 13_000_000
+    out, err = payload(31, out_size), payload(32, err_size)
+    code = f"""
+        import os, random
+        out = memoryview(random.Random(31).randbytes({out_size}))
+        err = memoryview(random.Random(32).randbytes({err_size}))
+        while out or err:
+            if out:
+                out = out[os.write(1, out[:65537]):]
+            if err:
+                err = err[os.write(2, err[:100_003]):]
+    """
+
+    result = run(py(code), timeout=120, capture_limit=limit)
+
+    assert result.returncode == 0
+    assert (result.stdout, result.stdout_dropped) == expected_capture(out, limit)
+    assert (result.stderr, result.stderr_dropped) == expected_capture(err, limit)
+
+
+FD_STARVED = """
+import hashlib, json, os, resource, sys
+from retest.proc_group import run
+limit, size, argv = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+run(["true"], timeout=30)  # the idle shepherd and the fingerprint's files are open from here on
+top = max(int(fd) for fd in os.listdir("/proc/self/fd"))
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+out = []
+for spare in range(2, 26):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (top + 1 + spare, hard))
+    r = run(argv, timeout=60, capture_limit=limit)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    out.append([spare, r.spawn_error, r.returncode, hashlib.sha256(r.stdout).hexdigest(),
+                r.stdout_dropped])
+print(json.dumps(out))
+"""
+
+
+def test_tail_in_pipes_out_of_fds_falls_back_to_the_ring(native: str) -> None:
+    """A caller short of fds (RLIMIT_NOFILE just above what it has open): the line cannot open
+    /dev/null, its first pipe or a later one, at each budget a different one. What it held goes
+    into the ring, in order, and the stream is read from there on: the capture is the same
+    whatever the budget, or the run says it could not start (too few fds for the run itself)."""
+    import hashlib
+    import json
+    import subprocess
+
+    from helpers_proc import child_env
+
+    limit, size = 4 << 20, 10_000_000
+    want_bytes, want_dropped = expected_capture(payload(41, size), limit)
+    want = hashlib.sha256(want_bytes).hexdigest()
+
+    done = subprocess.run(py(FD_STARVED, str(limit), str(size), json.dumps(write_payload(41, size))),
+                          capture_output=True, env=child_env(), timeout=600)
+
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    rows = json.loads(done.stdout)
+    started = [row for row in rows if row[1] is None]
+    assert len(started) >= 10, rows  # most budgets are enough for the run itself
+    assert all(row[2:] == [0, want, want_dropped] for row in started), rows
+
+
 # ----------------------------------------------------------------------------- the shepherd build
 
 
