@@ -324,7 +324,9 @@ static int send_request(struct run *r, int ctl, int in_r, int out_w, int err_w, 
     } cm;
     int fds[4] = {in_r, out_w, err_w, cwd_fd};
     size_t nfds = cwd_fd >= 0 ? 4 : 3;
-    struct iovec iov = {r->req, sizeof(struct pg_request)};
+    /* the whole request in one call where the socket takes it (the shepherd's first
+     * recvmsg reads the header and the fds, then the rest): one system call fewer per run */
+    struct iovec iov = {r->req, r->req_len};
     struct msghdr msg;
     struct cmsghdr *c;
     size_t off;
