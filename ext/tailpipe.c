@@ -4,8 +4,12 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <string.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <sys/ioctl.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 /* The most one splice takes from the command's pipe, as one read would (capture.h). */
@@ -16,6 +20,49 @@
 /* An EAGAIN from an empty pipe of the line while the source has bytes: the source filled
  * between the splice and FIONREAD. Tried again this many times, then the line gives up. */
 #define EMPTY_RETRIES 2
+
+/* Pipes in one line for a caller the kernel's per-user pipe limit applies to: each 1 MiB pipe
+ * counts 256 pages against pipe-user-pages-soft (16384 by default), and while a user is over
+ * it, every new pipe of that user, in any process, gets 8 KiB instead of 64. 7 pipes hold the
+ * default limit's 4 MiB tail; a bigger tail stays in the ring for such a caller. */
+#define UNPRIVILEGED_MAX 7
+
+/* 1 if the kernel exempts this process from the per-user pipe limits: CAP_SYS_RESOURCE or
+ * CAP_SYS_ADMIN in its effective set, in the initial user namespace (identity uid_map). */
+static int pipe_limits_exempt(void)
+{
+    struct {
+        uint32_t version;
+        int pid;
+    } hdr = {0x20080522 /* _LINUX_CAPABILITY_VERSION_3 */, 0};
+    struct {
+        uint32_t effective, permitted, inheritable;
+    } data[2];
+    char map[128];
+    ssize_t n;
+    int fd;
+    memset(data, 0, sizeof(data));
+    if (syscall(SYS_capget, &hdr, data) < 0 ||
+        !(data[0].effective & ((1u << 21) | (1u << 24))))  /* CAP_SYS_ADMIN, CAP_SYS_RESOURCE */
+        return 0;
+    fd = open("/proc/self/uid_map", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    do
+        n = read(fd, map, sizeof(map) - 1);
+    while (n < 0 && errno == EINTR);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    map[n] = '\0';
+    {
+        unsigned long inside, outside, count;
+        const char *eol = strchr(map, '\n');
+        return eol == map + n - 1 &&  /* one line: the whole range, mapped to itself */
+               sscanf(map, "%lu %lu %lu", &inside, &outside, &count) == 3 && inside == 0 &&
+               outside == 0 && count == 4294967295UL;
+    }
+}
 
 void tailpipe_init(struct tailpipe *t)
 {
@@ -37,7 +84,7 @@ int tailpipe_wanted(const struct tailpipe *t, const struct capture *c)
 static int open_link(struct tailpipe *t)
 {
     int fds[2], size;
-    if (t->count >= TAILPIPE_MAX) {
+    if (t->count >= t->max) {
         errno = ENOSPC;
         return -1;
     }
@@ -63,6 +110,9 @@ static int open_link(struct tailpipe *t)
 /* Open /dev/null and the line's first pipe. Return 0 or -1. */
 static int start(struct tailpipe *t, size_t keep)
 {
+    t->max = pipe_limits_exempt() ? TAILPIPE_MAX : UNPRIVILEGED_MAX;
+    if (keep / LINE_PIPE_SIZE + 3 > (size_t)t->max)
+        return -1;  /* a tail this big stays in the ring for this caller */
     t->devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
     if (t->devnull < 0 || open_link(t) < 0)
         return -1;
@@ -107,15 +157,21 @@ static int trim(struct tailpipe *t, struct capture *c)
     return 0;
 }
 
-/* The splice into the newest pipe said EAGAIN. Return -1 if the source is empty, 1 if the
- * line went on to another pipe (try again), 0 if it cannot go on. */
+/* The splice into the newest pipe said EAGAIN. Return -1 if the source is empty, 2 at its
+ * EOF, 1 if the line went on to another pipe (try again), 0 if it cannot go on. */
 static int after_eagain(struct tailpipe *t, int src, int *retries)
 {
     int queued = 0;
     if (ioctl(src, FIONREAD, &queued) < 0)
         return 0;
-    if (queued == 0)
+    if (queued == 0) {
+        /* A full newest pipe makes splice say EAGAIN even at EOF (opipe_prep comes after
+         * ipipe_prep): without this, poll's POLLHUP and this EAGAIN would spin. */
+        struct pollfd p = {.fd = src, .events = POLLIN};
+        if (poll(&p, 1, 0) == 1 && (p.revents & POLLHUP) && !(p.revents & POLLIN))
+            return 2;
         return -1;
+    }
     if (t->link[t->used - 1].held == 0)  /* not full: the source filled just now */
         return ++*retries <= EMPTY_RETRIES;
     if (t->used < t->count || open_link(t) == 0) {
@@ -154,6 +210,8 @@ ssize_t tailpipe_take(struct tailpipe *t, struct capture *c, int src)
         next = after_eagain(t, src, &retries);
         if (next < 0)
             return -1;
+        if (next == 2)
+            return 0;
         if (next == 0)
             goto failed;
     }

@@ -12,13 +12,19 @@
  * copy. Used only when nothing else wants each chunk (no on_output, no tee); any failure
  * (EMFILE, a pipe that cannot grow, pages that hold too few bytes) moves what the line holds
  * into the ring, in order, and the stream goes on read(2) as before.
+ *
+ * What the line holds are the writer's pages, not copies: a writer that splices a file or
+ * vmsplices its own memory into its stdout, and rewrites that memory or file before the
+ * stream ends, is seen with the new bytes in the tail (with read(2) only for as long as the
+ * reader lagged). A caller that needs each byte as written passes on_output.
  * Not a public API. */
 #ifndef RETEST_TAILPIPE_H
 #define RETEST_TAILPIPE_H
 
 #include "capture.h"
 
-/* Pipes in one line at most (2 fds each). */
+/* Pipes in one line at most (2 fds each); fewer for a caller the per-user pipe limit applies
+ * to (tailpipe.c). */
 #define TAILPIPE_MAX 16
 
 struct tailpipe_link {
@@ -31,6 +37,7 @@ struct tailpipe {
     int devnull;
     size_t pipe_size;   /* the size each pipe of the line was given */
     struct tailpipe_link link[TAILPIPE_MAX];
+    int max;            /* pipes this caller may have (TAILPIPE_MAX if privileged) */
     int count;          /* pipes open; link[0 .. used-1] hold bytes, oldest first */
     int used;
     size_t held;        /* bytes in the line */

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 
@@ -221,6 +222,66 @@ def test_tail_in_pipes_out_of_fds_falls_back_to_the_ring(native: str) -> None:
     assert all(row[2:] == [0, want, want_dropped] for row in started), rows
 
 
+LINE_PIPES = """
+import os, sys, threading, time
+from retest.proc_group import run
+limit = int(sys.argv[1])
+writer = "import os, time\\nv = memoryview(bytes(1 << 20))\\nfor _ in range(60):\\n    os.write(1, v); time.sleep(0.002)\\n"
+run(["true"], timeout=30)
+def pipes():
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        except OSError:
+            pass
+    return n
+base, most, done = pipes(), [0], threading.Event()
+def watch():
+    while not done.is_set():
+        most[0] = max(most[0], pipes())
+        time.sleep(0.001)
+t = threading.Thread(target=watch)
+t.start()
+r = run([sys.executable, "-c", writer], timeout=120, capture_limit=limit)
+done.set()
+t.join()
+print(r.returncode, r.stdout_dropped, most[0] - base)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
+                    reason="needs root and setpriv to run a caller without CAP_SYS_RESOURCE")
+@pytest.mark.parametrize("limit, privileged, uses_line", [
+    (16 << 20, True, True),     # exempt from pipe-user-pages-soft: up to 16 pipes
+    (8 << 20, False, True),     # the default limit's tail fits the 7 allowed otherwise
+    (16 << 20, False, False),   # a bigger tail would not: it stays in the ring
+])
+def test_line_pipes_are_bounded_for_a_caller_under_the_per_user_pipe_limit(
+        native: str, limit: int, privileged: bool, uses_line: bool) -> None:
+    """Each 1 MiB pipe of the line counts 256 pages against pipe-user-pages-soft, and a user
+    over it has 8 KiB pipes everywhere: a caller the limit applies to (no CAP_SYS_RESOURCE or
+    CAP_SYS_ADMIN) gets a line of at most 7 pipes, else its tail stays in the ring."""
+    import subprocess
+
+    from helpers_proc import child_env
+
+    drop = [] if privileged else ["setpriv", "--bounding-set", "-sys_admin,-sys_resource",
+                                  "--inh-caps", "-sys_admin,-sys_resource"]
+    done = subprocess.run([*drop, *py(LINE_PIPES, str(limit))], capture_output=True,
+                          env=child_env(), timeout=300)
+
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    rc, dropped, extra = (int(v) for v in done.stdout.split())
+    assert (rc, dropped) == (0, 60 * (1 << 20) - limit)
+    # the run's own pipes: 2 read ends, 4 fds for a moment while both ends are open; a line
+    # of a 4 MiB or bigger tail is 5 or more pipes, 2 fds each
+    if uses_line:
+        assert extra >= 2 + 2 * 4, extra
+    else:
+        assert extra <= 5, extra
+
+
 # ----------------------------------------------------------------------------- the shepherd build
 
 
@@ -233,7 +294,7 @@ def shepherd_path() -> str:
 def test_default_shepherd_has_no_libc_and_no_loader(native: str) -> None:
     """Issue 15: the default build links no libc (ext/nolibc.c) and so has no PT_INTERP."""
     if os.environ.get("RETEST_SHEPHERD_LIBC", "none").lower() != "none" or \
-            os.environ.get("RETEST_SANITIZE") or platform.machine() not in ("x86_64", "aarch64"):
+            os.environ.get("RETEST_SANITIZE") or os.environ.get("RETEST_SANITIZED") or platform.machine() not in ("x86_64", "aarch64"):
         pytest.skip("a libc shepherd was asked for, or this machine has no no-libc build")
     binary = Path(shepherd_path()).read_bytes()
 
@@ -309,3 +370,28 @@ def test_the_command_starts_with_no_signal_blocked_or_ignored(containment: str) 
                   if line.startswith(("SigBlk", "SigIgn")))
     assert result.returncode == 0
     assert {k: int(v, 16) for k, v in fields.items()} == {"SigBlk": 0, "SigIgn": 0}
+
+
+def test_tail_in_pipes_ends_when_the_stream_ends_on_a_full_pipe(native: str) -> None:
+    """A writer that ends just as the line's pipe is full of part-full pages (256 tiny writes,
+    each spliced on its own): splice says EAGAIN, not 0, at that EOF. The stream must still end
+    at once, not spin on POLLHUP until the drain after FINAL."""
+    import time
+
+    limit, n = 1 << 20, 256
+    code = f"""
+        import os, time
+        os.write(1, b'H' * {limit // 2})
+        time.sleep(0.05)
+        for i in range({n}):
+            os.write(1, b'%099d\\n' % i)
+            time.sleep(0.003)
+    """
+    want = b"H" * (limit // 2) + b"".join(b"%099d\n" % i for i in range(n))
+
+    cpu = time.process_time()
+    result = run(py(code), timeout=30, capture_limit=limit)
+    cpu = time.process_time() - cpu
+
+    assert (result.returncode, result.stdout, result.stdout_dropped) == (0, want, 0)
+    assert cpu < 0.3, f"the caller spun for {cpu:.2f} s of CPU after the stream ended"

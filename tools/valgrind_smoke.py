@@ -1,7 +1,7 @@
 """A workload for the valgrind memcheck smoke run of retest's C code (see .ci/valgrind).
 
 Exercises every path of the caller side (run.c) and the classifier (classify.c): output,
-input, bounded capture, callbacks, tee, spawn failures, timeouts with escalation, and
+input, bounded capture (the tail kept in pipes too), callbacks, tee, spawn failures, timeouts with escalation, and
 classification of large logs.
 """
 
@@ -21,6 +21,8 @@ with tempfile.TemporaryFile() as tee:
             proc_group.run(["retest-no-such-command"]),
             proc_group.run(["true"], cwd="/nonexistent"),
             proc_group.run(["sh", "-c", "head -c 3000000 /dev/zero"], capture_limit=10_000),
+            # a tail of 1 MiB: moved through pipes (tailpipe.c) past the 1 MiB head
+            proc_group.run(["sh", "-c", "head -c 9000000 /dev/zero"], capture_limit=2 << 20),
             proc_group.run(["sh", "-c", "trap '' TERM; sleep 5"], timeout=0.05, grace=0.05),
             proc_group.run(["sh", "-c", "echo x; (setsid sleep 5 &)"], on_output=lambda s, c: None,
                            tee=tee, env={"PATH": "/usr/bin:/bin"}),
