@@ -166,8 +166,9 @@ void capture_skip(struct capture *c, size_t n)
 
 int capture_tail_fresh(const struct capture *c)
 {
-    return !c->lost && c->head_len == c->head_cap && c->ring_cap >= DIRECT_RING_MIN &&
-           c->ring_fill == 0 && c->total == c->head_len;
+    /* total == head_len: nothing went past the head yet (so the ring is empty) */
+    return !c->lost && c->head_len == c->head_cap && c->total == c->head_len &&
+           c->ring_cap >= DIRECT_RING_MIN;
 }
 
 /* Reverse the n bytes at p. */

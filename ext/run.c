@@ -457,6 +457,13 @@ static void read_reports(struct run *r)
     }
 }
 
+/* Move what stream i's line of pipes holds into its capture's ring (tailpipe.h). */
+static void flush_tail(struct run *r, int i, PyThreadState **ts)
+{
+    tailpipe_flush(&r->tail[i], &r->cap[i], &r->scratch, r->scratch_fallback,
+                   sizeof(r->scratch_fallback), ts);
+}
+
 /* Read once from stream i (0 stdout, 1 stderr) into its capture; tee it. Called without the
  * GIL (*ts: the released thread state, taken back briefly when the capture grows). Return the
  * number of bytes read (their start in *chunk), 0 at EOF/error (fd closed), -1 on EAGAIN. */
@@ -469,8 +476,7 @@ static ssize_t read_stream(struct run *r, int i, int *fd, const char **chunk, Py
         (!r->on_output && r->tee_fd < 0 && tailpipe_wanted(&r->tail[i], &r->cap[i]))) {
         n = tailpipe_take(&r->tail[i], &r->cap[i], *fd);  /* -2: it gave up; read on */
         if (n == -2)
-            tailpipe_flush(&r->tail[i], &r->cap[i], &r->scratch, r->scratch_fallback,
-                           sizeof(r->scratch_fallback), ts);
+            flush_tail(r, i, ts);
         *chunk = NULL;  /* nobody wants the chunk (no callback, no tee) */
     }
     if (n == -2) {
@@ -728,9 +734,8 @@ static int pump(struct run *r, struct child_fds *cf, int *start_err)
     hang_up(&r->shepherd.ctl);
     close_fd(&r->out_r);
     close_fd(&r->err_r);
-    for (int i = 0; i < 2; i++)  /* the tails kept in pipes, into their rings */
-        tailpipe_flush(&r->tail[i], &r->cap[i], &r->scratch, r->scratch_fallback,
-                       sizeof(r->scratch_fallback), &ps.ts);
+    flush_tail(r, 0, &ps.ts);  /* the tails kept in pipes, into their rings */
+    flush_tail(r, 1, &ps.ts);
     if (r->shepherd.pid > 0)
         release_shepherd(r);
     r->end_ns = now_ns();

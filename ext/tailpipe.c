@@ -64,6 +64,13 @@ static int pipe_limits_exempt(void)
     }
 }
 
+/* The pipes a line for a tail of keep bytes may need: the tail in full 1 MiB pipes, the one
+ * a take is filling, and one more for pages left part-full. */
+static size_t pipes_needed(size_t keep)
+{
+    return keep / LINE_PIPE_SIZE + 3;
+}
+
 void tailpipe_init(struct tailpipe *t)
 {
     memset(t, 0, sizeof(*t));
@@ -74,10 +81,9 @@ void tailpipe_init(struct tailpipe *t)
 
 int tailpipe_wanted(const struct tailpipe *t, const struct capture *c)
 {
-    /* the line holds the tail and one take beyond it, in pipes of LINE_PIPE_SIZE bytes at
-     * best: a tail too big for TAILPIPE_MAX of them stays in the ring */
+    /* a tail too big for TAILPIPE_MAX pipes stays in the ring */
     return t->state == TP_OFF && capture_tail_fresh(c) &&
-           c->ring_cap / LINE_PIPE_SIZE + 3 <= TAILPIPE_MAX;
+           pipes_needed(c->ring_cap) <= TAILPIPE_MAX;
 }
 
 /* Open one more pipe at the line's new end. Return 0, or -1 (errno set). */
@@ -111,7 +117,7 @@ static int open_link(struct tailpipe *t)
 static int start(struct tailpipe *t, size_t keep)
 {
     t->max = pipe_limits_exempt() ? TAILPIPE_MAX : UNPRIVILEGED_MAX;
-    if (keep / LINE_PIPE_SIZE + 3 > (size_t)t->max)
+    if (pipes_needed(keep) > (size_t)t->max)
         return -1;  /* a tail this big stays in the ring for this caller */
     t->devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
     if (t->devnull < 0 || open_link(t) < 0)
