@@ -90,12 +90,17 @@ char *capture_slot(struct capture *c, char **scratch, char *fallback, size_t fal
 {
     if (c->lost)
         return scratch_slot(c, scratch, fallback, fallback_size, room);
+    if (!c->buf && c->head_cap > 0) {
+        /* Nothing kept yet: the first read lands in the caller's small buffer. A stream that
+         * ends without output (most stderrs, many stdouts) then allocates nothing and takes
+         * no GIL; one that has output gets a result sized for it (capture_commit). */
+        c->slot_kind = SLOT_FIRST;
+        *room = fallback_size < c->head_cap ? fallback_size : c->head_cap;
+        return fallback;
+    }
     if (c->head_len < c->head_cap) {
-        size_t want = c->head_cap - c->head_len;
-        if (want > CAPTURE_READ_CHUNK)
-            want = CAPTURE_READ_CHUNK;
-        if (c->head_alloc - c->head_len < want && c->head_alloc < c->head_cap &&
-            grow_head(c, want, ts) < 0)
+        /* the head doubles when it is full: a small output never gets a big buffer */
+        if (c->head_alloc == c->head_len && grow_head(c, 0, ts) < 0)
             return scratch_slot(c, scratch, fallback, fallback_size, room);
         *room = c->head_alloc - c->head_len;
         if (*room > CAPTURE_READ_CHUNK)
@@ -139,10 +144,16 @@ static void ring_append(struct capture *c, const char *p, size_t n)
     }
 }
 
-void capture_commit(struct capture *c, const char *slot, size_t n)
+void capture_commit(struct capture *c, const char *slot, size_t n, PyThreadState **ts)
 {
     c->total += n;
     switch (c->slot_kind) {
+    case SLOT_FIRST:  /* n <= head_cap (capture_slot's room): all of it goes to the head */
+        if (grow_head(c, n, ts) == 0) {
+            memcpy(PyBytes_AS_STRING(c->buf), slot, n);
+            c->head_len = n;
+        }
+        return;  /* no memory: lost, and counted as dropped */
     case SLOT_HEAD:
         c->head_len += n;
         return;

@@ -2,9 +2,10 @@
  *
  * A stream keeps its first limit/2 bytes (the head) and its last limit - limit/2 bytes (the
  * tail, a ring); what fell between is counted and replaced by a marker. The bytes object
- * returned to Python is the buffer the reads landed in: allocated at the first output, grown
- * while the head fills, laid out as [head][room for the marker][tail ring], and at the end
- * the ring is rotated in place, moved up against the marker, and the object shrunk. Peak
+ * returned to Python is the buffer the reads landed in: allocated at the first output (which
+ * is read into a small buffer of the caller's and copied), doubled while the head fills,
+ * laid out as [head][room for the marker][tail ring], and at the end the ring is rotated in
+ * place, moved up against the marker, and the object shrunk. Peak
  * memory is the limit plus, for a ring smaller than a read, one read's scratch buffer.
  * Not a public API. */
 #ifndef RETEST_CAPTURE_H
@@ -15,7 +16,7 @@
 /* Largest read, and the size of the scratch buffer. */
 #define CAPTURE_READ_CHUNK (1 << 20)
 
-enum capture_slot_kind { SLOT_HEAD, SLOT_RING, SLOT_SCRATCH };
+enum capture_slot_kind { SLOT_HEAD, SLOT_RING, SLOT_SCRATCH, SLOT_FIRST };
 
 struct capture {
     PyObject *buf;              /* the result being filled; NULL until the first output */
@@ -41,8 +42,9 @@ void capture_free(struct capture *c);
 char *capture_slot(struct capture *c, char **scratch, char *fallback, size_t fallback_size,
                    size_t *room, PyThreadState **ts);
 
-/* Account for n bytes just read into slot, the pointer capture_slot returned. */
-void capture_commit(struct capture *c, const char *slot, size_t n);
+/* Account for n bytes just read into slot, the pointer capture_slot returned; the first
+ * output is copied from fallback into a result made for it then (taking the GIL via *ts). */
+void capture_commit(struct capture *c, const char *slot, size_t n, PyThreadState **ts);
 
 /* Count n bytes of the stream that were dropped without being read (tailpipe.c): older than
  * anything the ring will hold. */

@@ -488,7 +488,7 @@ static ssize_t read_stream(struct run *r, int i, int *fd, const char **chunk, Py
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             return -1;
         if (n > 0)
-            capture_commit(&r->cap[i], slot, (size_t)n);
+            capture_commit(&r->cap[i], slot, (size_t)n, ts);
         *chunk = slot;
     }
     if (n == -1)

@@ -245,7 +245,7 @@ void tailpipe_flush(struct tailpipe *t, struct capture *c, char **scratch, char 
                 l->held = 0;
                 break;
             }
-            capture_commit(c, slot, (size_t)n);
+            capture_commit(c, slot, (size_t)n, ts);
             l->held -= (size_t)n;
         }
     }

@@ -63,6 +63,55 @@ def test_capture_boundaries(backend: str, limit: int, size: int) -> None:
     assert (result.stdout, result.stdout_dropped) == expected_capture(data, limit)
 
 
+#: A child that writes its whole payload with one write (one pipe-full: the first read sees
+#: as much of it as the pipe holds).
+WRITE_AT_ONCE = ("import os, random, sys\n"
+                 "data = random.Random(int(sys.argv[1])).randbytes(int(sys.argv[2]))\n"
+                 "view = memoryview(data)\n"
+                 "while view:\n"
+                 "    view = view[os.write(1, view):]\n")
+
+
+@pytest.mark.parametrize("limit", [6000, 8 << 20])
+@pytest.mark.parametrize("size", [1, 4095, 4096, 4097, 65536, 65537, 200_001])
+def test_the_first_read_and_the_heads_growth_lose_no_byte(backend: str, limit: int,
+                                                           size: int) -> None:
+    """The first read lands in a 4 KiB buffer of the caller's and is copied into a result
+    made for it; the head then doubles from 64 KiB. At 6000 the head (3000) is smaller than
+    that first buffer."""
+    data = payload(size + 3, size)
+
+    result = run(py(WRITE_AT_ONCE, str(size + 3), str(size)), backend=backend, timeout=30,
+                 capture_limit=limit)
+
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stdout_dropped) == expected_capture(data, limit)
+
+
+@pytest.mark.parametrize("argv, limit", [
+    (["true"], 8 << 20),                              # no output at all
+    (["sh", "-c", "echo hello; echo oops >&2"], 8 << 20),  # a few bytes on each stream
+])
+def test_a_small_output_gets_a_small_buffer(native: str, argv: list[str], limit: int) -> None:
+    """A stream without output allocates nothing, and a small one a 64 KiB head at most:
+    the limit is a bound, not an allocation (it was 1 MiB per stream, every run)."""
+    import tracemalloc
+
+    run(argv, backend="native", timeout=10, capture_limit=limit)  # warm: first-use state
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        result = run(argv, backend="native", timeout=10, capture_limit=limit)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert result.returncode == 0
+    assert peak < 256 * 1024, peak
+    if argv[0] == "sh":
+        assert (result.stdout, result.stderr) == (b"hello\n", b"oops\n")
+
+
 @pytest.mark.parametrize("size", [
     1 << 20,                 # head and tail exactly full: the limit, nothing dropped
     (1 << 20) + 1,           # one over, the ring wrapped by one byte
