@@ -119,6 +119,84 @@ def test_a_cgroup_that_emptied_as_made_serves_the_next_run(cgroup_mode: str) -> 
     assert second.user_cpu_s + second.sys_cpu_s < 0.2  # a cat, not 0.4 s plus a cat
 
 
+def _native_run_unsettled(argv: list[str]) -> tuple[RunResult, "proc_group._Settle"]:
+    """A native run whose shepherd's verdict is not taken yet (run() takes it once its result
+    is complete: issue 15), and what is left to settle."""
+    evidence = proc_group._Evidence(native=True)
+    result = proc_group._run_native([os.fsencode(a) for a in argv], tuple(argv), None, None,
+                                    None, 30.0, 1.0, 1 << 20, None, -1, evidence=evidence)
+    evidence.close()
+    (settle,) = evidence.settles
+    return result, settle
+
+
+def _our_shepherds() -> set[int]:
+    """The shepherds that are children of this process now."""
+    found = set()
+    for task in os.listdir("/proc/self/task"):
+        for pid in Path(f"/proc/self/task/{task}/children").read_text().split():
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "_retest_shepher":
+                found.add(int(pid))
+    return found
+
+
+def test_the_verdict_comes_after_the_result_and_keeps_cgroup_and_shepherd(cgroup_mode: str) -> None:
+    """FINAL comes before the shepherd checks its cgroup and itself; until the caller takes
+    the VERDICT neither the shepherd nor the cgroup serves another run."""
+    proc_group.close_shepherds()
+    result, settle = _native_run_unsettled(["true"])
+    assert result.returncode == 0 and result.cgroup is not None
+    if not _reusable_here(result.cgroup):
+        settle()
+        pytest.skip("the run cgroups here have controllers: each run gets a fresh one")
+    assert settle.token is not None
+    assert proc_group.idle_shepherds() == ()  # not the pool's before its verdict
+    pending = _our_shepherds()
+    assert len(pending) == 1
+
+    settle()
+
+    assert proc_group.idle_shepherds() == tuple(pending)  # clean: it serves on
+    again = run(["true"], timeout=30, backend="native")
+    assert again.cgroup == result.cgroup  # the kept cgroup, given back by the verdict
+    assert _our_shepherds() == pending
+
+
+def test_a_shepherd_killed_around_its_verdict_leaves_nothing_behind(cgroup_mode: str) -> None:
+    """Killed before or after it sent the VERDICT (its checks take ~100 us: either happens):
+    the cgroup is removed, or kept and served to the next run; the shepherd is reaped, now
+    or when the next run finds it dead in the pool."""
+    proc_group.close_shepherds()
+    result, settle = _native_run_unsettled(["true"])
+    assert result.returncode == 0 and result.cgroup is not None
+    (shepherd,) = _our_shepherds()
+    os.kill(shepherd, signal.SIGKILL)  # our own child: the pid cannot be anyone else's yet
+
+    settle()
+    again = run(["true"], timeout=30, backend="native")
+
+    assert again.returncode == 0 and again.containment == "cgroup"
+    assert again.cgroup == result.cgroup or not os.path.exists(result.cgroup)
+    assert shepherd not in _our_shepherds() and not pid_alive(shepherd)  # reaped
+
+
+def test_an_unsettled_run_is_settled_when_dropped(cgroup_mode: str) -> None:
+    """A result whose verdict nobody took (an exception in between): the token's destructor
+    takes it, and a cgroup kept then is removed, since nobody gives it back."""
+    import gc
+
+    proc_group.close_shepherds()
+    result, settle = _native_run_unsettled(["true"])
+    assert result.cgroup is not None
+    pending = _our_shepherds()
+
+    del settle
+    gc.collect()
+
+    assert not os.path.exists(result.cgroup)
+    assert proc_group.idle_shepherds() == tuple(pending)  # the shepherd itself was clean
+
+
 def test_a_kept_cgroups_stall_is_counted_from_the_runs_start(cgroup_mode: str) -> None:
     """The run's own CPU stall (``pressure.run_cpu``, from the cgroup's cpu.pressure) of a run
     in a kept cgroup is this run's: the stall of the run before it, which the counter still
