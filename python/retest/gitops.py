@@ -294,6 +294,20 @@ def git_failure(what: str, result: proc_group.RunResult) -> GitError:
     return GitError(f"{what} failed ({status}): {detail}", result)
 
 
+def ignored(repo: str, paths: Sequence[str], env: Mapping[str, str], timeout: float) -> list[str]:
+    """The ``paths`` (relative to ``repo`` or absolute inside it) that git ignores there, as
+    given, existing or not; a path in the index never is (``git check-ignore``: exit 1
+    when none is)."""
+    if not paths:
+        return []
+    result = git(["-c", "core.quotePath=false", "check-ignore", "--", *paths], cwd=repo,
+                 env=env, timeout=timeout)
+    if result.returncode not in (0, 1):
+        raise git_failure("git check-ignore", result)
+    asked = set(paths)  # a name with a newline comes back quoted: then it is not matched
+    return [p for p in result.stdout.decode("utf-8", "surrogateescape").splitlines() if p in asked]
+
+
 def common_dir(repo: str, env: Mapping[str, str], timeout: float) -> str:
     """The absolute git common dir of ``repo`` (the main ``.git`` even from a worktree)."""
     result = git(["rev-parse", "--path-format=absolute", "--git-common-dir"],

@@ -262,3 +262,54 @@ def untested_native_code(worktree: str, changed_native: Sequence[str],
             f"module built in the rebased worktree: the changed native code was not tested "
             f"(set MERGE_RETEST_SETUP_COMMAND to build it, e.g. "
             f"'python setup.py build_ext --inplace')")
+
+
+#: Where pyproject.toml declares a version file that the build backend writes at install time
+#: from the VCS (and that is git-ignored, so a fresh worktree lacks it): setuptools-scm,
+#: hatch-vcs's build hook, pdm-backend's scm source.
+_VERSION_FILE_KEYS = (
+    ("tool", "setuptools_scm", "version_file"),
+    ("tool", "setuptools_scm", "write_to"),
+    ("tool", "hatch", "build", "hooks", "vcs", "version-file"),
+    ("tool", "pdm", "version", "write_to"),
+)
+
+
+def generated_files(root: str) -> list[str]:
+    """The files the project declares its build writes at install time (a VCS version file),
+    relative to ``root`` and inside it, in declaration order."""
+    doc = _load_toml(os.path.join(root, "pyproject.toml"))
+    found: list[str] = []
+    for keys in _VERSION_FILE_KEYS:
+        for rel in _strings(_get(doc, *keys)):
+            rel = os.path.normpath(rel)
+            if not os.path.isabs(rel) and _inside(os.path.join(root, rel), root) \
+                    and rel not in found:
+                found.append(rel)
+    return found
+
+
+_NO_MODULE = re.compile(r"No module named '([A-Za-z_][A-Za-z0-9_.]*)'")
+
+
+def missing_modules(texts: Iterable[Optional[str]]) -> list[str]:
+    """The module names of every ``No module named 'x.y'`` in ``texts``, in order, once."""
+    found: list[str] = []
+    for text in texts:
+        for name in _NO_MODULE.findall(text or ""):
+            if name not in found:
+                found.append(name)
+    return found
+
+
+def module_paths(module: str, roots: Sequence[str]) -> list[str]:
+    """Where ``module`` would be under ``roots`` (``a/b.py`` or ``a/b/__init__.py``), for
+    the roots whose package of it (``a``) exists: candidates for a module of the project."""
+    parts = module.split(".")
+    paths: list[str] = []
+    for root in roots:
+        if len(parts) < 2 or not os.path.isdir(os.path.join(root, *parts[:-1])):
+            continue
+        base = os.path.join(root, *parts)
+        paths += [base + ".py", os.path.join(base, "__init__.py")]
+    return paths

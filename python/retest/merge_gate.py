@@ -43,6 +43,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import threading
 import time
@@ -699,6 +700,7 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
     packages = layout.top_level_packages(roots, worktree)
     env = _suite_env(run.base_env)
     env["PYTHONPATH"] = layout.pythonpath(roots, env.get("PYTHONPATH"))
+    _provide_generated(run, worktree)
     failed_setup = _run_setup(run, worktree, env, timeout_s)
     if failed_setup is not None:
         return _route(run, failed_setup)
@@ -726,7 +728,77 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
             False, evidence="events")
     elif verdict.kind == "passed":
         verdict = _native_proof(run, worktree, report, verdict)
+    elif verdict.kind == "red" and report is not None:
+        verdict = _missing_generated(run, worktree, roots, report, verdict)
     return _route(run, _against_history(run, argv, timeout_s, verdict), result=result)
+
+
+def _provide_generated(run: _GateRun, worktree: str) -> None:
+    """Copy into the worktree the files the project's build writes at install time (a VCS
+    version file: setuptools-scm, hatch-vcs, pdm-backend; ``layout.generated_files``) that it
+    lacks: they are git-ignored, so a fresh worktree never has them, and the package cannot
+    be imported without them. The checkout's copy (an editable install wrote it) is the one
+    the developer's own suite runs with; what was done is in ``evidence["generated"]``."""
+    missing = [rel for rel in layout.generated_files(worktree)
+               if not os.path.lexists(os.path.join(worktree, rel))]
+    if not missing:
+        return
+    checkout = _checkout_top(run)
+    done: list[dict[str, Any]] = []
+    for rel in missing:
+        source = os.path.join(checkout, rel) if checkout else None
+        target = os.path.join(worktree, rel)
+        entry: dict[str, Any] = {"path": rel}
+        try:
+            if source is None or not os.path.isfile(source):
+                entry["missing"] = "not in the checkout either (is the project installed?)"
+            else:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(source, target)
+                entry["copied_from"] = source
+        except OSError as err:
+            entry["missing"] = f"cannot copy it: {err}"
+        done.append(entry)
+    run.evidence["generated"] = done
+    log.info("merge gate: install-time files for the worktree: %s", done)
+
+
+def _checkout_top(run: _GateRun) -> Optional[str]:
+    """The top of the repository's own working tree (None: a bare repository)."""
+    result = gitops.git(["rev-parse", "--show-toplevel"], cwd=run.repo,
+                        env=gitops.git_env(run.base_env), timeout=run.settings.git_timeout_s)
+    top = result.stdout.decode("utf-8", "surrogateescape").strip() if result.ok else ""
+    return top or None
+
+
+def _missing_generated(run: _GateRun, worktree: str, roots: Sequence[str],
+                       report: proc_group.ProbeReport,
+                       verdict: proc_group.Verdict) -> proc_group.Verdict:
+    """Red because a module of the project's own is missing that git ignores (generated at
+    install time, so the worktree never had it): the machine's set-up, not the branch's code.
+    Held (``other.generated-missing``) rather than rolled back: every branch, the target's
+    own head included, would fail the same way."""
+    texts = [t for f in (*report.collection_errors, *report.failures) for t in (f.message, f.longrepr)]
+    modules = layout.missing_modules(texts)
+    if not modules:
+        return verdict
+    paths = {path: module for module in modules for path in layout.module_paths(module, roots)}
+    try:
+        ignored = gitops.ignored(worktree, sorted(paths), gitops.git_env(run.base_env),
+                                 run.settings.git_timeout_s)
+    except gitops.GitError as err:
+        log.warning("merge gate: cannot ask git what it ignores: %s", err)
+        return verdict
+    hits = [p for p in ignored if p in paths]
+    if not hits:
+        return verdict
+    module, rel = paths[hits[0]], os.path.relpath(hits[0], worktree)
+    return proc_group.Verdict(
+        "other", "other.generated-missing",
+        f"the suite could not import {module}: {rel} is git-ignored (written at "
+        f"install time, e.g. a VCS version file), so the gate's worktree does not have it; "
+        f"set MERGE_RETEST_SETUP_COMMAND to make it (the suite's own verdict: {verdict.kind}, "
+        f"{verdict.rule})", False, evidence="events")
 
 
 #: Passing runs compared with the budget, and the share of it that earns a warning.
