@@ -273,6 +273,59 @@ def test_hung_test_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert dump.pid in result.probe.pids
 
 
+def test_failures_before_a_hang_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found on tomli: a branch with a failing test and a hung one was requeued, and nothing
+    said the code was already proven red."""
+    monkeypatch.setenv("RETEST_IDLE_CORES", "0.3")
+    monkeypatch.setenv("RETEST_HUNG_RUNNING_SHARE", "0.5")
+    suite = write_suite(tmp_path / "suite", {"test_h.py": textwrap.dedent("""
+        import time
+        def test_fails():
+            assert 1 + 1 == 3
+        def test_sleeps():
+            time.sleep(60)
+    """)})
+    result = proc_group.run(_pytest(suite), timeout=5, grace=2, env=suite_env())
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule) == ("timeout", "timeout.hung"), verdict.reason
+    assert ("tests had failed before the deadline (1 failed): test_h.py::test_fails"
+            in verdict.reason)
+
+
+def test_a_busy_test_that_never_ends_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not hung (it uses a core), not starved: the budget went to one test, and the reason
+    says which, with its stack (found on tomli: it said only "neither starved nor hung")."""
+    monkeypatch.setenv("RETEST_IDLE_CORES", "0.3")
+    monkeypatch.setenv("RETEST_HUNG_RUNNING_SHARE", "0.5")
+    suite = write_suite(tmp_path / "suite", {"test_b.py": textwrap.dedent("""
+        def test_spins():
+            while True:
+                pass
+    """)})
+    result = proc_group.run(_pytest(suite), timeout=5, grace=2, env=suite_env())
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule) == ("timeout", "timeout.deadline"), verdict.reason
+    assert "one test took most of it: test_b.py::test_spins had been running" in verdict.reason
+    assert "busy" in verdict.reason and "in test_spins" in verdict.reason
+
+
+def test_a_suite_stuck_before_any_test_is_hung(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module that blocks at import: the session started, no test ever did, and the tree
+    sat idle (found on tomli: it was "timeout.deadline", 0 tests done)."""
+    monkeypatch.setenv("RETEST_IDLE_CORES", "0.3")
+    suite = write_suite(tmp_path / "suite", {"test_c.py": textwrap.dedent("""
+        import time
+        time.sleep(60)
+        def test_never():
+            pass
+    """)})
+    result = proc_group.run(_pytest(suite), timeout=5, grace=2, env=suite_env())
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule) == ("timeout", "timeout.hung"), verdict.reason
+    assert "the session sat idle during collection, no test had started" in verdict.reason
+    assert 'test_c.py", line 3 in <module>' in verdict.reason
+
+
 def test_slow_but_working_suite_is_deadline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RETEST_IDLE_CORES", "0.3")
     suite = write_suite(tmp_path / "suite", {"test_slow.py": textwrap.dedent("""

@@ -255,24 +255,63 @@ def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
 
     settings = ForensicsSettings.from_env()
     p = result.pressure
+    failed = _failed_before(result)
     hung = _hung_test(result, settings.hung_running_share)
+    busy_test = ""
     if hung is not None:
         cores, where = _tree_cores_while(result, hung)
+        stack = _stack_of(result, hung)
+        ran = (f"{hung.nodeid}{' (' + hung.worker + ')' if hung.worker else ''} had been "
+               f"running {hung.running_s:.1f} s of the {result.timeout_s:g} s budget")
         if cores < settings.idle_cores:
-            stack = _stack_of(result, hung)
             return replace(verdict, rule="timeout.hung", evidence="runner",
-                           reason=f"{verdict.reason}; hung: {hung.nodeid}"
-                                  f"{' (' + hung.worker + ')' if hung.worker else ''} had been "
-                                  f"running {hung.running_s:.1f} s of the {result.timeout_s:g} s "
-                                  f"budget while the tree was idle ({cores:.2f} cores {where})"
-                                  f"{'; its stack: ' + stack if stack else ''}")
+                           reason=f"{verdict.reason}; hung: {ran} while the tree was idle "
+                                  f"({cores:.2f} cores {where})"
+                                  f"{'; its stack: ' + stack if stack else ''}{failed}")
+        # busy all along (a loop that never ends, or a test that is that slow): not hung, but
+        # that one test is what the budget went to
+        busy_test = (f"; one test took most of it: {ran}, busy ({cores:.2f} cores {where})"
+                     f"{'; its stack: ' + stack if stack else ''}")
+    else:
+        idle = _idle_before_tests(result, settings)
+        if idle is not None:
+            return replace(verdict, rule="timeout.hung", evidence="runner",
+                           reason=f"{verdict.reason}; hung: {idle}{failed}")
     starved = _starved_why(p, settings) if p.tree_cores >= settings.idle_cores else None
     if starved is not None:
         return replace(verdict, rule="timeout.starved", evidence="runner",
                        reason=f"{verdict.reason}; the machine was starved ({starved}): {p.text()}; "
-                              f"top CPU users outside the tree: {p.hogs_text()}")
+                              f"top CPU users outside the tree: {p.hogs_text()}{failed}")
     return replace(verdict, rule="timeout.deadline",
-                   reason=f"{verdict.reason}; neither starved nor hung: {p.text()}")
+                   reason=f"{verdict.reason}; neither starved nor hung: {p.text()}{busy_test}"
+                          f"{failed}")
+
+
+def _failed_before(result: "RunResult") -> str:
+    """``; tests had failed before the deadline (1 failed, 16 passed): tests/t.py::t``, or ""."""
+    report = result.probe
+    if report is None:
+        return ""
+    failed = report.failure_count + report.error_count + len(report.collection_errors)
+    if not failed:
+        return ""
+    return (f"; tests had failed before the deadline ({report.counts_text()}): "
+            f"{failures_text(report.collection_errors + report.failures, failed)}")
+
+
+def _idle_before_tests(result: "RunResult", settings: "ForensicsSettings") -> Optional[str]:
+    """The session started but no test ever did (a module that blocks at import, a session
+    fixture that waits forever), with the tree idle over the run: why, with the stack of the
+    process that was stuck; None otherwise."""
+    report, p = result.probe, result.pressure
+    if (report is None or p is None or not report.session_started or report.running
+            or report.done or p.tree_cores >= settings.idle_cores):
+        return None
+    where = "during collection" if report.collected is None else "before the first test"
+    dumps = list(getattr(result, "diagnostics", ()) or ())
+    stack = str(dumps[0].summary()) if dumps else ""
+    return (f"the session sat idle {where}, no test had started ({p.tree_cores:.2f} cores over "
+            f"the run){'; its stack: ' + stack if stack else ''}")
 
 
 def _starved_why(p: "Pressure", settings: "ForensicsSettings") -> Optional[str]:
