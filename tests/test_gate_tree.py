@@ -176,6 +176,24 @@ def test_src_layout_editable_install_broken_branch_rolls_back(src_project: tuple
     assert proof["roots"] == [os.path.join(decision.evidence["worktree"], "src")]
 
 
+@pytest.mark.parametrize("wrapper", [["-m", "coverage", "run"],
+                                     ["-m", "coverage", "run", "--rcfile", "/dev/null", "--branch"]])
+def test_a_suite_under_coverage_is_probed_and_proven(src_project: tuple[Repo, Path],
+                                                     wrapper: list[str]) -> None:
+    """Found on tomli: under ``coverage run -m pytest`` the probe was never injected (run()
+    passes argv as a tuple, which the coverage check compared with a list), so the tree was
+    never proven and a pass merged on the output's word alone."""
+    repo, python = src_project
+    command = [str(python), *wrapper, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    for branch, action in (("breaks-add", "rollback"), ("docs-only", "merge")):
+        decision = retest_branch(repo.path, branch, task_id=f"cov-{branch}-{len(wrapper)}",
+                                 command=command, env=repo.env, metrics=GateMetrics(),
+                                 timeout=120)
+        assert decision.action == action, decision.reason
+        assert tree(decision)["status"] == "proven"
+        assert decision.evidence["verdict_evidence"] == "events"
+
+
 def test_src_layout_green_branch_merges_with_proof(src_project: tuple[Repo, Path]) -> None:
     repo, python = src_project
     decision = gate(repo, "docs-only", python)

@@ -51,6 +51,11 @@ def pytest_run(root: Path, backend: str, *args: str, timeout: float = 120,
     (["python3", "-mpytest", "-x"], 2),
     (["python", "-m", "coverage", "run", "--branch", "-m", "pytest", "-q"], 7),
     (["coverage", "run", "-m", "pytest"], 4),
+    (["/v/bin/coverage", "run", "--rcfile", ".coveragerc", "--source=src", "-p", "-m", "pytest"], 8),
+    (["python", "-m", "coverage", "run", "--omit", "x/*", "-m", "pytest", "-x"], 8),
+    (["coverage", "run", "-m", "unittest"], None),
+    (["coverage", "run", "tests/run.py"], None),
+    (["coverage", "report"], None),
     (["python", "-m", "pip", "install", "pytest"], None),
     (["python", "script.py", "-m", "pytest"], None),
     (["python", "-c", "import pytest; pytest.main()"], None),
@@ -60,6 +65,7 @@ def pytest_run(root: Path, backend: str, *args: str, timeout: float = 120,
 ])
 def test_the_probe_goes_where_pytest_arguments_start(argv: list[str], position: object) -> None:
     assert probe.pytest_position(argv) == position
+    assert probe.pytest_position(tuple(argv)) == position  # run() passes a tuple
     injected = probe.inject(argv)
     if position is None:
         assert injected == argv

@@ -126,12 +126,32 @@ def pytest_position(argv: Sequence[str]) -> Optional[int]:
         pos = _after_dash_m(argv, 1)
         if pos is not None:
             return pos
-        # python -m coverage run [opts] -m pytest
-        if len(argv) > 3 and argv[1:3] == ["-m", "coverage"] and argv[3] == "run":
-            return _after_dash_m(argv, 4)
+        # python -m coverage run [opts] -m pytest (argv may be a tuple: compare items, not
+        # a slice with a list, which never equals a tuple's)
+        if len(argv) > 3 and argv[1] == "-m" and argv[2] == "coverage" and argv[3] == "run":
+            return _after_coverage_run(argv, 4)
         return None
     if name == "coverage" and len(argv) > 1 and argv[1] == "run":
-        return _after_dash_m(argv, 2)
+        return _after_coverage_run(argv, 2)
+    return None
+
+
+#: ``coverage run`` options that take a value as the next argument (``--opt=value`` too).
+_COVERAGE_WITH_ARG = frozenset({"--rcfile", "--source", "--include", "--omit", "--context",
+                                "--concurrency", "--data-file", "--debug"})
+
+
+def _after_coverage_run(argv: Sequence[str], start: int) -> Optional[int]:
+    """Index just past ``-m pytest`` among ``coverage run``'s options from ``start``, or None
+    (a script, or a module that is not pytest)."""
+    i = start
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-m":
+            return i + 2 if i + 1 < len(argv) and argv[i + 1] in ("pytest", "py.test") else None
+        if not arg.startswith("-") or arg in ("-", "--"):
+            return None
+        i += 2 if arg in _COVERAGE_WITH_ARG else 1
     return None
 
 
