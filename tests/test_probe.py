@@ -197,6 +197,36 @@ def test_subtests_and_setup_errors_are_counted(backend: str, tmp_path: Path) -> 
     assert "test_s.py::test_err" in [f.nodeid for f in result.probe.failures if f.outcome == "error"]
 
 
+def test_a_failed_subtest_is_named_as_pytest_names_it(backend: str, tmp_path: Path) -> None:
+    """Found on tomli: three failed subtests of one test read ``test_valid, test_valid,
+    test_valid``; pytest says ``SUBFAILED[escapes]``. unittest's subTest and pytest's
+    ``subtests`` fixture alike."""
+    if not hasattr(pytest, "Subtests"):
+        pytest.skip("pytest < 9 has no built-in subtests")
+    suite = textwrap.dedent("""
+        import unittest
+
+        class T(unittest.TestCase):
+            def test_u(self):
+                with self.subTest("escapes"):
+                    self.assertEqual(1, 2)
+                with self.subTest(case=3):
+                    self.assertTrue(False)
+
+        def test_p(subtests):
+            with subtests.test(msg="common-12"):
+                assert False
+    """)
+    result = pytest_run(write(tmp_path, {"test_s.py": suite}), backend)
+    verdict = proc_group.classify(result)
+    assert verdict.rule == "red.tests-failed"
+    assert result.probe is not None
+    named = [f.nodeid for f in result.probe.failures if f.subtest]
+    assert named == ["test_s.py::T::test_u [escapes]", "test_s.py::T::test_u (case=3)",
+                     "test_s.py::test_p [common-12]"]
+    assert "test_s.py::T::test_u [escapes]" in verdict.reason
+
+
 def test_a_collection_error_is_red_naming_the_file(backend: str, tmp_path: Path) -> None:
     files = {"test_ok.py": PASSING, "test_broken.py": "import no_such_module_here\n"}
     result = pytest_run(write(tmp_path, files), backend)

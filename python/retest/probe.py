@@ -528,6 +528,8 @@ class _Tally:
         nodeid, when, outcome = str(e["nodeid"]), str(e.get("when")), str(e.get("outcome"))
         worker = e.get("worker")
         subtest = bool(e.get("subtest"))
+        label = e.get("subtest")
+        shown = f"{nodeid} {label}" if isinstance(label, str) and label else nodeid
         # Any phase but set-up and tear-down ends the test: "call", and xdist's "???" for a
         # test whose worker crashed (which never sends the test's own call report).
         call = when not in ("setup", "teardown")
@@ -547,8 +549,8 @@ class _Tally:
         else:
             self.failure_count += 1
         if len(self.failures) < FAILURES_MAX:
-            self.failures.append(TestFailure(
-                nodeid=nodeid, when=when, outcome=outcome, message=e.get("message"),
+            self.failures.append(TestFailure(  # a subtest by pytest's name for it
+                nodeid=shown, when=when, outcome=outcome, message=e.get("message"),
                 worker=worker, subtest=subtest, longrepr=e.get("longrepr")))
 
     def _on_imports(self, e: Mapping[str, Any]) -> None:

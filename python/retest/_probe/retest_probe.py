@@ -130,6 +130,17 @@ def _outcome(report: Any) -> str:
     return outcome
 
 
+def _subtest_label(report: Any) -> str:
+    """How pytest names a subtest in its summary: ``[msg]``, ``(key=value, ...)`` or both
+    (``SUBFAILED[escapes] tests/t.py::test_x``); "" if it has neither."""
+    context = getattr(report, "context", None)
+    msg, kwargs = getattr(context, "msg", None), getattr(context, "kwargs", None) or {}
+    parts = [f"[{msg}]"] if msg is not None else []
+    if isinstance(kwargs, dict) and kwargs:
+        parts.append("(" + ", ".join(f"{k}={v}" for k, v in kwargs.items()) + ")")
+    return _cut(" ".join(parts), NODEID_MAX) or ""
+
+
 def _failure_fields(report: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
@@ -333,7 +344,7 @@ class RetestProbe:
             "duration": round(float(getattr(report, "duration", 0.0) or 0.0), 6),
         }
         if type(report).__name__.lower().startswith("subtest"):
-            fields["subtest"] = True
+            fields["subtest"] = _subtest_label(report) or True
         if node is not None:
             fields["worker"] = getattr(getattr(node, "gateway", None), "id", None)
         if outcome in ("failed", "error"):
