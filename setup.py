@@ -49,8 +49,7 @@ def native_build_failed(why):
 
 EXT_SOURCES = ["ext/_proc_group.c", "ext/run.c", "ext/capture.c", "ext/tailpipe.c",
                "ext/classify.c", "ext/cgroup.c",
-               "ext/evidence.c", "ext/pool.c", "ext/fingerprint.c", "ext/child.c",
-               "ext/settle.c"]
+               "ext/evidence.c", "ext/pool.c", "ext/fingerprint.c", "ext/child.c"]
 SHEPHERD_SOURCES = ["ext/shepherd.c", "ext/cgroup.c"]
 #: The no-libc shepherd: its own runtime, nothing from the system but the headers. No stack
 #: protector or fortify wrappers (they call into libc), no PIE (no self-relocation needed),

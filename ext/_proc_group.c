@@ -1,13 +1,12 @@
 /* retest._proc_group: module definition only. The work lives by area in run.c (spawn,
  * wait, capture: the caller's side), pool.c (idle shepherds), child.c (waiting for and
- * signalling a shepherd through its pidfd), settle.c (its verdict after the run), fingerprint.c (the state they
+ * signalling a shepherd through its pidfd), fingerprint.c (the state they
  * were started from), shepherd.c (containment: a
  * separate executable) and classify.c (verdicts). Multi-phase init; the state holds the interned stream names
  * passed to the output callback. */
 #include "pool.h"
 #include "proc_group.h"
 #include "protocol.h"
-#include "settle.h"
 
 typedef struct {
     PyObject *stream_names[2];  /* "stdout", "stderr"; run.c reads them as PyObject *[2] */
@@ -20,7 +19,6 @@ static PyMethodDef pg_methods[] = {
     {"close_shepherds", pg_close_shepherds, METH_NOARGS, pg_close_shepherds_doc},
     {"_fingerprint", pg_fingerprint_py, METH_NOARGS, pg_fingerprint_doc},
     {"running_shepherd", pg_running_shepherd, METH_O, pg_running_shepherd_doc},
-    {"settle", pg_settle, METH_O, pg_settle_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -384,13 +384,6 @@ static int cg_has_bpf(int dfd)
     return 0;
 }
 
-int cg_no_controllers(int dfd, struct cg_files *f)
-{
-    char buf[512];
-    return cg_read_kept(dfd, &f->made[0], made_state[0].file, buf, sizeof(buf)) >= 0 &&
-           buf[0] == '\0';
-}
-
 int cg_reusable(int dfd, struct cg_files *f, const struct cg_made *made)
 {
     char buf[512];

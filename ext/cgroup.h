@@ -89,10 +89,6 @@ struct cg_made {
 /* Note the cgroup dfd as it is now into m. Return 0, or -1 with errno. */
 int cg_snapshot(int dfd, struct cg_made *m);
 
-/* Return 1 if cgroup.controllers of dfd (through f) is empty: cpu.stat is then all its
- * accounting. 0 otherwise, or if it cannot be read. */
-int cg_no_controllers(int dfd, struct cg_files *f);
-
 /* Return 1 if the emptied cgroup dfd is as a run's cgroup is made, so that another run may
  * use it: no controller (cpu.stat is then all its accounting, and deltas of it are exact),
  * not frozen, a domain, no descendant and no limit on them, PSI on, cg_snapshot equal to

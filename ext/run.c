@@ -22,7 +22,6 @@
 #include "evidence.h"
 #include "pool.h"
 #include "protocol.h"
-#include "settle.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -152,7 +151,7 @@ struct run {
     int pool_max;
     int have_fp;
     uint64_t fp;
-    int keep_ctl;          /* FINAL said a VERDICT follows: its socket, for settle.c; else -1 */
+    int keep_ctl;          /* FINAL said reusable: its socket, kept for the pool; else -1 */
     pid_t tid;             /* the calling thread (pool.c: pg_running_set) */
 
     struct capture cap[2];
@@ -435,13 +434,13 @@ static void read_reports(struct run *r)
             r->have_spawn_failure = 1;
             break;
         case PG_REC_FINAL:
-            /* The run's report: the shepherd now exits, or (verdict_follows) checks its
-             * cgroup and itself and says in a VERDICT whether it serves the next run. That is
-             * read when the caller is done with the result (settle.c), not now: no wait for
-             * the checks, nor for an exiting shepherd's EOF (issue 15). */
+            /* The last record of the run: the shepherd now waits for the next request
+             * (reusable) or exits. Either way nothing more is read: no wait for its EOF, a
+             * second wake-up per run (issue 15). A shepherd that may have a terminate byte
+             * of ours still unread is not reused. */
             r->final = r->rec_buf;
             r->have_final = 1;
-            if (r->final.verdict_follows) {
+            if (r->final.reusable && r->have_fp && !r->terminate_sent) {
                 r->keep_ctl = r->shepherd.ctl;
                 r->shepherd.ctl = -1;
             } else {
@@ -531,7 +530,11 @@ static void write_input(struct run *r)
 static void release_shepherd(struct run *r)
 {
     int status = 0;
-    if (r->keep_ctl >= 0) {  /* its VERDICT is due: settled after the result is built */
+    if (r->keep_ctl >= 0) {  /* idle and clean: kept for a later run (or let go if not) */
+        r->shepherd.ctl = r->keep_ctl;
+        r->keep_ctl = -1;
+        pg_pool_give(r->fp, &r->shepherd, r->pool_max);
+        pg_shepherd_clear(&r->shepherd);  /* its fds are the pool's now */
         r->shepherd_status = 0;
         return;
     }
@@ -752,8 +755,6 @@ static int release_cgroup(struct run *r)
 {
     if (r->have_final && r->final.cgroup_removed)
         return 1;
-    if (r->keep_ctl >= 0)
-        return 0;  /* kept or removed: the VERDICT says (settle.c) */
     if (r->have_spawn_failure && r->spawn_failure.stage == PG_STAGE_CGROUP &&
         r->spawn_failure.err == ESTALE)
         return 0;  /* a kept cgroup with a stranger in it: not ours to wait for, nor remove */
@@ -1395,28 +1396,12 @@ static int start_run(struct run *r, struct child_fds *cf)
     return 0;
 }
 
-/* The shepherd whose VERDICT is due, as a token for settle() (settle.h), which owns it from
- * now; None when no VERDICT is due. NULL with an exception set (it was let go). GIL held. */
-static PyObject *take_pending(struct run *r)
-{
-    PyObject *token;
-    if (r->keep_ctl < 0)
-        Py_RETURN_NONE;
-    r->shepherd.ctl = r->keep_ctl;
-    r->keep_ctl = -1;
-    token = pg_pending_new(&r->shepherd, r->fp, r->have_fp && !r->terminate_sent, r->pool_max,
-                           r->cg_path);
-    pg_shepherd_clear(&r->shepherd);
-    return token;
-}
-
 /* Start the run, stream it, collect the report. Return the result dict, or NULL with an
  * exception (from on_output, or KeyboardInterrupt: the tree is down by then). */
 static PyObject *start_and_wait(struct run *r)
 {
     struct child_fds cf = {-1, -1, -1, -1};
     int err = open_run_fds(r, &cf), rc;
-    PyObject *result;
     if (err) {
         close_child_fds(&cf);
         return spawn_failure_result(r, err, 0);
@@ -1426,24 +1411,13 @@ static PyObject *start_and_wait(struct run *r)
         return spawn_failure_result(r, err, err == ENOENT || err == EACCES || err == ENOEXEC);
     r->cg_path_released = r->cg_path != NULL;
     if (rc < 0)
-        return NULL;  /* free_run settles a VERDICT that is due */
-    result = build_result(r, r->exec_name, r->cwd ? r->cwd : "");
-    if (result && set_item(result, "settle", take_pending(r)) < 0)
-        Py_CLEAR(result);
-    return result;
+        return NULL;
+    return build_result(r, r->exec_name, r->cwd ? r->cwd : "");
 }
 
 /* Free everything r owns (GIL held). */
 static void free_run(struct run *r)
 {
-    if (r->keep_ctl >= 0) {  /* the run raised: settle now (the token's destructor does) */
-        PyObject *type, *value, *tb, *token;
-        PyErr_Fetch(&type, &value, &tb);
-        token = take_pending(r);
-        Py_XDECREF(token);
-        PyErr_Clear();
-        PyErr_Restore(type, value, tb);
-    }
     if (r->cg_path && !r->cg_path_released)
         cg_remove(r->cg_path);  /* failed before the spawn (MemoryError): nothing is in it */
     ev_kmsg_free(&r->kmsg);

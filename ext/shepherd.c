@@ -9,8 +9,7 @@
  * CLOCK_MONOTONIC, so the time to start the command counts against the caller's timeout),
  * the grace, the stop signal, the cwd, the run's cgroup, the command and its environment,
  * and the command's stdin, stdout and stderr as fds (SCM_RIGHTS). After the run, when
- * nothing of it is left, the shepherd says so in FINAL (verdict_follows), checks its cgroup
- * and itself, says in a VERDICT whether it serves on (reusable) and waits for the next
+ * nothing of it is left, the shepherd says so in FINAL (reusable) and waits for the next
  * request (issue 15: the caller keeps a few idle shepherds, and a run then costs no second
  * process start); the caller hands a run only to a shepherd started from the same inherited
  * state as its own at the time of the call (run.c: the fingerprint).
@@ -107,7 +106,6 @@ struct state {
     int64_t cg_some0;           /* PG_REQ_CG_REUSED: its cpu.pressure some total at the start */
     struct cg_usage cg_base;    /* PG_REQ_CG_REUSED: cpu.stat before this run's command */
     struct cg_cache cg;         /* its open files and first stat; kept across runs */
-    int cg_pending;             /* emptied, a candidate to keep: still open until settle_cgroup */
     int children_left;          /* the last reap() left children of ours unreaped */
     int leaks_sent;
     struct pg_record final;
@@ -1407,44 +1405,15 @@ static int64_t cpu_delta(int64_t now, int64_t base, int reused)
     return now < 0 || base < 0 ? -1 : now - base;
 }
 
-/* Return 1 if this run's emptied cgroup may serve a later run as far as the run itself
- * tells (issue 15): asked to, nothing of the run left or came back (no child of ours left:
- * one that moved itself out could move back), no kill of ours or, as far as we can tell, of
- * the command's own (a cgroup.kill written from inside kills its writer: SIGKILL among what
- * we reaped), and no controller (then cpu.stat is all its accounting). Whether it is still as
- * made (cg_reusable) is asked after FINAL: settle_cgroup. */
-static int keep_candidate(struct state *st)
+/* Return 1 if this run's emptied cgroup may serve a later run (issue 15): asked to, and
+ * nothing of the run left or came back (no child of ours left: one that moved itself out
+ * could move back), no kill of ours or, as far as we can tell, of the command's own (a
+ * cgroup.kill written from inside kills its writer: SIGKILL among what we reaped), and the
+ * cgroup as made (cg_reusable). */
+static int keep_cgroup(struct state *st)
 {
     return (st->req_flags & PG_REQ_CG_KEEP) && !st->cg_killed && !st->saw_sigkill &&
-           !st->children_left && cg_no_controllers(st->cg_dfd, &st->cg.files);
-}
-
-/* Close this run's cgroup and remove it (FINAL or VERDICT says whether that worked). */
-static void drop_run_cgroup(struct state *st)
-{
-    close(st->cg_events);
-    close(st->cg_dfd);
-    forget_cgroup(&st->cg);
-    st->final.cgroup_removed = cg_remove(st->cg_path) == 0;
-    st->cg_events = st->cg_dfd = -1;
-}
-
-/* After FINAL, off the caller's path: keep the candidate cgroup if it is still as it was
- * made (cg_reusable: ~40 system calls, 29 of them BPF queries), else remove it. */
-static void settle_cgroup(struct state *st)
-{
-    if (!st->cg_pending)
-        return;
-    st->cg_pending = 0;
-    if (!st->caller_gone && cg_reusable(st->cg_dfd, &st->cg.files, &st->cg.made) &&
-        (st->cg.path || (st->cg.path = strdup(st->cg_path)))) {
-        st->cg.dfd = st->cg_dfd;  /* held while idle: the next run in it reads, not opens */
-        st->cg.events = st->cg_events;
-        st->final.cgroup_kept = 1;
-        st->cg_events = st->cg_dfd = -1;
-    } else {
-        drop_run_cgroup(st);
-    }
+           !st->children_left && cg_reusable(st->cg_dfd, &st->cg.files, &st->cg.made);
 }
 
 /* cgroup mode, once the tree is gone: reap the last members (they leave the cgroup a moment
@@ -1465,7 +1434,7 @@ static void finish_cgroup(struct state *st)
     }
     /* Issue 15: a fresh cgroup per run costs ~200 us of kernel work (mkdir, the first task,
      * rmdir); one that ends as it was made serves the caller's next run instead. */
-    keep = keep_candidate(st);
+    keep = keep_cgroup(st);
     cg_read_usage(st->cg_dfd, &st->cg.files, keep, &u);
     reused = (st->req_flags & PG_REQ_CG_REUSED) != 0;
     st->final.cg_usage_us = cpu_delta(u.usage_us, st->cg_base.usage_us, reused);
@@ -1475,9 +1444,17 @@ static void finish_cgroup(struct state *st)
     st->final.cg_pids_peak = u.pids_peak;
     st->final.cg_oom_kill = u.oom_kill;
     st->final.cg_oom_group_kill = u.oom_group_kill;
-    st->cg_pending = keep;  /* still open: settle_cgroup decides, after FINAL */
-    if (!keep)
-        drop_run_cgroup(st);
+    if (keep && (st->cg.path || (st->cg.path = strdup(st->cg_path)))) {
+        st->cg.dfd = st->cg_dfd;  /* held while idle: the next run in it reads, not opens */
+        st->cg.events = st->cg_events;
+        st->final.cgroup_kept = 1;
+    } else {
+        close(st->cg_events);
+        close(st->cg_dfd);
+        forget_cgroup(&st->cg);
+        st->final.cgroup_removed = cg_remove(st->cg_path) == 0;
+    }
+    st->cg_events = st->cg_dfd = -1;
 }
 
 /* open_cgroup for a cgroup this shepherd does not hold: open it and its cgroup.events, note
@@ -1859,38 +1836,20 @@ static void supervise(struct state *st, int sfd)
     }
 }
 
-/* Everything is dead and reaped (or given up on): account for it and tell the caller. A
- * shepherd that may serve the next run (asked to, the caller there, nothing of this run left:
- * no child at all, no cgroup held but a candidate to keep) says so in FINAL (verdict_follows)
- * and only then checks what takes longer: whether the cgroup is as made, and whether it is
- * itself as it started (own_state). The VERDICT record says how that went, while the caller
- * builds its result (issue 15: ~100 us off each run's path). Return 1 if it is to serve
- * the next run. */
+/* Everything is dead and reaped (or given up on): account for it and tell the caller. Return
+ * 1 if the shepherd is clean and may serve the next run: asked to, the caller is there, and
+ * nothing of this run is left (no child at all, no cgroup held open). */
 static int send_final(struct state *st)
 {
-    struct pg_record verdict;
     finish_cgroup(st);
     st->final.pid = st->leader;
     /* A leader that outlived the give-up bound has SIGKILL pending: that is how it will end. */
     st->final.wait_status = st->leader_alive ? SIGKILL : st->leader_status;
-    st->final.verdict_follows = !(st->req_flags & PG_REQ_LAST) && !st->caller_gone &&
-                                !st->leader_alive && st->final.unkillable == 0 &&
-                                (st->cg_dfd < 0 || st->cg_pending) && !reap(st);
-    if (!st->final.verdict_follows && st->cg_pending) {
-        st->cg_pending = 0;  /* nobody will run in it: removed before FINAL, as always */
-        drop_run_cgroup(st);
-    }
+    st->final.reusable = !(st->req_flags & PG_REQ_LAST) && !st->caller_gone &&
+                         !st->leader_alive && st->final.unkillable == 0 && st->cg_dfd < 0 &&
+                         !reap(st) && own_state() == st->own0;
     send_record(st, &st->final);
-    if (!st->final.verdict_follows)
-        return 0;
-    settle_cgroup(st);
-    memset(&verdict, 0, sizeof(verdict));
-    verdict.kind = PG_REC_VERDICT;
-    verdict.cgroup_kept = st->final.cgroup_kept;
-    verdict.cgroup_removed = st->final.cgroup_removed;
-    verdict.reusable = st->cg_dfd < 0 && !st->caller_gone && own_state() == st->own0;
-    send_record(st, &verdict);
-    return verdict.reusable && !st->caller_gone;
+    return st->final.reusable && !st->caller_gone;
 }
 
 /* Make st ready for a run: nothing of the last one kept but who we are. */

@@ -605,17 +605,14 @@ def run(
         probe = settings.probe_enabled
     evidence = _Evidence(native=chosen == "native")
     try:
-        try:
-            if not probe or not _probe.is_pytest_argv(args_text):
-                result = _dispatch(launch, evidence)
-            else:
-                result = _run_probed(launch, probe_packages, on_event, evidence)
-        except BaseException:
-            evidence.close()
-            raise
-        return evidence.finish(result, launch.timeout)
-    finally:
-        evidence.settle()
+        if not probe or not _probe.is_pytest_argv(args_text):
+            result = _dispatch(launch, evidence)
+        else:
+            result = _run_probed(launch, probe_packages, on_event, evidence)
+    except BaseException:
+        evidence.close()
+        raise
+    return evidence.finish(result, launch.timeout)
 
 
 def _set_fields(result: RunResult, **fields: Any) -> RunResult:
@@ -646,14 +643,6 @@ class _Evidence:
         #: The run's own cgroup's memory.events ``oom_kill`` and ``oom_group_kill``, read by
         #: the shepherd before it removed the cgroup (``None``: no cgroup, or no such file).
         self.cgroup_oom: tuple[Optional[int], Optional[int]] = (None, None)
-        #: What is left of each native run once its result is built (``_Settle``).
-        self.settles: list[_Settle] = []
-
-    def settle(self) -> None:
-        """Take the shepherds' verdicts on the runs made for this result (``_Settle``)."""
-        settles, self.settles = self.settles, []
-        for settle in settles:
-            settle()
 
     def close(self) -> None:
         self.watch.close()
@@ -873,48 +862,20 @@ def _run_native(
     cgroup_errno = raw.pop("cgroup_errno")
     if cgroup_errno:  # 0: not placed, but no placement failed (the command never started)
         _cgroup_fallback(plan, cgroup_errno)
-    kept, removed, some0 = raw.pop("cgroup_kept"), raw.pop("cgroup_removed"), raw.pop("cgroup_cpu_some0")
+    kept, some0 = raw.pop("cgroup_kept"), raw.pop("cgroup_cpu_some0")
     watch = _pressure.current() if cgroup_flags & _native.CGROUP_REUSED else None
     if watch is not None and some0 is not None:  # the kept cgroup's stall counter at the start
         watch.run_some0 = float(some0)
-    token = raw.pop("settle", None)  # absent when the run never reached a shepherd
+    if cgroup_path is not None and keep and plan.parent is not None:
+        _cgroup.give_back(plan.parent, cgroup_path, kept)
+    if cgroup_path is not None and not raw.pop("cgroup_removed") and not kept:
+        log.warning("retest: cgroup %s could not be removed (a process in it survived SIGKILL?)",
+                    cgroup_path)
+    raw.pop("cgroup_removed", None)
     if raw["spawn_error"] is not None and raw["pid"] is None:
         raw["containment"] = "none"
     raw["args"], raw["backend"] = args_text, "native"
-    result = _new_result(raw)
-    if token is not None or cgroup_path is not None:
-        settle = _Settle(token, plan.parent if keep else None, cgroup_path, kept, removed)
-        if evidence is not None:  # run() settles when its result is complete
-            evidence.settles.append(settle)
-        else:
-            settle()
-    return result
-
-
-class _Settle(NamedTuple):
-    """What is left of a native run once its result is built (issue 15): the shepherd's
-    verdict (``token``: it checks its cgroup and itself after FINAL, while the caller builds
-    the result; ``ext/settle.h``), then the cgroup given back for the next run or, when it
-    could not be removed, said so. Until then no other run can take that cgroup."""
-
-    token: Any
-    keep_parent: Optional[str]  # the run asked to keep its cgroup, under this parent
-    cgroup_path: Optional[str]
-    kept: bool
-    removed: bool
-
-    def __call__(self) -> None:
-        kept, removed = self.kept, self.removed
-        if self.token is not None:
-            assert _native is not None
-            kept, removed = _native.settle(self.token)
-        if self.cgroup_path is None:
-            return
-        if self.keep_parent is not None:
-            _cgroup.give_back(self.keep_parent, self.cgroup_path, kept)
-        if not removed and not kept:
-            log.warning("retest: cgroup %s could not be removed (a process in it survived "
-                        "SIGKILL?)", self.cgroup_path)
+    return _new_result(raw)
 
 
 def _remove_quietly(path: str) -> None:
