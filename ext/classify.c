@@ -38,6 +38,12 @@
 #define NO_PYTEST_MARK "No module named pytest"
 /* pytest's PytestConfigWarning text; with filterwarnings=error it is a crash (exit 1). */
 #define NO_TEST_FILES_MARK "No files were found in testpaths"
+/* unittest's (and Django's test runner's) last line when a test failed: "FAILED (failures=1,
+ * errors=2)"; the first count it prints is one of these. Only for a command that is not
+ * pytest (pytest prints "FAILED tests/x.py::t"). */
+static const char *const unittest_failed_marks[] = {
+    "FAILED (failures=", "FAILED (errors=", "FAILED (unexpected successes=",
+};
 
 enum rule_id {
     RULE_TIMEOUT_DEADLINE,
@@ -60,6 +66,7 @@ enum rule_id {
     RULE_OTHER_EXIT_STATUS,
     RULE_OTHER_ENVIRONMENT,
     RULE_OTHER_NO_TEST_FILES, /* the id of RULE_OTHER_NO_TESTS, another reason */
+    RULE_RED_UNITTEST,        /* the id of RULE_RED_TESTS_FAILED, unittest's summary */
 };
 
 static const struct {
@@ -87,6 +94,7 @@ static const struct {
     [RULE_OTHER_EXIT_STATUS] = {"other", "other.exit-status", false},
     [RULE_OTHER_ENVIRONMENT] = {"other", "other.environment", false},
     [RULE_OTHER_NO_TEST_FILES] = {"other", "other.no-tests", false},
+    [RULE_RED_UNITTEST] = {"red", "red.tests-failed", false},
 };
 
 /* Lock patterns in priority order; the first found (stdout, then stderr) decides. Git's bare
@@ -529,6 +537,16 @@ static bool find_lock(verdict *v, enum rule_id *rule)
     return false;
 }
 
+/* Quote unittest's "FAILED (...)" line into v->quote: the first of its marks found
+ * (stdout, then stderr). False if the output has none. */
+static bool find_unittest_failure(verdict *v)
+{
+    for (size_t i = 0; i < sizeof(unittest_failed_marks) / sizeof(unittest_failed_marks[0]); i++)
+        if (search(v, unittest_failed_marks[i], &v->quote))
+            return true;
+    return false;
+}
+
 /* The rule of a run that started and failed: the output's evidence first, then the status. */
 static enum rule_id failure_rule(verdict *v)
 {
@@ -553,6 +571,8 @@ static enum rule_id failure_rule(verdict *v)
         return RULE_RED_TEST_TIMEOUT;
     if (rc > 0 && search(v, NO_TEST_FILES_MARK, &v->quote))
         return RULE_OTHER_NO_TEST_FILES;
+    if (rc > 0 && !v->is_pytest && !s->found && find_unittest_failure(v))
+        return RULE_RED_UNITTEST;
     return status_rule(rc, v->is_pytest);
 }
 
@@ -709,6 +729,9 @@ static PyObject *make_reason(const verdict *v, PyObject *spawn_error, bool escal
     case RULE_OTHER_NO_TEST_FILES:
         reason = PyUnicode_FromFormat("%s: the configured testpaths hold no test files: %U",
                                       status, quote);
+        break;
+    case RULE_RED_UNITTEST:
+        reason = PyUnicode_FromFormat("unittest: %U (%s)", quote, status);
         break;
     case RULE_RED_EXIT_1:
         reason = summary ? Py_NewRef(pytest_part)

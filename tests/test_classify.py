@@ -91,9 +91,28 @@ SUBTESTS = b"2 failed, 1 passed, 2 subtests passed in 0.01s\n"
 SUBTESTS_COLOUR = (b"\x1b[31m\x1b[1m2 failed\x1b[0m, \x1b[32m1 passed\x1b[0m, \x1b[32m2 subtests passed"
                    b"\x1b[0m\x1b[31m in 0.03s\x1b[0m\n")
 LONG_LOCK_LINE = b"x" * 300 + b" database is locked " + b"y" * 300
+# python -m unittest (on stderr, as unittest writes) and Django's manage.py test: the same tail.
+UNITTEST_FAILED = (b"..F.E\n======================================================================\n"
+                   b"FAIL: test_add (tests.test_calc.T.test_add)\n----------------------------------"
+                   b"------------------------------------\nAssertionError: 1 != 2\n\n-----------"
+                   b"-----------------------------------------------------------\nRan 5 tests in "
+                   b"0.004s\n\nFAILED (failures=1, errors=1)\n")
 
 # (id, run, expected (kind, rule, reason, infra))
 CASES: list[tuple[str, Run, tuple[str, str, str, bool]]] = [
+    # ---- unittest's summary, for a command that is not pytest (python -m unittest, Django)
+    ("unittest-failed", Run(stderr=UNITTEST_FAILED, is_pytest=False),
+     ("red", "red.tests-failed", "unittest: FAILED (failures=1, errors=1) (exit 1)", False)),
+    ("unittest-errors-only", Run(stderr=b"Ran 2 tests in 0.1s\n\nFAILED (errors=2)\r\n",
+                                 is_pytest=False),
+     ("red", "red.tests-failed", "unittest: FAILED (errors=2) (exit 1)", False)),
+    ("unittest-unexpected-success", Run(b"Ran 1 test in 0.0s\n\nFAILED (unexpected successes=1)\n",
+                                        is_pytest=False),
+     ("red", "red.tests-failed", "unittest: FAILED (unexpected successes=1) (exit 1)", False)),
+    ("unittest-mark-under-pytest-is-pytests-rule", Run(stderr=UNITTEST_FAILED),
+     ("red", "red.exit-1", "exit 1 with no pytest summary (pytest: tests failed)", False)),
+    ("unittest-mark-with-a-signal", Run(stderr=UNITTEST_FAILED, returncode=-11, is_pytest=False),
+     ("other", "other.signal", "killed by signal 11 (SIGSEGV)", False)),
     # ---- timeout: the runner's own deadline, whatever else the output says
     ("timeout-escalated", Run(b"..\n12 passed in 899.10s\n", returncode=-9, timed_out=True,
                               escalated=True, killed_at_deadline=5),
@@ -422,7 +441,7 @@ PIECES = [b" in ", b" in 1", b"1 failed", b", ", b"2 passed", b" error", b"s", b
           b"0.31", b"database is locked", b"ERROR collecting", b"+++ Timeout +++",
           b".lock': File exists", b"retest: repository lock busy", b"\xff", b"_", b" ",
           b"\x00", b" in x", b" in 1 in 1", b"2 subtests passed", b"No module named pytest",
-          b"No files were found in testpaths"]
+          b"No files were found in testpaths", b"FAILED (failures=", b"FAILED (errors=", b"1)"]
 noisy_bytes = st.lists(st.one_of(st.sampled_from(PIECES), st.binary(max_size=8)), max_size=40).map(
     b"".join)
 ANSI_CODES = [b"\x1b[31m", b"\x1b[0m", b"\x1b[1;32m", b"\x1b[2 q", b"\x1b[?25h", b"\x1b[", b"\x1b"]
@@ -485,7 +504,7 @@ def test_random_input_twins_agree(twins: tuple[Classify, Classify], run: Run) ->
 # and the quote window: the inputs of issue 9. Long runs come from repeating a piece.
 CR_PIECES = [b"\r", b"\x00", b" in ", b" in x", b" in 1", b"1 failed in 0.1s", b"2 subtests passed",
              b"=", b"x", b"\xff\xfe", b"\x1b[31m", b"database is locked", b"ERROR collecting",
-             b"No module named pytest", b"No files were found in testpaths"]
+             b"No module named pytest", b"No files were found in testpaths", b"FAILED (failures="]
 cr_only_bytes = st.lists(
     st.tuples(st.sampled_from(CR_PIECES), st.sampled_from([1, 2, 50, 99, 100, 101, 200, 4080, 4096, 4100])),
     max_size=6,

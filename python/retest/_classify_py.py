@@ -47,6 +47,10 @@ TEST_TIMEOUT_MARK = b"+++ Timeout +++"
 NO_PYTEST_MARK = b"No module named pytest"
 #: pytest's PytestConfigWarning text; with ``filterwarnings = error`` it is a crash (exit 1).
 NO_TEST_FILES_MARK = b"No files were found in testpaths"
+#: unittest's (and Django's test runner's) last line when a test failed: ``FAILED (failures=1,
+#: errors=2)``; the first count it prints is one of these. Only for a command that is not
+#: pytest (pytest prints ``FAILED tests/x.py::t``).
+UNITTEST_FAILED_MARKS = (b"FAILED (failures=", b"FAILED (errors=", b"FAILED (unexpected successes=")
 
 # Colour/style escapes (CSI sequences). The three classes are disjoint, so a match is unique and
 # the C scanner (one pass, no backtracking) removes exactly the same bytes.
@@ -387,6 +391,11 @@ def _failure_rule(
         quote = _search(out, err, NO_TEST_FILES_MARK)
         if quote is not None:
             return "other.no-tests", f"{status}: the configured testpaths hold no test files: {quote}"
+    if rc > 0 and not is_pytest and summary is None:
+        for mark in UNITTEST_FAILED_MARKS:
+            quote = _search(out, err, mark)
+            if quote is not None:
+                return "red.tests-failed", f"unittest: {quote} ({status})"
     return _status_rule(rc, summary, is_pytest)
 
 
