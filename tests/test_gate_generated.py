@@ -124,3 +124,26 @@ def test_a_missing_module_git_tracks_is_still_red(tmp_path: Path) -> None:
     decision = gate(repo, "imports-nothing", PY)
 
     assert (decision.action, decision.verdict) == ("rollback", "red"), decision.reason
+
+
+def test_a_branch_cannot_make_the_copy_write_outside_the_worktree(installed: Repo,
+                                                                 tmp_path: Path) -> None:
+    """The version file's path comes from the branch's pyproject.toml, and the branch may
+    commit a symlink on it: the copy never follows one out of the worktree."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    installed.git("switch", "-q", "-c", "escapes")
+    (installed.path / "gen").symlink_to(outside, target_is_directory=True)
+    installed.git("add", "gen")
+    (installed.path / "pyproject.toml").write_text(
+        PYPROJECT.replace("src/verpkg/_version.py", "gen/_version.py"))
+    installed.git("commit", "-q", "-am", "a version file behind a symlink")
+    installed.git("switch", "-q", "main")
+    (installed.path / "gen").mkdir()  # the checkout's own copy, where the install wrote it
+    (installed.path / "gen/_version.py").write_text(VERSION)
+
+    decision = gate(installed, "escapes", PY)
+
+    assert list(outside.iterdir()) == []  # nothing written through the symlink
+    assert "generated" not in decision.evidence  # a path that resolves outside is no candidate
+    assert decision.action != "merge"

@@ -120,7 +120,8 @@ def _declared_setup_cfg(root: str) -> list[str]:
     return found
 
 
-def _inside(path: str, root: str) -> bool:
+def inside(path: str, root: str) -> bool:
+    """Whether ``path`` is ``root`` or below it, symlinks resolved."""
     try:
         return os.path.commonpath([os.path.realpath(path), os.path.realpath(root)]) == \
             os.path.realpath(root)
@@ -134,7 +135,7 @@ def import_roots(root: str) -> list[str]:
     roots: list[str] = []
     for rel in _declared_pyproject(root) + _declared_setup_cfg(root):
         path = os.path.normpath(os.path.join(root, rel))
-        if _inside(path, root) and os.path.isdir(path) and path not in roots:
+        if inside(path, root) and os.path.isdir(path) and path not in roots:
             roots.append(path)
     src = os.path.join(root, "src")
     if not roots and _packages_in(src, flat=False):
@@ -219,13 +220,13 @@ def prove(worktree: str, roots: Sequence[str], packages: Sequence[str],
                          "the probe is off", **base)  # type: ignore[arg-type]
     outside: dict[str, str] = {}
     imported: dict[str, str] = {}
-    if rootdir and not _inside(rootdir, worktree):
+    if rootdir and not inside(rootdir, worktree):
         outside["<rootdir>"] = rootdir
     for name in packages:
         places = imports.get(name) or []
         if places:
             imported[name] = places[0]
-        stray = [p for p in places if not _inside(p, worktree)]
+        stray = [p for p in places if not inside(p, worktree)]
         if stray:
             outside[name] = stray[0]
     if outside:
@@ -253,7 +254,7 @@ def untested_native_code(worktree: str, changed_native: Sequence[str],
     """
     if not changed_native or compiled is None:
         return None
-    built_here = [f for files in compiled.values() for f in files if _inside(f, worktree)]
+    built_here = [f for files in compiled.values() for f in files if inside(f, worktree)]
     if built_here:
         return None
     shown = ", ".join(changed_native[:3]) + (f" and {len(changed_native) - 3} more"
@@ -283,7 +284,7 @@ def generated_files(root: str) -> list[str]:
     for keys in _VERSION_FILE_KEYS:
         for rel in _strings(_get(doc, *keys)):
             rel = os.path.normpath(rel)
-            if not os.path.isabs(rel) and _inside(os.path.join(root, rel), root) \
+            if not os.path.isabs(rel) and inside(os.path.join(root, rel), root) \
                     and rel not in found:
                 found.append(rel)
     return found

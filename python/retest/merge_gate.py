@@ -43,7 +43,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import signal
 import threading
 import time
@@ -747,20 +746,39 @@ def _provide_generated(run: _GateRun, worktree: str) -> None:
     done: list[dict[str, Any]] = []
     for rel in missing:
         source = os.path.join(checkout, rel) if checkout else None
-        target = os.path.join(worktree, rel)
         entry: dict[str, Any] = {"path": rel}
         try:
             if source is None or not os.path.isfile(source):
                 entry["missing"] = "not in the checkout either (is the project installed?)"
             else:
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                shutil.copyfile(source, target)
+                _copy_into(source, worktree, rel)
                 entry["copied_from"] = source
         except OSError as err:
             entry["missing"] = f"cannot copy it: {err}"
         done.append(entry)
     run.evidence["generated"] = done
     log.info("merge gate: install-time files for the worktree: %s", done)
+
+
+#: A generated file larger than this is not a version file: not copied.
+GENERATED_MAX_BYTES = 1 << 20
+
+
+def _copy_into(source: str, worktree: str, rel: str) -> None:
+    """Copy ``source`` to ``worktree/rel`` as a new file. The path comes from the branch's own
+    pyproject.toml: its directory must resolve inside the worktree (a branch may commit a
+    symlink there), and the file is created, never followed or overwritten."""
+    target = os.path.join(worktree, rel)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if not layout.inside(os.path.realpath(os.path.dirname(target)), worktree):
+        raise OSError(f"{os.path.dirname(rel)} resolves outside the worktree")
+    with open(source, "rb") as f:
+        data = f.read(GENERATED_MAX_BYTES + 1)
+    if len(data) > GENERATED_MAX_BYTES:
+        raise OSError(f"larger than {GENERATED_MAX_BYTES} bytes")
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 def _checkout_top(run: _GateRun) -> Optional[str]:
