@@ -91,9 +91,12 @@ def measure_coverage(
     try:
         child_env = {k: v for k, v in base_env.items() if k not in gitops.REDIRECTING_ENV}
         child_env["COVERAGE_FILE"] = os.path.join(workdir, ".coverage")
+        # Not probed: coverage would measure the probe plugin itself as the project's code
+        # (retest outside site-packages: an editable install), and the percentage is the point.
         result = proc_group.run(config.command_argv(command, settings.coverage_command,
                                                    settings.coverage_command_is_default), timeout=timeout_s, grace=settings.grace_s,
-                                cwd=cwd, env=child_env, backend=gitops.backend_for(base_env))
+                                cwd=cwd, env=child_env, backend=gitops.backend_for(base_env),
+                                probe=False)
         verdict = proc_group.classify(result)
         percent, covered, statements, error = _report(workdir, cwd, child_env, settings)
     finally:
