@@ -392,3 +392,103 @@ def test_intervals_record_each_finished_test_bounded_and_masked(monkeypatch: pyt
     masked = report.redacted(lambda text: text.replace("test_3", "***"))
     assert masked.intervals[1].nodeid == "t.py::***"
     assert "intervals" not in report.to_dict()  # the decision's evidence is unchanged
+
+
+# --------------------------------------------------------------------------- start-up errors
+
+
+def test_a_conftest_that_fails_to_import_reports_what_it_raised(backend: str, tmp_path: Path) -> None:
+    """pytest exits 4 before pytest_configure: the probe's hook wrapper sees the exception
+    pytest wraps, and reports the file that does not parse, not pytest's text."""
+    root = write(tmp_path, {"conftest.py": "import helper\n", "helper.py": "def f(:\n    pass\n",
+                            "test_a.py": PASSING})
+    result = pytest_run(root, backend)
+    assert result.returncode == 4
+    error = result.probe.startup_error
+    assert error is not None
+    assert (error.stage, error.type, error.category) == ("conftest", "SyntaxError", "syntax")
+    assert (error.file, error.line) == (str(root / "helper.py"), 1)
+    assert error.conftest == str(root / "conftest.py")
+    assert str(root / "conftest.py") in error.frames
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("other", "other.environment", "events")
+    assert f"SyntaxError at {root / 'helper.py'}:1" in verdict.reason
+
+
+def test_an_import_error_reports_the_module_and_its_file(backend: str, tmp_path: Path) -> None:
+    root = write(tmp_path, {"conftest.py": "from helper import gone\n", "helper.py": "x = 1\n",
+                            "test_a.py": PASSING})
+    error = pytest_run(root, backend).probe.startup_error
+    assert error is not None
+    assert (error.type, error.category, error.module) == ("ImportError", "import", "helper")
+    assert error.module_file == str(root / "helper.py")
+    assert (error.file, error.line) == (str(root / "conftest.py"), 1)
+
+
+def test_a_pytest_configure_that_raises_is_reported(backend: str, tmp_path: Path) -> None:
+    conftest = "def pytest_configure(config):\n    undefined_thing()\n"
+    result = pytest_run(write(tmp_path, {"conftest.py": conftest, "test_a.py": PASSING}), backend)
+    assert result.returncode == 3  # pytest: internal error
+    error = result.probe.startup_error
+    assert error is not None
+    assert (error.stage, error.type, error.category) == ("configure", "NameError", "name")
+    assert (error.file, error.line) == (str(tmp_path / "conftest.py"), 2)
+
+
+def test_a_passing_run_reports_no_start_up_error(backend: str, tmp_path: Path) -> None:
+    result = pytest_run(write(tmp_path, {"conftest.py": "import os\n", "test_a.py": PASSING}), backend)
+    assert result.returncode == 0
+    assert result.probe.session_finished and result.probe.startup_error is None
+    assert result.probe.to_dict()["startup_error"] is None
+
+
+TRACEBACK = textwrap.dedent('''\
+    Traceback (most recent call last):
+      File "/v/bin/pytest", line 5, in <module>
+        from pytest import console_main
+      File "<frozen importlib._bootstrap>", line 1176, in _find_and_load
+      File "/w/src/pluggy/__init__.py", line 3, in <module>
+        from ._hooks import HookimplMarker
+      File "/w/src/pluggy/_hooks.py", line 10
+        def broken(
+                  ^
+    SyntaxError: '(' was never closed
+''')
+
+
+def test_a_python_traceback_is_read_innermost_first() -> None:
+    error = probe.startup_error_from_traceback("noise\n" + TRACEBACK)
+    assert error is not None
+    assert (error.stage, error.type, error.category, error.source) == (
+        "traceback", "SyntaxError", "syntax", "output")
+    assert (error.file, error.line) == ("/w/src/pluggy/_hooks.py", 10)
+    assert error.frames == ("/v/bin/pytest", "/w/src/pluggy/__init__.py", "/w/src/pluggy/_hooks.py")
+    assert error.message == "'(' was never closed"
+
+
+@pytest.mark.parametrize("last, module, module_file, category", [
+    ("ModuleNotFoundError: No module named 'pluggy._gone'", "pluggy._gone", None, "import"),
+    ("ImportError: cannot import name 'x' from 'pluggy._hooks' (/w/src/pluggy/_hooks.py)",
+     "pluggy._hooks", "/w/src/pluggy/_hooks.py", "import"),
+    ("NameError: name 'y' is not defined", None, None, "name"),
+    ("mypkg.errors.ConfigError: bad", None, None, "other"),
+])
+def test_a_tracebacks_last_exception_is_sorted(last: str, module: str, module_file: str,
+                                              category: str) -> None:
+    text = TRACEBACK.replace("SyntaxError: '(' was never closed", last)
+    first = ("Traceback (most recent call last):\n  File \"/a.py\", line 1, in <module>\n"
+             "KeyError: 'x'\n\nDuring handling of the above exception, another exception occurred:\n\n")
+    error = probe.startup_error_from_traceback(first + text)
+    assert error is not None
+    assert (error.module, error.module_file, error.category) == (module, module_file, category)
+    assert error.type == last.split(":")[0]
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "ERROR: usage: pytest [options]\n",
+    TRACEBACK + "".join(f"the process went on, line {i}\n" for i in range(30)),
+    "Traceback (most recent call last):\n  File \"/a.py\", line 1, in <module>\n",
+])
+def test_no_traceback_or_one_the_process_outlived_is_not_read(text: str) -> None:
+    assert probe.startup_error_from_traceback(text) is None

@@ -17,14 +17,15 @@ import re
 import statistics
 from typing import TYPE_CHECKING, Optional
 
-from .probe import ProbeReport, RunningTest, TestFailure
+from .probe import ProbeReport, RunningTest, StartupError, TestFailure, startup_error_from_traceback
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import ForensicsSettings
     from .pressure import Pressure
     from .proc_group import RunResult, Verdict
 
-__all__ = ["decide", "oom_killed", "timeout_cause", "lock_holder", "failures_text", "running_text"]
+__all__ = ["decide", "oom_killed", "timeout_cause", "lock_holder", "failures_text", "running_text",
+           "startup_error"]
 
 #: Test ids named in a reason (all of them, bounded, are in the evidence).
 REASON_IDS_MAX = 3
@@ -34,6 +35,8 @@ _PYTEST_TIMEOUT_MESSAGE = re.compile(r"\bTimeout \(?>[0-9.]+s\b")
 _TIMEOUT_THREAD_MARK = b"+++ Timeout +++"
 _NO_TESTPATHS = b"No files were found in testpaths"
 _TAIL_SCAN = 4096
+#: The end of stderr read for a Python traceback when the probe saw nothing.
+_TRACEBACK_SCAN = 64 * 1024
 
 
 def _names(items: list[str], total: int) -> str:
@@ -166,9 +169,30 @@ def _before_session(result: "RunResult", output: "Verdict") -> "Verdict":
     if result.returncode == 0:
         return _verdict("other", "other.no-session",
                         "exit 0 but the pytest session never started: nothing was tested")
+    error = startup_error(result)
+    if error is not None:
+        from .proc_group import Verdict
+
+        return Verdict("other", "other.environment",
+                       f"{_status(result)} before the pytest session started: {error.text()}",
+                       False, evidence=error.source)
     return _verdict("other", "other.environment",
                     f"{_status(result)} before the pytest session started (pytest not importable, "
                     f"a missing interpreter or a plugin that failed to load): {_last_line(result)}")
+
+
+def startup_error(result: "RunResult") -> Optional[StartupError]:
+    """What ended pytest before its session: the probe's ``startup_error`` event, else (the
+    probe never loaded: pytest itself failed to import) the last Python traceback on stderr.
+    ``None`` for a run whose session started, that exited 0 or that the runner ended."""
+    report = result.probe
+    if report is not None and report.startup_error is not None:
+        return report.startup_error
+    if (report is not None and report.session_started) or result.timed_out \
+            or not result.returncode or result.spawn_error is not None:
+        return None
+    tail = result.stderr[-_TRACEBACK_SCAN:].decode("utf-8", "replace")
+    return startup_error_from_traceback(tail)
 
 
 def _red(result: "RunResult", report: ProbeReport) -> Optional["Verdict"]:

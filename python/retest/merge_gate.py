@@ -52,7 +52,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
-from . import config, gitops, layout, lockholder, proc_group, redact, timeline
+from . import config, facts, gitops, layout, lockholder, proc_group, redact, timeline
+from .probe import StartupError
 from .ledger import LedgerBackend, LedgerBusy, LedgerError, open_ledger
 
 log = logging.getLogger(__name__)
@@ -729,6 +730,8 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
         verdict = _native_proof(run, worktree, report, verdict)
     elif verdict.kind == "red" and report is not None:
         verdict = _missing_generated(run, worktree, roots, report, verdict)
+    elif verdict.rule == "other.environment":
+        verdict = _startup_red(run, worktree, roots, packages, result, verdict)
     return _route(run, _against_history(run, argv, timeout_s, verdict), result=result)
 
 
@@ -797,19 +800,26 @@ def _missing_generated(run: _GateRun, worktree: str, roots: Sequence[str],
     Held (``other.generated-missing``) rather than rolled back: every branch, the target's
     own head included, would fail the same way."""
     texts = [t for f in (*report.collection_errors, *report.failures) for t in (f.message, f.longrepr)]
-    modules = layout.missing_modules(texts)
+    hold = _generated_hold(run, worktree, roots, layout.missing_modules(texts), verdict)
+    return verdict if hold is None else hold
+
+
+def _generated_hold(run: _GateRun, worktree: str, roots: Sequence[str], modules: Sequence[str],
+                    verdict: proc_group.Verdict) -> Optional[proc_group.Verdict]:
+    """``other.generated-missing`` if one of the missing ``modules`` is a git-ignored module
+    of the project's own; else None (also when git cannot say)."""
     if not modules:
-        return verdict
+        return None
     paths = {path: module for module in modules for path in layout.module_paths(module, roots)}
     try:
         ignored = gitops.ignored(worktree, sorted(paths), gitops.git_env(run.base_env),
                                  run.settings.git_timeout_s)
     except gitops.GitError as err:
         log.warning("merge gate: cannot ask git what it ignores: %s", err)
-        return verdict
+        return None
     hits = [p for p in ignored if p in paths]
     if not hits:
-        return verdict
+        return None
     module, rel = paths[hits[0]], os.path.relpath(hits[0], worktree)
     return proc_group.Verdict(
         "other", "other.generated-missing",
@@ -817,6 +827,72 @@ def _missing_generated(run: _GateRun, worktree: str, roots: Sequence[str],
         f"install time, e.g. a VCS version file), so the gate's worktree does not have it; "
         f"set MERGE_RETEST_SETUP_COMMAND to make it (the suite's own verdict: {verdict.kind}, "
         f"{verdict.rule})", False, evidence="events")
+
+
+def _startup_red(run: _GateRun, worktree: str, roots: Sequence[str], packages: Sequence[str],
+                 result: proc_group.RunResult, verdict: proc_group.Verdict) -> proc_group.Verdict:
+    """pytest failed before its session (``other.environment``): red when what it raised is
+    proven to be the branch's own code: a syntax or name error in a file of the worktree, or
+    an import of a module of the project's own that the branch does not have (or that lacks
+    the name imported). A third-party module missing, a generated file missing, anything
+    raised outside the worktree, or any other exception stays held."""
+    error = facts.startup_error(result)
+    if error is None:
+        return verdict
+    blame = _branch_blame(worktree, roots, packages, error)
+    if blame is None:
+        return verdict
+    culprit, what = blame
+    if error.category == "import" and error.module and not error.module_file:
+        hold = _generated_hold(run, worktree, roots, [error.module], verdict)
+        if hold is not None:
+            return hold
+    try:
+        if gitops.ignored(worktree, [culprit], gitops.git_env(run.base_env),
+                          run.settings.git_timeout_s):
+            return verdict  # not the branch's file: git does not track it
+    except gitops.GitError as err:
+        log.warning("merge gate: cannot ask git what it ignores: %s", err)
+        return verdict
+    where = f"loading {os.path.relpath(error.conftest, worktree)}: " \
+        if error.conftest and layout.inside(error.conftest, worktree) else ""
+    return proc_group.Verdict(
+        "red", "red.startup-error",
+        f"pytest could not start (exit {result.returncode}): {where}{what}",
+        False, evidence=error.source)
+
+
+def _branch_blame(worktree: str, roots: Sequence[str], packages: Sequence[str],
+                  error: StartupError) -> Optional[tuple[str, str]]:
+    """``(the worktree's file at fault, what it did)`` when ``error`` is the branch's code."""
+    def own(path: Optional[str]) -> Optional[str]:
+        if not path or not os.path.isabs(path) or not layout.inside(path, worktree):
+            return None
+        rel = os.path.relpath(os.path.realpath(path), os.path.realpath(worktree))
+        return None if "site-packages" in rel.split(os.sep) else rel
+
+    shown = error.message.replace(os.path.realpath(worktree) + os.sep, "").replace(
+        worktree.rstrip(os.sep) + os.sep, "")
+    message = f": {shown}" if shown else ""
+    at = f"{own(error.file)}:{error.line}" if error.line else str(own(error.file))
+    if error.category in ("syntax", "name"):
+        rel = own(error.file)
+        return (rel, f"{error.type} in {at}{message}") if rel else None
+    if error.category != "import":
+        return None
+    rel = own(error.module_file)
+    if rel is not None:  # cannot import name 'x' from a module of the worktree
+        return rel, f"{error.type} in {at}{message}" if own(error.file) else f"{error.type}{message}"
+    module = error.module or ""
+    parent = module.rpartition(".")[0]
+    if module.partition(".")[0] not in packages or not parent:
+        return None  # a third-party module, or the project's package itself (the gate's roots)
+    if not layout.module_paths(module, roots):
+        return None  # its package is not in the worktree either
+    importer = own(error.file)
+    if importer is None:
+        return None
+    return importer, f"{error.type} in {at}{message} (the branch has no module {module})"
 
 
 #: Passing runs compared with the budget, and the share of it that earns a warning.

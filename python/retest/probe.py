@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ __all__ = [
     "TestFailure",
     "RunningTest",
     "TestInterval",
+    "StartupError",
+    "startup_error_from_traceback",
     "Channel",
     "EventCallback",
     "is_pytest_argv",
@@ -321,6 +323,136 @@ class TestInterval:
                 "duration_s": round(self.duration_s, 6), "outcome": self.outcome}
 
 
+#: How an exception that ended pytest before its session is sorted, by its class.
+StartupCategory = Literal["syntax", "import", "name", "other"]
+_CATEGORIES: dict[str, StartupCategory] = {
+    "SyntaxError": "syntax", "IndentationError": "syntax", "TabError": "syntax",
+    "ImportError": "import", "ModuleNotFoundError": "import",
+    "NameError": "name", "UnboundLocalError": "name",
+}
+
+
+@dataclass(frozen=True)
+class StartupError:
+    """An exception that ended pytest before its session started (a ``conftest.py`` that
+    failed to import, a ``pytest_configure`` that raised, an import pytest itself made)."""
+
+    #: ``conftest | configure | uncaught`` (the probe saw the exception), ``traceback`` (read
+    #: from a Python traceback on stderr: pytest failed before the probe could load).
+    stage: str
+    type: str
+    category: StartupCategory
+    message: str = ""
+    #: Where it was raised (a syntax error: the file that does not parse) and the line.
+    file: Optional[str] = None
+    line: Optional[int] = None
+    #: An ``ImportError``'s module name and, for ``cannot import name``, that module's file.
+    module: Optional[str] = None
+    module_file: Optional[str] = None
+    #: The traceback's files, innermost last.
+    frames: tuple[str, ...] = ()
+    conftest: Optional[str] = None
+
+    @property
+    def source(self) -> str:
+        """The verdict's evidence: ``events`` (the probe's), ``output`` (a traceback read)."""
+        return "output" if self.stage == "traceback" else "events"
+
+    def text(self) -> str:
+        """``loading conftest /w/tests/conftest.py raised SyntaxError at /w/src/m.py:3: ...``."""
+        where = {"conftest": f"loading conftest {self.conftest} raised ",
+                 "configure": "pytest_configure raised ",
+                 "uncaught": "pytest crashed on ", "traceback": "pytest crashed on "}
+        at = f" at {self.file}:{self.line}" if self.file and self.line else (
+            f" at {self.file}" if self.file else "")
+        message = f": {self.message}" if self.message else ""
+        return f"{where.get(self.stage, '')}{self.type}{at}{message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = {k: v for k, v in self.__dict__.items() if v not in (None, "", ())}
+        doc["frames"] = list(self.frames)
+        doc["source"] = self.source
+        return doc
+
+    def redacted(self, mask: Callable[[str], str]) -> "StartupError":
+        return replace(self, message=mask(self.message), file=_opt(mask, self.file),
+                       module_file=_opt(mask, self.module_file),
+                       frames=tuple(mask(f) for f in self.frames),
+                       conftest=_opt(mask, self.conftest))
+
+    @classmethod
+    def from_event(cls, e: Mapping[str, Any]) -> "StartupError":
+        kind = str(e.get("type") or "Exception")
+        category = e.get("category")
+        line = e.get("line")
+        return cls(
+            stage=str(e.get("stage") or "uncaught"), type=kind,
+            category=category if category in ("syntax", "import", "name", "other")
+            else _CATEGORIES.get(kind.rpartition(".")[2], "other"),
+            message=str(e.get("message") or ""), file=_str_or_none(e.get("file")),
+            line=line if isinstance(line, int) and not isinstance(line, bool) else None,
+            module=_str_or_none(e.get("module")), module_file=_str_or_none(e.get("module_file")),
+            frames=tuple(str(f) for f in e.get("frames") or () if f)[-FRAMES_MAX:],
+            conftest=_str_or_none(e.get("conftest")))
+
+
+def _str_or_none(value: Any) -> Optional[str]:
+    return str(value) if value not in (None, "") else None
+
+
+#: Frames a startup error keeps.
+FRAMES_MAX = 30
+_TRACEBACK_START = "Traceback (most recent call last):"
+#: Lines an interpreter's last traceback may be followed by (the message's own, atexit's).
+_AFTER_MAX = 20
+_FRAME = re.compile(r'^  File "(?P<file>.+)", line (?P<line>[0-9]+)(?P<in>, in .*)?$')
+_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][A-Za-z0-9_.]*)(?:: ?(?P<message>.*))?$")
+_NO_MODULE = re.compile(r"^No module named '(?P<module>[^']+)'")
+_CANNOT_IMPORT = re.compile(r"^cannot import name '[^']+' from '(?P<module>[^']+)'"
+                            r"(?: \((?P<file>[^()]+)\))?")
+
+
+def startup_error_from_traceback(text: str) -> Optional[StartupError]:
+    """The last Python traceback in ``text`` (a crashed interpreter's stderr), or None.
+
+    For a run the probe could not see: pytest failed before loading it (the branch is one of
+    pytest's own dependencies). Python's format: ``  File "f", line N, in fn`` frames, a syntax
+    error's ``  File "f", line N`` without ``in``, then ``Type: message`` at column 0.
+    """
+    start = text.rfind(_TRACEBACK_START)
+    if start < 0:
+        return None
+    frames: list[tuple[str, int, bool]] = []
+    lines = text[start + len(_TRACEBACK_START):].splitlines()[1:]
+    for i, line in enumerate(lines):
+        m = _FRAME.match(line)
+        if m:
+            frames.append((m["file"], int(m["line"]), m["in"] is not None))
+            continue
+        if line.startswith(" ") or not line:
+            continue
+        exc = _EXCEPTION_LINE.match(line.rstrip())
+        if exc is None or sum(1 for rest in lines[i + 1:] if rest.strip()) > _AFTER_MAX:
+            return None  # not a traceback, or one the process printed and lived on after
+        return _from_traceback(exc["type"], (exc["message"] or "").strip(), frames)
+    return None
+
+
+def _from_traceback(kind: str, message: str, frames: list[tuple[str, int, bool]]) -> StartupError:
+    category = _CATEGORIES.get(kind.rpartition(".")[2], "other")
+    inner = [(f, n) for f, n, _ in frames if not f.startswith("<frozen ")]
+    file, line = inner[-1] if inner else (None, None)
+    module = module_file = None
+    if category == "import":
+        m = _NO_MODULE.match(message) or _CANNOT_IMPORT.match(message)
+        if m:
+            module = m["module"]
+            module_file = m.groupdict().get("file")
+    return StartupError(stage="traceback", type=kind, category=category, message=message[:500],
+                        file=file, line=line, module=module, module_file=module_file,
+                        frames=tuple(f for f, _ in inner)[-FRAMES_MAX:])
+
+
 @dataclass(frozen=True)
 class ProbeReport:
     """What the suite itself reported through the probe."""
@@ -367,6 +499,8 @@ class ProbeReport:
     #: The time the report was summed up to (the deadline for a run that timed out): a
     #: running test's start is ``ended_at - running_s``.
     ended_at: Optional[float] = None
+    #: What ended pytest before its session started, as the exception said it.
+    startup_error: Optional[StartupError] = None
 
     def redacted(self, mask: Callable[[str], str]) -> "ProbeReport":
         """A copy with every string the suite wrote passed through ``mask`` (never the keys,
@@ -381,6 +515,7 @@ class ProbeReport:
             intervals=tuple(replace(i, nodeid=mask(i.nodeid)) for i in self.intervals),
             imports={name: [mask(p) for p in places] for name, places in self.imports.items()},
             compiled={name: [mask(p) for p in files] for name, files in self.compiled.items()},
+            startup_error=self.startup_error.redacted(mask) if self.startup_error else None,
         )
 
     @property
@@ -442,6 +577,7 @@ class ProbeReport:
             "internal_error": self.internal_error,
             "dropped_events": self.dropped_events,
             "session_s": self.session_s,
+            "startup_error": self.startup_error.to_dict() if self.startup_error else None,
         }
 
 
@@ -567,6 +703,9 @@ class _Tally:
 
     def _on_internal_error(self, e: Mapping[str, Any]) -> None:
         self.fields["internal_error"] = e.get("message")
+
+    def _on_startup_error(self, e: Mapping[str, Any]) -> None:
+        self.fields.setdefault("startup_error", StartupError.from_event(e))
 
     def _on_session_end(self, e: Mapping[str, Any]) -> None:
         self.fields["session_finished"] = True

@@ -12,11 +12,18 @@ written with a single ``write()`` on an ``O_APPEND`` descriptor, so lines of the
 and of the workers never interleave and a reader can follow the file live. Keys:
 
 * ``ev``: ``session_start`` | ``collected`` | ``collect_error`` | ``test_start`` |
-  ``report`` | ``imports`` | ``internal_error`` | ``session_end``; ``t``: wall-clock seconds;
+  ``report`` | ``imports`` | ``internal_error`` | ``startup_error`` | ``session_end``; ``t``: wall-clock seconds;
   ``pid``; ``worker`` (the xdist worker id, or ``null``).
 * ``report`` carries ``nodeid``, ``when`` (setup/call/teardown), ``outcome`` (passed, failed,
   skipped, xfailed, xpassed, error, rerun), ``duration``, ``subtest`` and, on failure, a
   bounded ``message`` (the crash line) and ``longrepr`` head.
+* ``startup_error``: an exception that ended pytest before its session started, as the
+  exception itself says it (never scraped from text): ``stage`` (``conftest``: loading an
+  initial ``conftest.py``; ``configure``: a ``pytest_configure`` raised; ``uncaught``: it
+  escaped pytest), ``type``, ``category`` (``syntax`` | ``import`` | ``name`` | ``other``, by
+  the exception's class), ``message``, ``file`` and ``line`` where it was raised (a syntax
+  error's own file), ``module`` and ``module_file`` (an ``ImportError``'s name and path),
+  ``frames`` (the traceback's files, innermost last) and ``conftest``.
 
 Bounded: one line is at most ``LINE_MAX`` bytes and the probe stops writing test events past
 ``RETEST_PROBE_MAX_BYTES`` (default 8 MiB) per process, counting what it left out; the
@@ -194,6 +201,107 @@ DUMP_SIGNAL_NAME = "SIGPWR"
 STACK_FILE = "stacks-{pid}.txt"
 
 
+#: Traceback frames a ``startup_error`` keeps (the innermost).
+FRAMES_MAX = 30
+
+
+def _category(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):  # IndentationError, TabError
+        return "syntax"
+    if isinstance(exc, ImportError):  # ModuleNotFoundError
+        return "import"
+    if isinstance(exc, NameError):  # UnboundLocalError
+        return "name"
+    return "other"
+
+
+def _startup_fields(exc: BaseException, stage: str, conftest: Any = None) -> dict[str, Any]:
+    """What ``exc`` says of itself: its class, where it was raised, what it could not import."""
+    import traceback
+
+    frames = [(f.filename, f.lineno) for f in traceback.extract_tb(exc.__traceback__)]
+    frames = [f for f in frames if not f[0].startswith("<frozen ")][-FRAMES_MAX:]
+    file, line = frames[-1] if frames else (None, None)
+    if isinstance(exc, SyntaxError) and exc.filename:
+        file, line = exc.filename, exc.lineno
+    fields: dict[str, Any] = {
+        "stage": stage, "type": type(exc).__qualname__, "category": _category(exc),
+        "message": _cut(str(exc), MESSAGE_MAX), "file": _cut(file, NODEID_MAX), "line": line,
+        "frames": [_cut(f, NODEID_MAX) for f, _ in frames],
+        "conftest": _cut(str(conftest), NODEID_MAX) if conftest is not None else None,
+    }
+    if isinstance(exc, ImportError):
+        fields["module"] = _cut(exc.name, NODEID_MAX)
+        fields["module_file"] = _cut(exc.path, NODEID_MAX)
+    return fields
+
+
+#: The events file as the environment named it when this module was imported: before
+#: ``pytest_configure`` (where the plugin takes it), for the errors that end pytest first.
+_EARLY_PATH = os.environ.get(ENV_EVENTS) or None
+_startup_reported = False
+#: Until the session starts: after it, pytest reports its own errors.
+_before_session = True
+
+
+def _report_startup_error(exc: BaseException, stage: str, conftest: Any = None) -> None:
+    """Write one ``startup_error`` event (the first error only) on a channel of its own."""
+    global _startup_reported
+    if _startup_reported or _EARLY_PATH is None:
+        return
+    _startup_reported = True
+    try:
+        _Channel(_EARLY_PATH, DEFAULT_MAX_BYTES, None).emit(
+            "startup_error", final=True, **_startup_fields(exc, stage, conftest))
+    except Exception:
+        pass
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_load_initial_conftests(early_config: Any, parser: Any, args: Any) -> Any:
+    """A ``conftest.py`` that fails to import ends pytest (exit 4) before ``pytest_configure``:
+    what it raised is reported here, from the exception pytest wraps it in."""
+    outcome = yield
+    try:
+        error = outcome.excinfo[1] if outcome.excinfo else None
+        if error is not None and getattr(early_config, "workerinput", None) is None:
+            # pytest >= 8: .cause; pytest 7: .excinfo, a sys.exc_info() triple.
+            cause = getattr(error, "cause", None)
+            if cause is None:
+                cause = (getattr(error, "excinfo", None) or (None, None))[1]
+            if isinstance(cause, BaseException):
+                _report_startup_error(cause, "conftest", getattr(error, "path", None))
+    except Exception:
+        pass
+
+
+def pytest_internalerror(excrepr: Any, excinfo: Any) -> None:
+    """A ``pytest_configure`` that raised (a conftest's may run before the plugin exists):
+    pytest reports an internal error and exits 3, the session never started."""
+    value = getattr(excinfo, "value", None)
+    if _before_session and isinstance(value, BaseException):
+        _report_startup_error(value, "configure")
+
+
+_previous_excepthook = sys.excepthook
+
+
+def _excepthook(kind: Any, value: Any, tb: Any) -> None:
+    """An exception that escaped pytest before its session: reported, then handed on."""
+    if isinstance(value, BaseException) and not isinstance(value, (KeyboardInterrupt, SystemExit)):
+        _report_startup_error(value, "uncaught")
+    _previous_excepthook(kind, value, tb)
+
+
+def _restore_excepthook() -> None:
+    if sys.excepthook is _excepthook:
+        sys.excepthook = _previous_excepthook
+
+
+if _EARLY_PATH is not None:
+    sys.excepthook = _excepthook
+
+
 def _register_stack_dump(events_path: str) -> Any:
     """Have ``faulthandler`` write all threads' stacks to this process's file in the run's
     private directory at ``DUMP_SIGNAL_NAME``; return the open file (kept for the process's
@@ -255,7 +363,10 @@ class RetestProbe:
         self._guard(self._session_start, session)
 
     def _session_start(self, session: pytest.Session) -> None:
+        global _before_session
         self.started = True
+        _before_session = False
+        _restore_excepthook()  # from here on pytest reports its own errors
         if self.is_worker:
             self.channel.emit("worker_start")
             return
@@ -354,6 +465,7 @@ class RetestProbe:
     def pytest_internalerror(self, excrepr: Any, excinfo: Any) -> None:
         self._guard(lambda: self.channel.emit(
             "internal_error", final=True, message=_cut(str(excrepr), LONGREPR_MAX)))
+
 
     @pytest.hookimpl(trylast=True)
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

@@ -1,0 +1,163 @@
+"""pytest fails before its session starts: the branch's code, or the machine's?
+
+Found on click: a branch that breaks ``src/click/formatting.py``, which ``conftest.py``
+imports, made pytest exit 4 before its session, and the gate held it as
+``other.environment`` (a person asked) instead of rolling it back. On pluggy, which pytest
+itself imports, the same exit was 1 with a Python traceback. Now the probe reports the
+exception itself (its class, the file it was raised in, the module it could not import), or
+the interpreter's traceback is read when pytest failed before the probe could load, and the
+gate rolls back (``red.startup-error``) only what is proven to be the branch's own code: a
+syntax or name error in a file of the worktree, a module or name of the project's own that
+the branch no longer has. A third-party module missing, a git-ignored module missing or any
+other exception is still held.
+
+Every case is a real git repository whose checkout is installed editable in a suite venv.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gitrepo import Repo
+from test_gate_tree import checkout, gate, make_venv, pip_install_editable
+
+INIT = "from .core import add\n"
+CORE = "def add(a, b):\n    return a + b\n"
+CONFTEST = textwrap.dedent("""\
+    import pytest
+
+    import mypkg
+
+
+    @pytest.fixture
+    def two():
+        return mypkg.add(1, 1)
+""")
+TESTS = "def test_two(two):\n    assert two == 2\n"
+PYPROJECT = textwrap.dedent("""\
+    [build-system]
+    requires = ["setuptools>=64"]
+    build-backend = "setuptools.build_meta"
+
+    [project]
+    name = "mypkg"
+    version = "1.0"
+
+    [tool.setuptools.packages.find]
+    where = ["src"]
+""")
+
+#: branch -> (files it changes, the file the reason names, what the reason says)
+RED = {
+    "syntax": ({"src/mypkg/core.py": "def add(a, b):\n    return (a + b\n"},
+               "SyntaxError in src/mypkg/core.py:2"),
+    "conftest-syntax": ({"tests/conftest.py": CONFTEST + "def broken(:\n"},
+                        "SyntaxError in tests/conftest.py:9"),
+    "name": ({"src/mypkg/core.py": CORE + "X = undefined_name\n"},
+             "NameError in src/mypkg/core.py:3: name 'undefined_name' is not defined"),
+    "renamed": ({"src/mypkg/core.py": "def plus(a, b):\n    return a + b\n"},
+                "ImportError in src/mypkg/__init__.py:1: cannot import name 'add' from "
+                "'mypkg.core' (src/mypkg/core.py)"),
+    "indent": ({"src/mypkg/core.py": "def add(a, b):\nreturn a + b\n"},
+               "IndentationError in src/mypkg/core.py:2"),
+}
+HELD = {
+    "third-party": {"tests/conftest.py": "import not_installed_anywhere_xyz\n" + CONFTEST},
+    "env-var": {"tests/conftest.py": "import os\n\nDSN = os.environ['GATE_TEST_DSN_XYZ']\n" + CONFTEST},
+    "generated": {"src/mypkg/__init__.py": "from ._version import v\n" + INIT,
+                  ".gitignore": "src/mypkg/_version.py\n"},
+}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Repo, Path]:
+    root = tmp_path_factory.mktemp("startup")
+    repo = checkout(root, {"pyproject.toml": PYPROJECT, "src/mypkg/__init__.py": INIT,
+                           "src/mypkg/core.py": CORE, "tests/conftest.py": CONFTEST,
+                           "tests/test_two.py": TESTS})
+    for name, (files, _) in RED.items():
+        repo.branch(name, files)
+    for name, files in HELD.items():
+        repo.branch(name, files)
+    repo.git("switch", "-q", "-c", "deleted")
+    repo.git("rm", "-q", "src/mypkg/core.py")
+    repo.git("commit", "-q", "-m", "drop core.py")
+    repo.git("switch", "-q", "main")
+    python = make_venv(root / "venv")
+    pip_install_editable(python, repo.path, repo.env)
+    return repo, python
+
+
+def test_main_merges(project: tuple[Repo, Path]) -> None:
+    repo, python = project
+    decision = gate(repo, "main", python)
+    assert (decision.action, decision.rule) == ("merge", "passed.exit-0"), decision.reason
+
+
+@pytest.mark.parametrize("branch", sorted(RED))
+def test_the_branchs_code_breaking_start_up_rolls_back(project: tuple[Repo, Path],
+                                                       branch: str) -> None:
+    repo, python = project
+    decision = gate(repo, branch, python)
+    assert (decision.action, decision.verdict, decision.rule) == (
+        "rollback", "red", "red.startup-error"), decision.reason
+    assert RED[branch][1] in decision.reason
+    assert "pytest could not start (exit 4): loading tests/conftest.py: " in decision.reason
+    assert decision.evidence["verdict_evidence"] == "events"
+    error = decision.evidence["tests"]["startup_error"]
+    assert (error["stage"], error["source"]) == ("conftest", "events")
+
+
+def test_a_deleted_module_of_the_project_rolls_back(project: tuple[Repo, Path]) -> None:
+    repo, python = project
+    decision = gate(repo, "deleted", python)
+    assert (decision.action, decision.rule) == ("rollback", "red.startup-error"), decision.reason
+    assert ("ModuleNotFoundError in src/mypkg/__init__.py:1: No module named 'mypkg.core' "
+            "(the branch has no module mypkg.core)") in decision.reason
+
+
+def test_under_xdist_too(project: tuple[Repo, Path]) -> None:
+    repo, python = project
+    decision = gate(repo, "syntax", python, "-p", "xdist", "-n", "2")
+    assert (decision.action, decision.rule) == ("rollback", "red.startup-error"), decision.reason
+
+
+@pytest.mark.parametrize("branch, rule, says", [
+    ("third-party", "other.environment", "No module named 'not_installed_anywhere_xyz'"),
+    ("env-var", "other.environment", "KeyError"),
+    ("generated", "other.generated-missing", "src/mypkg/_version.py is git-ignored"),
+])
+def test_what_the_branch_cannot_be_blamed_for_is_held(project: tuple[Repo, Path], branch: str,
+                                                      rule: str, says: str) -> None:
+    repo, python = project
+    decision = gate(repo, branch, python)
+    assert (decision.action, decision.verdict, decision.rule) == ("hold", "other", rule), \
+        decision.reason
+    assert says in decision.reason
+
+
+def test_a_dependency_of_pytest_itself_is_read_from_the_traceback(tmp_path: Path) -> None:
+    """pytest imports iniconfig before any plugin: a branch of iniconfig that does not parse
+    crashes the interpreter (exit 1) before the probe exists. Its traceback is read."""
+    import iniconfig
+
+    source = Path(iniconfig.__file__).parent
+    files = {f"src/iniconfig/{p.name}": p.read_text() for p in source.glob("*.py")}
+    files["pyproject.toml"] = PYPROJECT.replace("mypkg", "iniconfig")
+    files["testing/test_ini.py"] = ("from iniconfig import IniConfig\n\n\ndef test_parse():\n"
+                                    "    assert IniConfig('x', data='[a]\\nb=1\\n')['a']['b'] == '1'\n")
+    repo = checkout(tmp_path, files)
+    broken = files["src/iniconfig/__init__.py"] + "\ndef broken(:\n    pass\n"
+    repo.branch("broken", {"src/iniconfig/__init__.py": broken})
+    lines = broken.count("\n") - 1
+    python = make_venv(tmp_path / "venv")
+
+    assert gate(repo, "main", python).action == "merge"
+    decision = gate(repo, "broken", python)
+    assert (decision.action, decision.rule) == ("rollback", "red.startup-error"), decision.reason
+    assert f"pytest could not start (exit 1): SyntaxError in src/iniconfig/__init__.py:{lines}" \
+        in decision.reason
+    assert decision.evidence["verdict_evidence"] == "output"
