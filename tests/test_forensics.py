@@ -248,6 +248,34 @@ def test_starved_by_cpu_hogs_outside_the_tree(tmp_path: Path) -> None:
     assert any(f"pid {h.pid} " in verdict.reason for h in hogs), verdict.reason
 
 
+def test_a_hang_on_a_starved_machine_is_hung(tmp_path: Path) -> None:
+    """Found on attrs with another session loading the machine: the load slowed the tests
+    before the hang, so the hung test had run 39 s of 60, under the 0.8 share, and the
+    timeout read ``timeout.starved``. An idle test asked for no CPU: it is hung, and the
+    reason says the machine was starved too. Budget 20 s: the spin takes 5 s and pytest's
+    start-up up to 5 more, so the sleep runs 0.5-0.72 of it, over half the share (0.4)."""
+    suite = write_suite(tmp_path / "suite", {"test_h.py": textwrap.dedent("""
+        import time
+        def test_spins():
+            end = time.monotonic() + 5
+            while time.monotonic() < end:
+                pass
+        def test_sleeps():
+            time.sleep(120)
+    """)})
+    hogs = _start_hogs(2 * pressure.cores() + 1, 40)
+    try:
+        result = proc_group.run(_pytest(suite), timeout=20, grace=2, env=suite_env())
+    finally:
+        _stop(hogs)
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.infra) == ("timeout", "timeout.hung", True), \
+        verdict.reason
+    assert "hung: test_h.py::test_sleeps had been running" in verdict.reason
+    assert "the machine was also starved" in verdict.reason
+    assert "in test_sleeps: time.sleep(120)" in verdict.reason
+
+
 def test_hung_test_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # pytest's own start-up (CPU and, on a loaded machine, seconds) weighs on a budget of a
     # few seconds; on a real one (900 s) it is noise.

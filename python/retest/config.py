@@ -311,7 +311,8 @@ SETTINGS: tuple[Setting, ...] = (
             "never starved.", "timeout forensics", 0.0, 1024.0),
     Setting("RETEST_HUNG_RUNNING_SHARE", "float", DEFAULT_HUNG_RUNNING_SHARE,
             "timeout.hung: a test had been running for at least this share of the budget while "
-            "the tree was idle.", "timeout forensics", 0.01, 1.0),
+            "the tree was idle (half this share when the machine was starved by others).",
+            "timeout forensics", 0.01, 1.0),
     Setting("RETEST_LOG_LEVEL", "choice", "WARNING", "Log level of the retest command line.",
             "runner", choices=LOG_LEVELS),
     Setting("MERGE_RETEST_COMMAND", "command", DEFAULT_RETEST_COMMAND,

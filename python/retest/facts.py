@@ -302,6 +302,13 @@ def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
             return replace(verdict, rule="timeout.hung", evidence="runner",
                            reason=f"{verdict.reason}; hung: {idle}{failed}")
     starved = _starved_why(p, settings) if p.tree_cores >= settings.idle_cores else None
+    if starved is not None and hung is None:
+        late = _late_hang(result, settings)
+        if late is not None:
+            return replace(verdict, rule="timeout.hung", evidence="runner",
+                           reason=f"{verdict.reason}; hung: {late}; the machine was also "
+                                  f"starved ({starved}), which delayed the tests before it: "
+                                  f"{p.text()}{failed}")
     if starved is not None:
         return replace(verdict, rule="timeout.starved", evidence="runner",
                        reason=f"{verdict.reason}; the machine was starved ({starved}): {p.text()}; "
@@ -309,6 +316,23 @@ def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
     return replace(verdict, rule="timeout.deadline",
                    reason=f"{verdict.reason}; neither starved nor hung: {p.text()}{busy_test}"
                           f"{failed}")
+
+
+def _late_hang(result: "RunResult", settings: "ForensicsSettings") -> Optional[str]:
+    """On a starved machine: a test idle since it started, for half the hung share of the
+    budget, is hung all the same. The load slowed the tests before it, so it started late and
+    ran less of the budget than the share asks, but an idle test asked for no CPU: the load
+    is not why it did not finish, and a retry on an idle machine hangs again. Why, or None."""
+    test = _hung_test(result, settings.hung_running_share / 2)
+    if test is None:
+        return None
+    cores, where = _tree_cores_while(result, test)
+    if cores >= settings.idle_cores:
+        return None
+    stack = _stack_of(result, test)
+    return (f"{test.nodeid}{' (' + test.worker + ')' if test.worker else ''} had been running "
+            f"{test.running_s:.1f} s of the {result.timeout_s:g} s budget while the tree was idle "
+            f"({cores:.2f} cores {where}){'; its stack: ' + stack if stack else ''}")
 
 
 def _failed_before(result: "RunResult") -> str:
