@@ -8,6 +8,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -241,40 +242,87 @@ void ev_machine_read(struct ev_machine *m, int with_vmstat)
         m->oom_kill = m->oom_group_kill = -1;
 }
 
-void ev_kmsg_open(struct ev_kmsg *k)
+/* ---------------------------------------------------------------- the kernel log
+ *
+ * One cursor on /dev/kmsg for the process's life, shared by every run and thread (issue 15).
+ * Opening one per run cost ~8% of the caller's CPU for /bin/true: devkmsg_open walks the
+ * ring for its first valid record (prb_first_valid_seq) and SEEK_END walks it again. A run
+ * now reads what is pending when it starts (a poll, most of the time) and marks how many
+ * records the cursor has read; at its end it reads on and takes the OOM-looking records
+ * whose index is at or past its mark, from a ring of the newest ones. Records lost (the
+ * kernel overwrote them before they were read, or a flood was skipped) take an index of their
+ * own, so a run whose window holds a loss says its log is incomplete, and only that run.
+ *
+ * Fork: a child of fork() would share the cursor's file (its position is the open file's),
+ * so the child handler drops it (closing the child's copy only) and the next run in the child
+ * opens its own; the lock is made anew there, since another thread may have held it. */
+
+#define KMSG_RING 64
+#define KMSG_SKIP_AT 1000  /* records pending at a start: past this, skip to the end */
+
+static struct {
+    pthread_mutex_t lock;
+    int fd;                        /* -1: not open (never yet, or it failed: tried again) */
+    uint64_t read;                 /* records read (and gaps counted) so far */
+    int64_t lost_at;               /* the newest loss's index, -1: none */
+    uint64_t kept;                 /* OOM-looking records ever kept: ring slot = n % RING */
+    uint64_t index[KMSG_RING];
+    char line[KMSG_RING][EV_KMSG_LINE_MAX + 1];
+} tail = {PTHREAD_MUTEX_INITIALIZER, -1, 0, -1, 0, {0}, {{0}}};
+
+static pthread_once_t tail_once = PTHREAD_ONCE_INIT;
+
+static void tail_after_fork_child(void)
 {
-    memset(k, 0, sizeof(*k));
-    do
-        k->fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    while (k->fd < 0 && errno == EINTR);
-    if (k->fd < 0) {  /* not root with kernel.dmesg_restrict=1; a container without it */
-        k->open_errno = errno;
-        return;
-    }
-    if (lseek(k->fd, 0, SEEK_END) < 0) {
-        k->open_errno = errno;
-        close(k->fd);
-        k->fd = -1;
-    }
+    pthread_mutex_init(&tail.lock, NULL);
+    if (tail.fd >= 0)
+        close(tail.fd);  /* the child's copy: the parent's cursor is left where it was */
+    tail.fd = -1;
 }
 
-/* Keep the first line of an OOM-looking record (Python parses it: retest.oom). */
-static void keep_record(struct ev_kmsg *k, const char *rec, size_t len)
+static void tail_register_fork_handler(void)
+{
+    pthread_atfork(NULL, NULL, tail_after_fork_child);
+}
+
+/* Open the cursor at the end of the log (lock held). 0, or the errno. */
+static int tail_open(void)
+{
+    int fd;
+    do
+        fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)  /* not root with kernel.dmesg_restrict=1; a container without it */
+        return errno;
+    if (lseek(fd, 0, SEEK_END) < 0) {
+        int err = errno;
+        close(fd);
+        return err;
+    }
+    tail.fd = fd;
+    return 0;
+}
+
+/* A gap in the indices where records were lost (lock held). */
+static void tail_lost(void)
+{
+    tail.lost_at = (int64_t)tail.read++;
+}
+
+/* Keep the first line of an OOM-looking record in the ring (retest.oom parses it). */
+static void tail_keep(const char *rec, size_t len)
 {
     const char *eol = memchr(rec, '\n', len);
     size_t line = eol ? (size_t)(eol - rec) : len;
-    char *copy;
+    uint64_t slot;
     if (line > EV_KMSG_LINE_MAX)
         line = EV_KMSG_LINE_MAX;
     if (!memmem(rec, line, "Killed process ", 15) && !memmem(rec, line, "oom-kill:", 9))
         return;
-    if (k->n_kept == EV_KMSG_KEEP_MAX || !(copy = PyMem_RawMalloc(line + 1))) {
-        k->complete = 0;
-        return;
-    }
-    memcpy(copy, rec, line);
-    copy[line] = '\0';
-    k->kept[k->n_kept++] = copy;
+    slot = tail.kept++ % KMSG_RING;
+    memcpy(tail.line[slot], rec, line);
+    tail.line[slot][line] = '\0';
+    tail.index[slot] = tail.read;
 }
 
 /* Whether a record waits at the cursor (or records were lost: EPIPE to report). */
@@ -288,41 +336,100 @@ static int kmsg_pending(int fd)
     return n != 0;  /* an error: let read() say what it is */
 }
 
-void ev_kmsg_collect(struct ev_kmsg *k)
+/* Read every record pending at the cursor (lock held); at a start, a flood is skipped. */
+static void tail_drain(int starting)
 {
     char *buf;
     int i;
-    if (k->fd < 0) {
+    if (!kmsg_pending(tail.fd))
+        return;  /* most runs: nothing was logged, nothing to allocate */
+    if (!(buf = PyMem_RawMalloc(KMSG_RECORD_MAX))) {
+        tail_lost();
+        return;
+    }
+    for (i = 0; i < EV_KMSG_READ_MAX; i++) {
+        ssize_t n;
+        if (starting && i == KMSG_SKIP_AT) {  /* logged before this run: its window is after */
+            if (lseek(tail.fd, 0, SEEK_END) >= 0) {
+                tail_lost();
+                break;
+            }
+        }
+        n = read(tail.fd, buf, KMSG_RECORD_MAX);  /* one record per read */
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EPIPE) {  /* the ring overwrote records we had not read */
+            tail_lost();
+            continue;
+        }
+        if (n <= 0) {
+            if (n < 0 && errno != EAGAIN)
+                tail_lost();  /* cannot say what the log holds */
+            break;
+        }
+        tail_keep(buf, (size_t)n);
+        tail.read++;
+    }
+    if (i == EV_KMSG_READ_MAX)
+        tail_lost();  /* a flood of records: gave up */
+    PyMem_RawFree(buf);
+}
+
+void ev_kmsg_open(struct ev_kmsg *k)
+{
+    memset(k, 0, sizeof(*k));
+    pthread_once(&tail_once, tail_register_fork_handler);
+    pthread_mutex_lock(&tail.lock);
+    k->open_errno = tail.fd >= 0 ? 0 : tail_open();
+    if (k->open_errno == 0) {
+        tail_drain(1);
+        k->mark = tail.read;
+        k->marked = 1;
+    }
+    pthread_mutex_unlock(&tail.lock);
+}
+
+/* Copy the ring's records at or past the mark, oldest first, into k->kept (lock held). */
+static void tail_copy(struct ev_kmsg *k)
+{
+    uint64_t first = tail.kept > KMSG_RING ? tail.kept - KMSG_RING : 0;
+    if (first > 0 && tail.index[first % KMSG_RING] >= k->mark)
+        k->complete = 0;  /* records of this window may have left the ring */
+    for (uint64_t n = first; n < tail.kept; n++) {
+        uint64_t slot = n % KMSG_RING;
+        size_t len;
+        char *copy;
+        if (tail.index[slot] < k->mark)
+            continue;
+        len = strlen(tail.line[slot]);
+        if (k->n_kept == EV_KMSG_KEEP_MAX || !(copy = PyMem_RawMalloc(len + 1))) {
+            k->complete = 0;
+            return;
+        }
+        memcpy(copy, tail.line[slot], len + 1);
+        k->kept[k->n_kept++] = copy;
+    }
+}
+
+void ev_kmsg_collect(struct ev_kmsg *k)
+{
+    if (!k->marked) {
         k->complete = 0;
         return;
     }
     if (!k->collected)
         k->complete = 1;  /* a second collect goes on from where the first stopped */
     k->collected = 1;
-    if (!kmsg_pending(k->fd))
-        return;  /* most runs: nothing was logged, nothing to allocate */
-    if (!(buf = PyMem_RawMalloc(KMSG_RECORD_MAX))) {
+    pthread_mutex_lock(&tail.lock);
+    if (tail.fd >= 0)  /* else a fork child's run, started in the parent: nothing to read */
+        tail_drain(0);
+    else
         k->complete = 0;
-        return;
-    }
-    for (i = 0; i < EV_KMSG_READ_MAX; i++) {
-        ssize_t n = read(k->fd, buf, KMSG_RECORD_MAX);  /* one record per read */
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0 && errno == EPIPE) {  /* the ring overwrote records we had not read */
-            k->complete = 0;
-            continue;
-        }
-        if (n <= 0) {
-            if (n < 0 && errno != EAGAIN)
-                k->complete = 0;
-            break;
-        }
-        keep_record(k, buf, (size_t)n);
-    }
-    if (i == EV_KMSG_READ_MAX)
-        k->complete = 0;  /* a flood of records: gave up */
-    PyMem_RawFree(buf);
+    if (tail.lost_at >= 0 && (uint64_t)tail.lost_at >= k->mark)
+        k->complete = 0;
+    tail_copy(k);
+    k->mark = tail.read;
+    pthread_mutex_unlock(&tail.lock);
 }
 
 void ev_kmsg_free(struct ev_kmsg *k)
@@ -330,8 +437,4 @@ void ev_kmsg_free(struct ev_kmsg *k)
     for (int i = 0; i < k->n_kept; i++)
         PyMem_RawFree(k->kept[i]);
     k->n_kept = 0;
-    if (k->fd >= 0) {
-        close(k->fd);
-        k->fd = -1;
-    }
 }

@@ -31,12 +31,13 @@ struct ev_machine {
     int64_t oom_kill, oom_group_kill;         /* /proc/vmstat; -1 absent or not read */
 };
 
-/* The kernel log since a cursor: the OOM-looking records (/dev/kmsg). */
+/* The kernel log over one run: the OOM-looking records (/dev/kmsg, one cursor per process). */
 struct ev_kmsg {
-    int fd;                /* -1: no cursor */
-    int open_errno;        /* why there is none (0: there is) */
-    int complete;          /* every record since the cursor was read (no overrun, no cap) */
+    int marked;            /* the run's start was marked on the process's cursor */
+    int open_errno;        /* why there is no cursor (0: there is) */
+    int complete;          /* every record since the mark was read (no loss, no cap) */
     int collected;         /* collect ran (it may run again: it reads on from there) */
+    uint64_t mark;         /* the cursor's record index when the run started */
     int n_kept;
     char *kept[EV_KMSG_KEEP_MAX];  /* malloc'd first lines, NUL-terminated */
 };
@@ -44,11 +45,12 @@ struct ev_kmsg {
 /* Read the machine now; with_vmstat: also /proc/vmstat's OOM counters (25 us: not always). */
 void ev_machine_read(struct ev_machine *m, int with_vmstat);
 
-/* Place a cursor at the end of the kernel log; never fails (k->fd -1, open_errno set). */
+/* Mark the run's start on the process's kernel-log cursor (opened at the end of the log the
+ * first time); never fails (k->marked 0, open_errno set). */
 void ev_kmsg_open(struct ev_kmsg *k);
-/* Read what was logged since the cursor (or since the last collect), keep the OOM records. */
+/* Read what was logged since the mark (or since the last collect), keep the OOM records. */
 void ev_kmsg_collect(struct ev_kmsg *k);
-/* Free what collect kept and close the cursor if it is still open. */
+/* Free what collect kept (the process's cursor stays open for the next run). */
 void ev_kmsg_free(struct ev_kmsg *k);
 
 #endif

@@ -1447,7 +1447,7 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject **names = (PyObject **)PyModule_GetState(module), *result = NULL;
 
     memset(&r, 0, sizeof(r));
-    r.out_r = r.err_r = r.in_w = r.keep_ctl = r.tee_fd = r.kmsg.fd = -1;
+    r.out_r = r.err_r = r.in_w = r.keep_ctl = r.tee_fd = -1;
     pg_shepherd_clear(&r.shepherd);
     r.names[0] = names[0];
     r.names[1] = names[1];
