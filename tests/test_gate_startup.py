@@ -37,6 +37,8 @@ CONFTEST = textwrap.dedent("""\
         return mypkg.add(1, 1)
 """)
 TESTS = "def test_two(two):\n    assert two == 2\n"
+#: The project's own pytest plugin (as pytest-* projects ship one), loaded with ``-p``.
+PLUGIN = "import pytest\n\n\n@pytest.fixture\ndef three():\n    return 3\n"
 PYPROJECT = textwrap.dedent("""\
     [build-system]
     requires = ["setuptools>=64"]
@@ -76,12 +78,14 @@ HELD = {
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Repo, Path]:
     root = tmp_path_factory.mktemp("startup")
     repo = checkout(root, {"pyproject.toml": PYPROJECT, "src/mypkg/__init__.py": INIT,
+                           "src/mypkg/plugin.py": PLUGIN,
                            "src/mypkg/core.py": CORE, "tests/conftest.py": CONFTEST,
                            "tests/test_two.py": TESTS})
     for name, (files, _) in RED.items():
         repo.branch(name, files)
     for name, files in HELD.items():
         repo.branch(name, files)
+    repo.branch("plugin-broken", {"src/mypkg/plugin.py": PLUGIN + "def broken(:\n"})
     repo.git("switch", "-q", "-c", "deleted")
     repo.git("rm", "-q", "src/mypkg/core.py")
     repo.git("commit", "-q", "-m", "drop core.py")
@@ -117,6 +121,16 @@ def test_a_deleted_module_of_the_project_rolls_back(project: tuple[Repo, Path]) 
     assert (decision.action, decision.rule) == ("rollback", "red.startup-error"), decision.reason
     assert ("ModuleNotFoundError in src/mypkg/__init__.py:1: No module named 'mypkg.core' "
             "(the branch has no module mypkg.core)") in decision.reason
+
+
+def test_the_projects_own_pytest_plugin_breaking_rolls_back(project: tuple[Repo, Path]) -> None:
+    """A pytest plugin project (``-p mypkg.plugin``, or its entry point): pytest 9 exits 3,
+    ``Error while loading plugin``, before any hook of the probe runs."""
+    repo, python = project
+    assert gate(repo, "main", python, "-p", "mypkg.plugin").action == "merge"
+    decision = gate(repo, "plugin-broken", python, "-p", "mypkg.plugin")
+    assert (decision.action, decision.rule) == ("rollback", "red.startup-error"), decision.reason
+    assert "SyntaxError in src/mypkg/plugin.py:7" in decision.reason
 
 
 def test_under_xdist_too(project: tuple[Repo, Path]) -> None:

@@ -492,3 +492,23 @@ def test_a_tracebacks_last_exception_is_sorted(last: str, module: str, module_fi
 ])
 def test_no_traceback_or_one_the_process_outlived_is_not_read(text: str) -> None:
     assert probe.startup_error_from_traceback(text) is None
+
+
+def test_a_plugin_that_fails_to_import_reports_what_it_raised(backend: str, tmp_path: Path) -> None:
+    """``-p name`` (or an entry point) whose module does not parse: pytest 9 prints it and
+    exits 3 before any hook runs; earlier ones let it escape. Either way, it is reported."""
+    from _pytest import config as _config
+
+    root = write(tmp_path, {"myplugin.py": "import helper\n", "helper.py": "def f(:\n",
+                            "test_a.py": PASSING})
+    result = pytest_run(root, backend, "-p", "myplugin", PYTHONPATH=str(root))
+    assert result.returncode != 0
+    error = result.probe.startup_error
+    assert error is not None, result.stderr[-2000:]
+    if hasattr(_config, "print_plugin_import_error"):
+        assert (error.stage, error.plugin) == ("plugin", "myplugin")
+    else:
+        assert error.stage == "uncaught"
+    assert (error.type, error.category) == ("SyntaxError", "syntax")
+    assert (error.file, error.line) == (str(root / "helper.py"), 1)
+    assert b"Error while loading plugin" in result.stderr or b"SyntaxError" in result.stderr

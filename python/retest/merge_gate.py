@@ -855,7 +855,8 @@ def _startup_red(run: _GateRun, worktree: str, roots: Sequence[str], packages: S
         log.warning("merge gate: cannot ask git what it ignores: %s", err)
         return verdict
     where = f"loading {os.path.relpath(error.conftest, worktree)}: " \
-        if error.conftest and layout.inside(error.conftest, worktree) else ""
+        if error.conftest and layout.inside(error.conftest, worktree) else (
+            f"loading plugin {error.plugin}: " if error.plugin else "")
     return proc_group.Verdict(
         "red", "red.startup-error",
         f"pytest could not start (exit {result.returncode}): {where}{what}",

@@ -337,7 +337,7 @@ class StartupError:
     """An exception that ended pytest before its session started (a ``conftest.py`` that
     failed to import, a ``pytest_configure`` that raised, an import pytest itself made)."""
 
-    #: ``conftest | configure | uncaught`` (the probe saw the exception), ``traceback`` (read
+    #: ``conftest | plugin | configure | uncaught`` (the probe saw it), ``traceback`` (read
     #: from a Python traceback on stderr: pytest failed before the probe could load).
     stage: str
     type: str
@@ -352,6 +352,8 @@ class StartupError:
     #: The traceback's files, innermost last.
     frames: tuple[str, ...] = ()
     conftest: Optional[str] = None
+    #: The plugin being imported (``plugin`` stage): its name as pytest says it.
+    plugin: Optional[str] = None
 
     @property
     def source(self) -> str:
@@ -361,6 +363,7 @@ class StartupError:
     def text(self) -> str:
         """``loading conftest /w/tests/conftest.py raised SyntaxError at /w/src/m.py:3: ...``."""
         where = {"conftest": f"loading conftest {self.conftest} raised ",
+                 "plugin": f"loading plugin {self.plugin} raised ",
                  "configure": "pytest_configure raised ",
                  "uncaught": "pytest crashed on ", "traceback": "pytest crashed on "}
         at = f" at {self.file}:{self.line}" if self.file and self.line else (
@@ -393,7 +396,7 @@ class StartupError:
             line=line if isinstance(line, int) and not isinstance(line, bool) else None,
             module=_str_or_none(e.get("module")), module_file=_str_or_none(e.get("module_file")),
             frames=tuple(str(f) for f in e.get("frames") or () if f)[-FRAMES_MAX:],
-            conftest=_str_or_none(e.get("conftest")))
+            conftest=_str_or_none(e.get("conftest")), plugin=_str_or_none(e.get("plugin")))
 
 
 def _str_or_none(value: Any) -> Optional[str]:

@@ -19,11 +19,11 @@ and of the workers never interleave and a reader can follow the file live. Keys:
   bounded ``message`` (the crash line) and ``longrepr`` head.
 * ``startup_error``: an exception that ended pytest before its session started, as the
   exception itself says it (never scraped from text): ``stage`` (``conftest``: loading an
-  initial ``conftest.py``; ``configure``: a ``pytest_configure`` raised; ``uncaught``: it
-  escaped pytest), ``type``, ``category`` (``syntax`` | ``import`` | ``name`` | ``other``, by
+  initial ``conftest.py``; ``plugin``: importing a plugin, ``-p`` or an entry point;
+  ``configure``: a ``pytest_configure`` raised; ``uncaught``: it escaped pytest), ``type``, ``category`` (``syntax`` | ``import`` | ``name`` | ``other``, by
   the exception's class), ``message``, ``file`` and ``line`` where it was raised (a syntax
   error's own file), ``module`` and ``module_file`` (an ``ImportError``'s name and path),
-  ``frames`` (the traceback's files, innermost last) and ``conftest``.
+  ``frames`` (the traceback's files, innermost last), ``conftest`` and ``plugin``.
 
 Bounded: one line is at most ``LINE_MAX`` bytes and the probe stops writing test events past
 ``RETEST_PROBE_MAX_BYTES`` (default 8 MiB) per process, counting what it left out; the
@@ -215,7 +215,8 @@ def _category(exc: BaseException) -> str:
     return "other"
 
 
-def _startup_fields(exc: BaseException, stage: str, conftest: Any = None) -> dict[str, Any]:
+def _startup_fields(exc: BaseException, stage: str, conftest: Any = None,
+                    plugin: Optional[str] = None) -> dict[str, Any]:
     """What ``exc`` says of itself: its class, where it was raised, what it could not import."""
     import traceback
 
@@ -229,6 +230,7 @@ def _startup_fields(exc: BaseException, stage: str, conftest: Any = None) -> dic
         "message": _cut(str(exc), MESSAGE_MAX), "file": _cut(file, NODEID_MAX), "line": line,
         "frames": [_cut(f, NODEID_MAX) for f, _ in frames],
         "conftest": _cut(str(conftest), NODEID_MAX) if conftest is not None else None,
+        "plugin": _cut(plugin, NODEID_MAX),
     }
     if isinstance(exc, ImportError):
         fields["module"] = _cut(exc.name, NODEID_MAX)
@@ -244,7 +246,8 @@ _startup_reported = False
 _before_session = True
 
 
-def _report_startup_error(exc: BaseException, stage: str, conftest: Any = None) -> None:
+def _report_startup_error(exc: BaseException, stage: str, conftest: Any = None,
+                          plugin: Optional[str] = None) -> None:
     """Write one ``startup_error`` event (the first error only) on a channel of its own."""
     global _startup_reported
     if _startup_reported or _EARLY_PATH is None:
@@ -252,7 +255,7 @@ def _report_startup_error(exc: BaseException, stage: str, conftest: Any = None) 
     _startup_reported = True
     try:
         _Channel(_EARLY_PATH, DEFAULT_MAX_BYTES, None).emit(
-            "startup_error", final=True, **_startup_fields(exc, stage, conftest))
+            "startup_error", final=True, **_startup_fields(exc, stage, conftest, plugin))
     except Exception:
         pass
 
@@ -298,8 +301,33 @@ def _restore_excepthook() -> None:
         sys.excepthook = _previous_excepthook
 
 
+def _watch_plugin_import_errors() -> None:
+    """pytest >= 9 catches a plugin that raised while imported (``-p name``, an entry point:
+    exit 3, ``Error while loading plugin``) before any hook runs; the function that prints it
+    is the one place that holds the exception. It is wrapped to report it, then print as
+    before; a pytest without it (older ones let the error escape: the excepthook) is left be."""
+    try:
+        from _pytest import config as _config
+
+        original = getattr(_config, "print_plugin_import_error")
+    except (ImportError, AttributeError):
+        return
+
+    def print_plugin_import_error(e: Any, *args: Any, **kwargs: Any) -> Any:
+        cause = getattr(e, "__cause__", None)
+        if isinstance(cause, BaseException):
+            try:
+                _report_startup_error(cause, "plugin", plugin=str(e))
+            except Exception:
+                pass
+        return original(e, *args, **kwargs)
+
+    setattr(_config, "print_plugin_import_error", print_plugin_import_error)
+
+
 if _EARLY_PATH is not None:
     sys.excepthook = _excepthook
+    _watch_plugin_import_errors()
 
 
 def _register_stack_dump(events_path: str) -> Any:
