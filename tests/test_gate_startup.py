@@ -175,3 +175,37 @@ def test_a_dependency_of_pytest_itself_is_read_from_the_traceback(tmp_path: Path
     assert f"pytest could not start (exit 1): SyntaxError in src/iniconfig/__init__.py:{lines}" \
         in decision.reason
     assert decision.evidence["verdict_evidence"] == "output"
+
+
+@pytest.mark.parametrize("where", ["conftest", "collection"])
+def test_a_compiled_module_the_worktree_never_built_is_held(tmp_path: Path, where: str) -> None:
+    """The module's C source is in the worktree, nothing built it there: every branch would
+    fail the same way, so the set-up is at fault (``other.native-not-built``), not the code."""
+    files = {"pyproject.toml": PYPROJECT, "src/mypkg/__init__.py": INIT, "src/mypkg/core.py": CORE,
+             "src/mypkg/_speedups.c": "/* the extension */\n", "tests/test_two.py": TESTS,
+             "tests/conftest.py": CONFTEST}
+    if where == "conftest":
+        files["src/mypkg/__init__.py"] = "from . import _speedups\n" + INIT
+    else:
+        files["tests/test_fast.py"] = "from mypkg import _speedups\n\n\ndef test_x():\n    pass\n"
+    repo = checkout(tmp_path, files)
+    python = make_venv(tmp_path / "venv")
+    decision = gate(repo, "main", python)
+    assert (decision.action, decision.rule) == ("hold", "other.native-not-built"), decision.reason
+    assert "mypkg._speedups, a compiled module of the project: its source " \
+           "src/mypkg/_speedups.c is not built" in decision.reason
+
+
+def test_a_module_the_checkout_has_built_is_held(tmp_path: Path) -> None:
+    """No source beside it (a Rust or Cython build elsewhere), but the developer's checkout
+    has the built module where the package imports it from: not the branch's fault."""
+    files = {"pyproject.toml": PYPROJECT, "src/mypkg/__init__.py": "from . import _fast\n" + INIT,
+             "src/mypkg/core.py": CORE, "tests/test_two.py": TESTS, "tests/conftest.py": CONFTEST,
+             ".gitignore": "*.so\n"}
+    repo = checkout(tmp_path, files)
+    (repo.path / "src/mypkg/_fast.cpython-311-x86_64-linux-gnu.so").write_bytes(b"\x7fELF")
+    python = make_venv(tmp_path / "venv")
+    decision = gate(repo, "main", python)
+    assert (decision.action, decision.rule) == ("hold", "other.native-not-built"), decision.reason
+    assert "the checkout has it built (src/mypkg/_fast.cpython-311-x86_64-linux-gnu.so)" \
+        in decision.reason

@@ -290,14 +290,19 @@ def generated_files(root: str) -> list[str]:
     return found
 
 
-_NO_MODULE = re.compile(r"No module named '([A-Za-z_][A-Za-z0-9_.]*)'")
+_NO_MODULE = re.compile(r"No module named '([A-Za-z_][A-Za-z0-9_.]*)'|cannot import name "
+                        r"'([A-Za-z_][A-Za-z0-9_]*)' from (?:partially initialized module )?"
+                        r"'([A-Za-z_][A-Za-z0-9_.]*)'")
 
 
 def missing_modules(texts: Iterable[Optional[str]]) -> list[str]:
-    """The module names of every ``No module named 'x.y'`` in ``texts``, in order, once."""
+    """The module names of every ``No module named 'x.y'`` in ``texts``, and ``x.y`` of every
+    ``cannot import name 'y' from 'x'`` (``from . import _speedups``: the name may be a
+    submodule), in order, once."""
     found: list[str] = []
     for text in texts:
-        for name in _NO_MODULE.findall(text or ""):
+        for module, name, parent in _NO_MODULE.findall(text or ""):
+            name = module or f"{parent}.{name}"
             if name not in found:
                 found.append(name)
     return found
@@ -314,3 +319,39 @@ def module_paths(module: str, roots: Sequence[str]) -> list[str]:
         base = os.path.join(root, *parts)
         paths += [base + ".py", os.path.join(base, "__init__.py")]
     return paths
+
+
+#: What a compiled extension module is built into (``_speedups.cpython-311-x86_64-linux-gnu.so``).
+_COMPILED_SUFFIXES = (".so", ".pyd")
+
+
+def compiled_module(module: str, roots: Sequence[str], elsewhere: Optional[str] = None,
+                    worktree: Optional[str] = None) -> Optional[str]:
+    """Why ``module`` (a module of the project that could not be imported) is a compiled
+    extension that was not built where the suite ran, or None: a native source of its name
+    next to where it would be (``_speedups.c``, ``.pyx``, ...), or, when ``elsewhere`` (the
+    developer's checkout) is given, a built module of its name at the same place there."""
+    parts = module.split(".")
+    if len(parts) < 2:
+        return None
+    for root in roots:
+        directory = os.path.join(root, *parts[:-1])
+        if not os.path.isdir(directory):
+            continue
+        base = os.path.join(directory, parts[-1])
+        for suffix in NATIVE_SUFFIXES:
+            if os.path.isfile(base + suffix):
+                return f"its source {os.path.relpath(base + suffix, worktree or root)} is not built"
+        if elsewhere is None or worktree is None:
+            continue
+        there = os.path.join(elsewhere, os.path.relpath(directory, worktree))
+        try:
+            names = os.listdir(there)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(parts[-1] + ".") and name.endswith(_COMPILED_SUFFIXES):
+                return (f"the checkout has it built ({os.path.relpath(os.path.join(there, name), elsewhere)}), "
+                        f"the worktree does not")
+    return None
+

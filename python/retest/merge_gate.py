@@ -800,8 +800,28 @@ def _missing_generated(run: _GateRun, worktree: str, roots: Sequence[str],
     Held (``other.generated-missing``) rather than rolled back: every branch, the target's
     own head included, would fail the same way."""
     texts = [t for f in (*report.collection_errors, *report.failures) for t in (f.message, f.longrepr)]
-    hold = _generated_hold(run, worktree, roots, layout.missing_modules(texts), verdict)
+    modules = layout.missing_modules(texts)
+    hold = (_generated_hold(run, worktree, roots, modules, verdict)
+            or _unbuilt_hold(run, worktree, roots, modules, verdict))
     return verdict if hold is None else hold
+
+
+def _unbuilt_hold(run: _GateRun, worktree: str, roots: Sequence[str], modules: Sequence[str],
+                  verdict: proc_group.Verdict) -> Optional[proc_group.Verdict]:
+    """``other.native-not-built`` if one of the missing ``modules`` is a compiled extension of
+    the project's that the worktree never built (its source is there, or the checkout has it
+    built): the machine's set-up, not the branch's code; every branch would fail alike."""
+    checkout = _checkout_top(run) if modules else None
+    for module in modules:
+        why = layout.compiled_module(module, roots, checkout, worktree)
+        if why is not None:
+            return proc_group.Verdict(
+                "other", "other.native-not-built",
+                f"the suite could not import {module}, a compiled module of the project: {why} "
+                f"in the gate's worktree (set MERGE_RETEST_SETUP_COMMAND to build it, e.g. "
+                f"'python setup.py build_ext --inplace') (the suite's own verdict: "
+                f"{verdict.kind}, {verdict.rule})", False, evidence="events")
+    return None
 
 
 def _generated_hold(run: _GateRun, worktree: str, roots: Sequence[str], modules: Sequence[str],
@@ -843,8 +863,10 @@ def _startup_red(run: _GateRun, worktree: str, roots: Sequence[str], packages: S
     if blame is None:
         return verdict
     culprit, what = blame
-    if error.category == "import" and error.module and not error.module_file:
-        hold = _generated_hold(run, worktree, roots, [error.module], verdict)
+    if error.category == "import":
+        modules = layout.missing_modules([error.message])
+        hold = (_generated_hold(run, worktree, roots, modules, verdict)
+                or _unbuilt_hold(run, worktree, roots, modules, verdict))
         if hold is not None:
             return hold
     try:

@@ -411,7 +411,8 @@ _AFTER_MAX = 20
 _FRAME = re.compile(r'^  File "(?P<file>.+)", line (?P<line>[0-9]+)(?P<in>, in .*)?$')
 _EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][A-Za-z0-9_.]*)(?:: ?(?P<message>.*))?$")
 _NO_MODULE = re.compile(r"^No module named '(?P<module>[^']+)'")
-_CANNOT_IMPORT = re.compile(r"^cannot import name '[^']+' from '(?P<module>[^']+)'"
+_CANNOT_IMPORT = re.compile(r"^cannot import name '[^']+' from (?:partially initialized module )?"
+                            r"'(?P<module>[^']+)'"
                             r"(?: \((?P<file>[^()]+)\))?")
 
 
