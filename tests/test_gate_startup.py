@@ -209,3 +209,22 @@ def test_a_module_the_checkout_has_built_is_held(tmp_path: Path) -> None:
     assert (decision.action, decision.rule) == ("hold", "other.native-not-built"), decision.reason
     assert "the checkout has it built (src/mypkg/_fast.cpython-311-x86_64-linux-gnu.so)" \
         in decision.reason
+
+
+def test_a_plugin_of_an_entry_point_breaking_rolls_back(tmp_path: Path) -> None:
+    """As found on pytest-mock: the project's plugin is loaded from its pytest11 entry point
+    (an editable install), before any conftest; pytest 9 names the entry points' group."""
+    pyproject = PYPROJECT + '\n[project.entry-points.pytest11]\nmypkg = "mypkg.plugin"\n'
+    repo = checkout(tmp_path, {"pyproject.toml": pyproject, "src/mypkg/__init__.py": INIT,
+                               "src/mypkg/core.py": CORE, "src/mypkg/plugin.py": PLUGIN,
+                               "tests/test_three.py": "def test_three(three):\n    assert three == 3\n"})
+    repo.branch("plugin-broken", {"src/mypkg/plugin.py": "import mypkg.gone\n" + PLUGIN})
+    python = make_venv(tmp_path / "venv")
+    pip_install_editable(python, repo.path, repo.env)
+
+    autoload = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": ""}
+    assert gate(repo, "main", python, **autoload).action == "merge"
+    decision = gate(repo, "plugin-broken", python, **autoload)
+    assert (decision.action, decision.rule) == ("rollback", "red.startup-error"), decision.reason
+    assert ("ModuleNotFoundError in src/mypkg/plugin.py:1: No module named 'mypkg.gone' "
+            "(the branch has no module mypkg.gone)") in decision.reason

@@ -878,7 +878,7 @@ def _startup_red(run: _GateRun, worktree: str, roots: Sequence[str], packages: S
         return verdict
     where = f"loading {os.path.relpath(error.conftest, worktree)}: " \
         if error.conftest and layout.inside(error.conftest, worktree) else (
-            f"loading plugin {error.plugin}: " if error.plugin else "")
+            f"loading {error.plugin_text()}: " if error.plugin else "")
     return proc_group.Verdict(
         "red", "red.startup-error",
         f"pytest could not start (exit {result.returncode}): {where}{what}",

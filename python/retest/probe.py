@@ -363,13 +363,19 @@ class StartupError:
     def text(self) -> str:
         """``loading conftest /w/tests/conftest.py raised SyntaxError at /w/src/m.py:3: ...``."""
         where = {"conftest": f"loading conftest {self.conftest} raised ",
-                 "plugin": f"loading plugin {self.plugin} raised ",
+                 "plugin": f"loading {self.plugin_text()} raised ",
                  "configure": "pytest_configure raised ",
                  "uncaught": "pytest crashed on ", "traceback": "pytest crashed on "}
         at = f" at {self.file}:{self.line}" if self.file and self.line else (
             f" at {self.file}" if self.file else "")
         message = f": {self.message}" if self.message else ""
         return f"{where.get(self.stage, '')}{self.type}{at}{message}"
+
+    def plugin_text(self) -> str:
+        """``plugin pkg.plugin``; pytest names entry points by their group: ``pytest11``."""
+        if self.plugin == "pytest11":
+            return "the plugins of the pytest11 entry points"
+        return f"plugin {self.plugin}"
 
     def to_dict(self) -> dict[str, Any]:
         doc = {k: v for k, v in self.__dict__.items() if v not in (None, "", ())}
