@@ -228,3 +228,17 @@ def test_a_plugin_of_an_entry_point_breaking_rolls_back(tmp_path: Path) -> None:
     assert (decision.action, decision.rule) == ("rollback", "red.startup-error"), decision.reason
     assert ("ModuleNotFoundError in src/mypkg/plugin.py:1: No module named 'mypkg.gone' "
             "(the branch has no module mypkg.gone)") in decision.reason
+
+
+def test_a_missing_module_of_a_shared_namespace_package_is_held(tmp_path: Path) -> None:
+    """``google.cloud.foo`` imports ``google.protobuf``: ``google`` is a namespace package
+    the project shares with other distributions, so the missing module may be a third
+    party's (the venv lacks a dependency): held, not rolled back. (A namespace package is
+    never one of the project's packages the blame looks for: it has no ``__init__.py``.)"""
+    repo = checkout(tmp_path, {
+        "pyproject.toml": PYPROJECT.replace("mypkg", "nspkg-foo"),
+        "src/nsx/foo/__init__.py": "import nsx.protobuf_like_dependency\n",
+        "tests/conftest.py": "import nsx.foo\n", "tests/test_a.py": TESTS.replace("two", "x")})
+    decision = gate(repo, "main", make_venv(tmp_path / "venv"))
+    assert (decision.action, decision.rule) == ("hold", "other.environment"), decision.reason
+    assert "No module named 'nsx.protobuf_like_dependency'" in decision.reason
