@@ -321,8 +321,9 @@ def test_failures_before_a_hang_are_named(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_a_busy_test_that_never_ends_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not hung (it uses a core), not starved: the budget went to one test, and the reason
-    says which, with its stack (found on tomli: it said only "neither starved nor hung")."""
+    """Not hung (it uses a core): the budget went to one test, and the reason says which,
+    with its stack (found on tomli: it said only "neither starved nor hung"). On a machine
+    that others load meanwhile (CI, once) the rule is ``timeout.starved``, and says it too."""
     monkeypatch.setenv("RETEST_IDLE_CORES", "0.3")
     monkeypatch.setenv("RETEST_HUNG_RUNNING_SHARE", "0.5")
     suite = write_suite(tmp_path / "suite", {"test_b.py": textwrap.dedent("""
@@ -332,7 +333,10 @@ def test_a_busy_test_that_never_ends_is_named(tmp_path: Path, monkeypatch: pytes
     """)})
     result = proc_group.run(_pytest(suite), timeout=5, grace=2, env=suite_env())
     verdict = proc_group.classify(result)
-    assert (verdict.kind, verdict.rule) == ("timeout", "timeout.deadline"), verdict.reason
+    assert verdict.kind == "timeout", verdict.reason
+    assert verdict.rule in ("timeout.deadline", "timeout.starved"), verdict.reason
+    if verdict.rule == "timeout.starved":
+        assert "the machine was starved" in verdict.reason
     assert "one test took most of it: test_b.py::test_spins had been running" in verdict.reason
     assert "busy" in verdict.reason and "in test_spins" in verdict.reason
 

@@ -312,7 +312,7 @@ def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
     if starved is not None:
         return replace(verdict, rule="timeout.starved", evidence="runner",
                        reason=f"{verdict.reason}; the machine was starved ({starved}): {p.text()}; "
-                              f"top CPU users outside the tree: {p.hogs_text()}{failed}")
+                              f"top CPU users outside the tree: {p.hogs_text()}{busy_test}{failed}")
     return replace(verdict, rule="timeout.deadline",
                    reason=f"{verdict.reason}; neither starved nor hung: {p.text()}{busy_test}"
                           f"{failed}")
