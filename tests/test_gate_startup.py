@@ -242,3 +242,43 @@ def test_a_missing_module_of_a_shared_namespace_package_is_held(tmp_path: Path) 
     decision = gate(repo, "main", make_venv(tmp_path / "venv"))
     assert (decision.action, decision.rule) == ("hold", "other.environment"), decision.reason
     assert "No module named 'nsx.protobuf_like_dependency'" in decision.reason
+
+
+@pytest.fixture(scope="module")
+def with_helpers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Repo, Path]:
+    """A project whose tests import a helper module of their own (``tests/helpers.py``)."""
+    root = tmp_path_factory.mktemp("deps")
+    tests = "from helpers import TWO\n\n\ndef test_two():\n    assert TWO == 2\n"
+    repo = checkout(root, {"pyproject.toml": PYPROJECT, "src/mypkg/__init__.py": INIT,
+                           "src/mypkg/core.py": CORE, "tests/helpers.py": "TWO = 2\n",
+                           "tests/test_two.py": tests})
+    repo.branch("new-dependency", {"tests/test_dep.py": "import not_installed_anywhere_xyz\n"})
+    repo.branch("sub-conftest", {"tests/sub/conftest.py": "import not_installed_anywhere_xyz\n",
+                                 "tests/sub/test_s.py": "def test_s():\n    pass\n"})
+    repo.branch("dep-and-syntax", {"tests/test_dep.py": "import not_installed_anywhere_xyz\n",
+                                   "tests/test_bad.py": "def f(:\n"})
+    repo.git("switch", "-q", "-c", "drops-helpers")
+    repo.git("rm", "-q", "tests/helpers.py")
+    repo.git("commit", "-q", "-m", "drop the helpers")
+    repo.git("switch", "-q", "main")
+    return repo, make_venv(root / "venv")
+
+
+@pytest.mark.parametrize("branch", ["new-dependency", "sub-conftest"])
+def test_a_third_party_module_missing_at_collection_is_held(with_helpers: tuple[Repo, Path],
+                                                            branch: str) -> None:
+    """Found on markupsafe and pyyaml: a test module, or a conftest below the top one, that
+    imports a module the venv lacks was a collection error, red: every branch, main included,
+    would have been rolled back for the venv's missing dependency."""
+    repo, python = with_helpers
+    decision = gate(repo, branch, python, "tests")
+    assert (decision.action, decision.rule) == ("hold", "other.environment"), decision.reason
+    assert "the suite's venv lacks not_installed_anywhere_xyz" in decision.reason
+
+
+@pytest.mark.parametrize("branch", ["drops-helpers", "dep-and-syntax"])
+def test_a_module_the_branch_removed_or_a_real_error_beside_it_stays_red(
+        with_helpers: tuple[Repo, Path], branch: str) -> None:
+    repo, python = with_helpers
+    decision = gate(repo, branch, python, "tests")
+    assert (decision.action, decision.rule) == ("rollback", "red.collection-error"), decision.reason

@@ -512,3 +512,26 @@ def test_a_plugin_that_fails_to_import_reports_what_it_raised(backend: str, tmp_
     assert (error.type, error.category) == ("SyntaxError", "syntax")
     assert (error.file, error.line) == (str(root / "helper.py"), 1)
     assert b"Error while loading plugin" in result.stderr or b"SyntaxError" in result.stderr
+
+
+def test_a_suite_whose_every_test_skips_is_not_a_pass(backend: str, tmp_path: Path) -> None:
+    """Found on markupsafe: a conftest that marks every test skip made broken code merge on
+    ``exit 0: 80 skipped``. Nothing was tested: ``other.no-tests``."""
+    conftest = textwrap.dedent("""
+        import pytest
+
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                item.add_marker(pytest.mark.skip(reason="not here"))
+    """)
+    result = pytest_run(write(tmp_path, {"conftest.py": conftest, "test_a.py": PASSING}), backend)
+    assert result.returncode == 0
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("other", "other.no-tests", "events")
+    assert "every test was skipped (2 skipped)" in verdict.reason
+
+
+def test_one_test_run_beside_skipped_ones_is_a_pass(backend: str, tmp_path: Path) -> None:
+    suite = "import pytest\n\n\n@pytest.mark.skip\ndef test_s():\n    pass\n\n\ndef test_r():\n    pass\n"
+    verdict = proc_group.classify(pytest_run(write(tmp_path, {"test_a.py": suite}), backend))
+    assert (verdict.kind, verdict.rule) == ("passed", "passed.exit-0"), verdict.reason

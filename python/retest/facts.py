@@ -240,6 +240,11 @@ def _no_failure(result: "RunResult", report: ProbeReport) -> "Verdict":
             return _verdict("other", "other.signal", f"{status}{where}; {_progress(report)}")
         return _verdict("other", "other.session-incomplete",
                         f"{status} but the pytest session did not finish{where}; {_progress(report)}")
+    if rc == 0 and _all_skipped(report):
+        # found on markupsafe: a conftest that marks every test skip merged broken code
+        return _verdict("other", "other.no-tests",
+                        f"exit 0 but every test was skipped ({report.counts_text()}): nothing "
+                        f"was tested")
     if rc == 0:
         return _verdict("passed", "passed.exit-0", f"exit 0: {report.summary_text()}")
     if rc < 0:
@@ -255,6 +260,16 @@ def _no_failure(result: "RunResult", report: ProbeReport) -> "Verdict":
     return _verdict("other", "other.exit-status",
                     f"{status} but the pytest session reported no failed test "
                     f"({report.counts_text()})")
+
+
+#: Counts that say a test (or subtest) ran to an outcome.
+_RAN = ("passed", "xfailed", "xpassed", "subtests passed", "subtests failed")
+
+
+def _all_skipped(report: ProbeReport) -> bool:
+    """Tests were skipped and none ran: pytest exits 0, and nothing was tested."""
+    counts = report.counts
+    return counts.get("skipped", 0) > 0 and not any(counts.get(k, 0) for k in _RAN)
 
 
 def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":

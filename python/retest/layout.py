@@ -5,8 +5,8 @@ project installed *editable* from the developer's checkout (a ``.pth`` path entr
 setuptools ``__editable__`` finder): left alone, ``import pkg`` finds the original checkout's
 ``src/pkg`` and the gate tests the wrong tree. ``import_roots`` finds the worktree's roots as
 the project declares them (pyproject ``[tool.setuptools]`` ``package-dir``/``packages.find``,
-hatch, poetry, flit/pdm conventions, ``setup.cfg``; else ``src/`` if it holds packages; else the
-root); the gate puts them first on ``PYTHONPATH``, which precedes every ``.pth`` entry and
+hatch, poetry, flit/pdm conventions, ``setup.cfg``, a ``setup.py``'s literal ``package_dir``;
+else ``src/`` if it holds packages; else the root); the gate puts them first on ``PYTHONPATH``, which precedes every ``.pth`` entry and
 site-packages, and comes before the editable finders (they sit after ``PathFinder`` on
 ``sys.meta_path``). ``top_level_packages`` names the repository's packages for the probe, which
 records where each was imported from; ``prove`` checks every origin is inside the worktree.
@@ -120,6 +120,45 @@ def _declared_setup_cfg(root: str) -> list[str]:
     return found
 
 
+#: A setup.py larger than this is not read for its package_dir.
+_SETUP_PY_MAX = 1 << 20
+
+
+def _declared_setup_py(root: str) -> list[str]:
+    """Root directories a ``setup.py`` declares with literals: ``setup(package_dir={"":
+    "lib"})``, ``packages=find_packages("lib")`` / ``find_packages(where="lib")`` (pyyaml
+    declares ``lib`` only there). Read as a syntax tree, never run; anything computed is
+    not understood (the probe's checkout check still catches a suite that left the tree)."""
+    import ast
+
+    try:
+        with open(os.path.join(root, "setup.py"), "rb") as f:
+            source = f.read(_SETUP_PY_MAX + 1)
+        if len(source) > _SETUP_PY_MAX:
+            return []
+        tree = ast.parse(source)
+    except (OSError, SyntaxError, ValueError):
+        return []
+    found: list[str] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+        for kw in node.keywords:
+            if name == "setup" and kw.arg == "package_dir" and isinstance(kw.value, ast.Dict):
+                for key, value in zip(kw.value.keys, kw.value.values):
+                    if (isinstance(key, ast.Constant) and key.value == ""
+                            and isinstance(value, ast.Constant) and isinstance(value.value, str)):
+                        found.append(value.value)
+            if name in ("find_packages", "find_namespace_packages") and kw.arg == "where" \
+                    and isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str):
+                found.append(kw.value.value)
+        if name in ("find_packages", "find_namespace_packages") and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            found.append(node.args[0].value)
+    return [f for f in found if f not in ("", ".")]
+
+
 def inside(path: str, root: str) -> bool:
     """Whether ``path`` is ``root`` or below it, symlinks resolved."""
     try:
@@ -133,7 +172,7 @@ def import_roots(root: str) -> list[str]:
     """The worktree's import roots, absolute, in declaration order; always non-empty."""
     root = os.path.abspath(root)
     roots: list[str] = []
-    for rel in _declared_pyproject(root) + _declared_setup_cfg(root):
+    for rel in _declared_pyproject(root) + _declared_setup_cfg(root) + _declared_setup_py(root):
         path = os.path.normpath(os.path.join(root, rel))
         if inside(path, root) and os.path.isdir(path) and path not in roots:
             roots.append(path)
@@ -212,8 +251,11 @@ class TreeProof:
 
 
 def prove(worktree: str, roots: Sequence[str], packages: Sequence[str],
-          imports: Optional[dict[str, list[str]]], rootdir: Optional[str]) -> TreeProof:
-    """Check the probe's import origins (``imports``) against ``worktree``."""
+          imports: Optional[dict[str, list[str]]], rootdir: Optional[str],
+          from_checkout: Optional[dict[str, str]] = None) -> TreeProof:
+    """Check the probe's import origins (``imports``) against ``worktree``; ``from_checkout``:
+    modules the probe saw loaded from the developer's checkout (any package, any layout: the
+    roots may have missed one, as setup.py's ``package_dir`` once did for pyyaml)."""
     base = dict(worktree=worktree, roots=tuple(roots), rootdir=rootdir)
     if imports is None:
         return TreeProof("unavailable", note="no probe events: the command is not pytest or "
@@ -229,6 +271,9 @@ def prove(worktree: str, roots: Sequence[str], packages: Sequence[str],
         stray = [p for p in places if not inside(p, worktree)]
         if stray:
             outside[name] = stray[0]
+    for name, place in (from_checkout or {}).items():
+        if not inside(place, worktree) and len(outside) < 10:
+            outside.setdefault(name, place)
     if outside:
         return TreeProof("wrong-tree", imported=imported, outside=outside, **base)  # type: ignore[arg-type]
     if not imported:

@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
-from . import config, facts, gitops, layout, lockholder, proc_group, redact, timeline
+from . import config, facts, gitops, layout, lockholder, probe, proc_group, redact, timeline
 from .probe import StartupError
 from .ledger import LedgerBackend, LedgerBusy, LedgerError, open_ledger
 
@@ -700,6 +700,11 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
     packages = layout.top_level_packages(roots, worktree)
     env = _suite_env(run.base_env)
     env["PYTHONPATH"] = layout.pythonpath(roots, env.get("PYTHONPATH"))
+    checkout = _checkout_top(run)
+    if checkout and os.path.realpath(checkout) != os.path.realpath(worktree):
+        # whatever the suite loads from the developer's checkout was not the branch's code
+        env[probe.ENV_OUTSIDE] = os.pathsep.join([os.path.realpath(checkout),
+                                                  os.path.realpath(worktree)])
     _provide_generated(run, worktree)
     failed_setup = _run_setup(run, worktree, env, timeout_s)
     if failed_setup is not None:
@@ -716,7 +721,8 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
         max_bytes=config.TimelineSettings.from_env(run.base_env).max_bytes)
     report = result.probe
     proof = layout.prove(worktree, roots, packages, report.imports if report else None,
-                         report.rootdir if report else None)
+                         report.rootdir if report else None,
+                         report.imported_outside if report else None)
     run.evidence["tree"] = proof.to_dict()
     verdict = _verdict(result, settings.classify_enabled)
     if proof.status == "wrong-tree":
@@ -730,6 +736,8 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
         verdict = _native_proof(run, worktree, report, verdict)
     elif verdict.kind == "red" and report is not None:
         verdict = _missing_generated(run, worktree, roots, report, verdict)
+        if verdict.rule == "red.collection-error":
+            verdict = _missing_dependency(run, worktree, packages, report, verdict)
     elif verdict.rule == "other.environment":
         verdict = _startup_red(run, worktree, roots, packages, result, verdict)
     return _route(run, _against_history(run, argv, timeout_s, verdict), result=result)
@@ -804,6 +812,51 @@ def _missing_generated(run: _GateRun, worktree: str, roots: Sequence[str],
     hold = (_generated_hold(run, worktree, roots, modules, verdict)
             or _unbuilt_hold(run, worktree, roots, modules, verdict))
     return verdict if hold is None else hold
+
+
+_NO_MODULE_NAMED = re.compile(r"No module named '([A-Za-z_][A-Za-z0-9_.]*)'")
+
+
+def _missing_dependency(run: _GateRun, worktree: str, packages: Sequence[str],
+                        report: proc_group.ProbeReport,
+                        verdict: proc_group.Verdict) -> proc_group.Verdict:
+    """Red only because the suite's venv lacks a third-party module: every collection error
+    is ``No module named 'x'`` for an ``x`` that is not one of the project's packages and
+    that the branch touched no file of (a ``tests/helpers.py`` it deleted stays red). Held
+    (``other.environment``): a dependency missing from the venv is the machine's, and every
+    branch would fail alike (found on markupsafe and pyyaml: a conftest below the top one,
+    or a test module, importing an uninstalled module rolled back)."""
+    errors = report.collection_errors
+    names: list[str] = []
+    for e in errors:
+        found = _NO_MODULE_NAMED.findall(f"{e.message or ''}\n{e.longrepr or ''}")
+        if not found:
+            return verdict
+        names.extend(n.partition(".")[0] for n in found)
+    tops = sorted(set(names))
+    if not tops or any(top in packages for top in tops):
+        return verdict
+    try:
+        changed = gitops.changed_files(worktree, run.onto_sha or "HEAD", run.tested_sha or "HEAD",
+                                       gitops.git_env(run.base_env), run.settings.git_timeout_s)
+    except gitops.GitError as err:
+        log.warning("merge gate: cannot list the branch's changed files: %s", err)
+        return verdict
+    touched = {part.removesuffix(".py") for path in changed for part in path.split("/")}
+    if touched & set(tops):
+        return verdict  # the branch changed (or removed) a module of that name: its own
+    return proc_group.Verdict(
+        "other", "other.environment",
+        f"the suite's venv lacks {', '.join(tops)}: {len(errors)} collection error"
+        f"{'s' if len(errors) > 1 else ''} of No module named "
+        f"({_names_of(errors)}), no package of the project and no file the branch touched; "
+        f"install it in the suite's venv (the suite's own verdict: {verdict.kind}, "
+        f"{verdict.rule})", False, evidence="events")
+
+
+def _names_of(errors: Sequence[Any]) -> str:
+    shown = [e.nodeid for e in errors[:3]]
+    return ", ".join(shown) + (f" and {len(errors) - 3} more" if len(errors) > 3 else "")
 
 
 def _unbuilt_hold(run: _GateRun, worktree: str, roots: Sequence[str], modules: Sequence[str],

@@ -51,6 +51,8 @@ PLUGIN_NAME = "retest_probe"
 ENV_EVENTS = "RETEST_PROBE_EVENTS"
 ENV_PACKAGES = "RETEST_PROBE_PACKAGES"
 ENV_MAX_BYTES = "RETEST_PROBE_MAX_BYTES"
+#: What the probe reports modules imported from (retest_probe.ENV_OUTSIDE).
+ENV_OUTSIDE = "RETEST_PROBE_OUTSIDE"
 
 #: Failing tests kept in a report (the count says how many there were).
 FAILURES_MAX = 300
@@ -492,6 +494,9 @@ class ProbeReport:
     imports: dict[str, list[str]] = field(default_factory=dict)
     #: Top-level package -> the compiled (extension) modules of it that were loaded.
     compiled: dict[str, list[str]] = field(default_factory=dict)
+    #: Module -> file, for modules loaded from under ``RETEST_PROBE_OUTSIDE`` (the merge gate:
+    #: the developer's checkout, outside the worktree), whatever package they belong to.
+    imported_outside: dict[str, str] = field(default_factory=dict)
     workers: int = 0
     internal_error: Optional[str] = None
     dropped_events: int = 0
@@ -525,6 +530,7 @@ class ProbeReport:
             intervals=tuple(replace(i, nodeid=mask(i.nodeid)) for i in self.intervals),
             imports={name: [mask(p) for p in places] for name, places in self.imports.items()},
             compiled={name: [mask(p) for p in files] for name, files in self.compiled.items()},
+            imported_outside={name: mask(p) for name, p in self.imported_outside.items()},
             startup_error=self.startup_error.redacted(mask) if self.startup_error else None,
         )
 
@@ -583,6 +589,7 @@ class ProbeReport:
             "running": [r.to_dict() for r in self.running],
             "imports": {k: list(v) for k, v in self.imports.items()},
             "compiled": {k: list(v) for k, v in self.compiled.items()},
+            "imported_outside": dict(self.imported_outside),
             "workers": self.workers,
             "internal_error": self.internal_error,
             "dropped_events": self.dropped_events,
@@ -608,6 +615,7 @@ class _Tally:
         self.done = 0
         self.imports: dict[str, list[str]] = {}
         self.compiled: dict[str, list[str]] = {}
+        self.outside: dict[str, str] = {}
         self.workers: set[str] = set()
         self.pids: set[int] = set()
         self.events = 0
@@ -700,6 +708,9 @@ class _Tally:
                 worker=worker, subtest=subtest, longrepr=e.get("longrepr")))
 
     def _on_imports(self, e: Mapping[str, Any]) -> None:
+        for name, place in dict(e.get("outside") or {}).items():
+            if len(self.outside) < LIST_MAX:
+                self.outside.setdefault(str(name), str(place))
         for name, origin in dict(e.get("modules") or {}).items():
             places = self.imports.setdefault(str(name), [])
             origin = origin or {}
@@ -743,6 +754,7 @@ class _Tally:
             done=self.done, failures=tuple(self.failures), failure_count=self.failure_count,
             error_count=self.error_count, collection_errors=tuple(self.collection_errors),
             running=tuple(running[:LIST_MAX]), imports=self.imports, compiled=self.compiled,
+            imported_outside=self.outside,
             workers=len(self.workers),
             events=self.events, pids=frozenset(self.pids), intervals=tuple(self.intervals),
             intervals_dropped=self.intervals_seen - len(self.intervals), ended_at=self.ended_at,

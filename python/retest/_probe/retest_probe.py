@@ -14,6 +14,8 @@ and of the workers never interleave and a reader can follow the file live. Keys:
 * ``ev``: ``session_start`` | ``collected`` | ``collect_error`` | ``test_start`` |
   ``report`` | ``imports`` | ``internal_error`` | ``startup_error`` | ``session_end``; ``t``: wall-clock seconds;
   ``pid``; ``worker`` (the xdist worker id, or ``null``).
+* ``imports`` carries ``modules`` (each named package's origin) and ``outside`` (module ->
+  file, for modules loaded from under ``RETEST_PROBE_OUTSIDE``'s first directory).
 * ``report`` carries ``nodeid``, ``when`` (setup/call/teardown), ``outcome`` (passed, failed,
   skipped, xfailed, xpassed, error, rerun), ``duration``, ``subtest`` and, on failure, a
   bounded ``message`` (the crash line) and ``longrepr`` head.
@@ -43,6 +45,12 @@ import pytest
 ENV_EVENTS = "RETEST_PROBE_EVENTS"
 ENV_PACKAGES = "RETEST_PROBE_PACKAGES"
 ENV_MAX_BYTES = "RETEST_PROBE_MAX_BYTES"
+#: Directories no module should be imported from (the merge gate: the developer's checkout)
+#: and the one allowed inside them (the gate's worktree, if it lies there), ``os.pathsep``
+#: separated: ``imports`` names every module loaded from the first but not the second.
+ENV_OUTSIDE = "RETEST_PROBE_OUTSIDE"
+#: Modules from outside named per process, at most.
+OUTSIDE_MAX = 20
 WORKERINPUT_KEY = "retest_probe"
 PROTOCOL = 1
 
@@ -122,7 +130,32 @@ def _read_settings(config: pytest.Config) -> Optional[dict[str, Any]]:
     except ValueError:
         max_bytes = DEFAULT_MAX_BYTES
     packages = [p for p in os.environ.get(ENV_PACKAGES, "").split(",") if p]
-    return {"path": path, "max_bytes": max(max_bytes, 4096), "packages": packages, "worker": None}
+    outside = [p for p in os.environ.pop(ENV_OUTSIDE, "").split(os.pathsep) if p]
+    return {"path": path, "max_bytes": max(max_bytes, 4096), "packages": packages,
+            "outside": outside[:2], "worker": None}
+
+
+def _loaded_from_outside(outside: list[str]) -> dict[str, str]:
+    """Modules whose file lies under ``outside[0]`` but not under ``outside[1]`` (if given)."""
+    if not outside:
+        return {}
+    forbidden = outside[0].rstrip(os.sep) + os.sep
+    allowed = outside[1].rstrip(os.sep) + os.sep if len(outside) > 1 else None
+    # A venv inside the checkout (.venv, .tox/...) is the suite's interpreter, not its code.
+    interpreter = tuple({p.rstrip(os.sep) + os.sep for p in (sys.prefix, sys.exec_prefix,
+                                                                 sys.base_prefix) if p})
+    packages_dirs = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+    found: dict[str, str] = {}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if (isinstance(path, str) and path.startswith(forbidden)
+                and not (allowed and path.startswith(allowed)) and name != __name__
+                and not path.startswith(interpreter)
+                and not any(d in path for d in packages_dirs)):
+            found[name] = _cut(path, NODEID_MAX) or path
+            if len(found) >= OUTSIDE_MAX:
+                break
+    return found
 
 
 def _outcome(report: Any) -> str:
@@ -421,6 +454,7 @@ class RetestProbe:
                 "path": self.settings["path"],
                 "max_bytes": self.settings["max_bytes"],
                 "packages": self.packages,
+                "outside": self.settings.get("outside") or [],
             }
         except Exception:
             pass
@@ -533,8 +567,9 @@ class RetestProbe:
             if origin is not None and self.reported_imports.get(name) != origin:
                 origins[name] = origin
                 self.reported_imports[name] = origin
-        if origins:
-            self.channel.emit("imports", final=True, modules=origins)
+        outside = _loaded_from_outside([str(p) for p in self.settings.get("outside") or []])
+        if origins or outside:
+            self.channel.emit("imports", final=True, modules=origins, outside=outside)
 
 
 def pytest_configure(config: pytest.Config) -> None:
