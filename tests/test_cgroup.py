@@ -29,7 +29,12 @@ from helpers_proc import PY, alive, child_env, kill_recorded, pid_alive, py, rec
 from retest import proc_group
 from retest.proc_group import RunResult, run
 
-ESCAPEE = 'setsid sh -c \'touch "$D/$$"; exec sleep 60\' & while [ -z "$(ls "$D")" ]; do sleep 0.01; done; '
+#: A daemon that left the command's session; the command goes on once the daemon *is* ``sleep``
+#: (its pid file is written before the exec, and a sweep in between would name a bare ``sh``,
+#: or nothing at all mid-exec, slow under the sanitizers' LD_PRELOAD).
+ESCAPEE = ('setsid sh -c \'touch "$D/$$"; exec sleep 60\' & '
+           'until p=$(ls "$D") && [ -n "$p" ] && [ "$(cat "/proc/$p/comm" 2>/dev/null)" = sleep ]; '
+           'do sleep 0.01; done; ')
 
 
 def _shepherd_of(leader: int) -> int:
