@@ -24,8 +24,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pressure import Pressure
     from .proc_group import RunResult, Verdict
 
-__all__ = ["decide", "oom_killed", "timeout_cause", "lock_holder", "failures_text", "running_text",
-           "startup_error"]
+__all__ = ["decide", "oom_killed", "timeout_cause", "test_timeout_cause", "lock_holder",
+           "failures_text", "running_text", "startup_error"]
 
 #: Test ids named in a reason (all of them, bounded, are in the evidence).
 REASON_IDS_MAX = 3
@@ -333,6 +333,120 @@ def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
                           f"{failed}")
 
 
+def test_timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
+    """A per-test pytest-timeout on a machine that others starved: ``timeout.test-starved``
+    (kind ``timeout``, infra), not ``red.test-timeout``.
+
+    The suite's own timeout measures wall time, so a starved machine trips it as surely as the
+    runner's deadline (the incident this package exists for, one level down). Each test that
+    pytest-timeout stopped is judged over its own span (its interval, or its running time for
+    the thread method, which ends the session), on the timeline's samples in that span: a
+    test that was idle asked for no CPU, so the load is not why it did not finish, and the
+    verdict stays red (a hang); a busy test on a machine starved by others, as
+    ``timeout_cause`` judges starved, is infra. Every such test must be starved and busy; one
+    hang keeps the run red. Without the probe (no spans), the pressure evidence, or a sample
+    inside each span, the verdict is left as it is.
+    """
+    p, report = result.pressure, result.probe
+    if verdict.rule != "red.test-timeout" or p is None or report is None:
+        return verdict
+    spans = _timed_out_spans(result, report)
+    if not spans:
+        return verdict
+    from dataclasses import replace
+
+    from .config import ForensicsSettings
+    from .proc_group import Verdict
+
+    settings = ForensicsSettings.from_env()
+    windows = [(name, _window(p, start, end)) for name, start, end in spans]
+    judged = [(name, w) for name, w in windows if w is not None]
+    if len(judged) < len(windows):  # a test shorter than a sample: nothing to judge it on
+        return verdict
+    idle = [(name, w) for name, w in judged if w.tree_cores < settings.idle_cores]
+    starved = [(name, w, _window_starved(w, settings)) for name, w in judged]
+    if idle or any(why is None for _, _, why in starved):
+        if idle and any(why is not None for _, _, why in starved):
+            name, w = idle[0]
+            return replace(verdict, reason=f"{verdict.reason}; the machine was starved, but "
+                           f"{name} was idle while it ran ({w.tree_cores:.2f} cores {w.where}): "
+                           f"a hang, not the load")
+        return verdict
+    name, w, why = starved[0]
+    more = f" (and {len(starved) - 1} more)" if len(starved) > 1 else ""
+    return Verdict("timeout", "timeout.test-starved", infra=True, evidence="runner",
+                   reason=f"{verdict.reason}; the machine was starved while {name}{more} ran "
+                          f"({why}, {w.where}): the tree got {w.tree_cores:.2f} cores "
+                          f"and processes outside it used {w.foreign_cores:.2f} of {p.cores}; "
+                          f"{p.text()}; top CPU users outside the tree: {p.hogs_text()}")
+
+
+class _Window:
+    """The pressure figures over one span of the run."""
+
+    __slots__ = ("tree_cores", "foreign_cores", "foreign_share", "cpu_some", "where")
+
+    def __init__(self, tree_cores: float, foreign_cores: float, foreign_share: float,
+                 cpu_some: Optional[float], where: str) -> None:
+        self.tree_cores, self.foreign_cores, self.foreign_share = tree_cores, foreign_cores, foreign_share
+        self.cpu_some, self.where = cpu_some, where
+
+
+def _whole_run(p: "Pressure") -> _Window:
+    return _Window(p.tree_cores, p.foreign_cpu_s / p.wall_s if p.wall_s else 0.0, p.foreign_share,
+                   p.cpu_some_share(), "over the run")
+
+
+def _timed_out_spans(result: "RunResult", report: ProbeReport) -> list[tuple[str, float, float]]:
+    """(test id, start, end) in seconds from the run's start of each test that pytest-timeout
+    stopped: a failure with its message (signal method) at its interval, else the tests
+    running when its thread method ended the session."""
+    spans: list[tuple[str, float, float]] = []
+    if report.ended_at is not None:
+        run_start = report.ended_at - result.duration_s
+        stopped = {f.nodeid for f in report.failures
+                   if f.outcome == "failed" and _PYTEST_TIMEOUT_MESSAGE.search(f.message or "")}
+        for i in report.intervals:
+            if i.nodeid in stopped and i.outcome == "failed":
+                start = max(i.started_at - run_start, 0.0)
+                spans.append((i.nodeid, start, start + i.duration_s))
+    if not spans and not report.session_finished:
+        spans = [(r.nodeid, max(result.duration_s - r.running_s, 0.0), result.duration_s)
+                 for r in report.running]
+    return spans
+
+
+def _window(p: "Pressure", start: float, end: float) -> Optional[_Window]:
+    """The tree's median cores, the mean cores used outside it and the mean PSI cpu ``some``
+    of the timeline's samples inside [start, end]; None without such a sample (the whole
+    run's figures would count pytest's start-up and the other tests as this test's)."""
+    inside = [x for x in p.samples if start + _sample_step(p) <= x.t <= end
+              and x.tree_cores is not None and x.busy_cores is not None]
+    if not inside:
+        return None
+    psi = [x.cpu_some for x in inside if x.cpu_some is not None]
+    foreign = statistics.fmean(max((x.busy_cores or 0.0) - (x.tree_cores or 0.0), 0.0)
+                               for x in inside)
+    return _Window(statistics.median(x.tree_cores or 0.0 for x in inside), foreign,
+                   foreign / p.cores if p.cores else 0.0,
+                   statistics.fmean(psi) if psi else None,
+                   f"over its {end - start:.1f} s, {len(inside)} samples")
+
+
+def _window_starved(w: _Window, settings: "ForensicsSettings") -> Optional[str]:
+    """Why the machine counts as starved by others over a span (the run, or one test's), or
+    None. PSI shows that tasks waited; the CPU used outside the tree shows it was not the
+    tree's own oversubscription (an xdist -n 8 on 2 cores waits for itself): at least half
+    the threshold."""
+    if (w.cpu_some is not None and w.cpu_some >= settings.starved_psi_share
+            and w.foreign_share >= settings.starved_foreign_share / 2):
+        return f"PSI cpu some {w.cpu_some:.0%} >= {settings.starved_psi_share:.0%}"
+    if w.foreign_share >= settings.starved_foreign_share and w.foreign_cores > w.tree_cores:
+        return (f"processes outside the tree used {w.foreign_share:.0%} of the cores >= "
+                f"{settings.starved_foreign_share:.0%}")
+    return None
+
+
 def _late_hang(result: "RunResult", settings: "ForensicsSettings") -> Optional[str]:
     """On a starved machine: a test idle since it started, for half the hung share of the
     budget, is hung all the same. The load slowed the tests before it, so it started late and
@@ -379,16 +493,7 @@ def _idle_before_tests(result: "RunResult", settings: "ForensicsSettings") -> Op
 
 def _starved_why(p: "Pressure", settings: "ForensicsSettings") -> Optional[str]:
     """Why the machine counts as starved by others during the run, or ``None``."""
-    psi = p.cpu_some_share()
-    # PSI shows that tasks waited; the CPU used outside the tree shows it was not the tree's own
-    # oversubscription (an xdist -n 8 on 2 cores waits for itself): at least half the threshold.
-    if (psi is not None and psi >= settings.starved_psi_share
-            and p.foreign_share >= settings.starved_foreign_share / 2):
-        return f"PSI cpu some {psi:.0%} >= {settings.starved_psi_share:.0%}"
-    if p.foreign_share >= settings.starved_foreign_share and p.foreign_cpu_s > p.tree_cpu_s:
-        return (f"processes outside the tree used {p.foreign_share:.0%} of the cores >= "
-                f"{settings.starved_foreign_share:.0%}")
-    return None
+    return _window_starved(_whole_run(p), settings)
 
 
 def _tree_cores_while(result: "RunResult", test: "RunningTest") -> tuple[float, str]:

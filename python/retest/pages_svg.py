@@ -83,7 +83,7 @@ class _Axis:
 
 
 def _axis(axis: _Axis, height: float) -> list[str]:
-    out = [f'<g class="axis" font-size="10" fill="#555">']
+    out = ['<g class="axis" font-size="10" fill="#555">']
     for t in axis.ticks():
         x = axis.x(t)
         out.append(f'<line x1="{x:.1f}" y1="{AXIS_H - 4}" x2="{x:.1f}" y2="{height:.1f}" '
