@@ -45,6 +45,13 @@ static const char *const unittest_failed_marks[] = {
     "FAILED (failures=", "FAILED (errors=", "FAILED (unexpected successes=",
 };
 
+/* unittest's (and Django's test runner's) count line at a line's start, "Ran 3 tests in
+ * 0.002s"; after a blank line, its result: "OK", "OK (skipped=3)", "FAILED (...)". */
+#define UNITTEST_RAN_MARK "\nRan "
+#define UNITTEST_SKIPPED_MARK "\n\nOK (skipped="
+/* Digits read of one count (a longer one is not unittest's, and would overflow). */
+#define COUNT_DIGITS_MAX 9
+
 enum rule_id {
     RULE_TIMEOUT_DEADLINE,
     RULE_PASSED_EXIT_0,
@@ -67,6 +74,8 @@ enum rule_id {
     RULE_OTHER_ENVIRONMENT,
     RULE_OTHER_NO_TEST_FILES, /* the id of RULE_OTHER_NO_TESTS, another reason */
     RULE_RED_UNITTEST,        /* the id of RULE_RED_TESTS_FAILED, unittest's summary */
+    RULE_OTHER_UNITTEST_NONE,    /* the id of RULE_OTHER_NO_TESTS: unittest ran 0 tests */
+    RULE_OTHER_UNITTEST_SKIPPED, /* the id of RULE_OTHER_NO_TESTS: it skipped all it ran */
 };
 
 static const struct {
@@ -95,6 +104,8 @@ static const struct {
     [RULE_OTHER_ENVIRONMENT] = {"other", "other.environment", false},
     [RULE_OTHER_NO_TEST_FILES] = {"other", "other.no-tests", false},
     [RULE_RED_UNITTEST] = {"red", "red.tests-failed", false},
+    [RULE_OTHER_UNITTEST_NONE] = {"other", "other.no-tests", false},
+    [RULE_OTHER_UNITTEST_SKIPPED] = {"other", "other.no-tests", false},
 };
 
 /* Lock patterns in priority order; the first found (stdout, then stderr) decides. Git's bare
@@ -547,6 +558,59 @@ static bool find_unittest_failure(verdict *v)
     return false;
 }
 
+/* The count of at most COUNT_DIGITS_MAX digits at buf[*at], *at moved past it; -1 if none. */
+static long long count_at(const buffer *buf, size_t *at)
+{
+    long long n = 0;
+    size_t i = *at;
+    while (i < buf->len && i - *at < COUNT_DIGITS_MAX && buf->data[i] >= '0' && buf->data[i] <= '9')
+        n = n * 10 + (buf->data[i++] - '0');
+    if (i == *at || (i < buf->len && buf->data[i] >= '0' && buf->data[i] <= '9'))
+        return -1;
+    *at = i;
+    return n;
+}
+
+/* Whether buf holds text at at. */
+static bool holds_at(const buffer *buf, size_t at, const char *text)
+{
+    size_t n = strlen(text);
+    return at <= buf->len && buf->len - at >= n && memcmp(buf->data + at, text, n) == 0;
+}
+
+/* A passing command that is not pytest and printed no pytest summary, judged on unittest's
+ * last count line (stdout, else stderr): RULE_OTHER_UNITTEST_NONE for "Ran 0 tests",
+ * RULE_OTHER_UNITTEST_SKIPPED when its result is "OK (skipped=N)" for all N it ran (the
+ * line quoted into v->quote), else RULE_PASSED_EXIT_0. */
+static enum rule_id unittest_pass_rule(verdict *v)
+{
+    const buffer *buffers[2] = {&v->out, &v->err};
+    for (int i = 0; i < 2; i++) {
+        const buffer *buf = buffers[i];
+        Py_ssize_t pos = last_occurrence(buf, UNITTEST_RAN_MARK);
+        size_t at, eol;
+        long long ran, skipped;
+        if (pos < 0)
+            continue;
+        at = (size_t)pos + strlen(UNITTEST_RAN_MARK);
+        ran = count_at(buf, &at);
+        if (ran < 0 || !(holds_at(buf, at, " tests in ") || holds_at(buf, at, " test in ")))
+            return RULE_PASSED_EXIT_0;
+        make_quote(buf, (size_t)pos + 1, &v->quote);
+        if (ran == 0)
+            return RULE_OTHER_UNITTEST_NONE;
+        for (eol = at; eol < buf->len && buf->data[eol] != '\n'; eol++)
+            ;
+        if (!holds_at(buf, eol, UNITTEST_SKIPPED_MARK))
+            return RULE_PASSED_EXIT_0;
+        at = eol + strlen(UNITTEST_SKIPPED_MARK);
+        skipped = count_at(buf, &at);
+        return skipped == ran && holds_at(buf, at, ")") ? RULE_OTHER_UNITTEST_SKIPPED
+                                                          : RULE_PASSED_EXIT_0;
+    }
+    return RULE_PASSED_EXIT_0;
+}
+
 /* The rule of a run that started and failed: the output's evidence first, then the status. */
 static enum rule_id failure_rule(verdict *v)
 {
@@ -585,7 +649,7 @@ static void decide(verdict *v)
     if (v->timed_out)
         v->rule = RULE_TIMEOUT_DEADLINE;
     else if (v->has_returncode && v->returncode == 0)
-        v->rule = RULE_PASSED_EXIT_0;
+        v->rule = v->is_pytest || v->summary.found ? RULE_PASSED_EXIT_0 : unittest_pass_rule(v);
     else if (v->has_spawn_error)
         v->rule = RULE_OTHER_SPAWN_ERROR;
     else if (!v->has_returncode)
@@ -732,6 +796,14 @@ static PyObject *make_reason(const verdict *v, PyObject *spawn_error, bool escal
         break;
     case RULE_RED_UNITTEST:
         reason = PyUnicode_FromFormat("unittest: %U (%s)", quote, status);
+        break;
+    case RULE_OTHER_UNITTEST_NONE:
+        reason = PyUnicode_FromFormat("exit 0 but unittest ran no tests (%U): nothing was tested",
+                                      quote);
+        break;
+    case RULE_OTHER_UNITTEST_SKIPPED:
+        reason = PyUnicode_FromFormat("exit 0 but unittest skipped every test it ran (%U): "
+                                      "nothing was tested", quote);
         break;
     case RULE_RED_EXIT_1:
         reason = summary ? Py_NewRef(pytest_part)

@@ -97,6 +97,8 @@ UNITTEST_FAILED = (b"..F.E\n====================================================
                    b"------------------------------------\nAssertionError: 1 != 2\n\n-----------"
                    b"-----------------------------------------------------------\nRan 5 tests in "
                    b"0.004s\n\nFAILED (failures=1, errors=1)\n")
+UNITTEST_NONE = b"\n----------------------------------------------------------------------\nRan 0 tests in 0.000s\n\nOK\n"
+UNITTEST_SKIPPED = b"sss\n------\nRan %d tests in 0.001s\n\nOK (skipped=%d)\n"
 
 # (id, run, expected (kind, rule, reason, infra))
 CASES: list[tuple[str, Run, tuple[str, str, str, bool]]] = [
@@ -113,6 +115,40 @@ CASES: list[tuple[str, Run, tuple[str, str, str, bool]]] = [
      ("red", "red.exit-1", "exit 1 with no pytest summary (pytest: tests failed)", False)),
     ("unittest-mark-with-a-signal", Run(stderr=UNITTEST_FAILED, returncode=-11, is_pytest=False),
      ("other", "other.signal", "killed by signal 11 (SIGSEGV)", False)),
+    # ---- unittest passed, and what it ran (Python 3.11 exits 0 for "Ran 0 tests"; 3.12 exits 5)
+    ("unittest-ran-nothing", Run(stderr=UNITTEST_NONE, returncode=0, is_pytest=False),
+     ("other", "other.no-tests", "exit 0 but unittest ran no tests (Ran 0 tests in 0.000s): nothing "
+      "was tested", False)),
+    ("unittest-skipped-everything", Run(stderr=UNITTEST_SKIPPED % (3, 3), returncode=0, is_pytest=False),
+     ("other", "other.no-tests", "exit 0 but unittest skipped every test it ran (Ran 3 tests in "
+      "0.001s): nothing was tested", False)),
+    ("unittest-skipped-some", Run(stderr=UNITTEST_SKIPPED % (3, 2), returncode=0, is_pytest=False),
+     ("passed", "passed.exit-0", "exit 0", False)),
+    ("unittest-skipped-and-expected-failure", Run(
+        stderr=b"\nRan 2 tests in 0.1s\n\nOK (skipped=1, expected failures=1)\n", returncode=0,
+        is_pytest=False),
+     ("passed", "passed.exit-0", "exit 0", False)),
+    ("unittest-one-test", Run(stderr=b"..\n------\nRan 1 test in 0.000s\n\nOK\n", returncode=0,
+                              is_pytest=False),
+     ("passed", "passed.exit-0", "exit 0", False)),
+    ("unittest-the-last-count-decides", Run(stderr=UNITTEST_NONE + b"\nRan 4 tests in 0.2s\n\nOK\n",
+                                            returncode=0, is_pytest=False),
+     ("passed", "passed.exit-0", "exit 0", False)),
+    ("unittest-stdout-before-stderr", Run(b"x\nRan 0 tests in 0.000s\n", UNITTEST_SKIPPED % (1, 0),
+                                          returncode=0, is_pytest=False),
+     ("other", "other.no-tests", "exit 0 but unittest ran no tests (Ran 0 tests in 0.000s): nothing "
+      "was tested", False)),
+    ("unittest-count-not-a-count", Run(stderr=b"\nRan 0000000000 tests in 0.0s\n", returncode=0,
+                                       is_pytest=False),
+     ("passed", "passed.exit-0", "exit 0", False)),
+    ("unittest-not-at-a-line-start", Run(stderr=b"I Ran 0 tests in 0.0s\n", returncode=0,
+                                         is_pytest=False),
+     ("passed", "passed.exit-0", "exit 0", False)),
+    ("unittest-count-under-pytest", Run(stderr=UNITTEST_NONE, returncode=0),
+     ("passed", "passed.exit-0", "exit 0", False)),
+    ("unittest-count-beside-a-pytest-summary", Run(b"3 passed in 0.1s\n", UNITTEST_NONE, returncode=0,
+                                                   is_pytest=False),
+     ("passed", "passed.exit-0", "exit 0: 3 passed in 0.1s", False)),
     # ---- timeout: the runner's own deadline, whatever else the output says
     ("timeout-escalated", Run(b"..\n12 passed in 899.10s\n", returncode=-9, timed_out=True,
                               escalated=True, killed_at_deadline=5),
@@ -441,7 +477,8 @@ PIECES = [b" in ", b" in 1", b"1 failed", b", ", b"2 passed", b" error", b"s", b
           b"0.31", b"database is locked", b"ERROR collecting", b"+++ Timeout +++",
           b".lock': File exists", b"retest: repository lock busy", b"\xff", b"_", b" ",
           b"\x00", b" in x", b" in 1 in 1", b"2 subtests passed", b"No module named pytest",
-          b"No files were found in testpaths", b"FAILED (failures=", b"FAILED (errors=", b"1)"]
+          b"No files were found in testpaths", b"FAILED (failures=", b"FAILED (errors=", b"1)",
+          b"\nRan ", b"0 tests in ", b" test in ", b"\n\nOK (skipped=", b"3", b")"]
 noisy_bytes = st.lists(st.one_of(st.sampled_from(PIECES), st.binary(max_size=8)), max_size=40).map(
     b"".join)
 ANSI_CODES = [b"\x1b[31m", b"\x1b[0m", b"\x1b[1;32m", b"\x1b[2 q", b"\x1b[?25h", b"\x1b[", b"\x1b"]
@@ -692,6 +729,26 @@ def test_real_pytest_not_importable(tmp_path: Path) -> None:
     assert (verdict.kind, verdict.rule) == ("other", "other.environment")
     assert verdict.reason == (f"exit 1 before pytest started: pytest is not importable: "
                               f"{sys.executable}: No module named pytest")
+
+
+@pytest.mark.parametrize("suite, rule_311", [
+    ({}, "other.no-tests"),
+    ({"test_s.py": "import unittest\nclass T(unittest.TestCase):\n    @unittest.skip('no')\n"
+                   "    def test_a(self): pass\n"}, "other.no-tests"),
+    ({"test_p.py": "import unittest\nclass T(unittest.TestCase):\n    def test_a(self): pass\n"},
+     "passed.exit-0"),
+], ids=["no-test", "all-skipped", "one-passed"])
+def test_real_unittest(tmp_path: Path, suite: dict[str, str], rule_311: str) -> None:
+    """``python -m unittest`` run by the runner: a suite that found or ran nothing is not a
+    pass. Python 3.12 and later exit 5 for ``Ran 0 tests`` themselves (not pytest: exit 5 is
+    ``other.exit-status``); an all-skipped run still exits 0 there."""
+    for name, text in suite.items():
+        (tmp_path / name).write_text(text)
+    verdict = proc_group.classify(proc_group.run([sys.executable, "-m", "unittest"], cwd=tmp_path,
+                                                 timeout=60))
+    expected = rule_311 if suite or sys.version_info < (3, 12) else "other.exit-status"
+    assert verdict.rule == expected, verdict.reason
+    assert verdict.kind == ("passed" if expected == "passed.exit-0" else "other")
 
 
 def test_real_wrapper_is_not_pytest(tmp_path: Path) -> None:

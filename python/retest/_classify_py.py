@@ -51,6 +51,12 @@ NO_TEST_FILES_MARK = b"No files were found in testpaths"
 #: errors=2)``; the first count it prints is one of these. Only for a command that is not
 #: pytest (pytest prints ``FAILED tests/x.py::t``).
 UNITTEST_FAILED_MARKS = (b"FAILED (failures=", b"FAILED (errors=", b"FAILED (unexpected successes=")
+#: unittest's (and Django's test runner's) count line at a line's start, ``Ran 3 tests in
+#: 0.002s``; after a blank line, its result: ``OK``, ``OK (skipped=3)``, ``FAILED (...)``.
+UNITTEST_RAN_MARK = b"\nRan "
+UNITTEST_SKIPPED_MARK = b"\n\nOK (skipped="
+#: Digits read of one count (a longer one is not unittest's).
+COUNT_DIGITS_MAX = 9
 
 # Colour/style escapes (CSI sequences). The three classes are disjoint, so a match is unique and
 # the C scanner (one pass, no backtracking) removes exactly the same bytes.
@@ -348,13 +354,51 @@ def _decide(
             reason += f"; last pytest summary: {summary.text}"
         return "timeout.deadline", reason
     if rc == 0:
-        return "passed.exit-0", f"exit 0: {summary.text}" if summary is not None else "exit 0"
+        if summary is not None:
+            return "passed.exit-0", f"exit 0: {summary.text}"
+        return ("passed.exit-0", "exit 0") if is_pytest else _unittest_pass_rule(out, err)
     if spawn_error is not None:
         # join() uses the str data itself, as C's %U does, even for a str subclass.
         return "other.spawn-error", "".join(("could not start: ", spawn_error))
     if rc is None:
         return "other.no-status", "no exit status and no spawn error"
     return _failure_rule(out, err, rc, summary, is_pytest)
+
+
+def _count_at(buf: bytes, at: int) -> tuple[int, int]:
+    """The count of at most ``COUNT_DIGITS_MAX`` digits at ``buf[at]`` and the offset after
+    it; ``(-1, at)`` if there is none, or a longer one."""
+    end = at
+    while end < len(buf) and end - at < COUNT_DIGITS_MAX and 0x30 <= buf[end] <= 0x39:
+        end += 1
+    if end == at or (end < len(buf) and 0x30 <= buf[end] <= 0x39):
+        return -1, at
+    return int(buf[at:end]), end
+
+
+def _unittest_pass_rule(out: bytes, err: bytes) -> tuple[str, str]:
+    """A passing command that is not pytest and printed no pytest summary, judged on
+    unittest's last count line (stdout, else stderr): ``Ran 0 tests``, or a result of
+    ``OK (skipped=N)`` for all N it ran, is ``other.no-tests``; else ``passed.exit-0``."""
+    for buf in (out, err):
+        pos = buf.rfind(UNITTEST_RAN_MARK)
+        if pos < 0:
+            continue
+        ran, at = _count_at(buf, pos + len(UNITTEST_RAN_MARK))
+        if ran < 0 or not (buf.startswith(b" tests in ", at) or buf.startswith(b" test in ", at)):
+            return "passed.exit-0", "exit 0"
+        quote = _quote(buf, pos + 1)
+        if ran == 0:
+            return "other.no-tests", f"exit 0 but unittest ran no tests ({quote}): nothing was tested"
+        eol = buf.find(b"\n", at)
+        if eol < 0 or not buf.startswith(UNITTEST_SKIPPED_MARK, eol):
+            return "passed.exit-0", "exit 0"
+        skipped, at = _count_at(buf, eol + len(UNITTEST_SKIPPED_MARK))
+        if skipped == ran and buf.startswith(b")", at):
+            return "other.no-tests", (f"exit 0 but unittest skipped every test it ran ({quote}): "
+                                      f"nothing was tested")
+        return "passed.exit-0", "exit 0"
+    return "passed.exit-0", "exit 0"
 
 
 def _failure_rule(
