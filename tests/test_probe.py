@@ -528,7 +528,35 @@ def test_a_suite_whose_every_test_skips_is_not_a_pass(backend: str, tmp_path: Pa
     assert result.returncode == 0
     verdict = proc_group.classify(result)
     assert (verdict.kind, verdict.rule, verdict.evidence) == ("other", "other.no-tests", "events")
-    assert "every test was skipped (2 skipped)" in verdict.reason
+    assert "every test was skipped (2 skipped): nothing was shown to work" in verdict.reason
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_a_suite_whose_every_test_is_an_expected_failure_is_not_a_pass(
+        backend: str, tmp_path: Path, strict: bool) -> None:
+    """A conftest that marks every test xfail hides broken code as surely as one that skips
+    them: each failure is "expected" and pytest exits 0 (strict or not: the tests do fail).
+    No test passed: ``other.no-tests``."""
+    conftest = textwrap.dedent(f"""
+        import pytest
+
+        def pytest_collection_modifyitems(items):
+            for item in items:
+                item.add_marker(pytest.mark.xfail(reason="later", strict={strict}))
+    """)
+    broken = "def test_a():\n    assert 1 == 2\n\n\ndef test_b():\n    raise ValueError\n"
+    result = pytest_run(write(tmp_path, {"conftest.py": conftest, "test_a.py": broken}), backend)
+    assert result.returncode == 0
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("other", "other.no-tests", "events")
+    assert "no test passed (2 xfailed): nothing was shown to work" in verdict.reason
+
+
+def test_an_expected_failure_beside_a_passing_test_is_a_pass(backend: str, tmp_path: Path) -> None:
+    suite = ("import pytest\n\n\n@pytest.mark.xfail\ndef test_x():\n    assert 0\n\n\n"
+             "def test_r():\n    pass\n")
+    verdict = proc_group.classify(pytest_run(write(tmp_path, {"test_a.py": suite}), backend))
+    assert (verdict.kind, verdict.rule) == ("passed", "passed.exit-0"), verdict.reason
 
 
 def test_one_test_run_beside_skipped_ones_is_a_pass(backend: str, tmp_path: Path) -> None:

@@ -240,11 +240,12 @@ def _no_failure(result: "RunResult", report: ProbeReport) -> "Verdict":
             return _verdict("other", "other.signal", f"{status}{where}; {_progress(report)}")
         return _verdict("other", "other.session-incomplete",
                         f"{status} but the pytest session did not finish{where}; {_progress(report)}")
-    if rc == 0 and _all_skipped(report):
-        # found on markupsafe: a conftest that marks every test skip merged broken code
+    if rc == 0 and _nothing_passed(report):
+        # found on markupsafe: a conftest that marks every test skip merged broken code; one
+        # that marks every test xfail hides broken code the same way (each failure "expected")
+        what = "every test was skipped" if not report.counts.get("xfailed") else "no test passed"
         return _verdict("other", "other.no-tests",
-                        f"exit 0 but every test was skipped ({report.counts_text()}): nothing "
-                        f"was tested")
+                        f"exit 0 but {what} ({report.counts_text()}): nothing was shown to work")
     if rc == 0:
         return _verdict("passed", "passed.exit-0", f"exit 0: {report.summary_text()}")
     if rc < 0:
@@ -262,14 +263,17 @@ def _no_failure(result: "RunResult", report: ProbeReport) -> "Verdict":
                     f"({report.counts_text()})")
 
 
-#: Counts that say a test (or subtest) ran to an outcome.
-_RAN = ("passed", "xfailed", "xpassed", "subtests passed", "subtests failed")
+#: Counts that say a test (or subtest) passed: what an exit 0 needs to show that code works.
+_PASSED = ("passed", "xpassed", "subtests passed")
+#: Counts of tests that ended without passing, yet with pytest's exit 0.
+_NOT_PASSED = ("skipped", "xfailed")
 
 
-def _all_skipped(report: ProbeReport) -> bool:
-    """Tests were skipped and none ran: pytest exits 0, and nothing was tested."""
+def _nothing_passed(report: ProbeReport) -> bool:
+    """Tests ended skipped or as expected failures, and none passed: pytest exits 0, and
+    nothing was shown to work (a conftest that marks every test skip, or xfail)."""
     counts = report.counts
-    return counts.get("skipped", 0) > 0 and not any(counts.get(k, 0) for k in _RAN)
+    return any(counts.get(k, 0) for k in _NOT_PASSED) and not any(counts.get(k, 0) for k in _PASSED)
 
 
 def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
