@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -550,6 +551,45 @@ def test_a_suite_whose_every_test_is_an_expected_failure_is_not_a_pass(
     verdict = proc_group.classify(result)
     assert (verdict.kind, verdict.rule, verdict.evidence) == ("other", "other.no-tests", "events")
     assert "no test passed (2 xfailed): nothing was shown to work" in verdict.reason
+
+
+#: pytest 8.4 and later fail an async test that no plugin runs (earlier ones skip it).
+NEEDS_ASYNC_FAILURE = pytest.mark.skipif(
+    tuple(map(int, re.match(r"(\d+)\.(\d+)", pytest.__version__).groups())) < (8, 4),  # type: ignore[union-attr]
+    reason="pytest < 8.4 skips an async test it cannot run, it does not fail it")
+ASYNC_SUITE = ("import asyncio\n\n\nasync def test_a():\n    await asyncio.sleep(0)\n\n\n"
+               "def test_b():\n    pass\n")
+
+
+@NEEDS_ASYNC_FAILURE
+def test_async_tests_without_an_async_plugin_are_the_environment(backend: str, tmp_path: Path) -> None:
+    """A venv without the suite's pytest-asyncio (or anyio...): pytest fails every async
+    test as unsupported, on every branch, main included. Not red: ``other.environment``."""
+    result = pytest_run(write(tmp_path, {"test_a.py": ASYNC_SUITE}), backend)
+    assert result.returncode == 1 and result.probe is not None
+    assert result.probe.async_plugins == ()
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("other", "other.environment", "events")
+    assert "every failed test is an async test that no installed plugin runs" in verdict.reason
+    assert "failed: test_a.py::test_a" in verdict.reason
+
+
+@NEEDS_ASYNC_FAILURE
+def test_an_async_test_that_the_loaded_plugin_did_not_take_is_red(backend: str, tmp_path: Path) -> None:
+    """An async plugin is loaded (a stand-in here: a plugin module named like one, which takes
+    no test, as pytest-asyncio's strict mode takes none without its marker): an async test
+    that fails as unsupported is the suite's own fault. Red, and the plugin is named."""
+    root = write(tmp_path, {"test_a.py": ASYNC_SUITE, "fake_asyncio_runner.py": "# takes nothing\n"})
+    result = pytest_run(root, backend, "-p", "fake_asyncio_runner", PYTHONPATH=str(root))
+    assert result.probe is not None and result.probe.async_plugins == ("fake_asyncio_runner",)
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule) == ("red", "red.tests-failed"), verdict.reason
+
+
+def test_a_real_failure_beside_an_unsupported_async_test_is_red(backend: str, tmp_path: Path) -> None:
+    suite = ASYNC_SUITE.replace("def test_b():\n    pass", "def test_b():\n    assert 1 == 2")
+    verdict = proc_group.classify(pytest_run(write(tmp_path, {"test_a.py": suite}), backend))
+    assert (verdict.kind, verdict.rule) == ("red", "red.tests-failed"), verdict.reason
 
 
 def test_an_expected_failure_beside_a_passing_test_is_a_pass(backend: str, tmp_path: Path) -> None:

@@ -33,6 +33,8 @@ REASON_IDS_MAX = 3
 #: Timeout >1.0s`` up to 2.3, ``Failed: Timeout (>1.0s) from pytest-timeout.`` from 2.4 on.
 _PYTEST_TIMEOUT_MESSAGE = re.compile(r"\bTimeout \(?>[0-9.]+s\b")
 _TIMEOUT_THREAD_MARK = b"+++ Timeout +++"
+#: What pytest (8.4 and later) fails an ``async def`` test with when no plugin runs it.
+_NO_ASYNC_PLUGIN = "async def functions are not natively supported"
 _NO_TESTPATHS = b"No files were found in testpaths"
 _TAIL_SCAN = 4096
 #: The end of stderr read for a Python traceback when the probe saw nothing.
@@ -206,6 +208,17 @@ def _red(result: "RunResult", report: ProbeReport) -> Optional["Verdict"]:
                         f"pytest: {n} collection error{'s' if n > 1 else ''} ({status}): "
                         f"{_names([e.nodeid for e in report.collection_errors], n)}{what}")
     calls = [f for f in report.failures if f.outcome == "failed"]
+    if (calls and not report.error_count and report.async_plugins == ()
+            and all(_NO_ASYNC_PLUGIN in (f.message or "") for f in calls)):
+        # every failure is pytest's own refusal of an async test and no plugin that runs them
+        # was loaded: the environment lacks the suite's async plugin, and every branch (main
+        # included) would fail the same way. With one loaded, an async test it did not take
+        # (strict mode, no marker) is the suite's own fault: red.
+        return _verdict("other", "other.environment",
+                        f"pytest: {report.summary_text()} ({status}): every failed test is an "
+                        f"async test that no installed plugin runs (pytest: {_NO_ASYNC_PLUGIN}): "
+                        f"the environment lacks the suite's async plugin (pytest-asyncio, anyio, "
+                        f"pytest-trio...); failed: {failures_text(tuple(calls), report.failure_count)}")
     if calls:
         timeouts = [f for f in calls if _PYTEST_TIMEOUT_MESSAGE.search(f.message or "")]
         rule = "red.test-timeout" if len(timeouts) == len(calls) else "red.tests-failed"

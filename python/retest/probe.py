@@ -516,6 +516,9 @@ class ProbeReport:
     ended_at: Optional[float] = None
     #: What ended pytest before its session started, as the exception said it.
     startup_error: Optional[StartupError] = None
+    #: The registered plugins that run ``async def`` tests (pytest-asyncio, anyio...);
+    #: ``None`` from a probe that did not say (an older protocol, no session).
+    async_plugins: Optional[tuple[str, ...]] = None
 
     def redacted(self, mask: Callable[[str], str]) -> "ProbeReport":
         """A copy with every string the suite wrote passed through ``mask`` (never the keys,
@@ -595,6 +598,7 @@ class ProbeReport:
             "dropped_events": self.dropped_events,
             "session_s": self.session_s,
             "startup_error": self.startup_error.to_dict() if self.startup_error else None,
+            "async_plugins": list(self.async_plugins) if self.async_plugins is not None else None,
         }
 
 
@@ -637,9 +641,12 @@ class _Tally:
         return self
 
     def _on_session_start(self, e: Mapping[str, Any]) -> None:
+        plugins = e.get("async_plugins")
         self.fields.update(session_started=True, pytest_version=e.get("pytest"),
                            python=e.get("python"), rootdir=e.get("rootdir"),
-                           started_at=e.get("t"))
+                           started_at=e.get("t"),
+                           async_plugins=tuple(str(p) for p in plugins)
+                           if isinstance(plugins, list) else None)
 
     def _on_worker_start(self, e: Mapping[str, Any]) -> None:
         if e.get("worker"):

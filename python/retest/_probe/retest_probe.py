@@ -334,6 +334,22 @@ def _restore_excepthook() -> None:
         sys.excepthook = _previous_excepthook
 
 
+#: Words in the name (or module) of a plugin that runs ``async def`` tests.
+_ASYNC_RUNNERS = ("asyncio", "anyio", "trio", "tornasync", "tornado", "twisted", "aiohttp", "curio")
+
+
+def _async_plugins(config: pytest.Config) -> list[str]:
+    """The registered plugins that run ``async def`` tests (pytest-asyncio, anyio, ...):
+    without one, pytest fails every async test as unsupported, which is the environment's
+    fault; with one, an async test it does not take (strict mode, no marker) is the suite's."""
+    found: set[str] = set()
+    for name, plugin in config.pluginmanager.list_name_plugin():
+        label = f"{name} {getattr(plugin, '__name__', '')}".lower()
+        if any(word in label for word in _ASYNC_RUNNERS):
+            found.add(str(name)[:100])
+    return sorted(found)[:20]
+
+
 def _watch_plugin_import_errors() -> None:
     """pytest >= 9 catches a plugin that raised while imported (``-p name``, an entry point:
     exit 3, ``Error while loading plugin``) before any hook runs; the function that prints it
@@ -444,6 +460,7 @@ class RetestProbe:
             args=[_cut(str(a), 200) for a in list(self.config.invocation_params.args)[:50]],
             xdist=self.distributing,
             packages=self.packages,
+            async_plugins=_async_plugins(self.config),
         )
 
     @pytest.hookimpl(optionalhook=True)
