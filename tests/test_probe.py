@@ -592,6 +592,32 @@ def test_a_real_failure_beside_an_unsupported_async_test_is_red(backend: str, tm
     assert (verdict.kind, verdict.rule) == ("red", "red.tests-failed"), verdict.reason
 
 
+def test_errors_for_fixtures_of_uninstalled_plugins_are_the_environment(backend: str,
+                                                                        tmp_path: Path) -> None:
+    """A venv without pytest-mock (or pytest-benchmark): every test that asks for ``mocker``
+    errors at set-up on every branch. Not red: ``other.environment``, naming the plugins."""
+    suite = ("def test_a(mocker):\n    pass\n\n\ndef test_b():\n    pass\n\n\n"
+             "def test_c(benchmark):\n    pass\n")
+    result = pytest_run(write(tmp_path, {"test_a.py": suite}), backend)
+    assert result.returncode == 1 and result.probe is not None
+    assert [(f.missing_fixture, f.message) for f in result.probe.failures] == [
+        ("mocker", "fixture 'mocker' not found"), ("benchmark", "fixture 'benchmark' not found")]
+    verdict = proc_group.classify(result)
+    assert (verdict.kind, verdict.rule, verdict.evidence) == ("other", "other.environment", "events")
+    assert "benchmark (pytest-benchmark), mocker (pytest-mock)" in verdict.reason
+
+
+@pytest.mark.parametrize("suite", [
+    "def test_a(mokcer):\n    pass\n",  # the suite's own typo
+    "def test_a(mocker):\n    pass\n\n\ndef test_b():\n    assert 1 == 2\n",  # and a real failure
+    "def test_a(mocker):\n    pass\n\n\ndef test_b(db_session):\n    pass\n",  # a project fixture
+], ids=["typo", "beside-a-failure", "beside-a-project-fixture"])
+def test_other_fixture_errors_stay_red(backend: str, tmp_path: Path, suite: str) -> None:
+    verdict = proc_group.classify(pytest_run(write(tmp_path, {"test_a.py": suite}), backend))
+    assert verdict.kind == "red" and verdict.rule in ("red.test-errors", "red.tests-failed"), \
+        verdict.reason
+
+
 def test_an_expected_failure_beside_a_passing_test_is_a_pass(backend: str, tmp_path: Path) -> None:
     suite = ("import pytest\n\n\n@pytest.mark.xfail\ndef test_x():\n    assert 0\n\n\n"
              "def test_r():\n    pass\n")

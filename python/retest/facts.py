@@ -224,6 +224,13 @@ def _red(result: "RunResult", report: ProbeReport) -> Optional["Verdict"]:
         rule = "red.test-timeout" if len(timeouts) == len(calls) else "red.tests-failed"
         return _verdict("red", rule, f"pytest: {report.summary_text()} ({status}); failed: "
                         f"{failures_text(tuple(calls), report.failure_count)}")
+    missing = _missing_plugins(report)
+    if missing:
+        return _verdict("other", "other.environment",
+                        f"pytest: {report.summary_text()} ({status}): every error is a fixture "
+                        f"that an uninstalled plugin provides: {missing}; the environment lacks "
+                        f"it, and every branch would error the same way; errors: "
+                        f"{failures_text(report.failures, report.error_count)}")
     if report.error_count:
         errors = tuple(f for f in report.failures if f.outcome == "error")
         return _verdict("red", "red.test-errors", f"pytest: {report.summary_text()} ({status}); "
@@ -233,6 +240,34 @@ def _red(result: "RunResult", report: ProbeReport) -> Optional["Verdict"]:
         return _verdict("red", "red.test-timeout",
                         f"exit 1: a per-test pytest-timeout fired in {running_text(report)}")
     return None
+
+
+#: Fixtures only a plugin provides, and the distribution that does: a set-up error that finds
+#: none of them is a plugin missing from the environment, not the branch's (a name this
+#: distinctive is no project's own typo).
+PLUGIN_FIXTURES = {
+    **dict.fromkeys(("mocker", "class_mocker", "module_mocker", "package_mocker",
+                     "session_mocker"), "pytest-mock"),
+    "benchmark": "pytest-benchmark", "httpserver": "pytest-httpserver",
+    "httpx_mock": "pytest-httpx", "requests_mock": "requests-mock", "respx_mock": "respx",
+    "freezer": "pytest-freezer", "time_machine": "time-machine", "aioresponses": "aioresponses",
+    "snapshot": "syrupy", "xprocess": "pytest-xprocess", "anyio_backend": "anyio",
+    "event_loop": "pytest-asyncio", "django_db_setup": "pytest-django",
+    "django_user_model": "pytest-django", "admin_client": "pytest-django",
+    "celery_app": "celery", "celery_worker": "celery", "datadir": "pytest-datadir",
+    "shared_datadir": "pytest-datadir", "fs": "pyfakefs",
+}
+
+
+def _missing_plugins(report: ProbeReport) -> str:
+    """``mocker (pytest-mock), benchmark (pytest-benchmark)`` when every error of the run
+    (none failed) is a set-up error for a fixture in ``PLUGIN_FIXTURES``, else ""."""
+    errors = [f for f in report.failures if f.outcome == "error"]
+    if (not errors or len(errors) != report.error_count or report.failure_count
+            or any(f.when != "setup" or f.missing_fixture not in PLUGIN_FIXTURES for f in errors)):
+        return ""
+    names = sorted({f.missing_fixture for f in errors if f.missing_fixture})
+    return ", ".join(f"{n} ({PLUGIN_FIXTURES[n]})" for n in names)
 
 
 def _no_failure(result: "RunResult", report: ProbeReport) -> "Verdict":

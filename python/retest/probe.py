@@ -281,6 +281,8 @@ class TestFailure:
     worker: Optional[str] = None
     subtest: bool = False
     longrepr: Optional[str] = None
+    #: The fixture a set-up error found no definition of (pytest's ``FixtureLookupError``).
+    missing_fixture: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v not in (None, False)}
@@ -712,7 +714,9 @@ class _Tally:
         if len(self.failures) < FAILURES_MAX:
             self.failures.append(TestFailure(  # a subtest by pytest's name for it
                 nodeid=shown, when=when, outcome=outcome, message=e.get("message"),
-                worker=worker, subtest=subtest, longrepr=e.get("longrepr")))
+                worker=worker, subtest=subtest, longrepr=e.get("longrepr"),
+                missing_fixture=e.get("missing_fixture") if isinstance(e.get("missing_fixture"), str)
+                else None))
 
     def _on_imports(self, e: Mapping[str, Any]) -> None:
         for name, place in dict(e.get("outside") or {}).items():

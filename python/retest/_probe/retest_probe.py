@@ -183,10 +183,16 @@ def _subtest_label(report: Any) -> str:
 
 def _failure_fields(report: Any) -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    crash = getattr(getattr(report, "longrepr", None), "reprcrash", None)
+    longrepr = getattr(report, "longrepr", None)
+    crash = getattr(longrepr, "reprcrash", None)
     message = getattr(crash, "message", None)
     if isinstance(message, str):
         fields["message"] = _cut(message.splitlines()[0] if message else message, MESSAGE_MAX)
+    argname, error = getattr(longrepr, "argname", None), getattr(longrepr, "errorstring", None)
+    if isinstance(argname, str) and isinstance(error, str):
+        # FixtureLookupErrorRepr, which has no crash line: "fixture 'mocker' not found"
+        fields["missing_fixture"] = _cut(argname, NODEID_MAX)
+        fields["message"] = _cut(error.strip().splitlines()[0] if error.strip() else error, MESSAGE_MAX)
     try:
         text = report.longreprtext
     except Exception:
