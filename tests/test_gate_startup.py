@@ -257,6 +257,11 @@ def with_helpers(tmp_path_factory: pytest.TempPathFactory) -> tuple[Repo, Path]:
                                  "tests/sub/test_s.py": "def test_s():\n    pass\n"})
     repo.branch("dep-and-syntax", {"tests/test_dep.py": "import not_installed_anywhere_xyz\n",
                                    "tests/test_bad.py": "def f(:\n"})
+    repo.branch("imports-in-a-test", {"tests/test_dep.py": "def test_dep():\n"
+                                      "    import not_installed_anywhere_xyz\n"})
+    repo.branch("import-and-failure", {"tests/test_dep.py": "def test_dep():\n"
+                                       "    import not_installed_anywhere_xyz\n\n\n"
+                                       "def test_bad():\n    assert 1 == 2\n"})
     repo.git("switch", "-q", "-c", "drops-helpers")
     repo.git("rm", "-q", "tests/helpers.py")
     repo.git("commit", "-q", "-m", "drop the helpers")
@@ -276,9 +281,20 @@ def test_a_third_party_module_missing_at_collection_is_held(with_helpers: tuple[
     assert "the suite's venv lacks not_installed_anywhere_xyz" in decision.reason
 
 
-@pytest.mark.parametrize("branch", ["drops-helpers", "dep-and-syntax"])
+def test_a_third_party_module_missing_in_a_test_body_is_held(with_helpers: tuple[Repo, Path]) -> None:
+    """The same missing dependency, imported inside the test: the test fails, not its module."""
+    repo, python = with_helpers
+    decision = gate(repo, "imports-in-a-test", python, "tests")
+    assert (decision.action, decision.rule) == ("hold", "other.environment"), decision.reason
+    assert "the suite's venv lacks not_installed_anywhere_xyz: 1 failed test of No module named" \
+        in decision.reason
+
+
+@pytest.mark.parametrize("branch, rule", [("drops-helpers", "red.collection-error"),
+                                          ("dep-and-syntax", "red.collection-error"),
+                                          ("import-and-failure", "red.tests-failed")])
 def test_a_module_the_branch_removed_or_a_real_error_beside_it_stays_red(
-        with_helpers: tuple[Repo, Path], branch: str) -> None:
+        with_helpers: tuple[Repo, Path], branch: str, rule: str) -> None:
     repo, python = with_helpers
     decision = gate(repo, branch, python, "tests")
-    assert (decision.action, decision.rule) == ("rollback", "red.collection-error"), decision.reason
+    assert (decision.action, decision.rule) == ("rollback", rule), decision.reason

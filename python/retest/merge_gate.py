@@ -736,7 +736,7 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
         verdict = _native_proof(run, worktree, report, verdict)
     elif verdict.kind == "red" and report is not None:
         verdict = _missing_generated(run, worktree, roots, report, verdict)
-        if verdict.rule == "red.collection-error":
+        if verdict.rule in ("red.collection-error", "red.tests-failed", "red.test-errors"):
             verdict = _missing_dependency(run, worktree, packages, report, verdict)
     elif verdict.rule == "other.environment":
         verdict = _startup_red(run, worktree, roots, packages, result, verdict)
@@ -821,12 +821,19 @@ def _missing_dependency(run: _GateRun, worktree: str, packages: Sequence[str],
                         report: proc_group.ProbeReport,
                         verdict: proc_group.Verdict) -> proc_group.Verdict:
     """Red only because the suite's venv lacks a third-party module: every collection error
-    is ``No module named 'x'`` for an ``x`` that is not one of the project's packages and
-    that the branch touched no file of (a ``tests/helpers.py`` it deleted stays red). Held
+    (or, without one, every failed and errored test, all of them listed) is ``No module
+    named 'x'`` for an ``x`` that is not one of the project's packages and that the branch
+    touched no file of (a ``tests/helpers.py`` it deleted stays red). Held
     (``other.environment``): a dependency missing from the venv is the machine's, and every
     branch would fail alike (found on markupsafe and pyyaml: a conftest below the top one,
-    or a test module, importing an uninstalled module rolled back)."""
-    errors = report.collection_errors
+    or a test module, importing an uninstalled module rolled back; a test that imports it
+    in its body fails the same way)."""
+    errors: Sequence[probe.TestFailure] = report.collection_errors
+    what = "collection error"
+    if not errors:
+        errors, what = report.failures, "failed test"
+        if not errors or len(errors) != report.failure_count + report.error_count:
+            return verdict  # some failures are not listed: cannot say they all are this
     names: list[str] = []
     for e in errors:
         found = _NO_MODULE_NAMED.findall(f"{e.message or ''}\n{e.longrepr or ''}")
@@ -847,7 +854,7 @@ def _missing_dependency(run: _GateRun, worktree: str, packages: Sequence[str],
         return verdict  # the branch changed (or removed) a module of that name: its own
     return proc_group.Verdict(
         "other", "other.environment",
-        f"the suite's venv lacks {', '.join(tops)}: {len(errors)} collection error"
+        f"the suite's venv lacks {', '.join(tops)}: {len(errors)} {what}"
         f"{'s' if len(errors) > 1 else ''} of No module named "
         f"({_names_of(errors)}), no package of the project and no file the branch touched; "
         f"install it in the suite's venv (the suite's own verdict: {verdict.kind}, "
