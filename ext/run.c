@@ -31,6 +31,7 @@
 #include <spawn.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -825,6 +826,21 @@ static const char *stage_name(int stage)
     }
 }
 
+/* RunResult.spawn_error: "exec '/bin/x': No such file or directory". A failure before the
+ * command could start (PG_STAGE_SPAWN: the run's own pipes, socket or shepherd) says so,
+ * rather than reading as the command's, and an fd limit names itself. */
+static PyObject *spawn_error_text(int stage, PyObject *path, int err)
+{
+    struct rlimit lim;
+    char limit[64] = "";
+    if (stage != PG_STAGE_SPAWN)
+        return PyUnicode_FromFormat("%s %R: %s", stage_name(stage), path, strerror(err));
+    if (err == EMFILE && getrlimit(RLIMIT_NOFILE, &lim) == 0)
+        snprintf(limit, sizeof(limit), " (RLIMIT_NOFILE %llu)", (unsigned long long)lim.rlim_cur);
+    return PyUnicode_FromFormat("the run's own pipes, socket or shepherd for %R: %s%s: the "
+                                "command never ran", path, strerror(err), limit);
+}
+
 /* One ev_machine reading as a tuple of ints (-1: absent), in proc_group.py's order. */
 static PyObject *machine_tuple(const struct ev_machine *m)
 {
@@ -922,9 +938,7 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
         PyObject *path = PyUnicode_DecodeFSDefault(what);
         Py_DECREF(spawn_error);
         Py_DECREF(spawn_errno);
-        spawn_error = path ? PyUnicode_FromFormat("%s %R: %s", stage_name(r->spawn_failure.stage),
-                                                  path, strerror(r->spawn_failure.err))
-                           : NULL;
+        spawn_error = path ? spawn_error_text(stage, path, r->spawn_failure.err) : NULL;
         Py_XDECREF(path);
         spawn_errno = PyLong_FromLong(r->spawn_failure.err);
         if (!spawn_error || !spawn_errno)

@@ -578,7 +578,10 @@ def test_fd_exhaustion_is_a_spawn_error_not_an_exception(backend: str) -> None:
     report = json.loads(caller.stdout)
     assert report["returncode"] is None
     assert report["spawn_errno"] == errno.EMFILE
-    assert "Too many open files" in report["spawn_error"]
+    assert "Too many open files (RLIMIT_NOFILE " in report["spawn_error"]
+    # the run's own fds ran out, before the command: not to be read as the command's failure
+    assert report["spawn_error"].startswith("the run's own pipes")
+    assert report["spawn_error"].endswith(": the command never ran")
     assert report["stdout"] == ""
     # the failed start closed what it had opened (subprocess: as far as CPython's Popen does)
     assert_emfile_leaks_nothing_of_ours(backend, report["fds_leaked"], report["cpython_leak"])

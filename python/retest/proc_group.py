@@ -29,6 +29,7 @@ import importlib.util
 import logging
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -898,6 +899,13 @@ def _bound(data: bytes, limit: int) -> tuple[bytes, int]:
 def _spawn_error_text(err: OSError, argv0: str, cwd: Optional[bytes]) -> str:
     if cwd is not None and err.filename is not None and os.fsencode(err.filename) == cwd:
         return f"chdir {os.fsdecode(cwd)!r}: {os.strerror(err.errno or 0)}"
+    if err.errno in (_errno.EMFILE, _errno.ENFILE):
+        # the pipes Popen makes, or its child's set-up before the exec (reported with the
+        # program's name): not the command's failure, as the native runner says it
+        limit = (f" (RLIMIT_NOFILE {resource.getrlimit(resource.RLIMIT_NOFILE)[0]})"
+                 if err.errno == _errno.EMFILE else "")
+        return (f"the run's own pipes for {argv0!r}: {os.strerror(err.errno)}{limit}: the "
+                f"command never ran")
     return f"exec {argv0!r}: {os.strerror(err.errno or 0)}" if err.errno else f"exec {argv0!r}: {err}"
 
 
