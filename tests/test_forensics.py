@@ -500,13 +500,32 @@ _CPU_BOUND_TEST = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("method", ["signal", "thread"])
-def test_a_per_test_timeout_on_a_starved_machine_is_infra(tmp_path: Path, method: str) -> None:
+#: The same need of CPU in a fixture's set-up: pytest-timeout makes it an error, not a failure.
+_CPU_BOUND_FIXTURE = textwrap.dedent("""
+    import time
+    import pytest
+
+    @pytest.fixture
+    def warm():
+        end = time.process_time() + 2.5
+        while time.process_time() < end:
+            pass
+
+    def test_needs_cpu(warm):
+        pass
+""")
+
+
+@pytest.mark.parametrize("method, suite", [("signal", _CPU_BOUND_TEST), ("thread", _CPU_BOUND_TEST),
+                                           ("signal", _CPU_BOUND_FIXTURE)],
+                         ids=["signal", "thread", "in-a-fixture"])
+def test_a_per_test_timeout_on_a_starved_machine_is_infra(tmp_path: Path, method: str,
+                                                          suite: str) -> None:
     """The incident one level down: the suite's own pytest-timeout counts wall time, so hogs
     outside the tree make a test that needs 2.5 s of CPU miss its 4 s. That is the machine,
     not the branch: ``timeout.test-starved`` (infra, requeued), naming the hogs, not red."""
     pytest.importorskip("pytest_timeout")
-    suite = write_suite(tmp_path / "suite", {"test_cpu.py": _CPU_BOUND_TEST})
+    suite = write_suite(tmp_path / "suite", {"test_cpu.py": suite})
     result, hogs = _run_starved(_pytest(suite) + ["-p", "pytest_timeout", "--timeout", "4",
                                                   "--timeout-method", method], 60, sessions=True)
     verdict = proc_group.classify(result)
@@ -536,17 +555,20 @@ def test_a_per_test_timeout_of_an_idle_test_stays_red_on_a_starved_machine(tmp_p
     assert "a hang, not the load" in verdict.reason
 
 
-def test_a_per_test_timeout_on_a_quiet_machine_stays_red(tmp_path: Path) -> None:
-    """No load outside the tree: a busy test that misses its pytest-timeout is too slow, red."""
-    pytest.importorskip("pytest_timeout")
-    suite = write_suite(tmp_path / "suite", {"test_spin.py": textwrap.dedent("""
+@pytest.mark.parametrize("suite, timeout", [(textwrap.dedent("""
         import time
         def test_spins():
             end = time.monotonic() + 60
             while time.monotonic() < end:
                 pass
-    """)})
-    result = proc_group.run(_pytest(suite) + ["-p", "pytest_timeout", "--timeout", "3"],
+    """), "3"), (_CPU_BOUND_FIXTURE, "1")], ids=["test", "fixture"])
+def test_a_per_test_timeout_on_a_quiet_machine_stays_red(tmp_path: Path, suite: str,
+                                                         timeout: str) -> None:
+    """No load outside the tree: a busy test (or fixture) that misses its pytest-timeout is
+    too slow, red (``red.test-timeout``, the fixture's an error)."""
+    pytest.importorskip("pytest_timeout")
+    suite = write_suite(tmp_path / "suite", {"test_spin.py": suite})
+    result = proc_group.run(_pytest(suite) + ["-p", "pytest_timeout", "--timeout", timeout],
                             timeout=60, grace=2, env=suite_env())
     verdict = proc_group.classify(result)
     p = result.pressure

@@ -302,7 +302,9 @@ SETTINGS: tuple[Setting, ...] = (
             "timeout forensics", 0.0, 60.0),
     Setting("RETEST_STARVED_PSI_SHARE", "float", DEFAULT_STARVED_PSI_SHARE,
             "timeout.starved: share of the run in which some task of the machine waited for a CPU "
-            "(PSI cpu some) at or above this, with the tree not idle.", "timeout forensics", 0.01, 1.0),
+            "(PSI cpu some) at or above this, with the tree not idle; timeout.test-starved: the "
+            "same over the span of a test that pytest-timeout stopped (where PSI is read, only "
+            "this share decides).", "timeout forensics", 0.01, 1.0),
     Setting("RETEST_STARVED_FOREIGN_SHARE", "float", DEFAULT_STARVED_FOREIGN_SHARE,
             "timeout.starved: CPU used outside the tree / (wall x cores) at or above this "
             "(either this or the PSI share suffices).", "timeout forensics", 0.01, 1.0),

@@ -233,8 +233,12 @@ def _red(result: "RunResult", report: ProbeReport) -> Optional["Verdict"]:
                         f"{failures_text(report.failures, report.error_count)}")
     if report.error_count:
         errors = tuple(f for f in report.failures if f.outcome == "error")
-        return _verdict("red", "red.test-errors", f"pytest: {report.summary_text()} ({status}); "
-                        f"errors: {failures_text(errors, report.error_count)}")
+        # pytest-timeout stopping a fixture's set-up or tear-down: an error, the same timeout
+        all_timeouts = len(errors) == report.error_count and all(
+            _PYTEST_TIMEOUT_MESSAGE.search(f.message or "") for f in errors)
+        return _verdict("red", "red.test-timeout" if all_timeouts else "red.test-errors",
+                        f"pytest: {report.summary_text()} ({status}); errors: "
+                        f"{failures_text(errors, report.error_count)}")
     if (not report.session_finished and result.returncode == 1 and report.running
             and (_TIMEOUT_THREAD_MARK in result.stdout or _TIMEOUT_THREAD_MARK in result.stderr)):
         return _verdict("red", "red.test-timeout",
@@ -416,13 +420,15 @@ def test_timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
     if len(judged) < len(windows):  # a test shorter than a sample: nothing to judge it on
         return verdict
     idle = [(name, w) for name, w in judged if w.tree_cores < settings.idle_cores]
-    starved = [(name, w, _window_starved(w, settings)) for name, w in judged]
-    if idle or any(why is None for _, _, why in starved):
-        if idle and any(why is not None for _, _, why in starved):
-            name, w = idle[0]
-            return replace(verdict, reason=f"{verdict.reason}; the machine was starved, but "
-                           f"{name} was idle while it ran ({w.tree_cores:.2f} cores {w.where}): "
-                           f"a hang, not the load")
+    if idle:
+        name, w = idle[0]
+        if _window_starved(w, settings) is None and _starved_why(p, settings) is None:
+            return verdict
+        return replace(verdict, reason=f"{verdict.reason}; the machine was starved, but {name} "
+                       f"was idle while it ran ({w.tree_cores:.2f} cores {w.where}): a hang, not "
+                       f"the load")
+    starved = [(name, w, _window_starved(w, settings, psi_decides=True)) for name, w in judged]
+    if any(why is None for _, _, why in starved):
         return verdict
     name, w, why = starved[0]
     more = f" (and {len(starved) - 1} more)" if len(starved) > 1 else ""
@@ -457,9 +463,9 @@ def _timed_out_spans(result: "RunResult", report: ProbeReport) -> list[tuple[str
     if report.ended_at is not None:
         run_start = report.ended_at - result.duration_s
         stopped = {f.nodeid for f in report.failures
-                   if f.outcome == "failed" and _PYTEST_TIMEOUT_MESSAGE.search(f.message or "")}
+                   if f.outcome in ("failed", "error") and _PYTEST_TIMEOUT_MESSAGE.search(f.message or "")}
         for i in report.intervals:
-            if i.nodeid in stopped and i.outcome == "failed":
+            if i.nodeid in stopped and i.outcome in ("failed", "error"):
                 start = max(i.started_at - run_start, 0.0)
                 spans.append((i.nodeid, start, start + i.duration_s))
     if not spans and not report.session_finished:
@@ -485,14 +491,19 @@ def _window(p: "Pressure", start: float, end: float) -> Optional[_Window]:
                    f"over its {end - start:.1f} s, {len(inside)} samples")
 
 
-def _window_starved(w: _Window, settings: "ForensicsSettings") -> Optional[str]:
+def _window_starved(w: _Window, settings: "ForensicsSettings", *,
+                    psi_decides: bool = False) -> Optional[str]:
     """Why the machine counts as starved by others over a span (the run, or one test's), or
     None. PSI shows that tasks waited; the CPU used outside the tree shows it was not the
     tree's own oversubscription (an xdist -n 8 on 2 cores waits for itself): at least half
-    the threshold."""
+    the threshold. ``psi_decides``: where PSI was read, only the first test counts (the tree
+    waited for a CPU at least that share of the span, so it ran at most half as fast as it
+    could): a test that the load slowed by less would have missed its timeout anyway."""
     if (w.cpu_some is not None and w.cpu_some >= settings.starved_psi_share
             and w.foreign_share >= settings.starved_foreign_share / 2):
         return f"PSI cpu some {w.cpu_some:.0%} >= {settings.starved_psi_share:.0%}"
+    if psi_decides and w.cpu_some is not None:
+        return None
     if w.foreign_share >= settings.starved_foreign_share and w.foreign_cores > w.tree_cores:
         return (f"processes outside the tree used {w.foreign_share:.0%} of the cores >= "
                 f"{settings.starved_foreign_share:.0%}")
