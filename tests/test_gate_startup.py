@@ -298,3 +298,53 @@ def test_a_module_the_branch_removed_or_a_real_error_beside_it_stays_red(
     repo, python = with_helpers
     decision = gate(repo, branch, python, "tests")
     assert (decision.action, decision.rule) == ("rollback", rule), decision.reason
+
+
+#: A library of the environment whose API is deprecated (a stand-in for pytest 9's
+#: ``PytestRemovedIn10Warning`` on a generator passed to ``parametrize``, found on dateutil).
+OLDLIB = ("import warnings\n\n\ndef api():\n    warnings.warn('oldlib.api() is deprecated', "
+          "DeprecationWarning, stacklevel=2)\n    return 2\n")
+STRICT_PYPROJECT = PYPROJECT + "\n[tool.pytest.ini_options]\nfilterwarnings = [\"error\"]\n"
+
+
+@pytest.fixture(scope="module")
+def deprecated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Repo, Path]:
+    """A suite with ``filterwarnings = error`` whose test module (and a test) calls a library
+    API that the environment's newer version deprecates."""
+    from test_gate_tree import _site_packages
+
+    root = tmp_path_factory.mktemp("deprecated")
+    old_use = "import oldlib\n\nTWO = oldlib.api()\n\n\ndef test_two():\n    assert TWO == 2\n"
+    repo = checkout(root, {"pyproject.toml": STRICT_PYPROJECT, "src/mypkg/__init__.py": INIT,
+                           "src/mypkg/core.py": CORE, "tests/test_old.py": old_use})
+    repo.branch("docs", {"README.md": "More docs.\n"})
+    repo.branch("new-use", {"tests/test_new.py": "import oldlib\n\nX = oldlib.api()\n\n\n"
+                                                 "def test_new():\n    assert X == 2\n"})
+    repo.branch("in-a-test", {"tests/test_old.py": "def test_two():\n    import oldlib\n"
+                                                   "    assert oldlib.api() == 2\n"})
+    python = make_venv(root / "venv")
+    (_site_packages(root / "venv") / "oldlib.py").write_text(OLDLIB)
+    return repo, python
+
+
+def test_a_deprecation_the_environment_raises_in_untouched_code_is_held(
+        deprecated: tuple[Repo, Path]) -> None:
+    """Found on dateutil under pytest 9: its ``filterwarnings = error`` turned pytest's own new
+    deprecation into a collection error on every branch, main included, and a docs change
+    rolled back. The environment is newer than the suite: held, not red."""
+    repo, python = deprecated
+    decision = gate(repo, "docs", python, "tests")
+    assert (decision.action, decision.rule) == ("hold", "other.environment"), decision.reason
+    assert ("the environment is newer than the suite: 1 collection error (tests/test_old.py) is "
+            "DeprecationWarning raised as an error by the suite's filterwarnings") in decision.reason
+
+
+@pytest.mark.parametrize("branch, rule", [("new-use", "red.collection-error"),
+                                          ("in-a-test", "red.tests-failed")])
+def test_a_deprecation_the_branch_itself_meets_stays_red(deprecated: tuple[Repo, Path],
+                                                         branch: str, rule: str) -> None:
+    """The branch's own code calls the deprecated API (a file it touched is in the
+    traceback): its to fix, red."""
+    repo, python = deprecated
+    decision = gate(repo, branch, python, "tests")
+    assert (decision.action, decision.rule) == ("rollback", rule), decision.reason

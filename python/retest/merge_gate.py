@@ -738,6 +738,8 @@ def _run_suite(run: _GateRun, argv: list[str], worktree: str, timeout_s: float) 
         verdict = _missing_generated(run, worktree, roots, report, verdict)
         if verdict.rule in ("red.collection-error", "red.tests-failed", "red.test-errors"):
             verdict = _missing_dependency(run, worktree, packages, report, verdict)
+        if verdict.rule in ("red.collection-error", "red.tests-failed", "red.test-errors"):
+            verdict = _deprecated_by_the_environment(run, worktree, report, verdict)
     elif verdict.rule == "other.environment":
         verdict = _startup_red(run, worktree, roots, packages, result, verdict)
     return _route(run, _against_history(run, argv, timeout_s, verdict), result=result)
@@ -828,12 +830,10 @@ def _missing_dependency(run: _GateRun, worktree: str, packages: Sequence[str],
     branch would fail alike (found on markupsafe and pyyaml: a conftest below the top one,
     or a test module, importing an uninstalled module rolled back; a test that imports it
     in its body fails the same way)."""
-    errors: Sequence[probe.TestFailure] = report.collection_errors
-    what = "collection error"
-    if not errors:
-        errors, what = report.failures, "failed test"
-        if not errors or len(errors) != report.failure_count + report.error_count:
-            return verdict  # some failures are not listed: cannot say they all are this
+    errors = _every_failure(report)
+    if errors is None:
+        return verdict
+    what = "collection error" if report.collection_errors else "failed test"
     names: list[str] = []
     for e in errors:
         found = _NO_MODULE_NAMED.findall(f"{e.message or ''}\n{e.longrepr or ''}")
@@ -843,11 +843,8 @@ def _missing_dependency(run: _GateRun, worktree: str, packages: Sequence[str],
     tops = sorted(set(names))
     if not tops or any(top in packages for top in tops):
         return verdict
-    try:
-        changed = gitops.changed_files(worktree, run.onto_sha or "HEAD", run.tested_sha or "HEAD",
-                                       gitops.git_env(run.base_env), run.settings.git_timeout_s)
-    except gitops.GitError as err:
-        log.warning("merge gate: cannot list the branch's changed files: %s", err)
+    changed = _changed_files(run, worktree)
+    if changed is None:
         return verdict
     touched = {part.removesuffix(".py") for path in changed for part in path.split("/")}
     if touched & set(tops):
@@ -859,6 +856,81 @@ def _missing_dependency(run: _GateRun, worktree: str, packages: Sequence[str],
         f"({_names_of(errors)}), no package of the project and no file the branch touched; "
         f"install it in the suite's venv (the suite's own verdict: {verdict.kind}, "
         f"{verdict.rule})", False, evidence="events")
+
+
+#: A warning the suite's ``filterwarnings = error`` raised: pytest's own deprecations and the
+#: libraries' (``pytest.PytestRemovedIn10Warning: ...``, ``DeprecationWarning: ...``).
+_DEPRECATION_RAISED = re.compile(
+    r"^(?:E\s+)?(?:[A-Za-z_][\w.]*\.)?(\w*(?:Deprecation|RemovedIn\d+)\w*Warning|FutureWarning): ",
+    re.MULTILINE)
+#: ``path.py:12`` in a traceback: the files the failure went through.
+_TRACEBACK_FILE = re.compile(r"([^\s\"':]+\.py)[\":, ]+(?:line )?\d+")
+
+
+def _deprecated_by_the_environment(run: _GateRun, worktree: str, report: proc_group.ProbeReport,
+                                   verdict: proc_group.Verdict) -> proc_group.Verdict:
+    """Red only because the environment's pytest or a library is newer than the suite: every
+    collection error (or, without one, every failed and errored test, all listed) is a
+    deprecation warning that the suite's own ``filterwarnings = error`` raised, in code the
+    branch did not touch (the test's file and every worktree file of its traceback). Held
+    (``other.environment``): every branch, main included, fails alike (found on dateutil under
+    pytest 9: a generator passed to ``parametrize``, ``PytestRemovedIn10Warning``). A branch
+    that itself calls the deprecated API (a touched file in the traceback) stays red."""
+    items = _every_failure(report)
+    if items is None:
+        return verdict
+    warnings, files = set(), set()
+    for item in items:
+        text = f"{item.message or ''}\n{item.longrepr or ''}"
+        found = _DEPRECATION_RAISED.findall(text)
+        if not found or not (item.message and _DEPRECATION_RAISED.search(item.message)):
+            return verdict
+        warnings.update(found)
+        files.add(item.nodeid.partition("::")[0])
+        files.update(_worktree_files(worktree, _TRACEBACK_FILE.findall(item.longrepr or "")))
+    changed = _changed_files(run, worktree)
+    if changed is None or files & changed:
+        return verdict  # the branch's own code meets the deprecation: its to fix
+    return proc_group.Verdict(
+        "other", "other.environment",
+        f"the environment is newer than the suite: {len(items)} "
+        f"{'collection error' if report.collection_errors else 'failed test'}"
+        f"{'s' if len(items) > 1 else ''} ({_names_of(items)}) "
+        f"{'are' if len(items) > 1 else 'is'} {', '.join(sorted(warnings))} raised as an error "
+        f"by the suite's filterwarnings, in files the branch did not touch; every branch would "
+        f"fail alike (the suite's own verdict: {verdict.kind}, {verdict.rule})", False,
+        evidence="events")
+
+
+def _every_failure(report: proc_group.ProbeReport) -> Optional[Sequence[probe.TestFailure]]:
+    """What made the run red, every item of it: its collection errors, else its failed and
+    errored tests; None when there is none, or some were not listed (past the cap)."""
+    if report.collection_errors:
+        return report.collection_errors
+    if not report.failures or len(report.failures) != report.failure_count + report.error_count:
+        return None
+    return report.failures
+
+
+def _changed_files(run: _GateRun, worktree: str) -> Optional[set[str]]:
+    """The files the branch changes against its base, or None (logged) when git cannot say."""
+    try:
+        return set(gitops.changed_files(worktree, run.onto_sha or "HEAD", run.tested_sha or "HEAD",
+                                        gitops.git_env(run.base_env), run.settings.git_timeout_s))
+    except gitops.GitError as err:
+        log.warning("merge gate: cannot list the branch's changed files: %s", err)
+        return None
+
+
+def _worktree_files(worktree: str, paths: Sequence[str]) -> set[str]:
+    """The paths of a traceback that are files of the worktree, relative to it."""
+    top = os.path.realpath(worktree) + os.sep
+    out = set()
+    for path in paths:
+        full = os.path.realpath(path if os.path.isabs(path) else os.path.join(worktree, path))
+        if full.startswith(top) and os.path.isfile(full):
+            out.add(full[len(top):])
+    return out
 
 
 def _names_of(errors: Sequence[Any]) -> str:
