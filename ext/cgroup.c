@@ -403,6 +403,13 @@ int cg_reusable(int dfd, struct cg_files *f, const struct cg_made *made)
     return !cg_has_bpf(dfd);
 }
 
+int cg_no_controllers(int dfd, struct cg_files *f)
+{
+    char buf[512];
+    return cg_read_kept(dfd, &f->made[0], made_state[0].file, buf, sizeof(buf)) >= 0 &&
+           strcmp(buf, made_state[0].text) == 0;
+}
+
 int cg_remove(const char *path)
 {
     for (int attempt = 0; attempt < 200; attempt++) {

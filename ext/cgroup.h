@@ -96,6 +96,10 @@ int cg_snapshot(int dfd, struct cg_made *m);
  * fails). The files stay open in f. */
 int cg_reusable(int dfd, struct cg_files *f, const struct cg_made *made);
 
+/* Return 1 if the cgroup dfd has no controller (the first of cg_reusable's checks, the one
+ * that decides which accounting files exist), else 0 (also when the read fails). */
+int cg_no_controllers(int dfd, struct cg_files *f);
+
 /* Remove the (empty) cgroup at path; retry a moment on EBUSY (the kernel releases a
  * cgroup's last task asynchronously). Return 0 (ENOENT too), or -1 with errno. */
 int cg_remove(const char *path);

@@ -48,6 +48,8 @@ void pg_shepherd_clear(struct pg_shepherd *s)
     s->pid = -1;
     s->ctl = -1;
     s->pidfd = PG_PIDFD_GONE;
+    s->pending = 0;
+    s->cg_key = 0;
 }
 
 int pg_shepherd_hold(struct pg_shepherd *s)

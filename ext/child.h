@@ -3,6 +3,7 @@
 #ifndef RETEST_CHILD_H
 #define RETEST_CHILD_H
 
+#include <stdint.h>
 #include <sys/types.h>
 
 /* pidfd values that are not fds */
@@ -14,6 +15,8 @@ struct pg_shepherd {
     pid_t pid;
     int ctl;
     int pidfd;
+    int pending;      /* its IDLE record is still to be read (pool.c: pg_shepherd_settle) */
+    uint64_t cg_key;  /* pending: pg_path_key of the cgroup its last run left kept, or 0 */
 };
 
 /* Mark s as no shepherd (pid -1, no socket, no pidfd); s owns nothing afterwards. */

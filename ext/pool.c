@@ -21,7 +21,10 @@
  */
 #define _GNU_SOURCE
 #include "pool.h"
+#include "protocol.h"
 
+#include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -99,21 +102,115 @@ static void lock_pool(void)
         forget_pool();
 }
 
+/* Take pool entry i out into *out (under pool_lock). */
+static void remove_at(size_t i, struct idle *out)
+{
+    *out = pool[i];
+    memmove(&pool[i], &pool[i + 1], (pool_len - i - 1) * sizeof(pool[0]));
+    pool_len--;
+}
+
 int pg_pool_take(uint64_t fp, struct pg_shepherd *sh)
 {
+    struct idle e;
     int found = 0;
     lock_pool();
-    for (size_t i = pool_len; i-- > 0;) {  /* the most recently used first */
+    for (size_t i = pool_len; i-- > 0 && !found;) {  /* the most recently used first */
         if (pool[i].fp == fp) {
-            *sh = pool[i].sh;
-            memmove(&pool[i], &pool[i + 1], (pool_len - i - 1) * sizeof(pool[0]));
-            pool_len--;
+            remove_at(i, &e);
+            *sh = e.sh;
             found = 1;
-            break;
         }
     }
     pthread_mutex_unlock(&pool_lock);
     return found;
+}
+
+uint64_t pg_path_key(const char *path)
+{
+    uint64_t h = 14695981039346656037ULL;
+    for (const unsigned char *p = (const unsigned char *)path; *p; p++) {
+        h ^= *p;
+        h *= 1099511628211ULL;
+    }
+    return h ? h : 1;
+}
+
+/* Read one whole record from a pending shepherd's socket into *rec, waiting up to
+ * PG_SETTLE_MS in all. Return 0, or -1 (EOF, an error, or no record in time). */
+static int read_idle(int ctl, struct pg_record *rec)
+{
+    struct timespec t0, now;
+    size_t got = 0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    while (got < sizeof(*rec)) {
+        ssize_t n = recv(ctl, (char *)rec + got, sizeof(*rec) - got, MSG_DONTWAIT);
+        long left_ms;
+        struct pollfd p = {ctl, POLLIN, 0};
+        if (n > 0) {
+            got += (size_t)n;
+            continue;
+        }
+        if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR))
+            return -1;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        left_ms = PG_SETTLE_MS - ((now.tv_sec - t0.tv_sec) * 1000L +
+                                  (now.tv_nsec - t0.tv_nsec) / 1000000L);
+        if (left_ms <= 0)
+            return -1;
+        if (poll(&p, 1, (int)left_ms) < 0 && errno != EINTR)
+            return -1;
+    }
+    return 0;
+}
+
+/* Settle sh: 0 with *kept (its cgroup is still kept), or -1 (it must be retired). */
+static int settle(struct pg_shepherd *sh, int *kept)
+{
+    struct pg_record rec;
+    *kept = 0;
+    if (!sh->pending)
+        return 0;
+    sh->pending = 0;
+    if (read_idle(sh->ctl, &rec) < 0 || rec.kind != PG_REC_IDLE)
+        return -1;
+    *kept = rec.cgroup_kept != 0;
+    return rec.reusable ? 0 : -1;
+}
+
+int pg_shepherd_settle(struct pg_shepherd *sh)
+{
+    int kept;
+    return settle(sh, &kept);
+}
+
+/* Take out an idle shepherd still pending with key. Return 1 with *out set, else 0. */
+static int take_pending(uint64_t key, struct idle *out)
+{
+    int found = 0;
+    lock_pool();
+    for (size_t i = 0; i < pool_len && !found; i++) {
+        if (pool[i].sh.pending && pool[i].sh.cg_key == key) {
+            remove_at(i, out);
+            found = 1;
+        }
+    }
+    pthread_mutex_unlock(&pool_lock);
+    return found;
+}
+
+int pg_pool_settle_cgroup(uint64_t key)
+{
+    struct idle e;
+    int rc = 0;
+    while (take_pending(key, &e)) {
+        int kept, ok = settle(&e.sh, &kept) == 0;
+        if (!kept)
+            rc = -1;  /* removed by its check, or unknown: not for this run */
+        if (!ok || !pg_pool_put(e.fp, &e.sh, PG_POOL_MAX))
+            pg_pool_retire(&e.sh);
+    }
+    return rc;
 }
 
 int pg_pool_evict(int keep, struct pg_shepherd *sh)
@@ -122,9 +219,9 @@ int pg_pool_evict(int keep, struct pg_shepherd *sh)
     lock_pool();
     if (keep < 0 || pool_len > (size_t)keep) {
         if (pool_len > 0) {  /* the least recently used: it may hold a state nobody asks for */
-            *sh = pool[0].sh;
-            memmove(&pool[0], &pool[1], (pool_len - 1) * sizeof(pool[0]));
-            pool_len--;
+            struct idle e;
+            remove_at(0, &e);
+            *sh = e.sh;
             evicted = 1;
         }
     }
@@ -150,7 +247,11 @@ int pg_pool_put(uint64_t fp, const struct pg_shepherd *sh, int max_idle)
 void pg_pool_retire(struct pg_shepherd *sh)
 {
     struct timespec pause = {0, 50 * 1000};
-    int got = 0;
+    int got = 0, kept;
+    /* One still checking the cgroup it kept finishes first: killed in the middle, it would
+     * leave that cgroup unchecked for the next run. */
+    if (sh->pending && sh->cg_key)
+        settle(sh, &kept);
     /* An idle shepherd exits when its socket hangs up; shutdown, not only close: a forked
      * child of ours may hold a copy of it. */
     shutdown(sh->ctl, SHUT_RDWR);

@@ -9,6 +9,9 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+/* How long a run waits for an idle shepherd's IDLE record (its checks take ~0.1 ms). */
+#define PG_SETTLE_MS 2000
+
 /* The most idle shepherds kept, whatever RETEST_SHEPHERD_POOL asks. */
 #define PG_POOL_MAX 64
 
@@ -38,6 +41,19 @@ void pg_pool_give(uint64_t fp, const struct pg_shepherd *sh, int max_idle);
 /* Take out the least recently used idle shepherd if more than keep are kept (keep < 0: any).
  * Return 1 with *sh set (the caller retires it), else 0. */
 int pg_pool_evict(int keep, struct pg_shepherd *sh);
+
+/* The key of a cgroup path in pg_shepherd.cg_key (FNV-1a 64; never 0). */
+uint64_t pg_path_key(const char *path);
+
+/* Read a pending shepherd's IDLE record (protocol.h), waiting for it up to PG_SETTLE_MS.
+ * Return 0 if it may serve a run (no record was pending, or IDLE said reusable), else -1:
+ * the caller retires it. No GIL needed. */
+int pg_shepherd_settle(struct pg_shepherd *sh);
+
+/* Before a run takes the kept cgroup whose pg_path_key is key: settle every idle shepherd
+ * whose last run left it kept, so that the cgroup is checked whole before it serves again.
+ * Return 0, or -1 if one said it was not kept (removed), or could not say (retired). */
+int pg_pool_settle_cgroup(uint64_t key);
 
 /* Keep it if fewer than max_idle are kept. Return 1 if kept (the pool owns its fds). */
 int pg_pool_put(uint64_t fp, const struct pg_shepherd *sh, int max_idle);

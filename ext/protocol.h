@@ -2,8 +2,11 @@
  *
  * The caller writes a run request (struct pg_request) on fd 3, a socketpair end; the shepherd
  * answers with fixed-size records on the same socket, and takes single command bytes while
- * the run goes on. After FINAL with reusable set it waits for the next request. Both ends are on the same machine and
- * built from the same sources, so records are plain structs.
+ * the run goes on. FINAL comes as soon as the tree is gone and accounted for; with reusable
+ * set, the shepherd then checks itself and the cgroup it kept (off the run's critical path)
+ * and sends IDLE, which says whether it may serve the next run, before it reads the next
+ * request. Both ends are on the same machine and built from the same sources, so records
+ * are plain structs.
  */
 #ifndef RETEST_PROTOCOL_H
 #define RETEST_PROTOCOL_H
@@ -49,6 +52,7 @@ enum pg_record_kind {
     PG_REC_SPAWN_FAILED = 2,/* it was not: stage + err */
     PG_REC_FINAL = 3,       /* everything is dead and reaped: the full report */
     PG_REC_LEAK = 4,        /* a process left after the command exited: pid, age, cmdline head */
+    PG_REC_IDLE = 5,        /* after a FINAL with reusable: reusable, cgroup_kept, as checked */
 };
 
 /* Stages at which starting the command can fail (PG_REC_SPAWN_FAILED.stage). */
@@ -96,10 +100,14 @@ struct pg_record {
     int64_t cg_pids_peak;
     int64_t cg_oom_kill;      /* FINAL, cgroup mode: memory.events oom_kill and oom_group_kill, */
     int64_t cg_oom_group_kill;/* read just before the cgroup is removed; -1: absent */
-    int32_t reusable;         /* FINAL: the shepherd is idle, with no child, and waits for the
-                               * next request; else it exits right after this record */
-    int32_t cgroup_kept;      /* FINAL: PG_REQ_CG_KEEP and the cgroup is empty, unkilled and as
-                               * it was made: left for the caller's next run, not removed */
+    int32_t reusable;         /* FINAL: no child is left and the shepherd stays: IDLE follows,
+                               * else it exits right after this record. IDLE: its own state is
+                               * the one it started with: it waits for the next request; else
+                               * it exits right after this record */
+    int32_t cgroup_kept;      /* FINAL: PG_REQ_CG_KEEP and the cgroup is empty, unkilled and
+                               * without controllers: left for the caller's next run, not
+                               * removed; with reusable, still to be checked as made (IDLE).
+                               * IDLE: it was, and is held; 0: it was not, and was removed */
     int64_t cg_some0_us;      /* STARTED, PG_REQ_CG_REUSED: its cpu.pressure some total before
                                * the command (a new cgroup's is 0); -1: absent */
     int64_t age_us;           /* LEAK: how long the process had been running */

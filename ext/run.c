@@ -174,6 +174,7 @@ struct run {
     int cg_killed;         /* we wrote its cgroup.kill (the shepherd was lost) */
     int cg_removed;        /* it is gone after the run (by the shepherd or by us) */
     int cg_kept;           /* the shepherd left it for a later run (FINAL.cgroup_kept) */
+    int cg_changed;        /* the kept cgroup asked for was changed by its last command */
     int cg_reused;         /* CGROUP_REUSED: it served an earlier run */
     int cg_path_released;  /* release_cgroup (or the spawn failure path) has run */
     struct pg_record leaks[PG_MAX_LEAKS];
@@ -442,6 +443,9 @@ static void read_reports(struct run *r)
             r->final = r->rec_buf;
             r->have_final = 1;
             if (r->final.reusable && r->have_fp && !r->terminate_sent) {
+                /* its IDLE record (its own checks) is read when a run takes it */
+                r->shepherd.pending = 1;
+                r->shepherd.cg_key = r->final.cgroup_kept && r->cg_path ? pg_path_key(r->cg_path) : 0;
                 r->keep_ctl = r->shepherd.ctl;
                 r->shepherd.ctl = -1;
             } else {
@@ -992,6 +996,7 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
         set_item(d, "cgroup_errno", int_or_none(r->cg_path && !in_cgroup && cg_err > 0 ? cg_err : -1)) < 0 ||
         set_item(d, "cgroup_removed", PyBool_FromLong(r->cg_removed)) < 0 ||
         set_item(d, "cgroup_kept", PyBool_FromLong(r->cg_kept)) < 0 ||
+        set_item(d, "cgroup_changed", PyBool_FromLong(r->cg_changed)) < 0 ||
         set_item(d, "cgroup_cpu_some0",
                  int_or_none(r->cg_reused && r->have_started ? r->started.cg_some0_us : -1)) < 0 ||
         set_item(d, "leaks", leaks_tuple(r)) < 0 ||
@@ -1339,8 +1344,14 @@ static int hand_over(struct run *r, struct child_fds *cf)
         h->flags |= PG_REQ_CWD_FD;
     if (!r->have_fp)
         h->flags |= PG_REQ_LAST;  /* nobody could use it afterwards: it exits after FINAL */
+    /* A kept cgroup serves again only once the shepherd that kept it checked it whole. */
+    if ((h->flags & PG_REQ_CG_REUSED) && r->cg_path && pg_pool_settle_cgroup(pg_path_key(r->cg_path))) {
+        r->cg_changed = 1;
+        return ESTALE;  /* its last command changed it: removed; nothing ran, take another */
+    }
     while (r->have_fp && pg_pool_take(r->fp, &idle)) {
-        if (send_request(r, idle.ctl, cf->in_r, cf->out_w, cf->err_w, cf->cwd) == 0) {
+        if (pg_shepherd_settle(&idle) == 0 &&
+            send_request(r, idle.ctl, cf->in_r, cf->out_w, cf->err_w, cf->cwd) == 0) {
             r->shepherd = idle;
             return 0;
         }

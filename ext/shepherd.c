@@ -1408,12 +1408,32 @@ static int64_t cpu_delta(int64_t now, int64_t base, int reused)
 /* Return 1 if this run's emptied cgroup may serve a later run (issue 15): asked to, and
  * nothing of the run left or came back (no child of ours left: one that moved itself out
  * could move back), no kill of ours or, as far as we can tell, of the command's own (a
- * cgroup.kill written from inside kills its writer: SIGKILL among what we reaped), and the
- * cgroup as made (cg_reusable). */
+ * cgroup.kill written from inside kills its writer: SIGKILL among what we reaped), and no
+ * controller in it. The rest of cg_reusable's checks (as made, no BPF program: ~40 system
+ * calls) come from check_kept_cgroup, after FINAL when the shepherd stays. */
 static int keep_cgroup(struct state *st)
 {
     return (st->req_flags & PG_REQ_CG_KEEP) && !st->cg_killed && !st->saw_sigkill &&
-           !st->children_left && cg_reusable(st->cg_dfd, &st->cg.files, &st->cg.made);
+           !st->children_left && cg_no_controllers(st->cg_dfd, &st->cg.files);
+}
+
+/* The cgroup kept by finish_cgroup, checked whole (cg_reusable): one its command changed
+ * (frozen, threaded, a child cgroup, a BPF program, a chmod...) is let go and removed.
+ * Return 1 if it is still kept. */
+static int check_kept_cgroup(struct state *st)
+{
+    char *path;
+    if (!st->final.cgroup_kept)
+        return 0;
+    if (cg_reusable(st->cg.dfd, &st->cg.files, &st->cg.made))
+        return 1;
+    path = st->cg.path;
+    st->cg.path = NULL;
+    forget_cgroup(&st->cg);
+    st->final.cgroup_kept = 0;
+    st->final.cgroup_removed = path && cg_remove(path) == 0;
+    free(path);
+    return 0;
 }
 
 /* cgroup mode, once the tree is gone: reap the last members (they leave the cgroup a moment
@@ -1839,6 +1859,8 @@ static void supervise(struct state *st, int sfd)
 /* Everything is dead and reaped (or given up on): account for it and tell the caller. Return
  * 1 if the shepherd is clean and may serve the next run: asked to, the caller is there, and
  * nothing of this run is left (no child at all, no cgroup held open). */
+static int send_idle(struct state *st);
+
 static int send_final(struct state *st)
 {
     finish_cgroup(st);
@@ -1847,9 +1869,30 @@ static int send_final(struct state *st)
     st->final.wait_status = st->leader_alive ? SIGKILL : st->leader_status;
     st->final.reusable = !(st->req_flags & PG_REQ_LAST) && !st->caller_gone &&
                          !st->leader_alive && st->final.unkillable == 0 && st->cg_dfd < 0 &&
-                         !reap(st) && own_state() == st->own0;
+                         !reap(st);
+    if (!st->final.reusable)
+        check_kept_cgroup(st);  /* no IDLE to come: the caller's next run may take it now */
     send_record(st, &st->final);
-    return st->final.reusable && !st->caller_gone;
+    return st->final.reusable && send_idle(st);
+}
+
+/* After a FINAL with reusable (issue 15): the checks the caller's next run needs and this
+ * run's result does not, while the caller builds that result (~70-100 us that were between
+ * the command's exit and the caller's return). The caller reads IDLE before it sends the
+ * next request, and before a run takes the kept cgroup. A command can renice, prlimit or move
+ * its parent: a shepherd changed so is not reused (the caller's fingerprint described it as
+ * started). Return 1 if it waits for the next request. */
+static int send_idle(struct state *st)
+{
+    struct pg_record rec;
+    memset(&rec, 0, sizeof(rec));
+    rec.kind = PG_REC_IDLE;
+    rec.pid = st->self;
+    rec.cgroup_kept = check_kept_cgroup(st);
+    rec.cgroup_removed = st->final.cgroup_removed;
+    rec.reusable = own_state() == st->own0;
+    send_record(st, &rec);
+    return rec.reusable && !st->caller_gone;
 }
 
 /* Make st ready for a run: nothing of the last one kept but who we are. */

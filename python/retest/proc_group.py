@@ -844,12 +844,19 @@ def _run_native(
         raise
     if raw.pop("prepared") == 0 and spare is not None and plan.parent is not None:
         _cgroup.add_spare(plan.parent, spare)
+    changed = raw.pop("cgroup_changed")
     if raw["spawn_errno"] == _errno.ESTALE and cgroup_flags & _native.CGROUP_REUSED:
         # The kept cgroup was gone, or had a process in it, when the shepherd took it (one
         # that left it came back): nothing of the command ran. That cgroup is not ours any
         # more (left alone, not given back); the run goes again in another, fresh or kept.
-        log.warning("retest: cgroup %s was removed or had a process back in it; the run "
-                    "takes another", cgroup_path)
+        # Or the shepherd that kept it found, checking it after its run, that its command
+        # had changed it (a limit, the freezer, a BPF program...): removed, no fault.
+        if changed:
+            log.debug("retest: cgroup %s was changed by its last command; the run takes "
+                      "another", cgroup_path)
+        else:
+            log.warning("retest: cgroup %s was removed or had a process back in it; the run "
+                        "takes another", cgroup_path)
         return _run_native(argv, args_text, envp, cwd, stdin_bytes, timeout, grace_s,
                            capture_limit, on_output, tee_fd, containment, stop_signal, evidence,
                            settings)
