@@ -164,18 +164,50 @@ static int read_idle(int ctl, struct pg_record *rec)
     return 0;
 }
 
+/* The keys of kept cgroups that their shepherd's IDLE said it let go (or that it could not
+ * say), whoever read that IDLE: the caller's spares may still hold the path, and the run
+ * that asks for it next must not get it (pg_pool_settle_cgroup). Under pool_lock. */
+#define PG_DROPPED_MAX 256
+
+static uint64_t dropped[PG_DROPPED_MAX];
+static size_t dropped_next;
+
+static void note_dropped(uint64_t key)
+{
+    lock_pool();
+    dropped[dropped_next++ % PG_DROPPED_MAX] = key;
+    pthread_mutex_unlock(&pool_lock);
+}
+
+/* Return 1 if key was noted as dropped, and forget it. */
+static int take_dropped(uint64_t key)
+{
+    int found = 0;
+    lock_pool();
+    for (size_t i = 0; i < PG_DROPPED_MAX && !found; i++) {
+        if (dropped[i] == key) {
+            dropped[i] = 0;
+            found = 1;
+        }
+    }
+    pthread_mutex_unlock(&pool_lock);
+    return found;
+}
+
 /* Settle sh: 0 with *kept (its cgroup is still kept), or -1 (it must be retired). */
 static int settle(struct pg_shepherd *sh, int *kept)
 {
     struct pg_record rec;
+    int got;
     *kept = 0;
     if (!sh->pending)
         return 0;
     sh->pending = 0;
-    if (read_idle(sh->ctl, &rec) < 0 || rec.kind != PG_REC_IDLE)
-        return -1;
-    *kept = rec.cgroup_kept != 0;
-    return rec.reusable ? 0 : -1;
+    got = read_idle(sh->ctl, &rec) == 0 && rec.kind == PG_REC_IDLE;
+    *kept = got && rec.cgroup_kept != 0;
+    if (sh->cg_key && !*kept)
+        note_dropped(sh->cg_key);
+    return got && rec.reusable ? 0 : -1;
 }
 
 int pg_shepherd_settle(struct pg_shepherd *sh)
@@ -202,15 +234,13 @@ static int take_pending(uint64_t key, struct idle *out)
 int pg_pool_settle_cgroup(uint64_t key)
 {
     struct idle e;
-    int rc = 0;
     while (take_pending(key, &e)) {
         int kept, ok = settle(&e.sh, &kept) == 0;
-        if (!kept)
-            rc = -1;  /* removed by its check, or unknown: not for this run */
         if (!ok || !pg_pool_put(e.fp, &e.sh, PG_POOL_MAX))
             pg_pool_retire(&e.sh);
     }
-    return rc;
+    /* removed by its check, or unknown: not for this run (read here or by any other run) */
+    return take_dropped(key) ? -1 : 0;
 }
 
 int pg_pool_evict(int keep, struct pg_shepherd *sh)

@@ -52,7 +52,8 @@ int pg_shepherd_settle(struct pg_shepherd *sh);
 
 /* Before a run takes the kept cgroup whose pg_path_key is key: settle every idle shepherd
  * whose last run left it kept, so that the cgroup is checked whole before it serves again.
- * Return 0, or -1 if one said it was not kept (removed), or could not say (retired). */
+ * Return 0, or -1 if the IDLE of the shepherd that kept it (read now, or by an earlier
+ * settle) said it was not kept (removed), or none came (retired). */
 int pg_pool_settle_cgroup(uint64_t key);
 
 /* Keep it if fewer than max_idle are kept. Return 1 if kept (the pool owns its fds). */

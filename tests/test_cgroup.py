@@ -279,13 +279,9 @@ def test_a_cgroup_the_command_changed_is_not_reused(cgroup_mode: str, change: st
             os.rmdir(changed.cgroup)
 
 
-def test_a_changed_cgroup_is_not_reused_by_another_shepherd_either(cgroup_mode: str,
-                                                                    pid_dir: Path) -> None:
-    """The shepherd that kept a cgroup checks it whole only after its final report (off the
-    run's critical path, issue 15). A run that takes that cgroup in another shepherd (here: the
-    caller's umask changed, so the idle one does not fit) must not run in a cgroup its last
-    command changed: the caller reads the holder's verdict first (pg_pool_settle_cgroup), and
-    the holder removes a cgroup that failed its check (either one alone keeps this true)."""
+def _where_kept_cgroups_serve() -> tuple[str, dict[str, str]]:
+    """A shell prefix that sets $CG to the command's own cgroup, and the env it needs; skip
+    where run cgroups are not kept (they have controllers)."""
     from retest import cgroup as cg
 
     warm = run(["true"], timeout=30, backend="native")
@@ -293,8 +289,17 @@ def test_a_changed_cgroup_is_not_reused_by_another_shepherd_either(cgroup_mode: 
         pytest.skip("the run cgroups here have controllers: each run gets a fresh one")
     mount = cg._v2_mount(Path("/proc/self/mountinfo").read_text())
     assert mount is not None
-    find_cg = 'CG="$MOUNT$(sed -n "s/^0:://p" /proc/self/cgroup)"; '
-    env = dict(os.environ, MOUNT=mount[0])
+    return 'CG="$MOUNT$(sed -n "s/^0:://p" /proc/self/cgroup)"; ', dict(os.environ, MOUNT=mount[0])
+
+
+def test_a_changed_cgroup_is_not_reused_by_another_shepherd_either(cgroup_mode: str,
+                                                                    pid_dir: Path) -> None:
+    """The shepherd that kept a cgroup checks it whole only after its final report (off the
+    run's critical path, issue 15). A run that takes that cgroup in another shepherd (here: the
+    caller's umask changed, so the idle one does not fit) must not run in a cgroup its last
+    command changed: the caller reads the holder's verdict first (pg_pool_settle_cgroup), and
+    the holder removes a cgroup that failed its check (either one alone keeps this true)."""
+    find_cg, env = _where_kept_cgroups_serve()
     changed = run(["sh", "-c", find_cg + 'echo 0 > "$CG/cgroup.max.depth"; echo $PPID'],
                   env=env, timeout=30, backend="native")
     assert changed.returncode == 0 and changed.cgroup is not None, changed
@@ -310,6 +315,29 @@ def test_a_changed_cgroup_is_not_reused_by_another_shepherd_either(cgroup_mode: 
     assert after.returncode == 0 and depth == b"max", after
     assert int(shepherd) != int(changed.stdout.split()[-1]), "a fresh shepherd (another umask)"
     assert after.cgroup != changed.cgroup and not os.path.isdir(changed.cgroup)
+
+
+def test_a_changed_cgroup_that_could_not_be_removed_is_not_reused_later(cgroup_mode: str) -> None:
+    """A command that made a child cgroup in its own leaves it unremovable (EBUSY) and unfit.
+    Its shepherd finds that after its final report and says so in IDLE; when another run
+    (here a subreaper run) is the one that reads that IDLE, the verdict must still reach the
+    later run that asks for the cgroup (the caller's spares still hold it)."""
+    find_cg, env = _where_kept_cgroups_serve()
+    changed = run(["sh", "-c", find_cg + 'mkdir "$CG/c"'], env=env, timeout=30, backend="native")
+    assert changed.returncode == 0 and changed.cgroup is not None, changed
+    try:
+        between = run(["true"], timeout=30, backend="native", containment="subreaper")
+        assert between.returncode == 0 and between.containment == "subreaper", between
+        assert os.path.isdir(os.path.join(changed.cgroup, "c")), "the child cgroup pins it"
+        after = run(["sh", "-c", find_cg + 'echo "$CG"; ls "$CG" | grep -cx c; true'],
+                    env=env, timeout=30, backend="native")
+        assert after.returncode == 0 and after.containment == "cgroup", after
+        assert after.cgroup != changed.cgroup, (changed, after)
+        assert after.stdout.split()[-1] == b"0", after
+    finally:
+        for path in (os.path.join(changed.cgroup, "c"), changed.cgroup):
+            if os.path.isdir(path):
+                os.rmdir(path)
 
 
 # ----------------------------------------------------------------------------- choice
