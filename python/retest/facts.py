@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pressure import Pressure
     from .proc_group import RunResult, Verdict
 
-__all__ = ["decide", "oom_killed", "timeout_cause", "test_timeout_cause", "lock_holder",
+__all__ = ["decide", "oom_killed", "timeout_cause", "pytest_timeout_cause", "lock_holder",
            "failures_text", "running_text", "startup_error"]
 
 #: Test ids named in a reason (all of them, bounded, are in the evidence).
@@ -389,7 +389,7 @@ def timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
                           f"{failed}")
 
 
-def test_timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
+def pytest_timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
     """A per-test pytest-timeout on a machine that others starved: ``timeout.test-starved``
     (kind ``timeout``, infra), not ``red.test-timeout``.
 
@@ -398,10 +398,11 @@ def test_timeout_cause(result: "RunResult", verdict: "Verdict") -> "Verdict":
     pytest-timeout stopped is judged over its own span (its interval, or its running time for
     the thread method, which ends the session), on the timeline's samples in that span: a
     test that was idle asked for no CPU, so the load is not why it did not finish, and the
-    verdict stays red (a hang); a busy test on a machine starved by others, as
-    ``timeout_cause`` judges starved, is infra. Every such test must be starved and busy; one
-    hang keeps the run red. Without the probe (no spans), the pressure evidence, or a sample
-    inside each span, the verdict is left as it is.
+    verdict stays red (a hang); a busy test whose tree waited for a CPU at least
+    ``RETEST_STARVED_PSI_SHARE`` of its span is infra (where PSI is not read, the CPU used
+    outside the tree decides, as for ``timeout_cause``). Every such test must be starved and
+    busy; one hang keeps the run red. Without the probe (no spans), the pressure evidence, or a
+    sample inside each span, the verdict is left as it is.
     """
     p, report = result.pressure, result.probe
     if verdict.rule != "red.test-timeout" or p is None or report is None:

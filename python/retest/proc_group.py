@@ -1058,7 +1058,7 @@ def classify(result: RunResult, *, fail_on_leak: Optional[bool] = None) -> Verdi
     if oom_killed is not None:
         return oom_killed
     verdict = facts.decide(result, output, result.probe) if result.probe is not None else output
-    verdict = facts.test_timeout_cause(result, facts.timeout_cause(result, verdict))
+    verdict = facts.pytest_timeout_cause(result, facts.timeout_cause(result, verdict))
     verdict = facts.lock_holder(result, verdict)
     return _leak_verdict(result, verdict, fail_on_leak)
 
