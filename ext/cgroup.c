@@ -8,6 +8,7 @@
  */
 #define _GNU_SOURCE
 #include "cgroup.h"
+#include "fnv.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -324,16 +325,6 @@ struct cg_bpf_query {
 
 #define CG_BPF_PROG_QUERY 16
 
-/* FNV-1a 64 of n bytes at p into *h. */
-static void cg_mix(uint64_t *h, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) {
-        *h ^= b[i];
-        *h *= 1099511628211ULL;
-    }
-}
-
 int cg_snapshot(int dfd, struct cg_made *m)
 {
     char names[1024];
@@ -350,13 +341,13 @@ int cg_snapshot(int dfd, struct cg_made *m)
         m->gid[i] = (uint32_t)st.st_gid;
     }
     /* extended attribute names (user.oomd_avoid steers systemd-oomd; trusted.* as root) */
-    m->xattrs = 14695981039346656037ULL;
+    m->xattrs = PG_FNV_OFFSET;
     n = syscall(SYS_flistxattr, dfd, names, sizeof(names));
     if (n < 0 && errno != ENOTSUP && errno != EOPNOTSUPP)
         return -1;  /* ERANGE: more names than we look at, not as made */
-    cg_mix(&m->xattrs, &n, sizeof(n));
+    pg_fnv_mix(&m->xattrs, &n, sizeof(n));
     if (n > 0)
-        cg_mix(&m->xattrs, names, (size_t)n);
+        pg_fnv_mix(&m->xattrs, names, (size_t)n);
     return 0;
 }
 

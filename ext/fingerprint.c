@@ -22,6 +22,7 @@
  */
 #define _GNU_SOURCE
 #include "pool.h"
+#include "fnv.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -35,27 +36,14 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-/* ---------------------------------------------------------------- hashing */
-
-#define FNV_OFFSET 14695981039346656037ULL
-#define FNV_PRIME 1099511628211ULL
-
-/* Mix n bytes into the FNV-1a hash *h. */
-static void mix(uint64_t *h, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) {
-        *h ^= b[i];
-        *h *= FNV_PRIME;
-    }
-}
+/* ---------------------------------------------------------------- hashing (fnv.h) */
 
 /* Mix a syscall's result and its errno (a failure is part of the state too). */
 static void mix_long(uint64_t *h, long v)
 {
     int err = v < 0 ? errno : 0;
-    mix(h, &v, sizeof(v));
-    mix(h, &err, sizeof(err));
+    pg_fnv_mix(h, &v, sizeof(v));
+    pg_fnv_mix(h, &err, sizeof(err));
 }
 
 /* ---------------------------------------------------------------- /proc files kept open */
@@ -313,7 +301,7 @@ static void mix_status(uint64_t *h, const char *buf, size_t n)
         for (const char *const *k = STATUS_KEYS; *k; k++) {
             size_t klen = strlen(*k);
             if (len >= klen && memcmp(p, *k, klen) == 0) {
-                mix(h, p, len);
+                pg_fnv_mix(h, p, len);
                 break;
             }
         }
@@ -341,7 +329,7 @@ static int mix_namespaces(uint64_t *h, struct kept_set *s, char *user_ns, size_t
         ssize_t n = readlinkat(dfd, *ns, link, sizeof(link));
         mix_long(h, n);  /* time_for_children is missing before Linux 5.6: the same each time */
         if (n > 0)
-            mix(h, link, (size_t)n);
+            pg_fnv_mix(h, link, (size_t)n);
         if (ns == NAMESPACES && n > 0 && (size_t)n < size) {
             memcpy(user_ns, link, (size_t)n);
             user_ns[n] = '\0';
@@ -395,7 +383,7 @@ static void mix_scheduling(uint64_t *h)
         attr.nice = getpriority(PRIO_PROCESS, 0);
     }
     attr.size = 0;
-    mix(h, &attr, sizeof(attr));
+    pg_fnv_mix(h, &attr, sizeof(attr));
 #ifdef SYS_ioprio_get
     mix_long(h, syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, 0));
 #endif
@@ -408,7 +396,7 @@ static void mix_limits(uint64_t *h)
     for (int r = 0; r < RLIM_NLIMITS; r++) {
         struct rlimit rl = {0, 0};
         mix_long(h, prlimit(0, (__rlimit_resource_t)r, NULL, &rl));
-        mix(h, &rl, sizeof(rl));
+        pg_fnv_mix(h, &rl, sizeof(rl));
     }
     mix_long(h, personality(0xffffffff));
     mix_long(h, prctl(PR_GET_SECUREBITS, 0, 0, 0, 0));
@@ -419,7 +407,7 @@ static void mix_limits(uint64_t *h)
     {
         int mode = -1;
         mix_long(h, syscall(SYS_get_mempolicy, &mode, NULL, 0, NULL, 0));
-        mix(h, &mode, sizeof(mode));
+        pg_fnv_mix(h, &mode, sizeof(mode));
     }
 #endif
 }
@@ -432,8 +420,8 @@ static int mix_dir(uint64_t *h, const char *path)
     struct stat st;
     if (stat(path, &st) < 0)
         return -1;
-    mix(h, &st.st_dev, sizeof(st.st_dev));
-    mix(h, &st.st_ino, sizeof(st.st_ino));
+    pg_fnv_mix(h, &st.st_dev, sizeof(st.st_dev));
+    pg_fnv_mix(h, &st.st_ino, sizeof(st.st_ino));
     return 0;
 }
 
@@ -449,22 +437,22 @@ static int mix_files(uint64_t *h, struct kept_set *s)
     n = read_kept(s, KEPT_OOM, buf, sizeof(buf));
     mix_long(h, n);
     if (n > 0)
-        mix(h, buf, (size_t)n);
+        pg_fnv_mix(h, buf, (size_t)n);
     n = read_kept(s, KEPT_COREDUMP, buf, sizeof(buf));
     mix_long(h, n);
     if (n > 0)
-        mix(h, buf, (size_t)n);
+        pg_fnv_mix(h, buf, (size_t)n);
     n = read_kept(s, KEPT_CGROUP, buf, sizeof(buf));
     if (n <= 0 || (size_t)n == sizeof(buf))
         return -1;
-    mix(h, buf, (size_t)n);
+    pg_fnv_mix(h, buf, (size_t)n);
     return 0;
 }
 
 /* The fingerprint, with the /proc files of s. Return 0, or -1. */
 static int fingerprint_with(struct kept_set *s, uint64_t *fp)
 {
-    uint64_t h = FNV_OFFSET;
+    uint64_t h = PG_FNV_OFFSET;
     char user_ns[sizeof(s->user_ns)];
     pid_t self = getpid();
 
@@ -474,7 +462,7 @@ static int fingerprint_with(struct kept_set *s, uint64_t *fp)
         close_kept_set(s);
         s->pid = self;
     }
-    mix(&h, &self, sizeof(self));
+    pg_fnv_mix(&h, &self, sizeof(self));
     if (mix_namespaces(&h, s, user_ns, sizeof(user_ns)) < 0)
         return -1;
     reopen_if_user_ns_moved(s, user_ns);

@@ -21,6 +21,7 @@
  */
 #define _GNU_SOURCE
 #include "pool.h"
+#include "fnv.h"
 #include "protocol.h"
 
 #include <errno.h>
@@ -128,11 +129,8 @@ int pg_pool_take(uint64_t fp, struct pg_shepherd *sh)
 
 uint64_t pg_path_key(const char *path)
 {
-    uint64_t h = 14695981039346656037ULL;
-    for (const unsigned char *p = (const unsigned char *)path; *p; p++) {
-        h ^= *p;
-        h *= 1099511628211ULL;
-    }
+    uint64_t h = PG_FNV_OFFSET;
+    pg_fnv_mix(&h, path, strlen(path));
     return h ? h : 1;
 }
 

@@ -58,6 +58,7 @@
 #include <unistd.h>
 
 #include "cgroup.h"
+#include "fnv.h"
 #include "pidfd.h"
 #include "protocol.h"
 
@@ -866,16 +867,6 @@ static int reap(struct state *st)
 
 /* ---------------------------------------------------------------- our own state */
 
-/* FNV-1a 64, as run.c's fingerprint (pool.c). */
-static void own_mix(uint64_t *h, const void *p, size_t n)
-{
-    const unsigned char *b = p;
-    for (size_t i = 0; i < n; i++) {
-        *h ^= b[i];
-        *h *= 1099511628211ULL;
-    }
-}
-
 /* Read our own /proc file path into buf through *fd, opened at the first call and kept (a
  * pread at offset 0 reads it anew: ~1-2 us, where open, read and close cost ~10-25, which
  * own_state paid four times before every FINAL). Return its length, or -1. */
@@ -904,9 +895,9 @@ static void own_mix_file(uint64_t *h, int *fd, const char *path)
 {
     char buf[2048];
     ssize_t n = pread_small(fd, path, buf, sizeof(buf));
-    own_mix(h, &n, sizeof(n));
+    pg_fnv_mix(h, &n, sizeof(n));
     if (n > 0)
-        own_mix(h, buf, (size_t)n);
+        pg_fnv_mix(h, buf, (size_t)n);
 }
 
 /* Hash what another process of the same user may change in us and what our commands would
@@ -916,28 +907,28 @@ static void own_mix_file(uint64_t *h, int *fd, const char *path)
 static uint64_t own_state(void)
 {
     static int own_fds[4] = {-1, -1, -1, -1};  /* our own /proc files: this process's, for life */
-    uint64_t h = 14695981039346656037ULL;
+    uint64_t h = PG_FNV_OFFSET;
     unsigned char attr[56];
     unsigned long cpus[16];
     long v;
 
     memset(attr, 0, sizeof(attr));
     v = syscall(SYS_sched_getattr, 0, attr, sizeof(attr), 0);
-    own_mix(&h, &v, sizeof(v));
-    own_mix(&h, attr, sizeof(attr));
+    pg_fnv_mix(&h, &v, sizeof(v));
+    pg_fnv_mix(&h, attr, sizeof(attr));
     v = syscall(SYS_getpriority, PRIO_PROCESS, 0);
-    own_mix(&h, &v, sizeof(v));
+    pg_fnv_mix(&h, &v, sizeof(v));
     memset(cpus, 0, sizeof(cpus));
     v = syscall(SYS_sched_getaffinity, 0, sizeof(cpus), cpus);
-    own_mix(&h, &v, sizeof(v));
-    own_mix(&h, cpus, sizeof(cpus));
+    pg_fnv_mix(&h, &v, sizeof(v));
+    pg_fnv_mix(&h, cpus, sizeof(cpus));
     v = syscall(SYS_ioprio_get, 1 /* IOPRIO_WHO_PROCESS */, 0);
-    own_mix(&h, &v, sizeof(v));
+    pg_fnv_mix(&h, &v, sizeof(v));
     for (int r = 0; r < RLIM_NLIMITS; r++) {
         uint64_t lim[2] = {0, 0};
         v = syscall(SYS_prlimit64, 0, r, NULL, lim);
-        own_mix(&h, &v, sizeof(v));
-        own_mix(&h, lim, sizeof(lim));
+        pg_fnv_mix(&h, &v, sizeof(v));
+        pg_fnv_mix(&h, lim, sizeof(lim));
     }
     own_mix_file(&h, &own_fds[0], "/proc/self/oom_score_adj");
     own_mix_file(&h, &own_fds[1], "/proc/self/cgroup");
