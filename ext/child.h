@@ -35,6 +35,12 @@ int pg_shepherd_wait(struct pg_shepherd *s, int options, int *status);
 /* Send sig to s, and to nothing else. Return 0, or -1 with errno set (ESRCH: it is reaped). */
 int pg_shepherd_signal(const struct pg_shepherd *s, int sig);
 
+/* Move s, an idle shepherd of ours about to get a request, onto the CPU the calling thread
+ * runs on (issue 15: one CPU for the hand-off, see child.c). Only through a pidfd that says s
+ * is not reaped: never a pid that may be somebody else's now. Return that CPU, or -1 if s was
+ * left as it was (no pidfd, reaped, a cpuset refusal...). */
+int pg_shepherd_pin(const struct pg_shepherd *s);
+
 /* Close s's pidfd, if any (its process is left alone), and mark it PG_PIDFD_GONE. */
 void pg_shepherd_close_pidfd(struct pg_shepherd *s);
 

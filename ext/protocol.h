@@ -17,7 +17,7 @@
 
 /* The shepherd's argv: [0] its path, [1] PG_SERVE_ARG. Anything else is refused (EINVAL):
  * it was started by something other than run.c. */
-#define PG_SERVE_ARG "retest-shepherd/4"
+#define PG_SERVE_ARG "retest-shepherd/5"
 
 /* A run request, caller -> shepherd (issue 15: one shepherd serves run after run). The
  * header comes in one sendmsg with SCM_RIGHTS carrying the command's stdin, stdout and stderr
@@ -42,7 +42,8 @@ struct pg_request {
     int32_t has_cgroup;
     int32_t argc;             /* >= 1 */
     int32_t envc;
-    int32_t pad;
+    int32_t pin_cpu;          /* >= 0: the caller pinned us to this CPU for the hand-off (run.c);
+                               * the command gets our start mask back if it has that one CPU */
     uint64_t payload_len;
 };
 

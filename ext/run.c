@@ -154,6 +154,8 @@ struct run {
     uint64_t fp;
     int keep_ctl;          /* FINAL said reusable: its socket, kept for the pool; else -1 */
     pid_t tid;             /* the calling thread (pool.c: pg_running_set) */
+    int in_flight;         /* counted in runs_in_flight; alone: no other run was */
+    int alone;
 
     struct capture cap[2];
     struct tailpipe tail[2];  /* the tail kept in pipes (tailpipe.h), when nothing reads chunks */
@@ -1188,6 +1190,7 @@ static int build_request(struct run *r, const struct run_args *a)
     h->has_cgroup = a->cgroup != Py_None;
     h->argc = (int32_t)argc;
     h->envc = (int32_t)envc;
+    h->pin_cpu = -1;  /* hand_over: a pooled shepherd is pinned to our CPU */
     h->payload_len = payload;
     p = r->req + sizeof(*h);
     if (h->has_cwd) {
@@ -1350,13 +1353,17 @@ static int hand_over(struct run *r, struct child_fds *cf)
         return ESTALE;  /* its last command changed it: removed; nothing ran, take another */
     }
     while (r->have_fp && pg_pool_take(r->fp, &idle)) {
-        if (pg_shepherd_settle(&idle) == 0 &&
-            send_request(r, idle.ctl, cf->in_r, cf->out_w, cf->err_w, cf->cwd) == 0) {
-            r->shepherd = idle;
-            return 0;
+        if (pg_shepherd_settle(&idle) == 0) {
+            /* after IDLE: its own check is done, with the mask it gave itself back */
+            h->pin_cpu = r->alone ? pg_shepherd_pin(&idle) : -1;
+            if (send_request(r, idle.ctl, cf->in_r, cf->out_w, cf->err_w, cf->cwd) == 0) {
+                r->shepherd = idle;
+                return 0;
+            }
         }
         pg_pool_retire(&idle);
     }
+    h->pin_cpu = -1;  /* a new shepherd takes our mask as its own at its start */
     err = spawn_shepherd(r);
     if (err)
         return err;
@@ -1393,11 +1400,24 @@ static void while_it_starts(struct run *r)
     }
 }
 
+/* The runs of this process between their hand-over and their end. A shepherd is pinned to
+ * its caller's CPU only for a run that has the process to itself (hand_over): with more at
+ * once, both CPUs are busy anyway, and a pinned shepherd could not go where one is free. */
+static int runs_in_flight;
+
+static void leave_flight(struct run *r)
+{
+    if (r->in_flight)
+        __atomic_sub_fetch(&runs_in_flight, 1, __ATOMIC_RELAXED);
+    r->in_flight = 0;
+}
+
 /* After the run (no GIL): the cgroup released, the closing evidence read (completed: no
  * exception is pending). In pump's GIL-free stretch: one GIL hand-back per run, not three
  * (with 8 threads, each taking the GIL back waits for whoever holds it). */
 static void finish_run(struct run *r, int completed)
 {
+    leave_flight(r);
     pg_running_set(r->tid, 0);
     if (r->cg_path)
         r->cg_removed = release_cgroup(r);
@@ -1409,10 +1429,15 @@ static void finish_run(struct run *r, int completed)
  * command, read what is due meanwhile. Return 0, or hand_over's errno. */
 static int start_run(struct run *r, struct child_fds *cf)
 {
-    int err = hand_over(r, cf);
+    int err;
+    r->in_flight = 1;
+    r->alone = __atomic_fetch_add(&runs_in_flight, 1, __ATOMIC_RELAXED) == 0;
+    err = hand_over(r, cf);
     close_child_fds(cf);
-    if (err)
+    if (err) {
+        leave_flight(r);
         return err;
+    }
     r->tid = (pid_t)syscall(SYS_gettid);
     pg_running_set(r->tid, r->shepherd.pid);
     while_it_starts(r);

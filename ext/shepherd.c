@@ -121,6 +121,7 @@ struct state {
     const char *cwd;            /* NULL: the caller's, stdio[3] (else ours: run.c's fingerprint) */
     char **argv, **envp;
     uint64_t own0;              /* own_state() when we started: kept across runs */
+    int pin_cpu;                /* this run's request: the caller pinned us to it, or -1 */
 };
 
 /* Return CLOCK_MONOTONIC in nanoseconds. */
@@ -1027,7 +1028,45 @@ struct child_args {
                              * and the caller's cwd or -1 */
     const char *cwd;
     char **candidates, **argv, **envp;
+    int pin_cpu;            /* the request's: the CPU the caller pinned us to, or -1 */
 };
+
+/* The CPU mask we were started with: the caller's (its fingerprint says so), which each command
+ * inherits. A caller pins a shepherd it hands a run to onto its own CPU (run.c, child.c:
+ * pg_shepherd_pin); the command gets this mask back (restore_start_cpus) and so do we, after
+ * the run (send_idle). 8192 CPUs: CONFIG_NR_CPUS's bound. start_cpus_len 0: not read (such a
+ * shepherd serves one run, never pinned). */
+#define PG_CPU_WORDS (8192 / (8 * sizeof(unsigned long)))
+static unsigned long start_cpus[PG_CPU_WORDS];
+static size_t start_cpus_len;
+
+/* Is mask (len bytes, as sched_getaffinity filled it) exactly {cpu}? Async-signal-safe. */
+static int only_cpu(const unsigned long *mask, size_t len, int cpu)
+{
+    size_t bits = 8 * sizeof(unsigned long), word = (size_t)cpu / bits;
+    for (size_t i = 0; i < len / sizeof(unsigned long); i++)
+        if (mask[i] != (i == word ? 1UL << ((size_t)cpu % bits) : 0UL))
+            return 0;
+    return word < len / sizeof(unsigned long);
+}
+
+/* In the child of a pinned run: the start mask back, so that the command has the mask it
+ * would have inherited unpinned. Only if the child still has the one CPU we were pinned to:
+ * a cgroup of its own with a cpuset (its placement sets the cpuset's CPUs) is left as the
+ * kernel made it, as it would be unpinned. Async-signal-safe. Return 0 or -1 with errno. */
+static int restore_start_cpus(int pin_cpu)
+{
+    unsigned long now[PG_CPU_WORDS];
+    long n;
+    if (pin_cpu < 0)
+        return 0;
+    n = syscall(SYS_sched_getaffinity, 0, sizeof(now), now);
+    if (n < 0)
+        return -1;
+    if (!only_cpu(now, (size_t)n, pin_cpu))
+        return 0;
+    return syscall(SYS_sched_setaffinity, 0, start_cpus_len, start_cpus) < 0 ? -1 : 0;
+}
 
 /* Give the child its stdin, stdout and stderr. The received fds are close-on-exec; the
  * copies dup2 makes are not. Async-signal-safe. Return 0, or -1 with errno. */
@@ -1076,7 +1115,8 @@ static void child_exec(const struct child_args *a)
         f.err = errno;
         goto fail;
     }
-    if (install_stdio(a->stdio) < 0 || reset_signals_for_exec() < 0) {
+    if (install_stdio(a->stdio) < 0 || reset_signals_for_exec() < 0 ||
+        restore_start_cpus(a->pin_cpu) < 0) {
         f.stage = PG_STAGE_SHEPHERD;
         f.err = errno;
         goto fail;
@@ -1279,7 +1319,8 @@ static void start_command(struct state *st)
     /* a path is tried as given: no list to build (issue 15: two mmap and two munmap calls of
      * nolibc's allocator per run) */
     char *as_given[2] = {st->argv[0], NULL};
-    struct child_args a = {st->self, -1, -1, st->stdio, st->cwd, NULL, st->argv, st->envp};
+    struct child_args a = {st->self, -1, -1, st->stdio, st->cwd, NULL, st->argv, st->envp,
+                           st->pin_cpu};
     struct child_failure f;
     pid_t pid;
     int placed;
@@ -1643,8 +1684,10 @@ static int take_settings(struct state *st, const struct pg_request *req)
     if (req->argc < 1 || req->envc < 0 || (req->has_cwd | req->has_cgroup) & ~1 ||
         req->grace_ns < 0 || req->stop_signal < 1 || req->stop_signal >= NSIG ||
         req->payload_len == 0 || req->payload_len > PG_REQ_MAX_PAYLOAD ||
-        (uint64_t)req->argc + (uint64_t)req->envc > req->payload_len)
+        (uint64_t)req->argc + (uint64_t)req->envc > req->payload_len ||
+        req->pin_cpu < -1 || (req->pin_cpu >= 0 && (uint64_t)req->pin_cpu >= 8 * start_cpus_len))
         return -1;
+    st->pin_cpu = req->pin_cpu;
     st->req_flags = req->flags;
     st->deadline_ns = req->deadline_ns < 0 ? -1 : req->deadline_ns;
     st->grace_ns = req->grace_ns;
@@ -1858,7 +1901,7 @@ static int send_final(struct state *st)
     st->final.pid = st->leader;
     /* A leader that outlived the give-up bound has SIGKILL pending: that is how it will end. */
     st->final.wait_status = st->leader_alive ? SIGKILL : st->leader_status;
-    st->final.reusable = !(st->req_flags & PG_REQ_LAST) && !st->caller_gone &&
+    st->final.reusable = !(st->req_flags & PG_REQ_LAST) && !st->caller_gone && start_cpus_len &&
                          !st->leader_alive && st->final.unkillable == 0 && st->cg_dfd < 0 &&
                          !reap(st);
     if (!st->final.reusable)
@@ -1881,6 +1924,10 @@ static int send_idle(struct state *st)
     rec.pid = st->self;
     rec.cgroup_kept = check_kept_cgroup(st);
     rec.cgroup_removed = st->final.cgroup_removed;
+    /* our start mask back (the caller pins us again for its next run); if that fails, or
+     * anyone changed it meanwhile, own_state differs and we are not reused */
+    if (st->pin_cpu >= 0)
+        (void)syscall(SYS_sched_setaffinity, 0, start_cpus_len, start_cpus);
     rec.reusable = own_state() == st->own0;
     send_record(st, &rec);
     return rec.reusable && !st->caller_gone;
@@ -1910,6 +1957,7 @@ static void reset_run(struct state *st)
     st->final.cg_memory_peak = st->final.cg_pids_peak = -1;
     st->final.cg_oom_kill = st->final.cg_oom_group_kill = -1;
     st->cg_some0 = -1;
+    st->pin_cpu = -1;
     st->cg_base.usage_us = st->cg_base.user_us = st->cg_base.system_us = -1;
     st->cg_dfd = st->cg_events = -1;
     st->stdio[0] = st->stdio[1] = st->stdio[2] = st->stdio[3] = -1;
@@ -1958,6 +2006,10 @@ int main(int argc, char **argv)
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     sfd = open_signalfd(&st);
     st.own0 = own_state();
+    {
+        long n = syscall(SYS_sched_getaffinity, 0, sizeof(start_cpus), start_cpus);
+        start_cpus_len = n > 0 ? (size_t)n : 0;
+    }
     while (wait_idle(sfd) && read_request(&st)) {
         /* cgroup mode: an orphan of the last run may have been handed to us a moment after
          * its cgroup emptied, a zombie; its rusage is not this run's. Alive: not clean. */

@@ -232,6 +232,67 @@ def test_a_command_that_changes_its_shepherd_does_not_reach_the_next_run(contain
     assert oom.decode() == Path("/proc/self/oom_score_adj").read_text().strip()
 
 
+def _cpu_list(text: str) -> set[int]:
+    """The CPUs of a ``Cpus_allowed_list`` value ("0-3,6")."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def _allowed(status: str) -> set[int]:
+    """The CPUs of a /proc/<pid>/status text."""
+    line = next(line for line in status.splitlines() if line.startswith("Cpus_allowed_list:"))
+    return _cpu_list(line.split(":", 1)[1].strip())
+
+
+#: The command's own CPUs, then its parent's (the shepherd's) while it runs.
+CPUS_SEEN = ["sh", "-c", "grep Cpus_allowed_list /proc/self/status; "
+             "grep Cpus_allowed_list /proc/$PPID/status; echo $PPID"]
+
+
+def _cpus_seen() -> tuple[set[int], set[int], int]:
+    result = run(CPUS_SEEN, timeout=30, backend="native")
+    assert result.returncode == 0, result.stderr
+    own, parents, ppid = result.stdout.decode().splitlines()
+    return _cpu_list(own.split(":", 1)[1].strip()), _cpu_list(parents.split(":", 1)[1].strip()), \
+        int(ppid)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to tell a pin apart")
+def test_a_reused_shepherd_runs_on_the_callers_cpu_and_its_command_has_the_callers_mask(
+        containment: str) -> None:
+    """Issue 15: a run handed to an idle shepherd pins that shepherd to the caller's CPU, so
+    that the hand-off's wake-ups stay on one CPU; the command gets the mask it would have
+    inherited, and the idle shepherd has its own back."""
+    caller = os.sched_getaffinity(0)
+    proc_group.close_shepherds()  # the containment fixture's own runs may have left one
+    own, shepherds, first = _cpus_seen()
+    assert own == caller and shepherds == caller, "a new shepherd is not pinned"
+    for _ in range(3):
+        own, shepherds, ppid = _cpus_seen()
+        assert ppid == first, "the idle shepherd served the run"
+        assert own == caller, "the command has the caller's CPUs, not the pinned one"
+        assert len(shepherds) == 1 and shepherds <= caller, f"pinned to one CPU: {shepherds}"
+        # after FINAL, with its IDLE checks, while the caller builds the result
+        assert wait_until(lambda: _allowed(Path(f"/proc/{first}/status").read_text()) == caller), \
+            "the idle shepherd has its start mask back"
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to narrow a mask")
+def test_a_command_that_narrows_its_shepherds_cpus_does_not_narrow_the_next_run(
+        containment: str) -> None:
+    caller = os.sched_getaffinity(0)
+    _parent()
+    narrowed = run([sys.executable, "-c", f"import os; os.sched_setaffinity(os.getppid(), "
+                    f"{{{min(caller)}}})"], timeout=30, backend="native")
+    assert narrowed.returncode == 0, narrowed.stderr
+    for _ in range(2):
+        own, _, _ = _cpus_seen()
+        assert own == caller
+
+
 def test_the_core_dump_filter_is_the_callers(containment: str) -> None:
     path = Path("/proc/self/coredump_filter")
     old = hex(int(path.read_text(), 16))  # shown as bare hex; written back with its 0x
