@@ -12,6 +12,7 @@
 #include <sched.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -21,33 +22,127 @@
  * moved past it: the buffer is allocated only when poll says a record waits. */
 #define KMSG_RECORD_MAX (16 * 1024)
 
-static const char *const psi_paths[EV_PSI_RESOURCES] = {
-    "/proc/pressure/cpu", "/proc/pressure/memory", "/proc/pressure/io",
+/* ---------------------------------------------------------------- the /proc files kept open
+ *
+ * Every reading reads the same five files: PSI's three, /proc/stat and /proc/vmstat. Opening
+ * one was most of its cost (a path walk and a seq_file made: a PSI file took ~5 us to open,
+ * read to EOF and close on the 2-core VM, ~1 us to pread when open), and a run takes two
+ * readings on its critical path. So they stay open for the process, as the kernel-log cursor
+ * does, and each reading preads from offset 0, which makes the text anew (the fingerprint's
+ * /proc files work the same way, fingerprint.c). Before each use an fstat checks that the
+ * number still names the file opened: code that closes descriptors it does not own may have
+ * given it to another file, which is then left to its new owner, and ours opened again. A
+ * fork's child closes its copies (it shares the open files, and a read of several chunks
+ * would race with the parent's) and opens its own; each file's lock is made anew there. */
+enum { KF_PSI, KF_STAT = EV_PSI_RESOURCES, KF_VMSTAT, KF_N };
+
+static const char *const kf_paths[KF_N] = {
+    "/proc/pressure/cpu", "/proc/pressure/memory", "/proc/pressure/io", "/proc/stat",
+    "/proc/vmstat",
 };
 
-/* Read at most cap - 1 bytes of path into buf, NUL-terminated. Return the length, or -1. */
-static ssize_t read_file(const char *path, char *buf, size_t cap)
+static struct kept_file {
+    pthread_mutex_t lock;  /* held while a reading uses it (one thread at a time) */
+    int fd;                /* -1: not open */
+    dev_t dev;
+    ino_t ino;
+} kf[KF_N] = {
+    {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0}, {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0},
+    {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0}, {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0},
+    {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0},
+};
+
+static pthread_once_t kf_once = PTHREAD_ONCE_INIT;
+
+/* Does fd still name the file (dev, ino) it was opened as? */
+static int fd_names(int fd, dev_t dev, ino_t ino)
+{
+    struct stat st;
+    return fd >= 0 && fstat(fd, &st) == 0 && st.st_dev == dev && st.st_ino == ino;
+}
+
+/* Does f's number still name the file it opened? */
+static int kf_still_ours(const struct kept_file *f)
+{
+    return fd_names(f->fd, f->dev, f->ino);
+}
+
+static void kf_after_fork_child(void)
+{
+    for (int i = 0; i < KF_N; i++) {
+        pthread_mutex_init(&kf[i].lock, NULL);
+        if (kf_still_ours(&kf[i]))
+            close(kf[i].fd);  /* the child's copy: the parent's stays open */
+        kf[i].fd = -1;
+    }
+}
+
+static void kf_register_fork_handler(void)
+{
+    pthread_atfork(NULL, NULL, kf_after_fork_child);
+}
+
+/* Lock kept file i; return its fd, opened now if need be, or -1. kf_done unlocks it. */
+static int kf_take(int i)
+{
+    struct kept_file *f = &kf[i];
+    struct stat st;
+    int fd;
+    pthread_once(&kf_once, kf_register_fork_handler);
+    pthread_mutex_lock(&f->lock);
+    if (kf_still_ours(f))
+        return f->fd;
+    f->fd = -1;  /* closed, or another file's now: not ours to close */
+    do
+        fd = open(kf_paths[i], O_RDONLY | O_CLOEXEC);
+    while (fd < 0 && errno == EINTR);
+    if (fd < 0)  /* no PSI in this kernel; out of fds: this reading goes without */
+        return -1;
+    if (fstat(fd, &st) < 0) {
+        close(fd);
+        return -1;
+    }
+    f->fd = fd;
+    f->dev = st.st_dev;
+    f->ino = st.st_ino;
+    return fd;
+}
+
+static void kf_done(int i)
+{
+    pthread_mutex_unlock(&kf[i].lock);
+}
+
+/* pread fd at off, retrying EINTR. */
+static ssize_t pread_retry(int fd, char *buf, size_t n, off_t off)
+{
+    ssize_t got;
+    do
+        got = pread(fd, buf, n, off);
+    while (got < 0 && errno == EINTR);
+    return got;
+}
+
+/* Read at most cap - 1 bytes of kept file i from its start into buf, NUL-terminated. Return
+ * the length, or -1. A short read is the end: a seq_file fills the buffer while text remains,
+ * so a PSI file takes one pread, not a second one that returns 0. */
+static ssize_t read_kept(int i, char *buf, size_t cap)
 {
     size_t got = 0;
-    int fd;
-    do
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-    while (fd < 0 && errno == EINTR);
-    if (fd < 0)
-        return -1;
-    while (got + 1 < cap) {
-        ssize_t n = read(fd, buf + got, cap - 1 - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0) {
-            if (n < 0)
-                got = (size_t)-1;
+    int fd = kf_take(i);
+    while (fd >= 0 && got + 1 < cap) {
+        size_t want = cap - 1 - got;
+        ssize_t n = pread_retry(fd, buf + got, want, (off_t)got);
+        if (n < 0)
+            got = (size_t)-1;
+        if (n <= 0)
             break;
-        }
         got += (size_t)n;
+        if ((size_t)n < want)
+            break;
     }
-    close(fd);
-    if (got == (size_t)-1)
+    kf_done(i);
+    if (fd < 0 || got == (size_t)-1)
         return -1;
     buf[got] = '\0';
     return (ssize_t)got;
@@ -101,7 +196,7 @@ static void read_psi(struct ev_machine *m, int i)
     const char *line;
     m->psi_some_total[i] = m->psi_full_total[i] = -1;
     m->psi_some_avg10[i] = m->psi_full_avg10[i] = -1;
-    if (read_file(psi_paths[i], buf, sizeof(buf)) <= 0)
+    if (read_kept(KF_PSI + i, buf, sizeof(buf)) <= 0)
         return;
     for (line = buf; *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : "") {
         int64_t *total, *avg;
@@ -122,28 +217,29 @@ static void read_psi(struct ev_machine *m, int i)
     }
 }
 
-/* Call fn(line, ctx) for each line of path (NUL-terminated, without its '\n') until fn
+/* Call fn(line, ctx) for each line of kept file i (NUL-terminated, without its '\n') until fn
  * returns nonzero, reading through a small buffer on the stack: /proc/stat and /proc/vmstat
  * are several KiB and read twice a run, and a heap buffer each time is churn (and, under
  * ASan, quarantined megabytes). A line longer than the buffer ends the reading. Return -1 if
  * the file could not be opened, else 0. */
-static int for_each_line(const char *path, int (*fn)(const char *line, void *ctx), void *ctx)
+static int for_each_line(int i, int (*fn)(const char *line, void *ctx), void *ctx)
 {
     char buf[LINE_BUF];
     size_t have = 0;
-    int fd, stop = 0;
-    do
-        fd = open(path, O_RDONLY | O_CLOEXEC);
-    while (fd < 0 && errno == EINTR);
-    if (fd < 0)
+    off_t off = 0;
+    int fd = kf_take(i), stop = 0, end = 0;
+    if (fd < 0) {
+        kf_done(i);
         return -1;
-    while (!stop) {
+    }
+    while (!stop && !end) {
         char *line = buf, *eol;
-        ssize_t n = read(fd, buf + have, sizeof(buf) - 1 - have);
-        if (n < 0 && errno == EINTR)
-            continue;
+        size_t want = sizeof(buf) - 1 - have;
+        ssize_t n = pread_retry(fd, buf + have, want, off);
         if (n <= 0)
             break;
+        end = (size_t)n < want;  /* a short read is the end, as in read_kept */
+        off += n;
         have += (size_t)n;
         buf[have] = '\0';
         while (!stop && (eol = strchr(line, '\n')) != NULL) {
@@ -156,7 +252,7 @@ static int for_each_line(const char *path, int (*fn)(const char *line, void *ctx
         if (have == sizeof(buf) - 1)
             break;  /* no line end in a full buffer */
     }
-    close(fd);
+    kf_done(i);
     return 0;
 }
 
@@ -193,7 +289,7 @@ static int busy_line(const char *line, void *ctx)
 static int64_t busy_ticks(const cpu_set_t *cpus)
 {
     struct busy_ctx c = {cpus, -1};
-    for_each_line("/proc/stat", busy_line, &c);
+    for_each_line(KF_STAT, busy_line, &c);
     return c.busy;
 }
 
@@ -218,7 +314,7 @@ static int vmstat_line(const char *line, void *ctx)
 static void read_vmstat(struct ev_machine *m)
 {
     m->oom_kill = m->oom_group_kill = -1;
-    for_each_line("/proc/vmstat", vmstat_line, m);
+    for_each_line(KF_VMSTAT, vmstat_line, m);
 }
 
 void ev_machine_read(struct ev_machine *m, int with_vmstat)
@@ -263,19 +359,21 @@ void ev_machine_read(struct ev_machine *m, int with_vmstat)
 static struct {
     pthread_mutex_t lock;
     int fd;                        /* -1: not open (never yet, or it failed: tried again) */
+    dev_t dev;                     /* what fd was opened as (fd_names: still ours?) */
+    ino_t ino;
     uint64_t read;                 /* records read (and gaps counted) so far */
     int64_t lost_at;               /* the newest loss's index, -1: none */
     uint64_t kept;                 /* OOM-looking records ever kept: ring slot = n % RING */
     uint64_t index[KMSG_RING];
     char line[KMSG_RING][EV_KMSG_LINE_MAX + 1];
-} tail = {PTHREAD_MUTEX_INITIALIZER, -1, 0, -1, 0, {0}, {{0}}};
+} tail = {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0, 0, -1, 0, {0}, {{0}}};
 
 static pthread_once_t tail_once = PTHREAD_ONCE_INIT;
 
 static void tail_after_fork_child(void)
 {
     pthread_mutex_init(&tail.lock, NULL);
-    if (tail.fd >= 0)
+    if (fd_names(tail.fd, tail.dev, tail.ino))
         close(tail.fd);  /* the child's copy: the parent's cursor is left where it was */
     tail.fd = -1;
 }
@@ -288,18 +386,21 @@ static void tail_register_fork_handler(void)
 /* Open the cursor at the end of the log (lock held). 0, or the errno. */
 static int tail_open(void)
 {
+    struct stat st;
     int fd;
     do
         fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     while (fd < 0 && errno == EINTR);
     if (fd < 0)  /* not root with kernel.dmesg_restrict=1; a container without it */
         return errno;
-    if (lseek(fd, 0, SEEK_END) < 0) {
+    if (lseek(fd, 0, SEEK_END) < 0 || fstat(fd, &st) < 0) {
         int err = errno;
         close(fd);
         return err;
     }
     tail.fd = fd;
+    tail.dev = st.st_dev;
+    tail.ino = st.st_ino;
     return 0;
 }
 
@@ -380,6 +481,8 @@ void ev_kmsg_open(struct ev_kmsg *k)
     memset(k, 0, sizeof(*k));
     pthread_once(&tail_once, tail_register_fork_handler);
     pthread_mutex_lock(&tail.lock);
+    if (tail.fd >= 0 && !fd_names(tail.fd, tail.dev, tail.ino))
+        tail.fd = -1;  /* closed by code that does not own it: left to the number's new owner */
     k->open_errno = tail.fd >= 0 ? 0 : tail_open();
     if (k->open_errno == 0) {
         tail_drain(1);
@@ -421,6 +524,8 @@ void ev_kmsg_collect(struct ev_kmsg *k)
         k->complete = 1;  /* a second collect goes on from where the first stopped */
     k->collected = 1;
     pthread_mutex_lock(&tail.lock);
+    if (tail.fd >= 0 && !fd_names(tail.fd, tail.dev, tail.ino))
+        tail.fd = -1;  /* closed by someone else during the run: this run's log is lost */
     if (tail.fd >= 0)  /* else a fork child's run, started in the parent: nothing to read */
         tail_drain(0);
     else

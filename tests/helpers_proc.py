@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import retest
 from conftest import children_of, descendants, is_zombie, kill_descendants, pid_alive, wait_until
@@ -38,6 +38,7 @@ __all__ = [
     "kill_recorded",
     "alive",
     "open_fds",
+    "in_fork_child",
     "zombie_children",
     "descendants",
     "pid_alive",
@@ -48,6 +49,30 @@ PY = sys.executable
 
 #: Directory that holds the ``retest`` package being tested (``python/`` or site-packages).
 PACKAGE_ROOT = str(Path(retest.__file__).resolve().parent.parent)
+
+
+def in_fork_child(body: Callable[[], bytes]) -> bytes:
+    """Run ``body`` in a child of ``os.fork()`` (what a fork inherits is the point); return
+    the bytes it returned, after asserting that the child exited 0. The child never returns
+    into pytest: it ends with ``os._exit``, whatever ``body`` does."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.write(w, body())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        with os.fdopen(r, "rb") as f:
+            said = f.read()
+    finally:
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, said
+    return said
 
 
 def py(code: str, *args: str) -> list[str]:

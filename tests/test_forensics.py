@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers_proc import PY, suite_env, write_suite
+from helpers_proc import PY, in_fork_child, suite_env, write_suite
 from orch110_helpers import cpu_ticks
 from retest import pressure, proc_group
 
@@ -66,6 +66,72 @@ def test_every_run_has_pressure_evidence() -> None:
     assert set(doc) >= {"psi", "psi_source", "tree_share", "foreign", "foreign_cpu_s"}
     if os.path.exists("/proc/pressure/cpu"):
         assert p.psi_source == "machine" and p.psi["cpu"].some_share is not None
+
+
+#: The files the native runner's evidence keeps open for the process (ext/evidence.c).
+KEPT_EVIDENCE = ("/proc/pressure/cpu", "/proc/pressure/memory", "/proc/pressure/io",
+                 "/proc/stat", "/proc/vmstat", "/dev/kmsg")
+
+
+def _fds_naming(paths: "tuple[str, ...]") -> dict[int, str]:
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target in paths:
+            out[int(name)] = target
+    return out
+
+
+def test_kept_evidence_files_closed_and_reused_by_another_file_are_not_read() -> None:
+    """Issue 15: the evidence's /proc files stay open for the process. Code that closes fds it
+    does not own may give their numbers to other files: those are neither read nor closed,
+    and the evidence is read from the files themselves."""
+    if not os.path.exists("/proc/pressure/cpu"):
+        pytest.skip("no PSI in this kernel")
+    first = proc_group.run(["true"], timeout=30)
+    kept = _fds_naming(KEPT_EVIDENCE)
+    assert {"/proc/pressure/cpu", "/proc/stat"} <= set(kept.values())
+    stranger = os.open("/etc/hostname", os.O_RDONLY)
+    try:
+        for fd in kept:  # each kept number now names somebody else's file
+            os.dup2(stranger, fd)
+        again = proc_group.run(["sh", "-c", "sleep 0.2"], timeout=30)
+        assert all(os.readlink(f"/proc/self/fd/{fd}") == "/etc/hostname" for fd in kept), \
+            "the strangers' files are left open"
+        assert again.pressure is not None and first.pressure is not None
+        assert set(again.pressure.psi) == set(first.pressure.psi) == {"cpu", "memory", "io"}
+        assert all(psi.some_share is not None for psi in again.pressure.psi.values())
+        assert again.pressure.psi_source == first.pressure.psi_source
+        reopened = _fds_naming(KEPT_EVIDENCE)
+        assert set(reopened.values()) == set(kept.values()) and not set(reopened) & set(kept)
+    finally:
+        for fd in kept:
+            os.close(fd)
+        os.close(stranger)
+
+
+def test_a_fork_child_reads_the_evidence_through_files_of_its_own() -> None:
+    """A child of fork() shares its parent's open files; it closes its copies of the kept
+    evidence files at once (a read of several chunks would race with the parent's) and opens
+    its own at its first run."""
+    if not os.path.exists("/proc/pressure/cpu"):
+        pytest.skip("no PSI in this kernel")
+    assert proc_group.run(["true"], timeout=30).returncode == 0
+    parents = _fds_naming(KEPT_EVIDENCE[:5])
+    assert parents
+
+    def child() -> bytes:
+        inherited = sorted(_fds_naming(KEPT_EVIDENCE[:5]))
+        result = proc_group.run(["sh", "-c", "sleep 0.2"], timeout=30)
+        psi = result.pressure.psi if result.pressure is not None else {}
+        return repr((inherited, sorted(psi), bool(_fds_naming(KEPT_EVIDENCE[:5])))).encode()
+
+    said = in_fork_child(child).decode()
+    assert said == repr(([], ["cpu", "io", "memory"], True))
+    assert _fds_naming(KEPT_EVIDENCE[:5]) == parents, "the parent's stay as they were"
 
 
 def test_the_run_has_a_timeline_of_samples(containment: str) -> None:

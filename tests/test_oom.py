@@ -20,6 +20,7 @@ import pytest
 
 from conftest import kill_descendants, wait_until
 from gitrepo import make_repo
+from helpers_proc import in_fork_child
 from retest import oom, proc_group
 from retest import probe as _probe
 from retest.merge_gate import GateMetrics, retest_branch
@@ -326,26 +327,15 @@ def test_a_fork_child_reads_the_log_on_a_cursor_of_its_own(native: str,
     if not _kmsg_readable():
         pytest.skip("the kernel log is not readable here")
     assert proc_group.run(["true"], timeout=30).returncode == 0  # the parent's cursor is open
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: one OOM run, its attribution down the pipe
-        code = 1
-        try:
-            os.close(r)
-            result = proc_group.run(_oom_command(memory_cgroup), timeout=60)
-            ok = (result.oom is not None and result.oom.source == "kmsg"
-                  and result.oom.victim_pid == result.pid and _own_kmsg_file(os.getppid()))
-            os.write(w, b"ok" if ok else repr(result.oom).encode()[:500])
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    try:
-        with os.fdopen(r, "rb") as f:
-            said = f.read()
-    finally:
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and said == b"ok", said
+
+    def child() -> bytes:  # one OOM run, its attribution
+        result = proc_group.run(_oom_command(memory_cgroup), timeout=60)
+        ok = (result.oom is not None and result.oom.source == "kmsg"
+              and result.oom.victim_pid == result.pid and _own_kmsg_file(os.getppid()))
+        return b"ok" if ok else repr(result.oom).encode()[:500]
+
+    said = in_fork_child(child)
+    assert said == b"ok", said
     result = proc_group.run(_oom_command(memory_cgroup), timeout=60)  # the parent's, after
     assert result.oom is not None and result.oom.source == "kmsg"
     assert result.oom.victim_pid == result.pid
