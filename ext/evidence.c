@@ -67,6 +67,19 @@ static int kf_still_ours(const struct kept_file *f)
     return fd_names(f->fd, f->dev, f->ino);
 }
 
+/* Around a fork: every kept file's lock held, so that the child never sees one half opened. */
+static void kf_lock_for_fork(void)
+{
+    for (int i = 0; i < KF_N; i++)
+        pthread_mutex_lock(&kf[i].lock);
+}
+
+static void kf_unlock_after_fork(void)
+{
+    for (int i = KF_N - 1; i >= 0; i--)
+        pthread_mutex_unlock(&kf[i].lock);
+}
+
 static void kf_after_fork_child(void)
 {
     for (int i = 0; i < KF_N; i++) {
@@ -77,9 +90,13 @@ static void kf_after_fork_child(void)
     }
 }
 
+/* Set once the fork handlers are in: without them a fork's child would share the files (and a
+ * read of several chunks with its parent), so nothing is kept open. */
+static int kf_forksafe;
+
 static void kf_register_fork_handler(void)
 {
-    pthread_atfork(NULL, NULL, kf_after_fork_child);
+    kf_forksafe = pthread_atfork(kf_lock_for_fork, kf_unlock_after_fork, kf_after_fork_child) == 0;
 }
 
 /* Lock kept file i; return its fd, opened now if need be, or -1. kf_done unlocks it. */
@@ -110,6 +127,10 @@ static int kf_take(int i)
 
 static void kf_done(int i)
 {
+    if (!kf_forksafe && kf[i].fd >= 0) {  /* no fork handlers: opened and closed per use */
+        close(kf[i].fd);
+        kf[i].fd = -1;
+    }
     pthread_mutex_unlock(&kf[i].lock);
 }
 
@@ -124,8 +145,9 @@ static ssize_t pread_retry(int fd, char *buf, size_t n, off_t off)
 }
 
 /* Read at most cap - 1 bytes of kept file i from its start into buf, NUL-terminated. Return
- * the length, or -1. A short read is the end: a seq_file fills the buffer while text remains,
- * so a PSI file takes one pread, not a second one that returns 0. */
+ * the length, or -1. For PSI's files only: each is one text made whole (single_open), so a
+ * short read is its end, and one pread does, not a second one that returns 0. A file made
+ * line by line returns at most a page per read: for_each_line reads those to EOF. */
 static ssize_t read_kept(int i, char *buf, size_t cap)
 {
     size_t got = 0;
@@ -227,18 +249,17 @@ static int for_each_line(int i, int (*fn)(const char *line, void *ctx), void *ct
     char buf[LINE_BUF];
     size_t have = 0;
     off_t off = 0;
-    int fd = kf_take(i), stop = 0, end = 0;
+    int fd = kf_take(i), stop = 0;
     if (fd < 0) {
         kf_done(i);
         return -1;
     }
-    while (!stop && !end) {
+    while (!stop) {
         char *line = buf, *eol;
-        size_t want = sizeof(buf) - 1 - have;
-        ssize_t n = pread_retry(fd, buf + have, want, off);
+        /* to EOF (0): a file made line by line (vmstat) returns at most a page per read */
+        ssize_t n = pread_retry(fd, buf + have, sizeof(buf) - 1 - have, off);
         if (n <= 0)
             break;
-        end = (size_t)n < want;  /* a short read is the end, as in read_kept */
         off += n;
         have += (size_t)n;
         buf[have] = '\0';
@@ -481,8 +502,10 @@ void ev_kmsg_open(struct ev_kmsg *k)
     memset(k, 0, sizeof(*k));
     pthread_once(&tail_once, tail_register_fork_handler);
     pthread_mutex_lock(&tail.lock);
-    if (tail.fd >= 0 && !fd_names(tail.fd, tail.dev, tail.ino))
+    if (tail.fd >= 0 && !fd_names(tail.fd, tail.dev, tail.ino)) {
         tail.fd = -1;  /* closed by code that does not own it: left to the number's new owner */
+        tail_lost();   /* what was logged since the last read is gone for the runs in flight */
+    }
     k->open_errno = tail.fd >= 0 ? 0 : tail_open();
     if (k->open_errno == 0) {
         tail_drain(1);
@@ -524,8 +547,10 @@ void ev_kmsg_collect(struct ev_kmsg *k)
         k->complete = 1;  /* a second collect goes on from where the first stopped */
     k->collected = 1;
     pthread_mutex_lock(&tail.lock);
-    if (tail.fd >= 0 && !fd_names(tail.fd, tail.dev, tail.ino))
+    if (tail.fd >= 0 && !fd_names(tail.fd, tail.dev, tail.ino)) {
         tail.fd = -1;  /* closed by someone else during the run: this run's log is lost */
+        tail_lost();
+    }
     if (tail.fd >= 0)  /* else a fork child's run, started in the parent: nothing to read */
         tail_drain(0);
     else

@@ -27,6 +27,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdint.h>
@@ -1404,6 +1405,18 @@ static void while_it_starts(struct run *r)
  * its caller's CPU only for a run that has the process to itself (hand_over): with more at
  * once, both CPUs are busy anyway, and a pinned shepherd could not go where one is free. */
 static int runs_in_flight;
+static pthread_once_t flight_once = PTHREAD_ONCE_INIT;
+
+/* A fork's child has none of its parent's other threads, so none of their runs. */
+static void flight_after_fork_child(void)
+{
+    __atomic_store_n(&runs_in_flight, 0, __ATOMIC_RELAXED);
+}
+
+static void flight_register_fork_handler(void)
+{
+    pthread_atfork(NULL, NULL, flight_after_fork_child);
+}
 
 static void leave_flight(struct run *r)
 {
@@ -1430,8 +1443,10 @@ static void finish_run(struct run *r, int completed)
 static int start_run(struct run *r, struct child_fds *cf)
 {
     int err;
+    pthread_once(&flight_once, flight_register_fork_handler);
     r->in_flight = 1;
-    r->alone = __atomic_fetch_add(&runs_in_flight, 1, __ATOMIC_RELAXED) == 0;
+    /* <= 0: a run that forked from its on_output callback leaves its child's count at -1 */
+    r->alone = __atomic_fetch_add(&runs_in_flight, 1, __ATOMIC_RELAXED) <= 0;
     err = hand_over(r, cf);
     close_child_fds(cf);
     if (err) {

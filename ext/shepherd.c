@@ -1034,11 +1034,60 @@ struct child_args {
 /* The CPU mask we were started with: the caller's (its fingerprint says so), which each command
  * inherits. A caller pins a shepherd it hands a run to onto its own CPU (run.c, child.c:
  * pg_shepherd_pin); the command gets this mask back (restore_start_cpus) and so do we, after
- * the run (send_idle). 8192 CPUs: CONFIG_NR_CPUS's bound. start_cpus_len 0: not read (such a
- * shepherd serves one run, never pinned). */
+ * the run (send_idle). Read from /proc/self/status's Cpus_allowed, the whole mask, where
+ * sched_getaffinity leaves out the CPUs offline now (a command restored without them would
+ * never use one brought online later). 8192 CPUs: CONFIG_NR_CPUS's bound. start_cpus_len 0:
+ * not read (such a shepherd serves one run, never pinned). */
 #define PG_CPU_WORDS (8192 / (8 * sizeof(unsigned long)))
 static unsigned long start_cpus[PG_CPU_WORDS];
 static size_t start_cpus_len;
+
+/* The value of a hex digit, or -1. */
+static int hex_digit(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
+/* Parse a cpumask as the kernel prints it ("ff,ffffffff": 32-bit groups, the highest first)
+ * from s up to the line's end into mask (words, the lowest first). Return the bytes of mask
+ * it covers, or 0 if it is not such a mask or is wider than mask. */
+static size_t parse_cpumask(const char *s, unsigned long *mask, size_t words)
+{
+    const size_t word_bits = 8 * sizeof(unsigned long);
+    size_t digits = 0, bit = 0;
+    const char *end = s;
+    while (hex_digit(*end) >= 0 || *end == ',')
+        digits += *end++ != ',';
+    if (digits == 0 || *end != '\n' || digits * 4 > words * word_bits)
+        return 0;
+    memset(mask, 0, words * sizeof(unsigned long));
+    for (const char *p = end - 1; p >= s; p--) {  /* the lowest digit first */
+        int v = hex_digit(*p);
+        if (v < 0)
+            continue;  /* a group's comma */
+        mask[bit / word_bits] |= (unsigned long)v << (bit % word_bits);
+        bit += 4;
+    }
+    return (bit + word_bits - 1) / word_bits * sizeof(unsigned long);
+}
+
+/* Our whole CPU mask into start_cpus: Cpus_allowed, else sched_getaffinity's. */
+static void read_start_cpus(void)
+{
+    static const char key[] = "\nCpus_allowed:\t";
+    char buf[4096];
+    ssize_t n = read_small("/proc/self/status", buf, sizeof(buf));
+    const char *at = n > 0 ? strstr(buf, key) : NULL;
+    long got;
+    if (at && (start_cpus_len = parse_cpumask(at + sizeof(key) - 1, start_cpus, PG_CPU_WORDS)))
+        return;
+    got = syscall(SYS_sched_getaffinity, 0, sizeof(start_cpus), start_cpus);
+    start_cpus_len = got > 0 ? (size_t)got : 0;
+}
 
 /* Is mask (len bytes, as sched_getaffinity filled it) exactly {cpu}? Async-signal-safe. */
 static int only_cpu(const unsigned long *mask, size_t len, int cpu)
@@ -1172,9 +1221,9 @@ static void clone_child(void *p)
     child_exec(p);
 }
 
-/* The stack of the vfork-like clone3 child: child_exec and the calls it makes use about 100
- * bytes (gcc -fstack-usage); .bss, so only the page it touches is ever made. 16-byte aligned
- * top, as the trampoline needs. */
+/* The stack of the vfork-like clone3 child: child_exec and the calls it makes use about 1.2 KiB
+ * (gcc -fstack-usage; most of it restore_start_cpus's mask); .bss, so only the pages it touches
+ * are ever made. 16-byte aligned top, as the trampoline needs. */
 static char clone_stack[64 * 1024] __attribute__((aligned(16)));
 
 /* Start the child directly in cgroup cg_dfd with clone3(CLONE_INTO_CGROUP): no moment outside
@@ -1919,16 +1968,17 @@ static int send_final(struct state *st)
 static int send_idle(struct state *st)
 {
     struct pg_record rec;
+    int mask_back;
     memset(&rec, 0, sizeof(rec));
     rec.kind = PG_REC_IDLE;
     rec.pid = st->self;
     rec.cgroup_kept = check_kept_cgroup(st);
     rec.cgroup_removed = st->final.cgroup_removed;
     /* our start mask back (the caller pins us again for its next run); if that fails, or
-     * anyone changed it meanwhile, own_state differs and we are not reused */
-    if (st->pin_cpu >= 0)
-        (void)syscall(SYS_sched_setaffinity, 0, start_cpus_len, start_cpus);
-    rec.reusable = own_state() == st->own0;
+     * anyone changed it meanwhile, we are not reused */
+    mask_back = st->pin_cpu < 0 ||
+                syscall(SYS_sched_setaffinity, 0, start_cpus_len, start_cpus) == 0;
+    rec.reusable = mask_back && own_state() == st->own0;
     send_record(st, &rec);
     return rec.reusable && !st->caller_gone;
 }
@@ -2006,10 +2056,7 @@ int main(int argc, char **argv)
     prctl(PR_SET_CHILD_SUBREAPER, 1);
     sfd = open_signalfd(&st);
     st.own0 = own_state();
-    {
-        long n = syscall(SYS_sched_getaffinity, 0, sizeof(start_cpus), start_cpus);
-        start_cpus_len = n > 0 ? (size_t)n : 0;
-    }
+    read_start_cpus();
     while (wait_idle(sfd) && read_request(&st)) {
         /* cgroup mode: an orphan of the last run may have been handed to us a moment after
          * its cgroup emptied, a zombie; its rusage is not this run's. Alive: not clean. */

@@ -38,8 +38,11 @@ def _parent(**kw: object) -> int:
 
 
 @pytest.fixture(autouse=True)
-def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+def fresh_pool(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RETEST_SHEPHERD_POOL", raising=False)
+    for mode in ("containment", "cgroup_mode"):  # their own runs first (cgroup_mode_unavailable):
+        if mode in request.fixturenames:        # an autouse fixture is set up before them
+            request.getfixturevalue(mode)
     proc_group.close_shepherds()
 
 
@@ -267,7 +270,6 @@ def test_a_reused_shepherd_runs_on_the_callers_cpu_and_its_command_has_the_calle
     that the hand-off's wake-ups stay on one CPU; the command gets the mask it would have
     inherited, and the idle shepherd has its own back."""
     caller = os.sched_getaffinity(0)
-    proc_group.close_shepherds()  # the containment fixture's own runs may have left one
     own, shepherds, first = _cpus_seen()
     assert own == caller and shepherds == caller, "a new shepherd is not pinned"
     for _ in range(3):
