@@ -195,7 +195,7 @@ def extensions():
             "retest._proc_group",
             sources=EXT_SOURCES,
             depends=["ext/proc_group.h", "ext/protocol.h", "ext/cgroup.h", "ext/capture.h", "ext/tailpipe.h",
-                     "ext/evidence.h", "ext/pidfd.h", "ext/fnv.h"],
+                     "ext/evidence.h", "ext/pidfd.h", "ext/fnv.h", "ext/keptfd.h"],
             extra_compile_args=CFLAGS,
             extra_link_args=[f"-fsanitize={SANITIZE}"] if SANITIZE else STRIP,
         )

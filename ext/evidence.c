@@ -1,6 +1,7 @@
 /* The machine's counters around one run, read without the GIL (evidence.h). */
 #define _GNU_SOURCE
 #include "evidence.h"
+#include "keptfd.h"
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>  /* PyMem_Raw*: allowed without the GIL, seen by tracemalloc */
@@ -12,7 +13,6 @@
 #include <sched.h>
 #include <string.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -29,9 +29,9 @@
  * read to EOF and close on the 2-core VM, ~1 us to pread when open), and a run takes two
  * readings on its critical path. So they stay open for the process, as the kernel-log cursor
  * does, and each reading preads from offset 0, which makes the text anew (the fingerprint's
- * /proc files work the same way, fingerprint.c). Before each use an fstat checks that the
- * number still names the file opened: code that closes descriptors it does not own may have
- * given it to another file, which is then left to its new owner, and ours opened again. A
+ * /proc files work the same way, fingerprint.c). Each is checked before use (keptfd.h): a
+ * number that code closing descriptors it does not own gave to another file is left to its
+ * new owner, and ours opened again. A
  * fork's child closes its copies (it shares the open files, and a read of several chunks
  * would race with the parent's) and opens its own; each file's lock is made anew there. */
 enum { KF_PSI, KF_STAT = EV_PSI_RESOURCES, KF_VMSTAT, KF_N };
@@ -43,29 +43,14 @@ static const char *const kf_paths[KF_N] = {
 
 static struct kept_file {
     pthread_mutex_t lock;  /* held while a reading uses it (one thread at a time) */
-    int fd;                /* -1: not open */
-    dev_t dev;
-    ino_t ino;
+    struct pg_kept k;      /* fd -1: not open */
 } kf[KF_N] = {
-    {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0}, {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0},
-    {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0}, {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0},
-    {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0},
+    {PTHREAD_MUTEX_INITIALIZER, {-1, 0, 0}}, {PTHREAD_MUTEX_INITIALIZER, {-1, 0, 0}},
+    {PTHREAD_MUTEX_INITIALIZER, {-1, 0, 0}}, {PTHREAD_MUTEX_INITIALIZER, {-1, 0, 0}},
+    {PTHREAD_MUTEX_INITIALIZER, {-1, 0, 0}},
 };
 
 static pthread_once_t kf_once = PTHREAD_ONCE_INIT;
-
-/* Does fd still name the file (dev, ino) it was opened as? */
-static int fd_names(int fd, dev_t dev, ino_t ino)
-{
-    struct stat st;
-    return fd >= 0 && fstat(fd, &st) == 0 && st.st_dev == dev && st.st_ino == ino;
-}
-
-/* Does f's number still name the file it opened? */
-static int kf_still_ours(const struct kept_file *f)
-{
-    return fd_names(f->fd, f->dev, f->ino);
-}
 
 /* Around a fork: every kept file's lock held, so that the child never sees one half opened. */
 static void kf_lock_for_fork(void)
@@ -84,9 +69,7 @@ static void kf_after_fork_child(void)
 {
     for (int i = 0; i < KF_N; i++) {
         pthread_mutex_init(&kf[i].lock, NULL);
-        if (kf_still_ours(&kf[i]))
-            close(kf[i].fd);  /* the child's copy: the parent's stays open */
-        kf[i].fd = -1;
+        pg_kept_close(&kf[i].k);  /* the child's copy: the parent's stays open */
     }
 }
 
@@ -102,35 +85,16 @@ static void kf_register_fork_handler(void)
 /* Lock kept file i; return its fd, opened now if need be, or -1. kf_done unlocks it. */
 static int kf_take(int i)
 {
-    struct kept_file *f = &kf[i];
-    struct stat st;
-    int fd;
     pthread_once(&kf_once, kf_register_fork_handler);
-    pthread_mutex_lock(&f->lock);
-    if (kf_still_ours(f))
-        return f->fd;
-    f->fd = -1;  /* closed, or another file's now: not ours to close */
-    do
-        fd = open(kf_paths[i], O_RDONLY | O_CLOEXEC);
-    while (fd < 0 && errno == EINTR);
-    if (fd < 0)  /* no PSI in this kernel; out of fds: this reading goes without */
-        return -1;
-    if (fstat(fd, &st) < 0) {
-        close(fd);
-        return -1;
-    }
-    f->fd = fd;
-    f->dev = st.st_dev;
-    f->ino = st.st_ino;
-    return fd;
+    pthread_mutex_lock(&kf[i].lock);
+    /* -1: no PSI in this kernel, out of fds...: this reading goes without */
+    return pg_kept_open(&kf[i].k, kf_paths[i], O_RDONLY);
 }
 
 static void kf_done(int i)
 {
-    if (!kf_forksafe && kf[i].fd >= 0) {  /* no fork handlers: opened and closed per use */
-        close(kf[i].fd);
-        kf[i].fd = -1;
-    }
+    if (!kf_forksafe)  /* no fork handlers: opened and closed per use */
+        pg_kept_close(&kf[i].k);
     pthread_mutex_unlock(&kf[i].lock);
 }
 
@@ -145,29 +109,17 @@ static ssize_t pread_retry(int fd, char *buf, size_t n, off_t off)
 }
 
 /* Read at most cap - 1 bytes of kept file i from its start into buf, NUL-terminated. Return
- * the length, or -1. For PSI's files only: each is one text made whole (single_open), so a
- * short read is its end, and one pread does, not a second one that returns 0. A file made
- * line by line returns at most a page per read: for_each_line reads those to EOF. */
+ * the length, or -1. For PSI's files only: each is one text made whole (pg_pread_text stops at
+ * a short read). A file made line by line returns at most a page per read: for_each_line
+ * reads those to EOF. */
 static ssize_t read_kept(int i, char *buf, size_t cap)
 {
-    size_t got = 0;
     int fd = kf_take(i);
-    while (fd >= 0 && got + 1 < cap) {
-        size_t want = cap - 1 - got;
-        ssize_t n = pread_retry(fd, buf + got, want, (off_t)got);
-        if (n < 0)
-            got = (size_t)-1;
-        if (n <= 0)
-            break;
-        got += (size_t)n;
-        if ((size_t)n < want)
-            break;
-    }
+    ssize_t n = fd < 0 ? -1 : pg_pread_text(fd, buf, cap - 1);
     kf_done(i);
-    if (fd < 0 || got == (size_t)-1)
-        return -1;
-    buf[got] = '\0';
-    return (ssize_t)got;
+    if (n >= 0)
+        buf[n] = '\0';
+    return n;
 }
 
 /* The decimal integer at s; *end after it. -1 when s has no digit. */
@@ -379,24 +331,20 @@ void ev_machine_read(struct ev_machine *m, int with_vmstat)
 
 static struct {
     pthread_mutex_t lock;
-    int fd;                        /* -1: not open (never yet, or it failed: tried again) */
-    dev_t dev;                     /* what fd was opened as (fd_names: still ours?) */
-    ino_t ino;
+    struct pg_kept cur;            /* fd -1: not open (never yet, or it failed: tried again) */
     uint64_t read;                 /* records read (and gaps counted) so far */
     int64_t lost_at;               /* the newest loss's index, -1: none */
     uint64_t kept;                 /* OOM-looking records ever kept: ring slot = n % RING */
     uint64_t index[KMSG_RING];
     char line[KMSG_RING][EV_KMSG_LINE_MAX + 1];
-} tail = {PTHREAD_MUTEX_INITIALIZER, -1, 0, 0, 0, -1, 0, {0}, {{0}}};
+} tail = {PTHREAD_MUTEX_INITIALIZER, {-1, 0, 0}, 0, -1, 0, {0}, {{0}}};
 
 static pthread_once_t tail_once = PTHREAD_ONCE_INIT;
 
 static void tail_after_fork_child(void)
 {
     pthread_mutex_init(&tail.lock, NULL);
-    if (fd_names(tail.fd, tail.dev, tail.ino))
-        close(tail.fd);  /* the child's copy: the parent's cursor is left where it was */
-    tail.fd = -1;
+    pg_kept_close(&tail.cur);  /* the child's copy: the parent's cursor is left where it was */
 }
 
 static void tail_register_fork_handler(void)
@@ -407,21 +355,15 @@ static void tail_register_fork_handler(void)
 /* Open the cursor at the end of the log (lock held). 0, or the errno. */
 static int tail_open(void)
 {
-    struct stat st;
-    int fd;
-    do
-        fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-    while (fd < 0 && errno == EINTR);
+    int fd = pg_kept_open(&tail.cur, "/dev/kmsg", O_RDONLY | O_NONBLOCK);
     if (fd < 0)  /* not root with kernel.dmesg_restrict=1; a container without it */
         return errno;
-    if (lseek(fd, 0, SEEK_END) < 0 || fstat(fd, &st) < 0) {
+    if (lseek(fd, 0, SEEK_END) < 0) {
         int err = errno;
         close(fd);
+        tail.cur.fd = -1;
         return err;
     }
-    tail.fd = fd;
-    tail.dev = st.st_dev;
-    tail.ino = st.st_ino;
     return 0;
 }
 
@@ -429,6 +371,17 @@ static int tail_open(void)
 static void tail_lost(void)
 {
     tail.lost_at = (int64_t)tail.read++;
+}
+
+/* Lock held: a cursor whose number code that does not own it closed (and maybe gave to
+ * another file) is forgotten, not closed, and what was logged since its last read is a loss
+ * for the runs in flight. */
+static void tail_forget_if_replaced(void)
+{
+    if (tail.cur.fd >= 0 && !pg_kept_ours(&tail.cur)) {
+        tail.cur.fd = -1;
+        tail_lost();
+    }
 }
 
 /* Keep the first line of an OOM-looking record in the ring (retest.oom parses it). */
@@ -463,7 +416,7 @@ static void tail_drain(int starting)
 {
     char *buf;
     int i;
-    if (!kmsg_pending(tail.fd))
+    if (!kmsg_pending(tail.cur.fd))
         return;  /* most runs: nothing was logged, nothing to allocate */
     if (!(buf = PyMem_RawMalloc(KMSG_RECORD_MAX))) {
         tail_lost();
@@ -472,12 +425,12 @@ static void tail_drain(int starting)
     for (i = 0; i < EV_KMSG_READ_MAX; i++) {
         ssize_t n;
         if (starting && i == KMSG_SKIP_AT) {  /* logged before this run: its window is after */
-            if (lseek(tail.fd, 0, SEEK_END) >= 0) {
+            if (lseek(tail.cur.fd, 0, SEEK_END) >= 0) {
                 tail_lost();
                 break;
             }
         }
-        n = read(tail.fd, buf, KMSG_RECORD_MAX);  /* one record per read */
+        n = read(tail.cur.fd, buf, KMSG_RECORD_MAX);  /* one record per read */
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && errno == EPIPE) {  /* the ring overwrote records we had not read */
@@ -502,11 +455,8 @@ void ev_kmsg_open(struct ev_kmsg *k)
     memset(k, 0, sizeof(*k));
     pthread_once(&tail_once, tail_register_fork_handler);
     pthread_mutex_lock(&tail.lock);
-    if (tail.fd >= 0 && !fd_names(tail.fd, tail.dev, tail.ino)) {
-        tail.fd = -1;  /* closed by code that does not own it: left to the number's new owner */
-        tail_lost();   /* what was logged since the last read is gone for the runs in flight */
-    }
-    k->open_errno = tail.fd >= 0 ? 0 : tail_open();
+    tail_forget_if_replaced();
+    k->open_errno = tail.cur.fd >= 0 ? 0 : tail_open();
     if (k->open_errno == 0) {
         tail_drain(1);
         k->mark = tail.read;
@@ -547,11 +497,8 @@ void ev_kmsg_collect(struct ev_kmsg *k)
         k->complete = 1;  /* a second collect goes on from where the first stopped */
     k->collected = 1;
     pthread_mutex_lock(&tail.lock);
-    if (tail.fd >= 0 && !fd_names(tail.fd, tail.dev, tail.ino)) {
-        tail.fd = -1;  /* closed by someone else during the run: this run's log is lost */
-        tail_lost();
-    }
-    if (tail.fd >= 0)  /* else a fork child's run, started in the parent: nothing to read */
+    tail_forget_if_replaced();  /* during the run: its log is incomplete */
+    if (tail.cur.fd >= 0)  /* else a fork child's run, started in the parent: nothing to read */
         tail_drain(0);
     else
         k->complete = 0;

@@ -23,6 +23,7 @@
 #define _GNU_SOURCE
 #include "pool.h"
 #include "fnv.h"
+#include "keptfd.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -64,15 +65,6 @@ static const struct {
     {"/proc/self/coredump_filter", O_RDONLY},
 };
 
-/* One kept file, and the (device, inode) it had when opened: code that closes descriptors
- * it does not own may have given the number to another file since (CPython's os.urandom
- * checks its kept /dev/urandom fd the same way). */
-struct kept {
-    int fd;
-    dev_t dev;
-    ino_t ino;
-};
-
 /* A thread's kept files. Only its thread touches the fds while busy; otherwise only under
  * kept_lock (close_kept_files, the fork handler). */
 struct kept_set {
@@ -80,7 +72,7 @@ struct kept_set {
     int busy;                  /* its thread is fingerprinting */
     pid_t pid;                 /* the process that opened them (a fork's child is another) */
     char user_ns[40];          /* the user namespace they were opened in (reopen_if_...) */
-    struct kept f[KEPT_N];
+    struct pg_kept f[KEPT_N];  /* keptfd.h: each checked before use */
 };
 
 /* Threads that keep files at once (5 fds each); any more open and close them per call. */
@@ -101,21 +93,11 @@ static void init_kept_set(struct kept_set *s)
         s->f[i].fd = -1;
 }
 
-/* Close kept file k if its number still is that file (else it is somebody else's now:
- * leave it), and forget it. */
-static void close_kept(struct kept *k)
-{
-    struct stat st;
-    if (k->fd >= 0 && fstat(k->fd, &st) == 0 && st.st_dev == k->dev && st.st_ino == k->ino)
-        close(k->fd);
-    k->fd = -1;
-}
-
 /* Close all the files of s. */
 static void close_kept_set(struct kept_set *s)
 {
     for (int i = 0; i < KEPT_N; i++)
-        close_kept(&s->f[i]);
+        pg_kept_close(&s->f[i]);
 }
 
 /* At a thread's exit (its key's destructor): its files are closed and its slot freed. */
@@ -229,50 +211,15 @@ void pg_fingerprint_close_files(void)
  * Return its fd, or -1 with errno. */
 static int kept_fd(struct kept_set *s, int which)
 {
-    struct kept *k = &s->f[which];
-    struct stat st;
-    if (k->fd >= 0) {
-        if (fstat(k->fd, &st) == 0 && st.st_dev == k->dev && st.st_ino == k->ino)
-            return k->fd;
-        k->fd = -1;  /* no longer ours: leave it to whoever has it now */
-    }
-    k->fd = open(KEPT_PATHS[which].path, KEPT_PATHS[which].flags | O_CLOEXEC);
-    if (k->fd < 0)
-        return -1;
-    if (fstat(k->fd, &st) < 0) {
-        int err = errno;
-        close(k->fd);
-        k->fd = -1;
-        errno = err;
-        return -1;
-    }
-    k->dev = st.st_dev;
-    k->ino = st.st_ino;
-    return k->fd;
+    return pg_kept_open(&s->f[which], KEPT_PATHS[which].path, KEPT_PATHS[which].flags);
 }
 
 /* Read kept file `which` of s (a small /proc file) into buf from its start: its text as of
- * now. Return the length, or -1 with errno. A /proc file of one seq_file record gives all
- * it has in one read: a short read is its end. */
+ * now. Return the length, or -1 with errno. */
 static ssize_t read_kept(struct kept_set *s, int which, char *buf, size_t size)
 {
-    ssize_t n, total = 0;
     int fd = kept_fd(s, which);
-    if (fd < 0)
-        return -1;
-    while ((size_t)total < size) {
-        n = pread(fd, buf + total, size - (size_t)total, total);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -1;
-        if (n == 0)
-            break;
-        total += n;
-        if ((size_t)total < size / 2)
-            break;
-    }
-    return total;
+    return fd < 0 ? -1 : pg_pread_text(fd, buf, size);
 }
 
 /* ---------------------------------------------------------------- what is mixed */
@@ -349,7 +296,7 @@ static void reopen_if_user_ns_moved(struct kept_set *s, const char *user_ns)
         return;
     for (int i = 0; i < KEPT_N; i++)
         if (i != KEPT_NS)
-            close_kept(&s->f[i]);
+            pg_kept_close(&s->f[i]);
     strncpy(s->user_ns, user_ns, sizeof(s->user_ns) - 1);
     s->user_ns[sizeof(s->user_ns) - 1] = '\0';
 }
