@@ -2,15 +2,18 @@
  * wait, capture: the caller's side), pool.c (idle shepherds), child.c (waiting for and
  * signalling a shepherd through its pidfd), fingerprint.c (the state they
  * were started from), shepherd.c (containment: a
- * separate executable) and classify.c (verdicts). Multi-phase init; the state holds the interned stream names
- * passed to the output callback. */
+ * separate executable) and classify.c (verdicts). Multi-phase init; the state holds the
+ * interned names of proc_group.h (PG_NAMES): the result's keys and the stream names passed to
+ * the output callback. */
 #include "pool.h"
 #include "proc_group.h"
 #include "protocol.h"
 
-typedef struct {
-    PyObject *stream_names[2];  /* "stdout", "stderr"; run.c reads them as PyObject *[2] */
-} module_state;
+static const char *const NAME_TEXT[PG_N_COUNT] = {
+#define PG_NAME_TEXT(n) #n,
+    PG_NAMES(PG_NAME_TEXT)
+#undef PG_NAME_TEXT
+};
 
 static PyMethodDef pg_methods[] = {
     {"run", (PyCFunction)(void (*)(void))pg_run, METH_FASTCALL, pg_run_doc},
@@ -25,11 +28,10 @@ static PyMethodDef pg_methods[] = {
 /* Fill the module state. Return 0, or -1 with an exception set. */
 static int pg_exec(PyObject *module)
 {
-    module_state *st = PyModule_GetState(module);
-    st->stream_names[0] = PyUnicode_InternFromString("stdout");
-    st->stream_names[1] = PyUnicode_InternFromString("stderr");
-    if (!st->stream_names[0] || !st->stream_names[1])
-        return -1;
+    pg_module_state *st = PyModule_GetState(module);
+    for (int i = 0; i < PG_N_COUNT; i++)
+        if (!(st->names[i] = PyUnicode_InternFromString(NAME_TEXT[i])))
+            return -1;  /* those made are cleared by pg_clear */
     if (PyModule_AddIntConstant(module, "CGROUP_REQUIRED", CGROUP_REQUIRED) < 0 ||
         PyModule_AddIntConstant(module, "CGROUP_KEEP", CGROUP_KEEP) < 0 ||
         PyModule_AddIntConstant(module, "CGROUP_REUSED", CGROUP_REUSED) < 0)
@@ -39,17 +41,17 @@ static int pg_exec(PyObject *module)
 
 static int pg_traverse(PyObject *module, visitproc visit, void *arg)
 {
-    module_state *st = PyModule_GetState(module);
-    Py_VISIT(st->stream_names[0]);
-    Py_VISIT(st->stream_names[1]);
+    pg_module_state *st = PyModule_GetState(module);
+    for (int i = 0; i < PG_N_COUNT; i++)
+        Py_VISIT(st->names[i]);
     return 0;
 }
 
 static int pg_clear(PyObject *module)
 {
-    module_state *st = PyModule_GetState(module);
-    Py_CLEAR(st->stream_names[0]);
-    Py_CLEAR(st->stream_names[1]);
+    pg_module_state *st = PyModule_GetState(module);
+    for (int i = 0; i < PG_N_COUNT; i++)
+        Py_CLEAR(st->names[i]);
     return 0;
 }
 
@@ -73,7 +75,7 @@ static struct PyModuleDef pg_module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "retest._proc_group",
     .m_doc = "Native process-group runner of retest (private; use retest.proc_group).",
-    .m_size = sizeof(module_state),
+    .m_size = sizeof(pg_module_state),
     .m_methods = pg_methods,
     .m_slots = pg_slots,
     .m_traverse = pg_traverse,

@@ -144,7 +144,7 @@ struct run {
     size_t capture_limit;
     int tee_fd;
     PyObject *on_output;   /* borrowed */
-    PyObject *names[2];    /* borrowed from module state */
+    PyObject *const *names; /* the module's (proc_group.h), borrowed: [0] stdout, [1] stderr */
 
     /* fds: ours to close */
     int out_r, err_r, in_w;
@@ -910,15 +910,20 @@ static PyObject *evidence_tuple(const struct run *r)
 }
 
 /* Set d[key] = value, stealing the reference to value. Return 0 or -1. */
-static int set_item(PyObject *d, const char *key, PyObject *value)
+static int set_item(PyObject *d, PyObject *key, PyObject *value)
 {
     int rc;
     if (!value)
         return -1;
-    rc = PyDict_SetItemString(d, key, value);
+    rc = PyDict_SetItem(d, key, value);
     Py_DECREF(value);
     return rc;
 }
+
+/* The module's interned name n (proc_group.h's PG_NAMES), borrowed. */
+#define NAME(n) (r->names[PG_N_##n])
+
+_Static_assert(PG_N_stdout == 0 && PG_N_stderr == 1, "names[i] is stream i's name");
 
 /* Build the result dict (the keyword arguments of RunResult minus args/backend). */
 static PyObject *build_result(struct run *r, const char *exec_arg, const char *cwd_arg)
@@ -974,44 +979,44 @@ static PyObject *build_result(struct run *r, const char *exec_arg, const char *c
         return NULL;
     }
     /* set_item steals each reference even when it fails, so a failure part-way leaks nothing */
-    if ((set_item(d, "returncode", rc) < 0) | (set_item(d, "spawn_error", spawn_error) < 0) |
-        (set_item(d, "spawn_errno", spawn_errno) < 0) ||
-        set_item(d, "unkillable", PyLong_FromLong(r->final.unkillable)) < 0 ||
-        set_item(d, "proc_foreign", PyBool_FromLong(r->final.proc_foreign)) < 0 ||
-        set_item(d, "tee_errno", r->tee_errno ? PyLong_FromLong(r->tee_errno)
+    if ((set_item(d, NAME(returncode), rc) < 0) | (set_item(d, NAME(spawn_error), spawn_error) < 0) |
+        (set_item(d, NAME(spawn_errno), spawn_errno) < 0) ||
+        set_item(d, NAME(unkillable), PyLong_FromLong(r->final.unkillable)) < 0 ||
+        set_item(d, NAME(proc_foreign), PyBool_FromLong(r->final.proc_foreign)) < 0 ||
+        set_item(d, NAME(tee_errno), r->tee_errno ? PyLong_FromLong(r->tee_errno)
                                               : (Py_INCREF(Py_None), Py_None)) < 0 ||
-        set_item(d, "stdout", capture_finish(&r->cap[0], &dropped[0])) < 0 ||
-        set_item(d, "stderr", capture_finish(&r->cap[1], &dropped[1])) < 0 ||
-        set_item(d, "stdout_dropped", PyLong_FromUnsignedLongLong(dropped[0])) < 0 ||
-        set_item(d, "stderr_dropped", PyLong_FromUnsignedLongLong(dropped[1])) < 0 ||
-        set_item(d, "timed_out", PyBool_FromLong(r->final.timed_out)) < 0 ||
-        set_item(d, "escalated", PyBool_FromLong(r->final.escalated)) < 0 ||
-        set_item(d, "killed_at_deadline", PyLong_FromLong(r->final.killed_at_deadline)) < 0 ||
-        set_item(d, "swept_after_exit", PyLong_FromLong(r->final.swept_after_exit)) < 0 ||
-        set_item(d, "pid", r->have_started ? PyLong_FromLong(r->started.pid) : (Py_INCREF(Py_None), Py_None)) < 0 ||
-        set_item(d, "duration_s", PyFloat_FromDouble((double)(r->end_ns - r->start_ns) / 1e9)) < 0 ||
-        set_item(d, "user_cpu_s", PyFloat_FromDouble((double)user_us / 1e6)) < 0 ||
-        set_item(d, "sys_cpu_s", PyFloat_FromDouble((double)system_us / 1e6)) < 0 ||
-        set_item(d, "max_rss_kb", PyLong_FromLongLong(r->final.maxrss_kb)) < 0 ||
-        set_item(d, "containment", PyUnicode_FromString(in_cgroup ? "cgroup" : "subreaper")) < 0 ||
-        set_item(d, "cgroup", in_cgroup ? PyUnicode_DecodeFSDefault(r->cg_path)
+        set_item(d, NAME(stdout), capture_finish(&r->cap[0], &dropped[0])) < 0 ||
+        set_item(d, NAME(stderr), capture_finish(&r->cap[1], &dropped[1])) < 0 ||
+        set_item(d, NAME(stdout_dropped), PyLong_FromUnsignedLongLong(dropped[0])) < 0 ||
+        set_item(d, NAME(stderr_dropped), PyLong_FromUnsignedLongLong(dropped[1])) < 0 ||
+        set_item(d, NAME(timed_out), PyBool_FromLong(r->final.timed_out)) < 0 ||
+        set_item(d, NAME(escalated), PyBool_FromLong(r->final.escalated)) < 0 ||
+        set_item(d, NAME(killed_at_deadline), PyLong_FromLong(r->final.killed_at_deadline)) < 0 ||
+        set_item(d, NAME(swept_after_exit), PyLong_FromLong(r->final.swept_after_exit)) < 0 ||
+        set_item(d, NAME(pid), r->have_started ? PyLong_FromLong(r->started.pid) : (Py_INCREF(Py_None), Py_None)) < 0 ||
+        set_item(d, NAME(duration_s), PyFloat_FromDouble((double)(r->end_ns - r->start_ns) / 1e9)) < 0 ||
+        set_item(d, NAME(user_cpu_s), PyFloat_FromDouble((double)user_us / 1e6)) < 0 ||
+        set_item(d, NAME(sys_cpu_s), PyFloat_FromDouble((double)system_us / 1e6)) < 0 ||
+        set_item(d, NAME(max_rss_kb), PyLong_FromLongLong(r->final.maxrss_kb)) < 0 ||
+        set_item(d, NAME(containment), Py_NewRef(in_cgroup ? NAME(cgroup) : NAME(subreaper))) < 0 ||
+        set_item(d, NAME(cgroup), in_cgroup ? PyUnicode_DecodeFSDefault(r->cg_path)
                                         : (Py_INCREF(Py_None), Py_None)) < 0 ||
-        set_item(d, "cgroup_errno", int_or_none(r->cg_path && !in_cgroup && cg_err > 0 ? cg_err : -1)) < 0 ||
-        set_item(d, "cgroup_removed", PyBool_FromLong(r->cg_removed)) < 0 ||
-        set_item(d, "cgroup_kept", PyBool_FromLong(r->cg_kept)) < 0 ||
-        set_item(d, "cgroup_changed", PyBool_FromLong(r->cg_changed)) < 0 ||
-        set_item(d, "cgroup_cpu_some0",
+        set_item(d, NAME(cgroup_errno), int_or_none(r->cg_path && !in_cgroup && cg_err > 0 ? cg_err : -1)) < 0 ||
+        set_item(d, NAME(cgroup_removed), PyBool_FromLong(r->cg_removed)) < 0 ||
+        set_item(d, NAME(cgroup_kept), PyBool_FromLong(r->cg_kept)) < 0 ||
+        set_item(d, NAME(cgroup_changed), PyBool_FromLong(r->cg_changed)) < 0 ||
+        set_item(d, NAME(cgroup_cpu_some0),
                  int_or_none(r->cg_reused && r->have_started ? r->started.cg_some0_us : -1)) < 0 ||
-        set_item(d, "leaks", leaks_tuple(r)) < 0 ||
-        set_item(d, "leak_count", PyLong_FromLong(r->final.leak_count)) < 0 ||
-        set_item(d, "memory_peak_bytes", int_or_none(in_cgroup ? r->final.cg_memory_peak : -1)) < 0 ||
-        set_item(d, "pids_peak", int_or_none(in_cgroup ? r->final.cg_pids_peak : -1)) < 0 ||
-        set_item(d, "cgroup_oom_kill",
+        set_item(d, NAME(leaks), leaks_tuple(r)) < 0 ||
+        set_item(d, NAME(leak_count), PyLong_FromLong(r->final.leak_count)) < 0 ||
+        set_item(d, NAME(memory_peak_bytes), int_or_none(in_cgroup ? r->final.cg_memory_peak : -1)) < 0 ||
+        set_item(d, NAME(pids_peak), int_or_none(in_cgroup ? r->final.cg_pids_peak : -1)) < 0 ||
+        set_item(d, NAME(cgroup_oom_kill),
                  int_or_none(in_cgroup && r->have_final ? r->final.cg_oom_kill : -1)) < 0 ||
-        set_item(d, "cgroup_oom_group_kill",
+        set_item(d, NAME(cgroup_oom_group_kill),
                  int_or_none(in_cgroup && r->have_final ? r->final.cg_oom_group_kill : -1)) < 0 ||
-        set_item(d, "evidence", evidence_tuple(r)) < 0 ||
-        set_item(d, "prepared", r->prepare_tried ? PyLong_FromLong(r->prepare_errno)
+        set_item(d, NAME(evidence), evidence_tuple(r)) < 0 ||
+        set_item(d, NAME(prepared), r->prepare_tried ? PyLong_FromLong(r->prepare_errno)
                                                  : (Py_INCREF(Py_None), Py_None)) < 0) {
         Py_DECREF(d);
         return NULL;
@@ -1509,13 +1514,13 @@ PyObject *pg_run(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     struct run r;
     struct run_args a;
-    PyObject **names = (PyObject **)PyModule_GetState(module), *result = NULL;
+    pg_module_state *st = PyModule_GetState(module);
+    PyObject *result = NULL;
 
     memset(&r, 0, sizeof(r));
     r.out_r = r.err_r = r.in_w = r.keep_ctl = r.tee_fd = -1;
     pg_shepherd_clear(&r.shepherd);
-    r.names[0] = names[0];
-    r.names[1] = names[1];
+    r.names = st->names;
     if (parse_run_args(&r, &a, args, nargs) < 0)
         return NULL;
     capture_init(&r.cap[0], r.capture_limit);

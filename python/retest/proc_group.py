@@ -292,22 +292,27 @@ def _log_fallback_once(reason: str, level: int) -> None:
 
 def backend_status(environ: Optional[Mapping[str, str]] = None) -> tuple[str, str]:
     """Return ``(backend, why)``: the backend ``run()`` would use now, and the reason."""
-    if not config.env_bool("SUBPROCESS_TREE_KILL_ENABLED", True, environ):
+    return _backend_of(config.RunnerSettings.from_env(environ))
+
+
+def _backend_of(settings: config.RunnerSettings) -> tuple[str, str]:
+    """``backend_status`` of ``settings`` (``run()`` has them already: no variable read again)."""
+    if not settings.tree_kill_enabled:
         return "subprocess", "SUBPROCESS_TREE_KILL_ENABLED=false"
     if _native is None:
         return "subprocess", _native_error or "native backend unavailable"
     return "native", "retest._proc_group loaded"
 
 
-def _select_backend(requested: Optional[str]) -> str:
-    """The one place where the backend is chosen."""
+def _select_backend(requested: Optional[str], settings: Optional[config.RunnerSettings] = None) -> str:
+    """The one place where the backend is chosen (``settings``: the run's, default now's)."""
     if requested is not None:
         if requested not in ("native", "subprocess"):
             raise ValueError(f"backend must be 'native' or 'subprocess', not {requested!r}")
         if requested == "native" and _native is None:
             raise ValueError(f"native backend unavailable: {_native_error}")
         return requested
-    name, why = backend_status()
+    name, why = _backend_of(settings if settings is not None else config.RunnerSettings.from_env())
     if name == "subprocess":
         # A failed import is an installation fault worth an ERROR; the kill-switch is a choice.
         level = logging.INFO if why.startswith("SUBPROCESS_TREE_KILL_ENABLED") else logging.ERROR
@@ -596,7 +601,7 @@ def run(
     if on_event is not None and not callable(on_event):
         raise TypeError("on_event must be callable")
 
-    chosen = _select_backend(backend)
+    chosen = _select_backend(backend, settings)
     if containment is not None and containment not in config.CONTAINMENTS:
         raise ValueError(f"containment must be one of {', '.join(config.CONTAINMENTS)}, "
                          f"not {containment!r}")
